@@ -1,0 +1,191 @@
+"""One job's group of processes: place, signal, kill, wait, account, remove.
+
+`CgroupGroup` is a job's set of cgroup directories (one per v1 hierarchy, or one cgroup2 leaf,
+plus the unified leaf on hybrid machines). `ProcessGroup` is the fallback for cgroups="off":
+a session/process group, which a process that calls setsid() leaves — the reason cgroups are
+the default.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Protocol
+
+from ..status import Usage
+from . import fs
+from .plan import parse_flat_keyed, v1_usage, v2_usage
+
+
+class JobGroup(Protocol):
+    """What the job tree needs from the thing that holds a job's processes."""
+
+    # Files the child writes its own pid into, before exec (see spawn.py). Empty: nothing to do.
+    procs_files: tuple[Path, ...]
+
+    def attach(self, pid: int) -> None: ...
+    def signal(self, signum: int) -> None: ...
+    async def kill(self) -> None: ...
+    async def wait_empty(self) -> None: ...
+    def usage(self) -> Usage: ...
+    def oom_kills(self) -> int: ...
+    def pids_limit_hits(self) -> int: ...
+    async def remove(self) -> None: ...
+
+
+class CgroupGroup:
+    """A job's cgroup directories. Subclasses read the version-specific counters."""
+
+    def __init__(self, dirs: dict[str, Path], *, notify_dir: Path | None) -> None:
+        self.dirs = dirs
+        self.procs_files = tuple(d / "cgroup.procs" for d in dirs.values())
+        # The cgroup2 directory (a v2 leaf, or the unified leaf on hybrid machines): it has
+        # cgroup.kill and cgroup.events. None on pure v1, where the freezer does the killing.
+        self._notify_dir = notify_dir
+        self._listing = (notify_dir or next(iter(dirs.values()))) / "cgroup.procs"
+
+    def attach(self, pid: int) -> None:
+        # The child placed itself before exec; there is nothing left to do.
+        pass
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to every process in the group (a polite signal: a process forked
+        during this loop may miss it; kill() is the one that cannot be escaped)."""
+        for pid in fs.pids(self._listing):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    async def kill(self) -> None:
+        """SIGKILL every process in the group, including ones forking right now."""
+        if self._notify_dir is not None:
+            # Atomic against fork: the kernel kills the whole group, new children included.
+            fs.write(self._notify_dir / "cgroup.kill", "1")
+        else:
+            await self._freeze_and_kill()
+
+    async def _freeze_and_kill(self) -> None:
+        # v1 without cgroup.kill: a kill loop over cgroup.procs races with fork (measured: three
+        # passes needed). Frozen processes cannot fork; SIGKILL them, then thaw so they die.
+        state = self.dirs["freezer"] / "freezer.state"
+        fs.write(state, "FROZEN")
+        backoff = fs.Backoff()
+        while fs.read(state).strip() != "FROZEN":
+            await backoff.wait()
+        for pid in fs.pids(self.dirs["freezer"] / "cgroup.procs"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        fs.write(state, "THAWED")
+
+    async def wait_empty(self) -> None:
+        if self._notify_dir is None:
+            backoff = fs.Backoff()
+            while fs.pids(self._listing):
+                await backoff.wait()
+            return
+        events = self._notify_dir / "cgroup.events"
+        # Watch first, then look: a change between the two is still seen.
+        with fs.Inotify(events) as watch:
+            while parse_flat_keyed(fs.read(events)).get("populated", 0):
+                await watch.changed()
+
+    async def remove(self) -> None:
+        first_error = None
+        for directory in self.dirs.values():
+            try:
+                await fs.rmdir(directory)
+            except Exception as exc:  # try every directory, report the first failure
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    def usage(self) -> Usage:
+        raise NotImplementedError
+
+    def oom_kills(self) -> int:
+        raise NotImplementedError
+
+    def pids_limit_hits(self) -> int:
+        raise NotImplementedError
+
+
+class V2Group(CgroupGroup):
+    def __init__(self, leaf: Path) -> None:
+        super().__init__({"v2": leaf}, notify_dir=leaf)
+        self._leaf = leaf
+
+    def usage(self) -> Usage:
+        return v2_usage(
+            fs.read(self._leaf / "cpu.stat"),
+            fs.read_optional(self._leaf / "memory.peak"),  # kernel >= 5.19
+            fs.read_optional(self._leaf / "io.stat"),
+        )
+
+    def oom_kills(self) -> int:
+        return parse_flat_keyed(fs.read(self._leaf / "memory.events")).get("oom_kill", 0)
+
+    def pids_limit_hits(self) -> int:
+        return parse_flat_keyed(fs.read(self._leaf / "pids.events")).get("max", 0)
+
+
+class V1Group(CgroupGroup):
+    def usage(self) -> Usage:
+        d = self.dirs
+        return v1_usage(
+            fs.read(d["cpuacct"] / "cpuacct.usage"),
+            fs.read(d["cpu"] / "cpu.stat"),
+            fs.read(d["memory"] / "memory.max_usage_in_bytes"),
+            fs.read(d["blkio"] / "blkio.throttle.io_service_bytes"),
+        )
+
+    def oom_kills(self) -> int:
+        # v1 has no memory.events; failcnt is unreliable with memsw. oom_control counts kills.
+        oom_control = fs.read(self.dirs["memory"] / "memory.oom_control")
+        return parse_flat_keyed(oom_control).get("oom_kill", 0)
+
+    def pids_limit_hits(self) -> int:
+        return parse_flat_keyed(fs.read(self.dirs["pids"] / "pids.events")).get("max", 0)
+
+
+class ProcessGroup:
+    """cgroups="off": the job's session is its group. No limits, no accounting, and a process
+    that calls setsid() escapes the tree kill — which is why this is only used when asked for."""
+
+    procs_files: tuple[Path, ...] = ()
+
+    def __init__(self) -> None:
+        self._pgid: int | None = None
+
+    def attach(self, pid: int) -> None:
+        self._pgid = pid  # spawned with start_new_session: the leader's pid is the group's id
+
+    def signal(self, signum: int) -> None:
+        if self._pgid is not None:
+            try:
+                os.killpg(self._pgid, signum)
+            except ProcessLookupError:
+                pass
+
+    async def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    async def wait_empty(self) -> None:
+        # Nothing to watch: a process group has no "populated" notification. The killed members
+        # close their pipe ends, which the output pumps see.
+        pass
+
+    def usage(self) -> Usage:
+        return Usage()
+
+    def oom_kills(self) -> int:
+        return 0
+
+    def pids_limit_hits(self) -> int:
+        return 0
+
+    async def remove(self) -> None:
+        pass

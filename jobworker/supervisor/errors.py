@@ -1,0 +1,56 @@
+"""Domain errors of the supervisor.
+
+These are the only exceptions the supervisor raises on purpose. The service layer maps each
+class to one gRPC status in a single table; nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+
+class SupervisorError(Exception):
+    """Base class for every error the supervisor raises on purpose."""
+
+
+class InvalidJobSpec(SupervisorError, ValueError):
+    """The caller asked for something that can never work: an empty command, a negative or
+    non-finite limit, a limit above the Supervisor's maximum, a malformed environment."""
+
+
+class JobNotFound(SupervisorError, LookupError):
+    """No job has this id (in this Supervisor)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class JobEnded(SupervisorError):
+    """The job has already ended, so it cannot be stopped."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"job {job_id} has already ended (state {state})")
+        self.job_id = job_id
+        self.state = state
+
+
+class CgroupError(SupervisorError):
+    """A cgroup could not be created, configured, or removed."""
+
+
+class CgroupsUnavailable(CgroupError):
+    """cgroups cannot be used by this process at all; the message names the fix."""
+
+
+class OutputDropped(SupervisorError):
+    """A reader asked for output that the retention cap has already dropped.
+
+    ``retained_start`` is the first offset still held; a reader may resume from there.
+    """
+
+    def __init__(self, requested_offset: int, retained_start: int) -> None:
+        super().__init__(
+            f"output before offset {retained_start} was dropped by the retention cap "
+            f"(asked for offset {requested_offset}); retained output starts at {retained_start}"
+        )
+        self.requested_offset = requested_offset
+        self.retained_start = retained_start

@@ -1,0 +1,89 @@
+"""What a job is and was: states, exit causes, usage — immutable snapshots."""
+
+from __future__ import annotations
+
+import enum
+import shlex
+import signal
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from .limits import Limits
+
+
+class JobState(enum.Enum):
+    """Seed 000's states."""
+
+    RUNNING = "running"
+    FINISHED = "finished"  # exited 0 on its own
+    FAILED = "failed"  # exited non-zero, or was killed by a signal nobody asked for (e.g. OOM)
+    STOPPED = "stopped"  # ended after a stop request
+    ERROR = "error"  # could not be created
+
+    @property
+    def ended(self) -> bool:
+        return self is not JobState.RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Resources used, read from the job's cgroup. None where the kernel does not say."""
+
+    cpu_s: float | None = None
+    cpu_throttled_s: float | None = None
+    memory_peak_bytes: int | None = None
+    io_read_bytes: int | None = None
+    io_write_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """A snapshot of one job. Taken by `Job.status()`; never changes afterwards."""
+
+    id: str
+    owner: str
+    command: str
+    args: tuple[str, ...]
+    state: JobState
+    created_at: datetime
+    pid: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    # Once ended: the exit code (128+N when killed by signal N) and the signal, if any.
+    exit_code: int | None = None
+    signal: int | None = None
+    # Why a job is in state ERROR.
+    error: str | None = None
+    # The exit cause, beyond the code.
+    stop_requested_by: str | None = None  # who asked; set whenever a stop was requested
+    escalated: bool = False  # the stop's grace period ran out and the job was SIGKILLed
+    oom_killed: bool = False  # the kernel OOM killer killed a process of this job (cgroup counter)
+    pids_limit_hit: bool = False  # a fork failed because the job reached its pids limit
+    # What was applied: None when the Supervisor runs with cgroups="off".
+    limits: Limits | None = None
+    cgroups: str = "off"  # the backend that applied them: "v2", "v1" or "off"
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.signal is None:
+            return None
+        try:
+            return signal.Signals(self.signal).name
+        except ValueError:
+            return f"signal {self.signal}"
+
+    @property
+    def command_line(self) -> str:
+        """The command with its arguments, shell-quoted only where needed."""
+        return shlex.join((self.command, *self.args))
+
+
+def exit_code_of(returncode: int) -> tuple[int, int | None]:
+    """(exit code, signal) from a Popen-style returncode: negative means killed by a signal.
+
+    The shell and docker convention: killed by signal N reports 128+N (137 SIGKILL, 143 SIGTERM).
+    """
+    if returncode < 0:
+        return 128 - returncode, -returncode
+    return returncode, None
