@@ -1,0 +1,643 @@
+"""Tests of the per-job output log: ordering, followers, retention, boundedness, removal."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import os
+import random
+import stat
+import tempfile
+from unittest import mock
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobworker.supervisor import output
+from jobworker.supervisor.errors import OutputDropped
+from jobworker.supervisor.output import OutputChunk, OutputLog, OutputStream
+
+OUT, ERR = OutputStream.STDOUT, OutputStream.STDERR
+KiB, MiB = 2**10, 2**20
+
+# tail_bytes that make readers read from disk only, or from memory as much as possible.
+DISK_AND_TAIL = pytest.mark.parametrize("tail_bytes", [0, 16 * MiB], ids=["disk", "tail"])
+
+
+async def read_all(reader) -> list[OutputChunk]:
+    return [chunk async for chunk in reader]
+
+
+def check_chunks(chunks: list[OutputChunk], start: int, max_chunk_bytes: int) -> None:
+    """Offsets contiguous from ``start``; every chunk non-empty and within the limit."""
+    offset = start
+    for chunk in chunks:
+        assert chunk.offset == offset
+        assert 0 < len(chunk.data) <= max_chunk_bytes
+        offset += len(chunk.data)
+
+
+def tags_of(chunks: list[OutputChunk]) -> list[OutputStream]:
+    return [chunk.stream for chunk in chunks for _ in chunk.data]
+
+
+class Model:
+    """What the log should hold: every byte and the stream it came from."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.tags: list[OutputStream] = []
+
+    def append(self, log: OutputLog, stream: OutputStream, data: bytes) -> None:
+        log.append(stream, data)
+        self.data += data
+        self.tags += [stream] * len(data)
+
+
+# -- ordering, offsets, chunking ------------------------------------------------------------
+
+
+@DISK_AND_TAIL
+async def test_interleaved_streams_keep_order_tags_and_offsets(tmp_path, tail_bytes):
+    log = OutputLog(tmp_path / "log", tail_bytes=tail_bytes)
+    model = Model()
+    for i in range(200):
+        model.append(log, OUT if i % 3 else ERR, f"line {i}\n".encode())
+    assert log.end_offset == len(model.data)
+
+    chunks = await read_all(log.reader())
+
+    check_chunks(chunks, 0, 64 * KiB)
+    assert b"".join(c.data for c in chunks) == model.data
+    assert tags_of(chunks) == model.tags
+    # Never mixing streams means a chunk boundary at every stream change.
+    assert all(a.stream is not b.stream for a, b in itertools.pairwise(chunks))
+
+
+@DISK_AND_TAIL
+async def test_same_stream_records_coalesce_up_to_max_chunk_bytes_never_across_streams(
+    tmp_path, tail_bytes
+):
+    log = OutputLog(tmp_path / "log", tail_bytes=tail_bytes)
+    for _ in range(10):
+        log.append(OUT, b"o" * 10)
+    log.append(ERR, b"e" * 7)
+    log.append(OUT, b"o" * 30)
+
+    chunks = await read_all(log.reader(max_chunk_bytes=25))
+
+    assert [(c.stream, len(c.data)) for c in chunks] == [
+        (OUT, 25),
+        (OUT, 25),
+        (OUT, 25),
+        (OUT, 25),
+        (ERR, 7),
+        (OUT, 25),
+        (OUT, 5),
+    ]
+    check_chunks(chunks, 0, 25)
+
+
+@DISK_AND_TAIL
+@pytest.mark.parametrize("max_chunk_bytes", [1, 7, 4096, 64 * KiB])
+async def test_max_chunk_bytes_is_respected_for_large_records(
+    tmp_path, tail_bytes, max_chunk_bytes
+):
+    log = OutputLog(tmp_path / "log", tail_bytes=tail_bytes)
+    data = random.Random(1).randbytes(100 * KiB + 3)
+    log.append(OUT, data)
+    if max_chunk_bytes == 1:
+        data = data[-5000:]  # a 1-byte reader of 100 KiB is just slow
+    start = log.end_offset - len(data)
+
+    chunks = await read_all(log.reader(start, max_chunk_bytes=max_chunk_bytes))
+
+    check_chunks(chunks, start, max_chunk_bytes)
+    assert b"".join(c.data for c in chunks) == data
+
+
+@DISK_AND_TAIL
+async def test_reader_from_a_middle_offset_gets_the_suffix_of_the_record(tmp_path, tail_bytes):
+    log = OutputLog(tmp_path / "log", tail_bytes=tail_bytes)
+    log.append(OUT, b"hello ")
+    log.append(ERR, b"world")
+    log.append(OUT, b"!")
+
+    chunks = await read_all(log.reader(8))
+
+    assert chunks == [OutputChunk(ERR, 8, b"rld"), OutputChunk(OUT, 11, b"!")]
+
+
+@DISK_AND_TAIL
+async def test_binary_safe_with_all_byte_values(tmp_path, tail_bytes):
+    log = OutputLog(tmp_path / "log", tail_bytes=tail_bytes)
+    data = bytes(range(256)) * 300
+    # Include lengths that look like headers and stream tags inside the data.
+    model = Model()
+    for i in range(0, len(data), 1000):
+        model.append(log, ERR if i % 3000 else OUT, data[i : i + 1000])
+
+    chunks = await read_all(log.reader(max_chunk_bytes=999))
+
+    assert b"".join(c.data for c in chunks) == data
+    assert tags_of(chunks) == model.tags
+
+
+async def test_random_offsets_within_many_records_on_disk(tmp_path):
+    # Tiny and large records over several segments and many checkpoints: seeking from a
+    # checkpoint must land on the right byte of the right record, wherever it is.
+    rng = random.Random(7)
+    log = OutputLog(
+        tmp_path / "log", tail_bytes=0, segment_bytes=256 * KiB, retention_bytes=8 * MiB
+    )
+    model = Model()
+    while len(model.data) < 2 * MiB:
+        size = rng.choice([1, 2, 3, 100, 5000, 70 * KiB])
+        model.append(log, rng.choice([OUT, ERR]), rng.randbytes(size))
+    assert log.footprint().checkpoints > log.footprint().segments  # checkpoints in use
+
+    for offset in [0, 1, len(model.data) - 1, *rng.sample(range(len(model.data)), 40)]:
+        chunks = []
+        async for chunk in log.reader(offset, max_chunk_bytes=3000):
+            chunks.append(chunk)
+            if len(chunks) == 20:
+                break
+        got = b"".join(c.data for c in chunks)
+        check_chunks(chunks, offset, 3000)
+        assert got == model.data[offset : offset + len(got)]
+        assert tags_of(chunks) == model.tags[offset : offset + len(got)]
+
+
+# -- ending, following -----------------------------------------------------------------------
+
+
+async def test_reader_argument_validation(tmp_path):
+    log = OutputLog(tmp_path / "log")
+    with pytest.raises(ValueError):
+        log.reader(-1)
+    with pytest.raises(ValueError):
+        log.reader(0, max_chunk_bytes=0)
+
+
+async def test_not_follow_ends_at_the_current_end(tmp_path):
+    log = OutputLog(tmp_path / "log")
+    assert await read_all(log.reader()) == []
+    log.append(OUT, b"abc")
+
+    assert await read_all(log.reader()) == [OutputChunk(OUT, 0, b"abc")]
+    assert await read_all(log.reader(3)) == []
+    assert await read_all(log.reader(100)) == []  # beyond the end: ends at once
+
+
+async def test_an_ended_reader_stays_ended(tmp_path):
+    log = OutputLog(tmp_path / "log")
+    reader = log.reader()
+    assert await read_all(reader) == []
+    log.append(OUT, b"later")
+    with pytest.raises(StopAsyncIteration):
+        await reader.__anext__()
+
+
+async def test_follow_waits_for_appends_and_ends_after_close_once_drained(tmp_path):
+    log = OutputLog(tmp_path / "log")
+    log.append(OUT, b"history")
+    got: list[OutputChunk] = []
+    ended = trio.Event()
+
+    async def follow():
+        async for chunk in log.reader(follow=True):
+            got.append(chunk)
+        ended.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [OutputChunk(OUT, 0, b"history")]
+
+        log.append(ERR, b"live")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got[-1] == OutputChunk(ERR, 7, b"live")
+        assert not ended.is_set()
+
+        log.append(OUT, b"last")
+        log.close()
+        log.close()  # idempotent
+        await trio.testing.wait_all_tasks_blocked()
+        assert ended.is_set()
+    assert got[-1] == OutputChunk(OUT, 11, b"last")
+
+
+async def test_follow_from_beyond_the_end_waits_for_output_to_reach_it(tmp_path):
+    log = OutputLog(tmp_path / "log")
+    got: list[OutputChunk] = []
+
+    async def follow():
+        async for chunk in log.reader(5, follow=True):
+            got.append(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        log.append(OUT, b"abc")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        log.append(ERR, b"defgh")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [OutputChunk(ERR, 5, b"fgh")]
+        log.close()
+
+
+async def test_follower_can_be_cancelled_while_waiting(tmp_path):
+    log = OutputLog(tmp_path / "log")
+    with trio.move_on_after(10) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all, log.reader(follow=True))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert not scope.cancelled_caught
+
+
+async def test_many_followers_get_byte_identical_output(tmp_path):
+    log = OutputLog(
+        tmp_path / "log", tail_bytes=64 * KiB, segment_bytes=1 * MiB, retention_bytes=64 * MiB
+    )
+    rng = random.Random(3)
+    expected = hashlib.sha256()
+    digests: list[tuple[str, list[OutputStream]]] = []
+    expected_tags: list[tuple[int, OutputStream]] = []
+
+    async def follow(offset_seen: trio.Event):
+        digest, tags = hashlib.sha256(), []
+        reader = log.reader(follow=True, max_chunk_bytes=rng.choice([1000, 64 * KiB]))
+        offset_seen.set()
+        async for chunk in reader:
+            digest.update(chunk.data)
+            if not tags or tags[-1][1] is not chunk.stream:
+                tags.append((chunk.offset, chunk.stream))
+        digests.append((digest.hexdigest(), tags))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            started = trio.Event()
+            nursery.start_soon(follow, started)
+            await started.wait()
+        for i in range(400):
+            stream = ERR if i % 7 == 0 else OUT
+            data = rng.randbytes(rng.choice([1, 10, 4000, 100 * KiB]))
+            if not expected_tags or expected_tags[-1][1] is not stream:
+                expected_tags.append((log.end_offset, stream))
+            log.append(stream, data)
+            expected.update(data)
+            if i % 10 == 0:
+                # Let the followers catch up now and then (so some read live from the
+                # tail, some from disk), but not always.
+                await trio.testing.wait_all_tasks_blocked()
+        log.close()
+
+    assert len(digests) == 20
+    assert all(d == (expected.hexdigest(), expected_tags) for d in digests)
+
+
+async def test_a_stalled_reader_blocks_neither_append_nor_other_readers(tmp_path):
+    log = OutputLog(tmp_path / "log", tail_bytes=4 * KiB)
+    stalled = log.reader(follow=True)
+    log.append(OUT, b"first")
+    assert await stalled.__anext__() == OutputChunk(OUT, 0, b"first")
+    # `stalled` is never iterated again.
+    received = bytearray()
+
+    async def follow():
+        async for chunk in log.reader(follow=True):
+            received.extend(chunk.data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        for _ in range(100):
+            log.append(ERR, b"x" * 10 * KiB)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(received) == log.end_offset
+        log.close()
+    # The stalled reader still has everything from where it stopped.
+    assert stalled.offset == 5
+    assert len(b"".join([c.data async for c in stalled])) == log.end_offset - 5
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+async def test_retention_drops_the_oldest_segments(tmp_path):
+    log = OutputLog(
+        tmp_path / "log", retention_bytes=256 * KiB, segment_bytes=64 * KiB, tail_bytes=16 * KiB
+    )
+    data = random.Random(5).randbytes(1 * MiB)
+    for i in range(0, len(data), 10_000):
+        log.append(OUT if i % 20_000 else ERR, data[i : i + 10_000])
+
+    assert log.end_offset == len(data)
+    assert 256 * KiB - 64 * KiB < log.retained_bytes <= 256 * KiB
+    assert log.start_offset > 0
+    assert log.start_offset % (64 * KiB) == 0  # whole segments
+    assert len(os.listdir(tmp_path / "log")) == log.footprint().segments <= 5
+
+    with pytest.raises(OutputDropped) as excinfo:
+        await log.reader(0).__anext__()
+    assert (excinfo.value.requested_offset, excinfo.value.retained_start) == (0, log.start_offset)
+    with pytest.raises(OutputDropped):
+        await log.reader(log.start_offset - 1).__anext__()
+
+    chunks = await read_all(log.reader(log.start_offset))
+    check_chunks(chunks, log.start_offset, 64 * KiB)
+    assert b"".join(c.data for c in chunks) == data[log.start_offset :]
+
+
+async def test_default_segment_keeps_at_least_seven_eighths_of_the_cap(tmp_path):
+    log = OutputLog(tmp_path / "log", retention_bytes=8 * MiB)
+    block = b"z" * 100_000
+    for _ in range(300):
+        log.append(OUT, block)
+        assert log.retained_bytes <= 8 * MiB
+    assert log.retained_bytes > 8 * MiB * 7 // 8
+    assert log.footprint().segments <= 9
+
+
+@DISK_AND_TAIL
+async def test_follower_overtaken_by_retention_gets_output_dropped(tmp_path, tail_bytes):
+    log = OutputLog(
+        tmp_path / "log", retention_bytes=256 * KiB, segment_bytes=64 * KiB, tail_bytes=tail_bytes
+    )
+    log.append(OUT, b"a" * 100 * KiB)
+    reader = log.reader(follow=True, max_chunk_bytes=1000)
+    first = await reader.__anext__()
+    assert first == OutputChunk(OUT, 0, b"a" * 1000)
+
+    log.append(ERR, b"b" * 200 * KiB)  # 300 KiB > 256 KiB: the first segment goes
+    assert log.start_offset == 64 * KiB
+
+    with pytest.raises(OutputDropped) as excinfo:
+        await reader.__anext__()
+    assert (excinfo.value.requested_offset, excinfo.value.retained_start) == (1000, 64 * KiB)
+    # Resuming from the retained start works.
+    chunks = await read_all(log.reader(excinfo.value.retained_start))
+    assert b"".join(c.data for c in chunks) == b"a" * 36 * KiB + b"b" * 200 * KiB
+
+
+async def test_reader_positioned_on_disk_survives_later_segments_being_dropped(tmp_path):
+    # The reader's remembered disk position refers to a segment that stays: dropping older
+    # segments must not disturb it.
+    log = OutputLog(
+        tmp_path / "log", retention_bytes=256 * KiB, segment_bytes=64 * KiB, tail_bytes=0
+    )
+    data = random.Random(9).randbytes(256 * KiB)
+    log.append(OUT, data)
+    reader = log.reader(200 * KiB, max_chunk_bytes=1000)
+    got = bytearray((await reader.__anext__()).data)
+    log.append(OUT, b"q" * 64 * KiB)  # drops [0, 64 KiB)
+    assert log.start_offset == 64 * KiB
+    got += b"".join([c.data async for c in reader])
+    assert bytes(got) == data[200 * KiB :] + b"q" * 64 * KiB
+
+
+# -- resources ----------------------------------------------------------------------------------
+
+
+async def test_memory_stays_bounded_whatever_the_volume(tmp_path):
+    log = OutputLog(tmp_path / "log", retention_bytes=16 * MiB, tail_bytes=256 * KiB)
+    block = random.Random(1).randbytes(64 * KiB)
+    for i in range(1024):  # 64 MiB
+        log.append(OUT if i % 2 else ERR, block)
+        fp = log.footprint()
+        assert fp.tail_data_bytes <= 256 * KiB
+    assert log.end_offset == 64 * MiB
+    assert fp.segments <= 9
+    # One checkpoint per 64 KiB of file at most, plus the one opening each segment.
+    assert fp.checkpoints <= 16 * MiB // (64 * KiB) + fp.segments
+
+    # Many tiny appends: the tail is bounded in records too, and the index does not grow
+    # with the number of records.
+    log = OutputLog(tmp_path / "tiny", retention_bytes=16 * MiB)
+    for i in range(100_000):
+        log.append(OUT if i % 2 else ERR, b"x")
+    fp = log.footprint()
+    assert fp.tail_records <= 4096
+    assert fp.checkpoints <= 100_000 * 6 // (64 * KiB) + 2
+    chunks = await read_all(log.reader(50_000))
+    assert len(chunks) == 50_000 and tags_of(chunks)[:2] == [ERR, OUT]
+
+
+async def test_remove_deletes_files_and_directory_and_ends_or_fails_readers(tmp_path):
+    directory = tmp_path / "log"
+    log = OutputLog(directory, segment_bytes=64 * KiB, retention_bytes=1 * MiB)
+    log.append(OUT, b"x" * 200 * KiB)
+    assert len(os.listdir(directory)) == 4
+    behind = log.reader(follow=True)
+    await behind.__anext__()
+    at_end = log.reader(log.end_offset, follow=True)
+    outcomes: list[str] = []
+
+    async def follow(reader):
+        try:
+            async for _ in reader:
+                pass
+        except OutputDropped:
+            outcomes.append("dropped")
+        else:
+            outcomes.append("ended")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow, at_end)
+        await trio.testing.wait_all_tasks_blocked()
+        log.remove()
+    assert outcomes == ["ended"]
+    assert not directory.exists()
+    with pytest.raises(OutputDropped):
+        await behind.__anext__()
+    assert (log.closed, log.retained_bytes, log.start_offset) == (True, 0, 200 * KiB)
+    with pytest.raises(RuntimeError):
+        log.append(OUT, b"more")
+    log.remove()  # idempotent
+
+
+async def test_append_rules(tmp_path):
+    log = OutputLog(tmp_path / "log")
+    log.append(OUT, b"")
+    assert log.end_offset == 0
+    log.append(ERR, bytearray(b"ab"))  # bytes-like is snapshotted
+    with pytest.raises(TypeError):
+        log.append(1, b"x")  # type: ignore[arg-type]
+    log.close()
+    with pytest.raises(RuntimeError):
+        log.append(OUT, b"x")
+    assert await read_all(log.reader()) == [OutputChunk(ERR, 0, b"ab")]
+    log.remove()
+
+
+async def test_a_failed_disk_write_keeps_the_log_consistent(tmp_path, monkeypatch):
+    log = OutputLog(tmp_path / "log", tail_bytes=0)
+    log.append(OUT, b"before")
+    real_pwritev = os.pwritev
+
+    def header_then_enospc(fd, buffers, pos):
+        real_pwritev(fd, buffers[:1], pos)  # a partial record reaches the file...
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", header_then_enospc)
+    with pytest.raises(OSError):
+        log.append(ERR, b"lost")
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
+    assert log.end_offset == 6
+    # The file is still a sequence of whole records: header (5 bytes) + b"before".
+    assert [p.stat().st_size for p in (tmp_path / "log").iterdir()] == [5 + 6]
+    log.append(ERR, b"after")
+
+    assert await read_all(log.reader()) == [
+        OutputChunk(OUT, 0, b"before"),
+        OutputChunk(ERR, 6, b"after"),
+    ]
+
+
+def test_directory_is_created_private_and_stale_logs_are_not_clobbered(tmp_path):
+    directory = tmp_path / "a" / "log"
+    log = OutputLog(directory)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    with pytest.raises(FileExistsError):
+        OutputLog(directory)
+    log.remove()
+
+
+def test_constructor_validation(tmp_path):
+    for kwargs in [
+        {"retention_bytes": 0},
+        {"tail_bytes": -1},
+        {"retention_bytes": 1 * MiB, "segment_bytes": 2 * MiB},
+        {"retention_bytes": 1 * MiB, "segment_bytes": 1 * KiB},  # too many files
+    ]:
+        with pytest.raises(ValueError):
+            OutputLog(tmp_path / "log", **kwargs)
+    # A cap below the default minimum segment size: one segment of the whole cap.
+    log = OutputLog(tmp_path / "small", retention_bytes=1000)
+    log.append(OUT, b"x" * 2500)
+    assert log.retained_bytes == 500  # segments of 1000: [2000, 2500) is held
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+appends = st.lists(
+    st.tuples(st.sampled_from(OutputStream), st.binary(min_size=0, max_size=40)), max_size=30
+)
+
+
+def expected_start(end: int, retention_bytes: int, segment_bytes: int) -> int:
+    """The documented rule: the smallest segment boundary leaving <= retention_bytes."""
+    over = end - retention_bytes
+    return max(0, -(-over // segment_bytes) * segment_bytes)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    appends=appends,
+    segment_bytes=st.integers(1, 48),
+    segments_retained=st.integers(1, 6),
+    tail_bytes=st.integers(0, 100),
+    max_chunk_bytes=st.integers(1, 50),
+    data=st.data(),
+)
+def test_any_appends_read_back_from_any_offset(
+    appends, segment_bytes, segments_retained, tail_bytes, max_chunk_bytes, data
+):
+    retention_bytes = segment_bytes * segments_retained + data.draw(st.integers(0, 5))
+    retention_bytes = max(retention_bytes, segment_bytes)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch.object(output, "_CHECKPOINT_INTERVAL_BYTES", 16),
+    ):
+        log = OutputLog(
+            os.path.join(tmp, "log"),
+            retention_bytes=retention_bytes,
+            tail_bytes=tail_bytes,
+            segment_bytes=segment_bytes,
+        )
+        model = Model()
+        for stream, chunk in appends:
+            model.append(log, stream, chunk)
+        end = len(model.data)
+        start = expected_start(end, retention_bytes, segment_bytes)
+        assert (log.end_offset, log.start_offset) == (end, start)
+        offset = data.draw(st.integers(0, end + 2), label="offset")
+
+        async def main():
+            if offset < start:
+                with pytest.raises(OutputDropped) as excinfo:
+                    await log.reader(offset).__anext__()
+                assert excinfo.value.retained_start == start
+                return
+            chunks = await read_all(log.reader(offset, max_chunk_bytes=max_chunk_bytes))
+            check_chunks(chunks, offset, max_chunk_bytes)
+            assert b"".join(c.data for c in chunks) == model.data[offset:]
+            assert tags_of(chunks) == model.tags[offset:]
+
+        trio.run(main)
+        log.remove()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    appends=appends,
+    segment_bytes=st.integers(1, 48),
+    tail_bytes=st.integers(0, 100),
+    max_chunk_bytes=st.integers(1, 50),
+    steps=st.lists(st.integers(0, 3), min_size=30, max_size=30),
+)
+def test_a_follower_interleaved_with_appends_sees_everything_or_a_drop(
+    appends, segment_bytes, tail_bytes, max_chunk_bytes, steps
+):
+    # A follower takes 0-3 chunks after each append: its remembered disk position is
+    # carried across appends, segment rolls and drops. After a drop it resumes from
+    # retained_start; what it delivered must match the model byte for byte.
+    retention_bytes = segment_bytes * 3
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch.object(output, "_CHECKPOINT_INTERVAL_BYTES", 16),
+    ):
+        log = OutputLog(
+            os.path.join(tmp, "log"),
+            retention_bytes=retention_bytes,
+            tail_bytes=tail_bytes,
+            segment_bytes=segment_bytes,
+        )
+        model = Model()
+
+        async def main():
+            reader = log.reader(follow=True, max_chunk_bytes=max_chunk_bytes)
+
+            async def take(n: int) -> None:
+                nonlocal reader
+                for _ in range(n):
+                    if reader.offset >= log.end_offset and not log.closed:
+                        return  # would wait
+                    try:
+                        chunk = await reader.__anext__()
+                    except OutputDropped as exc:
+                        assert exc.requested_offset == reader.offset
+                        assert exc.retained_start == log.start_offset > reader.offset
+                        reader = log.reader(
+                            exc.retained_start, follow=True, max_chunk_bytes=max_chunk_bytes
+                        )
+                        continue
+                    except StopAsyncIteration:
+                        return
+                    end = chunk.offset + len(chunk.data)
+                    assert chunk.data == model.data[chunk.offset : end]
+                    assert [chunk.stream] * len(chunk.data) == model.tags[chunk.offset : end]
+
+            for (stream, chunk), n in zip(appends, steps, strict=False):
+                model.append(log, stream, chunk)
+                await take(n)
+            log.close()
+            await take(10**6)
+            assert reader.offset == log.end_offset
+
+        trio.run(main)
+        log.remove()
