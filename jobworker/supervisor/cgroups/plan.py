@@ -104,9 +104,7 @@ def v2_usage(cpu_stat: str, memory_peak: str | None, io_stat: str | None) -> Usa
     )
 
 
-def v1_usage(
-    cpuacct_usage: str, cpu_stat: str, max_usage: str, io_service_bytes: str
-) -> Usage:
+def v1_usage(cpuacct_usage: str, cpu_stat: str, max_usage: str, io_service_bytes: str) -> Usage:
     read, written = parse_v1_io_service_bytes(io_service_bytes)
     return Usage(
         cpu_s=int(cpuacct_usage) / 1e9,

@@ -1,0 +1,43 @@
+"""jobworker.supervisor — a trio-native library that runs Linux commands as supervised jobs.
+
+Each job runs in its own cgroup with CPU, memory, IO and pids limits; stopping it signals the
+whole process tree and escalates to SIGKILL; its stdout and stderr are kept as one ordered,
+stream-tagged log that any number of readers follow. Knows nothing about gRPC.
+"""
+
+from .errors import (
+    CgroupError,
+    CgroupsUnavailable,
+    InvalidJobSpec,
+    JobEnded,
+    JobNotFound,
+    OutputDropped,
+    SupervisorError,
+)
+from .job import Job
+from .limits import LimitOverrides, LimitPolicy, Limits, format_bytes, parse_bytes
+from .output import OutputChunk, OutputStream
+from .status import JobState, JobStatus, Usage
+from .supervisor import Supervisor
+
+__all__ = [
+    "CgroupError",
+    "CgroupsUnavailable",
+    "InvalidJobSpec",
+    "Job",
+    "JobEnded",
+    "JobNotFound",
+    "JobState",
+    "JobStatus",
+    "LimitOverrides",
+    "LimitPolicy",
+    "Limits",
+    "OutputChunk",
+    "OutputDropped",
+    "OutputStream",
+    "Supervisor",
+    "SupervisorError",
+    "Usage",
+    "format_bytes",
+    "parse_bytes",
+]

@@ -1,0 +1,284 @@
+"""One job: its process, its group, its output, and the nursery tree that owns them.
+
+Theory of operation
+-------------------
+`Supervisor.start` creates the group (cgroups, limits) and spawns the process *outside* the
+job's tree, so creation failures become a job in state ERROR at once. Then the Supervisor's
+nursery runs `Job.run`, the job's own tree:
+
+    Job.run
+    ├── pumps nursery:  stdout pump, stderr pump      (pipe → OutputLog until EOF)
+    │   └── life nursery: waiter (process.wait), escalation watchdog (SIGTERM → grace → SIGKILL)
+    └── finally, shielded: escalate if still alive, kill stragglers, wait for the group to empty,
+        read the exit cause and usage, remove the group, close the log, mark the job ended.
+
+The job ends when its leader exits. Anything it left behind in the group (a daemonized
+grandchild, a background helper) is killed right then, which also closes the last copies of
+the pipes so the pumps see EOF: output is complete when the status says "ended".
+
+Nothing here blocks on readers: pumps append to the log, which never waits for anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import trio
+
+from .cgroups import JobGroup
+from .errors import CgroupError, JobEnded
+from .escalation import Escalation
+from .limits import Limits
+from .output import OutputLog, OutputReader, OutputStream
+from .spawn import Spawned
+from .status import JobState, JobStatus, Usage, exit_code_of
+
+log = logging.getLogger("jobworker.supervisor")
+
+# Bounds on the cleanup that runs shielded from cancellation. A process in uninterruptible
+# sleep (D state) can outlive SIGKILL; we will not hang a shutdown on it forever.
+_KILL_WAIT_S = 10.0
+_READ_CHUNK_BYTES = 256 * 2**10
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What was asked for, resolved: the command, its environment, where, and within what."""
+
+    command: str
+    args: tuple[str, ...]
+    owner: str
+    env: Mapping[str, str]
+    cwd: str
+    limits: Limits | None  # None when the Supervisor runs without cgroups
+
+
+class Job:
+    """A handle on one job. Obtain it from `Supervisor.start`, `get` or `jobs`."""
+
+    def __init__(
+        self, job_id: str, spec: JobSpec, *, output: OutputLog, cgroups: str, grace_period_s: float
+    ) -> None:
+        self.id = job_id
+        self.spec = spec
+        self._log = output
+        self._cgroups = cgroups
+        self._default_grace_s = grace_period_s
+        self._state = JobState.RUNNING
+        self._created_at = _now()
+        self._started_at: datetime | None = None
+        self._ended_at: datetime | None = None
+        self._pid: int | None = None
+        self._returncode: int | None = None
+        self._error: str | None = None
+        self._stop_requested_by: str | None = None
+        self._oom_killed = False
+        self._pids_limit_hit = False
+        self._usage = Usage()
+        self._output_lost = False
+        self._drained = False  # both pipes reached EOF
+        self._group: JobGroup | None = None
+        self._escalation: Escalation | None = None
+        self._exited = trio.Event()  # the leader has exited
+        self._ended = trio.Event()  # everything is done: output complete, group removed
+
+    @property
+    def owner(self) -> str:
+        return self.spec.owner
+
+    # --- what callers use --------------------------------------------------------------------
+
+    def status(self) -> JobStatus:
+        """A snapshot. While running, usage is read live from the cgroup."""
+        usage = self._usage
+        if self._state is JobState.RUNNING and self._group is not None:
+            try:
+                usage = self._group.usage()
+            except OSError:
+                pass  # the group is being removed right now; the final figures follow
+        exit_code = signum = None
+        if self._returncode is not None and self._state.ended:
+            exit_code, signum = exit_code_of(self._returncode)
+        return JobStatus(
+            id=self.id,
+            owner=self.spec.owner,
+            command=self.spec.command,
+            args=self.spec.args,
+            state=self._state,
+            created_at=self._created_at,
+            pid=self._pid,
+            started_at=self._started_at,
+            ended_at=self._ended_at if self._state.ended else None,
+            exit_code=exit_code,
+            signal=signum,
+            error=self._error,
+            stop_requested_by=self._stop_requested_by,
+            escalated=self._escalation is not None and self._escalation.escalated,
+            oom_killed=self._oom_killed,
+            pids_limit_hit=self._pids_limit_hit,
+            limits=self.spec.limits,
+            cgroups=self._cgroups,
+            usage=usage,
+        )
+
+    def output(
+        self, offset: int = 0, *, follow: bool = False, max_chunk_bytes: int = 64 * 2**10
+    ) -> OutputReader:
+        """Chunks of output from `offset`: history first, then (with follow) live until the job
+        has ended and everything is delivered. Raises OutputDropped for retention-dropped output."""
+        return self._log.reader(offset, follow=follow, max_chunk_bytes=max_chunk_bytes)
+
+    async def stop(
+        self, grace_period_s: float | None = None, *, requested_by: str | None = None
+    ) -> JobStatus:
+        """SIGTERM every process of the job, SIGKILL the whole group after the grace period,
+        wait until the job has ended, and return its final status.
+
+        Safe to call concurrently: the first call signals; a later one with a shorter grace
+        period brings the SIGKILL closer. Raises JobEnded if the job had already ended.
+        """
+        if grace_period_s is None:
+            grace_period_s = self._default_grace_s
+        if grace_period_s < 0:
+            raise ValueError(f"grace period must be >= 0 s, got {grace_period_s}")
+        if self._state.ended or self._exited.is_set() or self._escalation is None:
+            raise JobEnded(self.id, self._state.value if self._state.ended else "ending")
+        if not self._escalation.requested:
+            self._stop_requested_by = requested_by
+            log.info("job %s: stop requested by %s", self.id, requested_by or "(library)")
+        self._escalation.request(grace_period_s)
+        return await self.wait()
+
+    async def wait(self) -> JobStatus:
+        """Wait until the job has ended (output complete, group removed); its final status."""
+        await self._ended.wait()
+        return self.status()
+
+    # --- what the Supervisor uses ------------------------------------------------------------
+
+    def fail_creation(self, reason: str) -> None:
+        """The job could not be created: it is an ERROR job from the start."""
+        self._state = JobState.ERROR
+        self._error = reason
+        self._ended_at = self._created_at
+        self._log.close()
+        self._ended.set()
+        log.warning("job %s: could not be created: %s", self.id, reason)
+
+    def started(self, spawned: Spawned, group: JobGroup) -> None:
+        self._group = group
+        self._escalation = Escalation(group)
+        self._pid = spawned.process.pid
+        self._started_at = _now()
+        group.attach(spawned.process.pid)
+        log.info(
+            "job %s: started pid %d for %s: %s",
+            self.id,
+            self._pid,
+            self.spec.owner or "(no owner)",
+            self.status().command_line,
+        )
+
+    async def run(self, spawned: Spawned) -> None:
+        """The job's tree. Runs in the Supervisor's nursery until the job has ended."""
+        group, escalation = self._group, self._escalation
+        assert group is not None and escalation is not None
+        try:
+            await self._supervise(spawned, group, escalation)
+        finally:
+            with trio.CancelScope(shield=True):
+                if not self._drained:
+                    # Cancelled mid-job (the Supervisor is going down hard). Stop the job the
+                    # usual way and keep pumping meanwhile — a job whose pipe stops being read
+                    # would block, or die of SIGPIPE, in its own SIGTERM handler. Bounded.
+                    if not self._exited.is_set():
+                        self._stop_requested_by = self._stop_requested_by or "cancellation"
+                        escalation.request(self._default_grace_s)
+                    with trio.move_on_after(self._default_grace_s + _KILL_WAIT_S):
+                        await self._supervise(spawned, group, escalation)
+                await self._finish(spawned, group)
+
+    async def _supervise(self, spawned: Spawned, group: JobGroup, escalation: Escalation) -> None:
+        """Pump output until EOF; wait for the leader, with the stop watchdog beside it.
+
+        Resumable: a cancelled pump has consumed nothing it did not append, so running this
+        again after a cancellation continues exactly where it stopped.
+        """
+        async with trio.open_nursery() as pumps:
+            pumps.start_soon(self._pump, spawned.stdout, OutputStream.STDOUT)
+            pumps.start_soon(self._pump, spawned.stderr, OutputStream.STDERR)
+            if not self._exited.is_set():
+                async with trio.open_nursery() as life:
+                    life.start_soon(escalation.run, self._exited)
+                    await spawned.process.wait()
+                    self._leader_exited(spawned)
+                    life.cancel_scope.cancel()
+            # The leader is gone; so must be everything it left behind, or a straggler
+            # holding a pipe would keep the job "running" forever.
+            await group.kill()
+        self._drained = True
+
+    async def _pump(self, stream: trio.lowlevel.FdStream, which: OutputStream) -> None:
+        # Does not close the stream: after a cancellation, _supervise resumes reading it.
+        while data := await stream.receive_some(_READ_CHUNK_BYTES):
+            try:
+                self._log.append(which, data)
+            except OSError as exc:
+                # Disk full or the like. Keep draining so the job is never blocked on a
+                # full pipe; say once, loudly, that output is being lost.
+                if not self._output_lost:
+                    log.error("job %s: output lost: %s", self.id, exc)
+                    self._output_lost = True
+
+    def _leader_exited(self, spawned: Spawned) -> None:
+        self._returncode = spawned.process.returncode
+        self._ended_at = _now()
+        self._exited.set()
+
+    async def _finish(self, spawned: Spawned, group: JobGroup) -> None:
+        """Bounded, shielded cleanup on every exit path: read the exit cause and usage, remove
+        the group, complete the output, mark the job ended."""
+        for stream in (spawned.stdout, spawned.stderr):
+            await stream.aclose()
+        try:
+            await group.kill()
+            with trio.move_on_after(_KILL_WAIT_S):
+                await group.wait_empty()
+            self._oom_killed = group.oom_kills() > 0
+            self._pids_limit_hit = group.pids_limit_hits() > 0
+            self._usage = group.usage()
+            await group.remove()
+        except (CgroupError, OSError) as exc:
+            log.error("job %s: cgroup cleanup failed: %s", self.id, exc)
+        self._state = self._final_state()
+        self._log.close()
+        self._ended.set()
+        status = self.status()
+        log.info(
+            "job %s: %s, exit code %s%s%s%s",
+            self.id,
+            status.state.value,
+            status.exit_code,
+            f", {status.signal_name}" if status.signal else "",
+            ", OOM-killed" if status.oom_killed else "",
+            ", escalated to SIGKILL" if status.escalated else "",
+        )
+
+    def _final_state(self) -> JobState:
+        if self._returncode is None:
+            return JobState.FAILED  # never reaped (D state through the kill wait)
+        if self._escalation is not None and self._escalation.requested:
+            return JobState.STOPPED
+        if self._returncode == 0:
+            return JobState.FINISHED
+        return JobState.FAILED
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+__all__ = ["Job", "JobSpec"]

@@ -1,0 +1,272 @@
+"""The Supervisor: starts jobs, finds them, and owns every one of them until it exits."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import trio
+
+from .cgroups import Backend, CgroupMode, open_backend
+from .errors import CgroupError, InvalidJobSpec, JobEnded, JobNotFound
+from .job import Job, JobSpec
+from .limits import LimitOverrides, LimitPolicy, Limits
+from .output import OutputLog
+from .spawn import SpawnError, spawn
+
+log = logging.getLogger("jobworker.supervisor")
+
+# systemd's default PATH: what a job finds its commands with unless told otherwise.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_GRACE_PERIOD_S = 10.0
+DEFAULT_RETENTION_BYTES = 256 * 2**20
+
+
+class Supervisor:
+    """Runs jobs as children of this process, each in its own cgroup, and supervises them.
+
+        async with Supervisor() as sup:
+            job = await sup.start("sh", ["-c", "echo hello"], owner="alice")
+            async for chunk in job.output(follow=True):
+                ...
+            status = await job.wait()
+
+    Leaving the block — normally, by exception or by cancellation — stops every running job
+    (SIGTERM, grace period, SIGKILL of the whole group), waits for each, removes every cgroup
+    and, when no data_dir was given, the private temporary directory. Nothing outlives it.
+
+    - data_dir: where job output is kept (``<data_dir>/jobs/<id>/``); kept on exit when given.
+    - limits: the defaults and maximums for jobs (a `Limits` sets defaults with no maximums).
+    - cgroups: "auto" (v2 if usable, else v1), "v2", "v1", or "off" (no limits, only when
+      asked for: the status of every job says so).
+    - base_env: every job's environment before its own `env` is added; by default only PATH.
+      Jobs never inherit the supervisor's environment (no secrets leak into jobs).
+    - cwd: the working directory of jobs that do not name one; by default this process's.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        limits: LimitPolicy | Limits | None = None,
+        cgroups: CgroupMode = "auto",
+        grace_period_s: float = DEFAULT_GRACE_PERIOD_S,
+        retention_bytes: int = DEFAULT_RETENTION_BYTES,
+        base_env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if isinstance(limits, Limits):
+            limits = LimitPolicy(defaults=limits)
+        if not math.isfinite(grace_period_s) or grace_period_s < 0:
+            raise ValueError(f"grace_period_s must be a finite number >= 0, got {grace_period_s}")
+        if retention_bytes < 1:
+            raise ValueError(f"retention_bytes must be positive, got {retention_bytes}")
+        self.policy = limits or LimitPolicy()
+        self.grace_period_s = grace_period_s
+        self.retention_bytes = retention_bytes
+        self._given_data_dir = Path(data_dir) if data_dir is not None else None
+        self._cgroup_mode = cgroups
+        self._base_env = dict(base_env) if base_env is not None else {"PATH": DEFAULT_PATH}
+        self._cwd = os.fspath(cwd) if cwd is not None else None
+        self._jobs: dict[str, Job] = {}
+        self._backend: Backend | None = None
+        self._nursery_manager: trio.NurseryManager | None = None
+        self._nursery: trio.Nursery | None = None
+        self._data_dir: Path | None = None
+        self._closing = False
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Supervisor:
+        if self._nursery_manager is not None:
+            raise RuntimeError("a Supervisor can be entered only once")
+        self._cwd = self._cwd or os.getcwd()
+        if self._given_data_dir is not None:
+            self._data_dir = self._given_data_dir
+            (self._data_dir / "jobs").mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            self._data_dir = Path(tempfile.mkdtemp(prefix="jobworker-"))
+        try:
+            self._backend = open_backend(self._cgroup_mode, f"jobworker-{secrets.token_hex(4)}")
+            self._nursery_manager = trio.open_nursery()
+            self._nursery = await self._nursery_manager.__aenter__()
+        except BaseException:
+            await self._release()
+            raise
+        log.info("supervisor: cgroups %s, data in %s", self._backend.kind, self._data_dir)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._nursery_manager is not None
+        self._closing = True
+        try:
+            # Stop jobs while their trees are still whole (pumps keep draining during the grace
+            # period), whatever brought us here. Bounded: grace period plus the kill wait.
+            with trio.CancelScope(shield=True):
+                await self._stop_all()
+            try:
+                return await self._nursery_manager.__aexit__(exc_type, exc, tb)
+            except BaseExceptionGroup as group:
+                # The nursery is ours, the body is the caller's: when the only thing wrong is
+                # the caller's own exception, give it back as it was rather than wrapped.
+                if exc is not None and _sole_exception(group) is exc:
+                    return False
+                raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._release()
+
+    async def _stop_all(self) -> None:
+        async def stop(job: Job) -> None:
+            try:
+                await job.stop(requested_by="supervisor shutdown")
+            except JobEnded:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for job in list(self._jobs.values()):
+                nursery.start_soon(stop, job)
+
+    async def _release(self) -> None:
+        try:
+            if self._backend is not None:
+                await self._backend.aclose()
+        finally:
+            if self._given_data_dir is None and self._data_dir is not None:
+                shutil.rmtree(self._data_dir, ignore_errors=True)
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    @property
+    def cgroups(self) -> str:
+        """The backend in use: "v2", "v1" or "off"."""
+        return self._backend.kind if self._backend is not None else self._cgroup_mode
+
+    @property
+    def data_dir(self) -> Path:
+        if self._data_dir is None:
+            raise RuntimeError("the Supervisor has not been entered")
+        return self._data_dir
+
+    async def start(
+        self,
+        command: str,
+        args: Sequence[str] = (),
+        *,
+        owner: str = "",
+        limits: LimitOverrides | Limits | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> Job:
+        """Start `command` with `args` as a new job, and return it once it runs in its group.
+
+        A job that cannot be created (command not found or not executable, a bad working
+        directory, cgroup setup failing) is returned in state ERROR with the reason in its
+        status. Invalid arguments raise InvalidJobSpec.
+        """
+        if self._nursery is None or self._backend is None or self._closing:
+            raise RuntimeError("the Supervisor is not running (use `async with Supervisor()`)")
+        spec = self._spec(command, args, owner, limits, env, cwd)
+        job_id = str(uuid.uuid4())
+        output = OutputLog(self.data_dir / "jobs" / job_id, retention_bytes=self.retention_bytes)
+        job = Job(
+            job_id,
+            spec,
+            output=output,
+            cgroups=self._backend.kind,
+            grace_period_s=self.grace_period_s,
+        )
+        self._jobs[job_id] = job
+        try:
+            group = self._backend.create(job_id, spec.limits, spec.cwd)
+        except CgroupError as exc:
+            job.fail_creation(f"cgroup setup failed: {exc}")
+            return job
+        try:
+            spawned = await spawn(
+                (spec.command, *spec.args),
+                env=spec.env,
+                cwd=spec.cwd,
+                procs_files=group.procs_files,
+            )
+        except SpawnError as exc:
+            with trio.CancelScope(shield=True):
+                await group.remove()
+            job.fail_creation(exc.reason)
+            return job
+        # No checkpoint between the spawn and handing the process to its tree: a cancellation
+        # here cannot orphan it.
+        job.started(spawned, group)
+        self._nursery.start_soon(job.run, spawned)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise JobNotFound(job_id) from None
+
+    def jobs(self, owner: str | None = None) -> list[Job]:
+        """Every job (or every job of `owner`), oldest first."""
+        return [j for j in self._jobs.values() if owner is None or j.owner == owner]
+
+    def _spec(
+        self,
+        command: str,
+        args: Sequence[str],
+        owner: str,
+        limits: LimitOverrides | Limits | None,
+        env: Mapping[str, str] | None,
+        cwd: str | os.PathLike[str] | None,
+    ) -> JobSpec:
+        if not isinstance(command, str) or not command:
+            raise InvalidJobSpec("the command must be a non-empty string")
+        if isinstance(args, str) or not all(isinstance(a, str) for a in args):
+            raise InvalidJobSpec("args must be a sequence of strings")
+        for text in (command, *args):
+            if "\0" in text:
+                raise InvalidJobSpec("the command and its arguments cannot contain NUL bytes")
+        job_env = dict(self._base_env)
+        for key, value in (env or {}).items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InvalidJobSpec("environment names and values must be strings")
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise InvalidJobSpec(f"invalid environment variable name {key!r}")
+            job_env[key] = value
+        if self._backend is not None and self._backend.kind == "off":
+            if limits is not None:
+                raise InvalidJobSpec(
+                    "limits cannot be applied: this Supervisor runs without cgroups"
+                )
+            resolved = None
+        else:
+            resolved = self.policy.resolve(limits)
+        assert self._cwd is not None
+        job_cwd = os.path.join(self._cwd, os.fspath(cwd)) if cwd is not None else self._cwd
+        return JobSpec(
+            command=command,
+            args=tuple(args),
+            owner=owner,
+            env=job_env,
+            cwd=job_cwd,
+            limits=resolved,
+        )
+
+
+def _sole_exception(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
