@@ -47,10 +47,12 @@ and ``append`` must never await (the pumps call it between reads).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import enum
 import os
 import struct
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -85,7 +87,7 @@ class OutputLogFootprint:
 
     tail_records: int
     tail_data_bytes: int
-    segments: int  # == open fds
+    segments: int  # == open fds while the log is open; none once closed
     checkpoints: int  # index entries, over all segments
 
 
@@ -145,7 +147,21 @@ class _Segment:
         self.file_bytes = pos + _HEADER_BYTES + len(data)
         self.data_bytes += len(data)
 
-    def locate(self, offset: int) -> tuple[int, int, OutputStream | None]:
+    @contextlib.contextmanager
+    def readable(self) -> Iterator[int]:
+        """An fd to read from: the segment's own while the log is open; after the log is closed,
+        one opened for this read alone — an ended job's log holds no descriptors (a server
+        keeps thousands of ended jobs)."""
+        if self.fd >= 0:
+            yield self.fd
+            return
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def locate(self, fd: int, offset: int) -> tuple[int, int, OutputStream | None]:
         """Find ``offset`` (which this segment holds) in the file.
 
         Returns ``(position, record bytes left, stream)``: the position of the header of the
@@ -155,7 +171,7 @@ class _Segment:
         i = bisect.bisect_right(self.cp_offsets, offset) - 1
         rec_offset, pos = self.cp_offsets[i], self.cp_positions[i]
         while True:
-            block = os.pread(self.fd, _SCAN_BLOCK_BYTES, pos)
+            block = os.pread(fd, _SCAN_BLOCK_BYTES, pos)
             if not block:
                 raise RuntimeError(f"output segment {self.path} is shorter than its index")
             i = 0
@@ -380,6 +396,8 @@ class OutputLog:
     def close(self) -> None:
         """No more appends; followers deliver what exists, then end. Idempotent."""
         self._closed = True
+        for seg in self._segments:
+            seg.close()  # reads reopen per call from now on (see _Segment.readable)
         self._wake()
 
     def remove(self) -> None:
@@ -501,21 +519,23 @@ class OutputLog:
 
     def _read_disk(self, reader: OutputReader, offset: int) -> OutputChunk:
         seg = self._segments[bisect.bisect_right(self._segment_starts, offset) - 1]
-        if reader._disk_segment is seg and reader._disk_offset == offset:
-            pos, rec_left, stream = reader._disk_pos, reader._disk_rec_left, reader._disk_stream
-        else:
-            pos, rec_left, stream = seg.locate(offset)
-        max_bytes = reader._max_chunk_bytes
-        if rec_left >= max_bytes:
-            # A whole chunk inside the current record: read exactly it.
-            data = os.pread(seg.fd, max_bytes, pos)
-            pos += len(data)
-            rec_left -= len(data)
-        else:
-            # Read the rest of this record and any following records of the same stream.
-            data, pos, rec_left, stream = _read_records(
-                seg.fd, pos, seg.file_bytes, rec_left, stream, max_bytes
-            )
+        with seg.readable() as fd:
+            if reader._disk_segment is seg and reader._disk_offset == offset:
+                pos, rec_left = reader._disk_pos, reader._disk_rec_left
+                stream = reader._disk_stream
+            else:
+                pos, rec_left, stream = seg.locate(fd, offset)
+            max_bytes = reader._max_chunk_bytes
+            if rec_left >= max_bytes:
+                # A whole chunk inside the current record: read exactly it.
+                data = os.pread(fd, max_bytes, pos)
+                pos += len(data)
+                rec_left -= len(data)
+            else:
+                # Read the rest of this record and any following records of the same stream.
+                data, pos, rec_left, stream = _read_records(
+                    fd, pos, seg.file_bytes, rec_left, stream, max_bytes
+                )
         if not data or stream is None:
             raise RuntimeError(f"output segment {seg.path} is shorter than its index")
         reader._disk_segment = seg

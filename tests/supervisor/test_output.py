@@ -641,3 +641,27 @@ def test_a_follower_interleaved_with_appends_sees_everything_or_a_drop(
 
         trio.run(main)
         log.remove()
+
+
+def _fds_into(directory) -> int:
+    return sum(
+        1
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(directory))
+    )
+
+
+async def test_a_closed_log_holds_no_descriptors_and_stays_readable(tmp_path):
+    # A server keeps every ended job: their logs must not pin a descriptor each.
+    log = OutputLog(
+        tmp_path / "log", retention_bytes=4 * 2**20, segment_bytes=256 * 2**10, tail_bytes=0
+    )
+    data = os.urandom(2**20)
+    log.append(OutputStream.STDERR, data)
+    assert _fds_into(tmp_path) == 4
+    log.close()
+    assert _fds_into(tmp_path) == 0
+    chunks = [chunk async for chunk in log.reader(1000)]
+    assert b"".join(c.data for c in chunks) == data[1000:]
+    assert {c.stream for c in chunks} == {OutputStream.STDERR}
+    assert _fds_into(tmp_path) == 0
