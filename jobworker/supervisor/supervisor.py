@@ -85,6 +85,7 @@ class Supervisor:
 
     # --- lifetime ------------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def __aenter__(self) -> Supervisor:
         if self._nursery_manager is not None:
             raise RuntimeError("a Supervisor can be entered only once")
@@ -104,6 +105,7 @@ class Supervisor:
         log.info("supervisor: cgroups %s, data in %s", self._backend.kind, self._data_dir)
         return self
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -112,22 +114,30 @@ class Supervisor:
     ) -> bool | None:
         assert self._nursery_manager is not None
         self._closing = True
+        body_error = exc
         try:
             # Stop jobs while their trees are still whole (pumps keep draining during the grace
             # period), whatever brought us here. Bounded: grace period plus the kill wait.
             with trio.CancelScope(shield=True):
                 await self._stop_all()
-            try:
-                return await self._nursery_manager.__aexit__(exc_type, exc, tb)
-            except BaseExceptionGroup as group:
-                # The nursery is ours, the body is the caller's: when the only thing wrong is
-                # the caller's own exception, give it back as it was rather than wrapped.
-                if exc is not None and _sole_exception(group) is exc:
-                    return False
+        except BaseException as interrupted:
+            # Ctrl-C while stopping: the nursery below must still be unwound, which cancels the
+            # job trees, and each stops its job in its own bounded, shielded cleanup.
+            exc_type, exc, tb = type(interrupted), interrupted, interrupted.__traceback__
+        try:
+            suppress = await self._nursery_manager.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # The nursery is ours, the body is the caller's: when the only thing wrong is
+            # one exception, give it back as it was rather than wrapped in a group.
+            if exc is None or _sole_exception(group) is not exc:
                 raise
+            suppress = False
         finally:
             with trio.CancelScope(shield=True):
                 await self._release()
+        if exc is not body_error and exc is not None and not suppress:
+            raise exc  # the interruption while stopping (returning False would re-raise the body's)
+        return suppress
 
     async def _stop_all(self) -> None:
         async def stop(job: Job) -> None:
@@ -161,6 +171,7 @@ class Supervisor:
             raise RuntimeError("the Supervisor has not been entered")
         return self._data_dir
 
+    @trio.lowlevel.enable_ki_protection  # Ctrl-C arrives at a checkpoint, never mid-bookkeeping
     async def start(
         self,
         command: str,
@@ -202,9 +213,16 @@ class Supervisor:
                 cwd=spec.cwd,
                 procs_files=group.procs_files,
             )
-        except SpawnError as exc:
+        except BaseException as exc:
+            # No process exists (a cancellation can only arrive before Popen runs): undo the
+            # group. A spawn failure is the job's fate; anything else is the caller's, and the
+            # caller never saw this job, so it is forgotten.
             with trio.CancelScope(shield=True):
                 await group.remove()
+            if not isinstance(exc, SpawnError):
+                del self._jobs[job_id]
+                output.remove()
+                raise
             job.fail_creation(exc.reason)
             return job
         # No checkpoint between the spawn and handing the process to its tree: a cancellation

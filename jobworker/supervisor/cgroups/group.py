@@ -88,10 +88,19 @@ class CgroupGroup:
                 await backoff.wait()
             return
         events = self._notify_dir / "cgroup.events"
-        # Watch first, then look: a change between the two is still seen.
-        with fs.Inotify(events) as watch:
-            while parse_flat_keyed(fs.read(events)).get("populated", 0):
+
+        def populated() -> bool:
+            return parse_flat_keyed(fs.read(events)).get("populated", 0) != 0
+
+        if not populated():
+            return  # the common case: nothing left by the time the leader was reaped
+        # Watch first, then look again: a change between the two is still seen.
+        watch = fs.Inotify(events)
+        try:
+            while populated():
                 await watch.changed()
+        finally:
+            await watch.aclose()
 
     async def remove(self) -> None:
         first_error = None
