@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
 import textwrap
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,19 @@ async def test_creation_failures_are_error_jobs(sup, tmp_path, command, mode, cw
     assert job_cgroup_dirs(job.id) == []
 
 
+async def test_a_limit_the_kernel_refuses_makes_an_error_job_and_no_group(sup, monkeypatch):
+    # io.max/blkio take whole disks only; the kernel answers ENODEV for anything else. The job
+    # must say so, and its half-made groups must be gone.
+    from jobworker.supervisor.cgroups import backends
+
+    monkeypatch.setattr(backends, "_disks", lambda cwd: ["999:0"])
+    job = await sup.start("true")
+    status = job.status()
+    assert status.state is JobState.ERROR
+    assert "cgroup setup failed" in status.error and "999:0" in status.error
+    assert job_cgroup_dirs(job.id) == []
+
+
 async def test_invalid_arguments_raise(tmp_path):
     policy = LimitPolicy(maximums=LimitOverrides(memory_bytes=2**30, cpu=1))
     async with Supervisor(data_dir=tmp_path, limits=policy) as sup:
@@ -402,3 +417,53 @@ async def test_jobs_inherit_no_descriptors(sup):
     fds = sorted((await read_all(job))[OutputStream.STDOUT].split())
     await other.stop()
     assert fds == [b"0", b"1", b"2", b"3"]  # 3 is ls's own handle on the directory
+
+
+async def test_a_cancelled_start_leaves_no_job_and_no_group(sup):
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await sup.start("sleep", ["600"])
+    assert scope.cancelled_caught
+    assert sup.jobs() == []
+    assert list((sup.data_dir / "jobs").iterdir()) == []
+
+
+CTRL_C_DURING_SHUTDOWN = """
+import sys, trio
+from jobworker.supervisor import Supervisor
+
+async def main():
+    async with Supervisor(grace_period_s=1) as sup:
+        job = await sup.start("sh", ["-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"])
+        async for chunk in job.output(follow=True):
+            break
+        print(job.id, flush=True)
+    print("unreachable", flush=True)
+
+trio.run(main)
+"""
+
+
+async def test_ctrl_c_during_shutdown_still_cleans_up():
+    # Shutdown waits out the grace period of a job that ignores SIGTERM; a Ctrl-C then must
+    # unwind everything: no corrupted nursery, no job, no cgroup left.
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            partial(
+                trio.run_process,
+                [PYTHON, "-c", CTRL_C_DURING_SHUTDOWN],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                check=False,
+            )
+        )
+        job_id = (await process.stdout.receive_some(100)).decode().strip()
+        assert job_cgroup_dirs(job_id) != []
+        process.send_signal(signal.SIGINT)  # arrives while __aexit__ waits for the job
+        stderr = b""
+        async for data in process.stderr:
+            stderr += data
+        await process.wait()
+    assert b"KeyboardInterrupt" in stderr
+    assert b"corrupt" not in stderr.lower()
+    assert job_cgroup_dirs(job_id) == []
