@@ -1,0 +1,75 @@
+"""jobworker's supervisor used straight from Trio: start jobs, follow them, stop one, read why.
+
+    sudo .venv/bin/python examples/supervise.py        # real cgroups need root (or delegation)
+    .venv/bin/python examples/supervise.py --no-cgroups
+
+Three jobs run side by side in their own cgroups: one prints and finishes, one ignores SIGTERM
+and is stopped (escalated to SIGKILL after a one-second grace period), one runs out of memory.
+Every line of their output is followed live, tagged with the stream it came from.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+import jobworker
+from jobworker import LimitOverrides, OutputStream
+
+PYTHON = sys.executable
+
+
+async def follow(job: jobworker.Job, name: str) -> None:
+    async for chunk in job.output(follow=True):
+        tag = "err" if chunk.stream is OutputStream.STDERR else "out"
+        for line in chunk.data.decode(errors="replace").splitlines():
+            print(f"  [{name} {tag}] {line}")
+
+
+def show(status: jobworker.JobStatus) -> None:
+    print(f"Job:         {status.id}")
+    print(f"Status:      {status.state.value}")
+    print(f"Command:     {status.command_line}")
+    if status.exit_code is not None:
+        print(f"Exit Code:   {status.exit_code}")
+    causes = [
+        f"signal {status.signal_name}" if status.signal else "",
+        "escalated to SIGKILL" if status.escalated else "",
+        "OOM-killed" if status.oom_killed else "",
+        f"stop requested by {status.stop_requested_by}" if status.stop_requested_by else "",
+    ]
+    if any(causes):
+        print(f"Reason:      {', '.join(c for c in causes if c)}")
+    usage = status.usage
+    if usage.cpu_s is not None:
+        print(f"Usage:       cpu {usage.cpu_s:.2f}s, peak memory {usage.memory_peak_bytes} bytes")
+    print()
+
+
+async def main(cgroups: str) -> None:
+    async with jobworker.Supervisor(cgroups=cgroups, grace_period_s=1) as sup:
+        print(f"supervising with cgroups: {sup.cgroups}\n")
+        hello = await sup.start("sh", ["-c", "echo hello; echo 'to stderr' >&2; echo bye"])
+        stubborn = await sup.start(
+            "sh", ["-c", "trap 'echo ignoring SIGTERM' TERM; echo ready; while :; do sleep 1; done"]
+        )
+        jobs = [("hello", hello), ("stubborn", stubborn)]
+        if sup.cgroups != "off":
+            hungry = await sup.start(
+                PYTHON,
+                ["-c", "print('allocating', flush=True); x = [b'x' * 2**20 for _ in range(512)]"],
+                limits=LimitOverrides(memory_bytes=64 * 2**20),
+            )
+            jobs.append(("hungry", hungry))
+        async with trio.open_nursery() as nursery:
+            for name, job in jobs:
+                nursery.start_soon(follow, job, name)
+            await hello.wait()
+            await stubborn.stop(requested_by="the example")
+        for _, job in jobs:
+            show(job.status())
+
+
+if __name__ == "__main__":
+    trio.run(main, "off" if "--no-cgroups" in sys.argv else "auto")

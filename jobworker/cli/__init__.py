@@ -1,0 +1,1 @@
+"""The command-line programs: `jobworker` (the server) and `jobctl` (the client)."""
