@@ -22,6 +22,7 @@ Nothing here blocks on readers: pumps append to the log, which never waits for a
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -179,7 +180,7 @@ class Job:
             self.id,
             self._pid,
             self.spec.owner or "(no owner)",
-            self.status().command_line,
+            shlex.join((self.spec.command, *self.spec.args)),
         )
 
     async def run(self, spawned: Spawned) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from dataclasses import dataclass, field
 
@@ -169,7 +168,3 @@ def format_bytes(value: int) -> str:
         if value >= scale and (value * 100) % scale == 0:
             return f"{value / scale:g}{unit}"
     return str(value)
-
-
-def host_cpu_count() -> int:
-    return len(os.sched_getaffinity(0))
