@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from jobworker.supervisor import (
+    CgroupsUnavailable,
     InvalidJobSpec,
     JobEnded,
     JobNotFound,
@@ -467,3 +468,37 @@ async def test_ctrl_c_during_shutdown_still_cleans_up():
     assert b"KeyboardInterrupt" in stderr
     assert b"corrupt" not in stderr.lower()
     assert job_cgroup_dirs(job_id) == []
+
+
+def test_without_cgroup_access_the_supervisor_refuses_and_names_the_fix():
+    # A forked child (jobworker already imported) drops to nobody: cgroupfs is not writable.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+
+            async def enter():
+                async with Supervisor():  # its private data dir is removed on refusal
+                    pass
+
+            try:
+                trio.run(enter)
+                message = "entered"
+            except CgroupsUnavailable as exc:
+                message = f"refused: {exc}"
+            except BaseException as exc:
+                message = f"other: {exc!r}"
+            os.write(write_end, message.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    assert message.startswith("refused: cannot create cgroup"), message
+    assert "run jobworker as root" in message and "Delegate=yes" in message
+    assert "cgroups='off'" in message
