@@ -84,6 +84,16 @@ class MessageDecoder:
         return len(self._prefix) + self._body_bytes
 
     @property
+    def partial_message_bytes(self) -> int:
+        """Wire bytes (prefix included) of the message being received; 0 at a boundary.
+
+        Flow-control accounting needs this: these bytes arrived but belong to no message yet.
+        """
+        if self._declared_bytes is not None:
+            return PREFIX_BYTES + self._body_bytes
+        return len(self._prefix)
+
+    @property
     def at_message_boundary(self) -> bool:
         """True when no message is partly received; False at end of stream means truncation."""
         return self._declared_bytes is None and not self._prefix

@@ -1,0 +1,847 @@
+"""gRPC over one HTTP/2 connection, sans-IO: bytes in → events out; commands queue bytes.
+
+Theory of operation
+-------------------
+`ServerConnection` and `ClientConnection` wrap an `h2.connection.H2Connection` and speak gRPC
+(doc/PROTOCOL-HTTP2.md in grpc/grpc) on top of it. The transport feeds what it reads from the
+socket to `receive_data()`, acts on the returned events, and writes `data_to_send()`. Nothing
+here awaits, sleeps, reads a clock or touches a socket.
+
+Inbound flow control is backpressure: the bytes of a *complete* message are handed back to the
+peer (WINDOW_UPDATE) only when the consumer says it has taken the message (`acknowledge()` with
+the event's `flow_controlled_bytes`, once per message). So a consumer that stops reading stops
+its peer after one window of data, without holding up other streams. The bytes of a message
+still being received are held back too while the consumer is behind, and released once it has
+taken everything delivered: then they are all that blocks progress (a message larger than the
+window would deadlock otherwise), and the decoder bounds them by the message size limit. Per
+stream, buffered input is thus at most one window plus one message.
+
+Outbound, each stream has an outbox: messages (prefix and payload, never copied) and finally
+the trailers, handed to h2 in order as the stream and connection windows allow. The transport
+waits while `outbound_pending(stream_id)` is non-zero — `OutboxDrained` says when to look again —
+so each stream holds at most about one message beyond its window.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from hyperframe.frame import GoAwayFrame
+
+from .compression import SUPPORTED_ENCODINGS, accept_encoding_header, decode_message
+from .errors import MessageTooLarge, ProtocolError, UnsupportedEncoding, WireError
+from .framing import DEFAULT_MAX_MESSAGE_BYTES, PREFIX_BYTES, MessageDecoder, encode_message_parts
+from .metadata import Metadata, decode_metadata, encode_metadata
+from .status import (
+    Status,
+    decode_grpc_message,
+    encode_grpc_message,
+    parse_grpc_status,
+    status_from_h2_error,
+    status_from_http,
+)
+from .timeout import encode_grpc_timeout, parse_grpc_timeout
+
+# Windows sized for throughput and bounded (never 2**31-1): per stream, a consumer that stops
+# reading costs at most one stream window of buffered messages; the connection window caps the
+# sum. The frame size lets a 64 KiB message travel as one DATA frame.
+DEFAULT_STREAM_WINDOW_BYTES = 1 * 2**20
+DEFAULT_CONNECTION_WINDOW_BYTES = 8 * 2**20
+DEFAULT_MAX_FRAME_BYTES = 1 * 2**20
+DEFAULT_MAX_CONCURRENT_STREAMS = 100
+MAX_HEADER_LIST_BYTES = 16 * 2**10
+
+_CONTENT_TYPE = b"application/grpc"
+
+# h2 moves its whole connection to CLOSED on any GOAWAY, sent or received, and then refuses
+# every further frame (python-hyper/h2#1181, open): in-flight calls could never finish, which
+# is the point of a graceful GOAWAY (RFC 9113 §6.8). So graceful (NO_ERROR) GOAWAYs bypass h2:
+# the server serializes its own, and the client takes them out of the byte stream before h2
+# sees them. Erroneous GOAWAYs still go through h2, which rightly tears everything down.
+# length (24 bits) and type share the first word; then flags and stream id: 9 bytes.
+_FRAME_HEADER = struct.Struct(">IBI")
+_GOAWAY_TYPE = 0x7
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """Server: a valid call started. Invalid ones never get here: they are answered at once."""
+
+    stream_id: int
+    method: str  # the :path, e.g. "/jobworker.v1.JobService/StartJob"
+    metadata: Metadata
+    timeout_s: float | None
+    authority: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    """Client: the response headers (initial metadata) arrived."""
+
+    stream_id: int
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A whole message. Call `acknowledge(stream_id, flow_controlled_bytes)` once consumed."""
+
+    stream_id: int
+    payload: bytes
+    flow_controlled_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class InputEnded:
+    """Server: the client half-closed its side (no more messages will come)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    """Client: the call is over, with the status from the trailers (or derived from HTTP/2 when
+    the server broke the protocol or reset the stream)."""
+
+    stream_id: int
+    status: Status
+    message: str
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFailed:
+    """The stream is over because of the peer or the wire, not because of its handler: a reset
+    (RST_STREAM), a message over the size limit, an unsupported encoding, broken framing. The
+    connection has already said what needs saying to the peer; the handler should be cancelled."""
+
+    stream_id: int
+    status: Status
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxDrained:
+    """Everything queued on this stream has been handed to HTTP/2 (or the stream is gone)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """The peer sent GOAWAY: streams above `last_stream_id` were never processed."""
+
+    error_code: int
+    last_stream_id: int
+    message: str
+
+
+Event = (
+    RequestReceived
+    | ResponseReceived
+    | MessageReceived
+    | InputEnded
+    | CallEnded
+    | StreamFailed
+    | OutboxDrained
+    | ConnectionTerminated
+)
+
+
+class ConnectionBroken(WireError):
+    """The connection is broken beyond repair; `data_to_send()` holds the GOAWAY to send."""
+
+
+# --- per-stream state --------------------------------------------------------------------------
+
+
+class _EndOfOutput:
+    """The last item of an outbox: the server's trailers (the call is over for us), or the
+    client's bare END_STREAM (it still awaits the response)."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: list[tuple[bytes, bytes]] | None) -> None:
+        self.headers = headers
+
+
+class _Stream:
+    __slots__ = (
+        "decoder",
+        "encoding",
+        "headers_sent",
+        "outbox",
+        "outbox_bytes",
+        "partial_acked",
+        "partial_held",
+        "unconsumed",
+        "done",
+    )
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.decoder = MessageDecoder(max_message_bytes=max_message_bytes)
+        self.encoding: str | None = None  # the peer's grpc-encoding
+        self.headers_sent = False
+        self.outbox: collections.deque[memoryview | _EndOfOutput] = collections.deque()
+        self.outbox_bytes = 0
+        # Wire bytes of the message being received: acknowledged already, and held back.
+        self.partial_acked = 0
+        self.partial_held = 0
+        self.unconsumed = 0  # messages delivered and not yet acknowledged by the consumer
+        self.done = False  # locally finished: trailers queued or stream reset
+
+
+class _GrpcConnection:
+    client_side: ClassVar[bool]
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        stream_window_bytes: int = DEFAULT_STREAM_WINDOW_BYTES,
+        connection_window_bytes: int = DEFAULT_CONNECTION_WINDOW_BYTES,
+        max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+    ) -> None:
+        config = h2.config.H2Configuration(
+            client_side=self.client_side, header_encoding=None, validate_inbound_headers=True
+        )
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.local_settings = h2.settings.Settings(
+            client=self.client_side,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window_bytes,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: DEFAULT_MAX_FRAME_BYTES,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
+            },
+        )
+        # h2 sizes its frame parser from the settings it was constructed with, and treats
+        # initial_values as already acknowledged, so the larger frame size we announce would
+        # never reach the parser: set it directly (accepting large frames early is harmless).
+        self._h2.max_inbound_frame_size = DEFAULT_MAX_FRAME_BYTES
+        self._connection_window_bytes = connection_window_bytes
+        self.max_message_bytes = max_message_bytes
+        self._streams: dict[int, _Stream] = {}
+        self._terminated = False
+        self._out_of_band = bytearray()  # frames serialized past h2, kept in order
+
+    # --- the I/O boundary ----------------------------------------------------------------------
+
+    def initiate(self) -> None:
+        """Queue the connection preface: SETTINGS, then the connection window raised above
+        HTTP/2's 64 KiB default (it has no setting of its own)."""
+        self._h2.initiate_connection()
+        increment = self._connection_window_bytes - self._h2.inbound_flow_control_window
+        if increment > 0:
+            self._h2.increment_flow_control_window(increment)
+
+    def data_to_send(self) -> bytes:
+        if self._out_of_band:
+            data, self._out_of_band = (
+                bytes(self._out_of_band + self._h2.data_to_send()),
+                bytearray(),
+            )
+            return data
+        return self._h2.data_to_send()
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Process bytes from the peer. Raises ConnectionBroken when the peer broke HTTP/2
+        (the GOAWAY is then queued in data_to_send())."""
+        if self._terminated:
+            return []
+        events: list[Event] = []
+        self._feed_h2(data, events)
+        return events
+
+    def _feed_h2(self, data: bytes | memoryview, events: list[Event]) -> None:
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._terminated = True
+            raise ConnectionBroken(f"HTTP/2 protocol error from peer: {exc}") from exc
+        for event in h2_events:
+            self._dispatch(event, events)
+
+    # --- commands shared by both sides ---------------------------------------------------------
+
+    def acknowledge(self, stream_id: int, flow_controlled_bytes: int) -> None:
+        """The consumer has taken a message (call once per MessageReceived): give its bytes
+        back to the peer, and those of a partial message behind it once nothing else waits."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.unconsumed -= 1
+            flow_controlled_bytes += self._release_partial(stream)
+        self._ack(stream_id, flow_controlled_bytes)
+
+    def _ack(self, stream_id: int, flow_controlled_bytes: int) -> None:
+        if flow_controlled_bytes > 0 and not self._terminated:
+            self._h2.acknowledge_received_data(flow_controlled_bytes, stream_id)
+
+    @staticmethod
+    def _release_partial(stream: _Stream) -> int:
+        if stream.unconsumed > 0 or not stream.partial_held:
+            return 0
+        released, stream.partial_held = stream.partial_held, 0
+        stream.partial_acked += released
+        return released
+
+    def send_message(self, stream_id: int, payload: bytes) -> None:
+        """Queue one message; it goes out as the windows allow (see outbound_pending)."""
+        stream = self._open_stream(stream_id)
+        self._ensure_headers(stream_id, stream)
+        prefix, body = encode_message_parts(payload)
+        self._enqueue(stream, memoryview(prefix))
+        if body:
+            self._enqueue(stream, memoryview(body))
+        self._flush(stream_id, stream, [])
+
+    def outbound_pending(self, stream_id: int) -> int:
+        """Bytes queued on the stream and not yet handed to HTTP/2 (0 for unknown streams)."""
+        stream = self._streams.get(stream_id)
+        return stream.outbox_bytes if stream is not None else 0
+
+    def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abandon a stream (RST_STREAM). Harmless on a stream that already ended."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            stream.outbox.clear()
+            stream.outbox_bytes = 0
+        if self._terminated:
+            return
+        try:
+            self._h2.reset_stream(stream_id, error_code)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    def close(self, *, error_code: int = 0, last_stream_id: int | None = None) -> None:
+        """Queue a GOAWAY."""
+        if not self._terminated:
+            self._h2.close_connection(error_code=error_code, last_stream_id=last_stream_id)
+
+    def ping(self, data: bytes = b"\0" * 8) -> None:
+        self._h2.ping(data)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _open_stream(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.done:
+            raise ProtocolError(f"stream {stream_id} is not open for sending")
+        return stream
+
+    def _ensure_headers(self, stream_id: int, stream: _Stream) -> None:
+        """Client headers are sent by start_call; the server sends its own lazily."""
+
+    @staticmethod
+    def _enqueue(stream: _Stream, item: memoryview) -> None:
+        stream.outbox.append(item)
+        stream.outbox_bytes += len(item)
+
+    def _flush(self, stream_id: int, stream: _Stream, events: list[Event]) -> None:
+        """Hand the stream's outbox to h2 as far as the windows allow."""
+        if self._terminated:
+            return
+        outbox = stream.outbox
+        while outbox:
+            item = outbox[0]
+            if isinstance(item, _EndOfOutput):
+                outbox.popleft()
+                if item.headers is None:
+                    self._h2.end_stream(stream_id)
+                else:
+                    self._h2.send_headers(stream_id, item.headers, end_stream=True)
+                    self._streams.pop(stream_id, None)
+                break
+            window = min(
+                self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size
+            )
+            if window <= 0:
+                return
+            if len(item) <= window:
+                outbox.popleft()
+                chunk = item
+            else:
+                chunk, outbox[0] = item[:window], item[window:]
+            self._h2.send_data(stream_id, chunk)
+            stream.outbox_bytes -= len(chunk)
+        events.append(OutboxDrained(stream_id))
+
+    def _flush_all(self, events: list[Event]) -> None:
+        for stream_id, stream in list(self._streams.items()):
+            if stream.outbox:
+                self._flush(stream_id, stream, events)
+
+    def _dispatch(self, event: h2.events.Event, events: list[Event]) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            self._on_data(event, events)
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            self._flush_all(events)
+        elif isinstance(event, h2.events.StreamReset):
+            if self._streams.pop(event.stream_id, None) is not None:
+                status = status_from_h2_error(event.error_code)
+                events.append(
+                    StreamFailed(event.stream_id, status, f"stream reset by peer ({status.name})")
+                )
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            message = (event.additional_data or b"").decode("utf-8", "replace")
+            events.append(
+                ConnectionTerminated(event.error_code or 0, event.last_stream_id or 0, message)
+            )
+        # PING is answered by h2 itself; SETTINGS are acknowledged by h2 itself.
+
+    def _on_data(self, event: h2.events.DataReceived, events: list[Event]) -> None:
+        stream_id = event.stream_id
+        stream = self._streams.get(stream_id)
+        flow_bytes = event.flow_controlled_length
+        if stream is None:
+            # Data for a stream we already finished (e.g. reset): nobody will consume it.
+            self._ack(stream_id, flow_bytes)
+            return
+        data = event.data
+        padding = flow_bytes - len(data)
+        partial_before = stream.decoder.partial_message_bytes
+        try:
+            messages = stream.decoder.feed(data)
+            payloads = [
+                decode_message(m, stream.encoding, max_bytes=self.max_message_bytes)
+                for m in messages
+            ]
+        except WireError as exc:
+            self._ack(stream_id, flow_bytes + stream.partial_held)
+            self._fail_stream(stream_id, exc, events)
+            return
+        partial_after = stream.decoder.partial_message_bytes
+        # Attribute the frame's bytes: each complete message's share is acknowledged when its
+        # consumer takes it; the unfinished message's share is held (see _release_partial).
+        if messages:
+            first_share = PREFIX_BYTES + len(messages[0].payload) - stream.partial_acked
+            shares = [first_share] + [PREFIX_BYTES + len(m.payload) for m in messages[1:]]
+            stream.partial_acked, stream.partial_held = 0, partial_after
+        else:
+            shares = []
+            stream.partial_held += partial_after - partial_before
+        stream.unconsumed += len(messages)
+        self._ack(stream_id, padding + self._release_partial(stream))
+        for payload, share in zip(payloads, shares, strict=True):
+            events.append(MessageReceived(stream_id, payload, share))
+        # END_STREAM comes as h2's separate StreamEnded event, handled by each side.
+
+    def _fail_stream(self, stream_id: int, exc: WireError, events: list[Event]) -> None:
+        raise NotImplementedError
+
+
+def _failure(exc: WireError) -> tuple[Status, str]:
+    """The status a broken inbound message gives its call (the spec's mapping)."""
+    if isinstance(exc, MessageTooLarge):
+        return Status.RESOURCE_EXHAUSTED, (
+            f"received message larger than max ({exc.declared_bytes} vs. {exc.max_bytes} bytes)"
+        )
+    if isinstance(exc, UnsupportedEncoding):
+        return Status.UNIMPLEMENTED, str(exc)
+    return Status.INTERNAL, str(exc)
+
+
+# --- server side -------------------------------------------------------------------------------
+
+
+class ServerConnection(_GrpcConnection):
+    """The server's side of one gRPC connection."""
+
+    client_side = False
+
+    def __init__(self, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self._draining_last_stream_id: int | None = None
+
+    def _dispatch(self, event: h2.events.Event, events: list[Event]) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event, events)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                self._on_input_ended(event.stream_id, stream, events)
+        elif isinstance(event, h2.events.TrailersReceived):
+            pass  # clients send no trailers in gRPC; the StreamEnded that follows counts
+        else:
+            super()._dispatch(event, events)
+
+    # -- receiving --
+
+    def _on_request(self, event: h2.events.RequestReceived, events: list[Event]) -> None:
+        stream_id = event.stream_id
+        if self._draining_last_stream_id is not None and stream_id > self._draining_last_stream_id:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        headers = dict(event.headers or ())
+        problem = _request_problem(headers)
+        if problem is not None:
+            http_status, message = problem
+            self._answer_early(stream_id, Status.INTERNAL, message, http_status=http_status)
+            return
+        stream = _Stream(self.max_message_bytes)
+        self._streams[stream_id] = stream
+        encoding = headers.get(b"grpc-encoding", b"identity").decode("ascii", "replace").lower()
+        if encoding not in SUPPORTED_ENCODINGS:
+            self._streams.pop(stream_id)
+            self._answer_early(
+                stream_id, Status.UNIMPLEMENTED, f"grpc-encoding {encoding!r} is not supported"
+            )
+            return
+        stream.encoding = encoding
+        timeout_s = None
+        if b"grpc-timeout" in headers:
+            try:
+                timeout_s = parse_grpc_timeout(headers[b"grpc-timeout"])
+            except ProtocolError as exc:
+                self._streams.pop(stream_id)
+                self._answer_early(stream_id, Status.INTERNAL, str(exc))
+                return
+        try:
+            metadata = decode_metadata(event.headers or ())
+        except ProtocolError as exc:
+            self._streams.pop(stream_id)
+            self._answer_early(stream_id, Status.INTERNAL, str(exc))
+            return
+        events.append(
+            RequestReceived(
+                stream_id=stream_id,
+                method=headers[b":path"].decode("utf-8", "replace"),
+                metadata=metadata,
+                timeout_s=timeout_s,
+                authority=headers.get(b":authority", b"").decode("utf-8", "replace"),
+            )
+        )
+
+    def _on_input_ended(self, stream_id: int, stream: _Stream, events: list[Event]) -> None:
+        if not stream.decoder.at_message_boundary:
+            self._fail_stream(stream_id, ProtocolError("request ended inside a message"), events)
+            return
+        events.append(InputEnded(stream_id))
+
+    def _fail_stream(self, stream_id: int, exc: WireError, events: list[Event]) -> None:
+        status, message = _failure(exc)
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.done:
+            stream.outbox.clear()
+            stream.outbox_bytes = 0
+            self.send_trailers(stream_id, status, message)
+        events.append(StreamFailed(stream_id, status, message))
+
+    # -- sending --
+
+    def _ensure_headers(self, stream_id: int, stream: _Stream) -> None:
+        if not stream.headers_sent:
+            self.send_headers(stream_id)
+
+    def send_headers(self, stream_id: int, metadata: Metadata = ()) -> None:
+        """Send the response headers (initial metadata). Implied by the first message."""
+        stream = self._open_stream(stream_id)
+        if stream.headers_sent:
+            raise ProtocolError(f"response headers already sent on stream {stream_id}")
+        stream.headers_sent = True
+        headers = [
+            (b":status", b"200"),
+            (b"content-type", _CONTENT_TYPE),
+            (b"grpc-accept-encoding", accept_encoding_header().encode()),
+            *encode_metadata(metadata),
+        ]
+        self._h2.send_headers(stream_id, headers)
+
+    def send_trailers(
+        self, stream_id: int, status: Status, message: str = "", metadata: Metadata = ()
+    ) -> None:
+        """End the call. Queued behind any pending messages; a trailers-only response when no
+        headers were sent."""
+        stream = self._open_stream(stream_id)
+        trailers = _status_headers(status, message) + encode_metadata(metadata)
+        if not stream.headers_sent:
+            stream.headers_sent = True
+            trailers = [
+                (b":status", b"200"),
+                (b"content-type", _CONTENT_TYPE),
+                (b"grpc-accept-encoding", accept_encoding_header().encode()),
+                *trailers,
+            ]
+        stream.done = True
+        stream.outbox.append(_EndOfOutput(trailers))
+        self._flush(stream_id, stream, [])
+
+    def _answer_early(
+        self, stream_id: int, status: Status, message: str, *, http_status: int = 200
+    ) -> None:
+        """A trailers-only response to a request we will not hand to any handler."""
+        headers = [(b":status", str(http_status).encode())]
+        if http_status == 200:
+            headers += [
+                (b"content-type", _CONTENT_TYPE),
+                (b"grpc-accept-encoding", accept_encoding_header().encode()),
+            ]
+        headers += _status_headers(status, message)
+        self._h2.send_headers(stream_id, headers, end_stream=True)
+        # The client may still be sending; we will not read it.
+        try:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    def start_graceful_shutdown(self) -> None:
+        """First GOAWAY of a graceful shutdown: last stream 2^31-1 tells the client to stop
+        opening streams without cutting any in flight (RFC 9113 §6.8), and a PING measures when
+        it has seen it."""
+        self._send_graceful_goaway(2**31 - 1)
+        self._h2.ping(b"shutdown")
+
+    def finish_graceful_shutdown(self) -> None:
+        """Second GOAWAY: the real last stream. Streams opened after it are refused; those
+        before it go on until they finish (the transport closes when none is left)."""
+        last = self._h2.highest_inbound_stream_id
+        self._draining_last_stream_id = last
+        self._send_graceful_goaway(last)
+
+    def _send_graceful_goaway(self, last_stream_id: int) -> None:
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+        self._out_of_band += self._h2.data_to_send() + frame.serialize()
+
+
+def _request_problem(headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+    """Why a request is not gRPC, as (HTTP status, message); None when it is."""
+    if headers.get(b":method") != b"POST":
+        return 405, f"method {headers.get(b':method', b'').decode(errors='replace')} not allowed"
+    content_type = headers.get(b"content-type", b"")
+    if content_type != _CONTENT_TYPE and not content_type.startswith(
+        (_CONTENT_TYPE + b"+", _CONTENT_TYPE + b";")
+    ):
+        return 415, f"content-type {content_type.decode(errors='replace')!r} is not gRPC"
+    if headers.get(b"te") != b"trailers":
+        return 200, "te: trailers is required"
+    path = headers.get(b":path", b"")
+    if not path.startswith(b"/") or path.count(b"/") != 2:
+        return 200, f"malformed method path {path.decode(errors='replace')!r}"
+    return None
+
+
+def _status_headers(status: Status, message: str) -> list[tuple[bytes, bytes]]:
+    headers = [(b"grpc-status", str(int(status)).encode())]
+    if message:
+        headers.append((b"grpc-message", encode_grpc_message(message).encode("ascii")))
+    return headers
+
+
+# --- client side -------------------------------------------------------------------------------
+
+
+class ClientConnection(_GrpcConnection):
+    """The client's side of one gRPC connection: starts calls and reads their answers."""
+
+    client_side = True
+
+    def __init__(self, *, authority: str, user_agent: str = "purgatory", **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self._authority = authority.encode()
+        self._user_agent = user_agent.encode()
+        self._response_started: set[int] = set()
+        self.goaway_last_stream_id: int | None = None
+        self._partial_frame = bytearray()  # an incomplete frame, at most one frame long
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """As for the server, but graceful GOAWAYs are taken out before h2 sees them."""
+        if self._terminated:
+            return []
+        if self._partial_frame:
+            self._partial_frame += data
+            buffer = memoryview(bytes(self._partial_frame))
+            self._partial_frame.clear()
+        else:
+            buffer = memoryview(data)
+        events: list[Event] = []
+        start = pos = 0
+        oversized = False
+        while len(buffer) - pos >= _FRAME_HEADER.size:
+            word, _flags, _stream_id = _FRAME_HEADER.unpack_from(buffer, pos)
+            length, frame_type = word >> 8, word & 0xFF
+            if length > self._h2.max_inbound_frame_size:
+                oversized = True  # h2 will refuse it, with the right GOAWAY
+                break
+            end = pos + _FRAME_HEADER.size + length
+            if end > len(buffer):
+                break
+            if frame_type == _GOAWAY_TYPE and length >= 8:
+                last_stream_id, error_code = struct.unpack_from(">I I", buffer, pos + 9)
+                if error_code == h2.errors.ErrorCodes.NO_ERROR:
+                    self._feed_h2(buffer[start:pos], events)
+                    debug = bytes(buffer[pos + 17 : end])
+                    self._on_graceful_goaway(last_stream_id & 0x7FFFFFFF, debug, events)
+                    start = end
+            pos = end
+        if pos < len(buffer) and not oversized:
+            self._partial_frame += buffer[pos:]  # at most one frame: bounded
+            self._feed_h2(buffer[start:pos], events)
+        else:
+            self._feed_h2(buffer[start:], events)
+        return events
+
+    def _on_graceful_goaway(self, last_stream_id: int, debug: bytes, events: list[Event]) -> None:
+        self.goaway_last_stream_id = last_stream_id
+        events.append(ConnectionTerminated(0, last_stream_id, debug.decode("utf-8", "replace")))
+        for stream_id in [s for s in self._streams if s > last_stream_id]:
+            self._end(
+                stream_id,
+                Status.UNAVAILABLE,
+                "the server went away before processing the call",
+                (),
+                events,
+            )
+
+    def start_call(
+        self, method: str, metadata: Metadata = (), *, timeout_s: float | None = None
+    ) -> int:
+        """Open a stream for a call to `method` ("/package.Service/Method"); its stream id."""
+        if self.goaway_last_stream_id is not None:
+            raise ProtocolError("the server is going away: no new calls on this connection")
+        stream_id = self._h2.get_next_available_stream_id()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":path", method.encode()),
+            (b":authority", self._authority),
+            (b"te", b"trailers"),
+            (b"content-type", _CONTENT_TYPE),
+            (b"user-agent", self._user_agent),
+            (b"grpc-accept-encoding", accept_encoding_header().encode()),
+        ]
+        if timeout_s is not None:
+            headers.append((b"grpc-timeout", encode_grpc_timeout(timeout_s).encode()))
+        headers += encode_metadata(metadata)
+        self._h2.send_headers(stream_id, headers)
+        stream = _Stream(self.max_message_bytes)
+        stream.headers_sent = True
+        self._streams[stream_id] = stream
+        return stream_id
+
+    def end_input(self, stream_id: int) -> None:
+        """No more messages from us (END_STREAM), queued behind pending ones."""
+        stream = self._open_stream(stream_id)
+        stream.done = True
+        stream.outbox.append(_EndOfOutput(None))
+        self._flush(stream_id, stream, [])
+
+    def _dispatch(self, event: h2.events.Event, events: list[Event]) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            self._on_response(event, events)
+        elif isinstance(event, h2.events.TrailersReceived):
+            self._on_trailers(event.stream_id, event.headers or (), events)
+        elif isinstance(event, h2.events.StreamEnded):
+            # Still open after END_STREAM: the server ended the call without trailers.
+            self._end(
+                event.stream_id,
+                Status.INTERNAL,
+                "server ended the call without a status",
+                (),
+                events,
+            )
+        elif isinstance(event, h2.events.StreamReset):
+            status = status_from_h2_error(event.error_code)
+            self._end(
+                event.stream_id, status, f"stream reset by server ({status.name})", (), events
+            )
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway_last_stream_id = event.last_stream_id or 0
+            super()._dispatch(event, events)
+            for stream_id in [s for s in self._streams if s > self.goaway_last_stream_id]:
+                self._end(
+                    stream_id,
+                    Status.UNAVAILABLE,
+                    "the server went away before processing the call",
+                    (),
+                    events,
+                )
+        else:
+            super()._dispatch(event, events)
+
+    def _on_response(self, event: h2.events.ResponseReceived, events: list[Event]) -> None:
+        stream_id = event.stream_id
+        headers = list(event.headers or ())
+        if b"grpc-status" in dict(headers):  # trailers-only
+            self._on_trailers(stream_id, headers, events)
+            return
+        fields = dict(headers)
+        http_status = int(fields.get(b":status", b"0") or 0)
+        if http_status != 200:
+            status = status_from_http(http_status)
+            self._end(stream_id, status, f"HTTP status {http_status}", (), events)
+            self.reset(stream_id)
+            return
+        content_type = fields.get(b"content-type", b"")
+        if not content_type.startswith(_CONTENT_TYPE):
+            self._end(
+                stream_id, Status.UNKNOWN, f"content-type {content_type!r} is not gRPC", (), events
+            )
+            self.reset(stream_id)
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        stream.encoding = fields.get(b"grpc-encoding", b"identity").decode("ascii", "replace")
+        try:
+            metadata = decode_metadata(headers)
+        except ProtocolError as exc:
+            self._end(stream_id, Status.INTERNAL, str(exc), (), events)
+            self.reset(stream_id)
+            return
+        self._response_started.add(stream_id)
+        events.append(ResponseReceived(stream_id, metadata))
+
+    def _on_trailers(
+        self, stream_id: int, headers: Iterable[tuple[bytes, bytes]], events: list[Event]
+    ) -> None:
+        headers = list(headers)
+        fields = dict(headers)
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.decoder.at_message_boundary:
+            self._end(stream_id, Status.INTERNAL, "response ended inside a message", (), events)
+            return
+        status = parse_grpc_status(fields.get(b"grpc-status", b""))
+        message = decode_grpc_message(fields.get(b"grpc-message", b""))
+        try:
+            metadata = decode_metadata(headers)
+        except ProtocolError:
+            metadata = ()
+        self._end(stream_id, status, message, metadata, events)
+
+    def _end(
+        self,
+        stream_id: int,
+        status: Status,
+        message: str,
+        metadata: Metadata,
+        events: list[Event],
+    ) -> None:
+        if self._streams.pop(stream_id, None) is None:
+            return
+        self._response_started.discard(stream_id)
+        events.append(CallEnded(stream_id, status, message, metadata))
+
+    def _fail_stream(self, stream_id: int, exc: WireError, events: list[Event]) -> None:
+        status, message = _failure(exc)
+        self._end(stream_id, status, message, (), events)
+        self.reset(stream_id)

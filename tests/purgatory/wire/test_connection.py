@@ -1,0 +1,402 @@
+"""The gRPC-over-h2 connection state, without an event loop: peers exchange bytes directly."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobworker.purgatory.wire.connection import (
+    CallEnded,
+    ClientConnection,
+    ConnectionBroken,
+    ConnectionTerminated,
+    InputEnded,
+    MessageReceived,
+    OutboxDrained,
+    RequestReceived,
+    ResponseReceived,
+    ServerConnection,
+    StreamFailed,
+)
+from jobworker.purgatory.wire.errors import ProtocolError
+from jobworker.purgatory.wire.framing import encode_message
+from jobworker.purgatory.wire.status import Status
+
+METHOD = "/test.Echo/Unary"
+
+
+class Pair:
+    """A client and a server connection wired back to back; events collected per side."""
+
+    def __init__(self, **server_options: int) -> None:
+        self.client = ClientConnection(authority="localhost")
+        self.server = ServerConnection(**server_options)
+        self.client_events: list = []
+        self.server_events: list = []
+        self.client.initiate()
+        self.server.initiate()
+        self.exchange()
+
+    def exchange(self) -> None:
+        while True:
+            to_server, to_client = self.client.data_to_send(), self.server.data_to_send()
+            if not to_server and not to_client:
+                return
+            if to_server:
+                self.server_events += self.server.receive_data(to_server)
+            if to_client:
+                self.client_events += self.client.receive_data(to_client)
+
+    def take(self, side: str, kind: type) -> list:
+        events = self.client_events if side == "client" else self.server_events
+        found = [e for e in events if isinstance(e, kind)]
+        events[:] = [e for e in events if not isinstance(e, kind)]
+        return found
+
+
+def unary_request(pair: Pair, payload: bytes = b"ping", metadata=(), timeout_s=None) -> int:
+    stream_id = pair.client.start_call(METHOD, metadata, timeout_s=timeout_s)
+    pair.client.send_message(stream_id, payload)
+    pair.client.end_input(stream_id)
+    pair.exchange()
+    return stream_id
+
+
+def test_unary_call_round_trip_with_metadata_both_ways():
+    pair = Pair()
+    stream_id = unary_request(
+        pair, metadata=(("x-user", "alice"), ("x-blob-bin", b"\x00\xff")), timeout_s=2.5
+    )
+    (request,) = pair.take("server", RequestReceived)
+    assert (request.stream_id, request.method, request.authority) == (
+        stream_id,
+        METHOD,
+        "localhost",
+    )
+    assert request.metadata == (("x-user", "alice"), ("x-blob-bin", b"\x00\xff"))
+    assert request.timeout_s == pytest.approx(2.5)
+    (message,) = pair.take("server", MessageReceived)
+    assert message.payload == b"ping"
+    assert pair.take("server", InputEnded) == [InputEnded(stream_id)]
+
+    pair.server.send_headers(stream_id, (("x-initial", "yes"),))
+    pair.server.send_message(stream_id, b"pong")
+    pair.server.send_trailers(stream_id, Status.OK, metadata=(("x-trailing-bin", b"\x01"),))
+    pair.exchange()
+    assert pair.take("client", ResponseReceived) == [
+        ResponseReceived(stream_id, (("x-initial", "yes"),))
+    ]
+    assert [m.payload for m in pair.take("client", MessageReceived)] == [b"pong"]
+    assert pair.take("client", CallEnded) == [
+        CallEnded(stream_id, Status.OK, "", (("x-trailing-bin", b"\x01"),))
+    ]
+    assert pair.server.open_streams == 0 and pair.client.open_streams == 0
+
+
+def test_trailers_only_error_with_a_non_ascii_message():
+    pair = Pair()
+    stream_id = unary_request(pair)
+    pair.server.send_trailers(stream_id, Status.NOT_FOUND, "job not found: café ☕")
+    pair.exchange()
+    assert pair.take("client", ResponseReceived) == []
+    assert pair.take("client", CallEnded) == [
+        CallEnded(stream_id, Status.NOT_FOUND, "job not found: café ☕", ())
+    ]
+
+
+def test_many_concurrent_streams_interleave():
+    pair = Pair()
+    ids = [unary_request(pair, payload=b"%d" % i) for i in range(50)]
+    requests = pair.take("server", MessageReceived)
+    assert sorted(m.payload for m in requests) == sorted(b"%d" % i for i in range(50))
+    for stream_id in reversed(ids):
+        pair.server.send_message(stream_id, str(stream_id).encode())
+        pair.server.send_trailers(stream_id, Status.OK)
+    pair.exchange()
+    replies = {m.stream_id: m.payload for m in pair.take("client", MessageReceived)}
+    assert replies == {i: str(i).encode() for i in ids}
+
+
+def test_a_consumer_that_stops_reading_stops_the_sender_after_one_window():
+    pair = Pair()
+    stream_id = unary_request(pair)
+    pair.take("server", MessageReceived)
+    chunk = b"x" * 65536
+    for _ in range(64):  # 4 MiB, four times the client's stream window
+        pair.server.send_message(stream_id, chunk)
+    pair.exchange()
+    received = pair.take("client", MessageReceived)
+    delivered = sum(len(m.payload) for m in received)
+    assert delivered <= 2**20  # one stream window, not more
+    assert pair.server.outbound_pending(stream_id) >= 4 * 2**20 - 2**20 - 64 * 5 - 65536
+    # Consuming releases the next window, and so on until everything has arrived.
+    while received:
+        for m in received:
+            pair.client.acknowledge(m.stream_id, m.flow_controlled_bytes)
+        pair.exchange()
+        received = pair.take("client", MessageReceived)
+        delivered += sum(len(m.payload) for m in received)
+    assert delivered == 64 * 65536
+    assert pair.server.outbound_pending(stream_id) == 0
+    assert pair.take("server", OutboxDrained)
+
+
+def test_a_message_larger_than_the_window_does_not_deadlock():
+    pair = Pair()
+    stream_id = unary_request(pair)
+    big = bytes(range(256)) * (3 * 2**20 // 256)  # 3 MiB against a 1 MiB window, unacked
+    pair.server.send_message(stream_id, big)
+    pair.exchange()
+    assert [m.payload for m in pair.take("client", MessageReceived)] == [big]
+
+
+def test_oversize_message_is_refused_from_its_prefix():
+    pair = Pair(max_message_bytes=1024)
+    stream_id = pair.client.start_call(METHOD)
+    pair.client.send_message(stream_id, b"y" * 5000)
+    pair.exchange()
+    (failed,) = pair.take("server", StreamFailed)
+    assert failed.status is Status.RESOURCE_EXHAUSTED and "5000 vs. 1024" in failed.message
+    (ended,) = pair.take("client", CallEnded)
+    assert ended.status is Status.RESOURCE_EXHAUSTED
+
+
+def test_client_reset_reaches_the_server_as_cancelled():
+    pair = Pair()
+    stream_id = pair.client.start_call(METHOD)
+    pair.exchange()
+    pair.client.reset(stream_id)
+    pair.exchange()
+    assert pair.take("server", StreamFailed) == [
+        StreamFailed(stream_id, Status.CANCELLED, "stream reset by peer (CANCELLED)")
+    ]
+
+
+def test_trailers_wait_behind_pending_messages():
+    pair = Pair()
+    stream_id = unary_request(pair)
+    for _ in range(40):  # 2.5 MiB: more than a window
+        pair.server.send_message(stream_id, b"z" * 65536)
+    pair.server.send_trailers(stream_id, Status.OK)
+    pair.exchange()
+    assert pair.take("client", CallEnded) == []  # not before the data
+    for _ in range(10):
+        for m in pair.take("client", MessageReceived):
+            pair.client.acknowledge(m.stream_id, m.flow_controlled_bytes)
+        pair.exchange()
+    assert [e.status for e in pair.take("client", CallEnded)] == [Status.OK]
+
+
+def test_graceful_shutdown_refuses_new_streams_and_finishes_old_ones():
+    pair = Pair()
+    old = unary_request(pair)
+    pair.server.start_graceful_shutdown()
+    pair.exchange()
+    (goaway,) = pair.take("client", ConnectionTerminated)
+    assert goaway.last_stream_id == 2**31 - 1
+    with pytest.raises(ProtocolError, match="going away"):
+        pair.client.start_call(METHOD)
+    pair.server.finish_graceful_shutdown()
+    pair.server.send_trailers(old, Status.OK)
+    pair.exchange()
+    assert [e.status for e in pair.take("client", CallEnded)] == [Status.OK]
+    assert pair.take("client", ConnectionTerminated)[0].last_stream_id == old
+
+
+def test_garbage_breaks_the_connection_with_a_goaway():
+    server = ServerConnection()
+    server.initiate()
+    server.data_to_send()
+    with pytest.raises(ConnectionBroken):
+        server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+    assert b"\x07" in server.data_to_send()[:10] or server.data_to_send() == b""
+
+
+# --- requests our own client would never send -------------------------------------------------
+
+
+def raw_client() -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.initiate_connection()
+    return conn
+
+
+def raw_exchange(raw, server: ServerConnection) -> tuple[list, list]:
+    server_events, raw_events = [], []
+    while True:
+        a, b = raw.data_to_send(), server.data_to_send()
+        if not a and not b:
+            return server_events, raw_events
+        if a:
+            server_events += server.receive_data(a)
+        if b:
+            raw_events += raw.receive_data(b)
+
+
+GOOD = [
+    (b":method", b"POST"),
+    (b":scheme", b"https"),
+    (b":path", METHOD.encode()),
+    (b":authority", b"localhost"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+]
+
+
+def replace(headers, name, value):
+    """The headers with `name` set to `value` in place (removed when value is None)."""
+    return [(k, value if k == name else v) for k, v in headers if k != name or value is not None]
+
+
+@pytest.mark.parametrize(
+    ("headers", "http_status", "grpc_status", "message"),
+    [
+        (replace(GOOD, b":method", b"GET"), b"405", b"13", b"method GET not allowed"),
+        (replace(GOOD, b"content-type", b"text/plain"), b"415", b"13", b"is not gRPC"),
+        (replace(GOOD, b"te", None), b"200", b"13", b"te: trailers is required"),
+        ([*GOOD, (b"grpc-encoding", b"br")], b"200", b"12", b"'br' is not supported"),
+        ([*GOOD, (b"grpc-timeout", b"soon")], b"200", b"13", b"timeout"),
+        (replace(GOOD, b":path", b"/nope"), b"200", b"13", b"malformed method path"),
+    ],
+)
+def test_bad_requests_get_trailers_only_answers(headers, http_status, grpc_status, message):
+    server = ServerConnection()
+    server.initiate()
+    raw = raw_client()
+    raw.send_headers(1, headers, end_stream=True)
+    server_events, raw_events = raw_exchange(raw, server)
+    assert not [e for e in server_events if isinstance(e, RequestReceived)]
+    (response,) = [e for e in raw_events if isinstance(e, h2.events.ResponseReceived)]
+    fields = dict(response.headers)
+    assert fields[b":status"] == http_status and fields[b"grpc-status"] == grpc_status
+    assert message in fields[b"grpc-message"]
+    if grpc_status == b"12":
+        assert fields[b"grpc-accept-encoding"] == b"identity,gzip"
+
+
+def test_gzip_compressed_messages_are_accepted():
+    import gzip
+
+    server = ServerConnection()
+    server.initiate()
+    raw = raw_client()
+    raw.send_headers(1, [*GOOD, (b"grpc-encoding", b"gzip")])
+    raw.send_data(
+        1, encode_message(gzip.compress(b"hello" * 100), compressed=True), end_stream=True
+    )
+    server_events, _ = raw_exchange(raw, server)
+    assert [e.payload for e in server_events if isinstance(e, MessageReceived)] == [b"hello" * 100]
+
+
+def test_requests_after_the_final_goaway_are_refused():
+    server = ServerConnection()
+    server.initiate()
+    raw = raw_client()
+    raw.send_headers(1, GOOD)
+    raw_exchange(raw, server)
+    server.start_graceful_shutdown()
+    server.finish_graceful_shutdown()
+    server.data_to_send()  # never delivered: a client that ignores (or has not seen) GOAWAY
+    raw.send_headers(3, GOOD, end_stream=True)
+    server_events, raw_events = raw_exchange(raw, server)
+    assert not [e for e in server_events if isinstance(e, RequestReceived)]
+    (reset,) = [e for e in raw_events if isinstance(e, h2.events.StreamReset)]
+    assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+
+
+# --- arbitrary splits and corruptions ---------------------------------------------------------
+
+
+def client_bytes(payload_sizes: list[int]) -> bytes:
+    client = ClientConnection(authority="localhost")
+    client.initiate()
+    for i, size in enumerate(payload_sizes):
+        stream_id = client.start_call(METHOD, (("x-i", str(i)),))
+        client.send_message(stream_id, bytes([i % 256]) * size)
+        client.end_input(stream_id)
+    return client.data_to_send()
+
+
+def feed(server: ServerConnection, data: bytes, cuts: list[int]) -> list:
+    events, last = [], 0
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+        events += server.receive_data(data[last:cut])
+        last = cut
+    return events
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    # A client that never heard the server's SETTINGS may send only HTTP/2's default window.
+    sizes=st.lists(st.integers(0, 13_000), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(0, 10**6), max_size=20),
+)
+def test_arbitrary_splits_give_the_same_calls_and_every_byte_is_acknowledged(sizes, cuts):
+    data = client_bytes(sizes)
+    server = ServerConnection()
+    server.initiate()
+    acknowledged = []
+    original = server._h2.acknowledge_received_data
+    server._h2.acknowledge_received_data = lambda n, sid: (acknowledged.append(n), original(n, sid))
+    events = feed(server, data, cuts)
+    messages = [e for e in events if isinstance(e, MessageReceived)]
+    assert [len(m.payload) for m in messages] == sizes
+    assert len([e for e in events if isinstance(e, InputEnded)]) == len(sizes)
+    for m in messages:
+        server.acknowledge(m.stream_id, m.flow_controlled_bytes)
+    # Flow-control accounting is exact: every byte received is handed back exactly once.
+    assert sum(acknowledged) == sum(5 + s for s in sizes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(0, 10**5), max_size=10),
+    edits=st.lists(st.tuples(st.integers(0, 10**5), st.integers(0, 255)), min_size=1, max_size=8),
+)
+def test_corrupted_streams_raise_only_the_protocols_own_errors(sizes, cuts, edits):
+    data = bytearray(client_bytes(sizes))
+    for position, value in edits:
+        data[position % len(data)] = value
+    server = ServerConnection()
+    server.initiate()
+    try:
+        feed(server, bytes(data), cuts)
+    except ConnectionBroken:
+        pass
+
+
+def test_a_sender_slicing_messages_across_frames_still_gets_only_one_window():
+    # Acknowledging partial messages on arrival would let such a sender push without limit.
+    client = ClientConnection(authority="localhost")
+    client.initiate()
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    raw.initiate_connection()
+    raw.receive_data(client.data_to_send())
+    stream_id = client.start_call(METHOD)
+    client.end_input(stream_id)
+    raw.receive_data(client.data_to_send())
+    client.receive_data(raw.data_to_send())
+    raw.receive_data(client.data_to_send())
+    raw.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    message = encode_message(b"m" * 60_000)
+    delivered = 0
+    for _ in range(200):  # 12 MB offered
+        for part in (message[:59_000], message[59_000:]):
+            if raw.local_flow_control_window(stream_id) < len(part):
+                break
+            raw.send_data(stream_id, part)
+        events = client.receive_data(raw.data_to_send())
+        delivered += sum(len(e.payload) for e in events if isinstance(e, MessageReceived))
+        raw.receive_data(client.data_to_send())  # whatever WINDOW_UPDATEs the client grants
+    # Nothing consumed: at most one stream window of messages, plus one message in progress.
+    assert 0 < delivered <= 2**20 + 60_000
