@@ -62,6 +62,7 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST_BYTES = 16 * 2**10
 
 _CONTENT_TYPE = b"application/grpc"
+SHUTDOWN_PING = b"shutdown"  # the PING that follows the first GOAWAY of a graceful shutdown
 
 # h2 moves its whole connection to CLOSED on any GOAWAY, sent or received, and then refuses
 # every further frame (python-hyper/h2#1181, open): in-flight calls could never finish, which
@@ -149,8 +150,16 @@ class ConnectionTerminated:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class PingAcknowledged:
+    """The peer answered our PING: it has seen everything we sent before it."""
+
+    data: bytes
+
+
 Event = (
-    RequestReceived
+    PingAcknowledged
+    | RequestReceived
     | ResponseReceived
     | MessageReceived
     | InputEnded
@@ -309,6 +318,11 @@ class _GrpcConnection:
             self._enqueue(stream, memoryview(body))
         self._flush(stream_id, stream, [])
 
+    def stream_open(self, stream_id: int) -> bool:
+        """True while we may still send on the stream (not ended by us, not reset)."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and not stream.done and not self._terminated
+
     def outbound_pending(self, stream_id: int) -> int:
         """Bytes queued on the stream and not yet handed to HTTP/2 (0 for unknown streams)."""
         stream = self._streams.get(stream_id)
@@ -328,9 +342,10 @@ class _GrpcConnection:
             pass
 
     def close(self, *, error_code: int = 0, last_stream_id: int | None = None) -> None:
-        """Queue a GOAWAY."""
+        """Queue a GOAWAY and stop: whatever the peer still sends is dropped."""
         if not self._terminated:
             self._h2.close_connection(error_code=error_code, last_stream_id=last_stream_id)
+            self._terminated = True
 
     def ping(self, data: bytes = b"\0" * 8) -> None:
         self._h2.ping(data)
@@ -405,6 +420,8 @@ class _GrpcConnection:
             events.append(
                 ConnectionTerminated(event.error_code or 0, event.last_stream_id or 0, message)
             )
+        elif isinstance(event, h2.events.PingAckReceived):
+            events.append(PingAcknowledged(event.ping_data))
         # PING is answered by h2 itself; SETTINGS are acknowledged by h2 itself.
 
     def _on_data(self, event: h2.events.DataReceived, events: list[Event]) -> None:
@@ -607,7 +624,7 @@ class ServerConnection(_GrpcConnection):
         opening streams without cutting any in flight (RFC 9113 §6.8), and a PING measures when
         it has seen it."""
         self._send_graceful_goaway(2**31 - 1)
-        self._h2.ping(b"shutdown")
+        self._h2.ping(SHUTDOWN_PING)
 
     def finish_graceful_shutdown(self) -> None:
         """Second GOAWAY: the real last stream. Streams opened after it are refused; those

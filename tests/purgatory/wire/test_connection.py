@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobworker.purgatory.wire.connection import (
+    SHUTDOWN_PING,
     CallEnded,
     ClientConnection,
     ConnectionBroken,
@@ -18,6 +19,7 @@ from jobworker.purgatory.wire.connection import (
     InputEnded,
     MessageReceived,
     OutboxDrained,
+    PingAcknowledged,
     RequestReceived,
     ResponseReceived,
     ServerConnection,
@@ -199,6 +201,7 @@ def test_graceful_shutdown_refuses_new_streams_and_finishes_old_ones():
     pair.exchange()
     (goaway,) = pair.take("client", ConnectionTerminated)
     assert goaway.last_stream_id == 2**31 - 1
+    assert pair.take("server", PingAcknowledged) == [PingAcknowledged(SHUTDOWN_PING)]
     with pytest.raises(ProtocolError, match="going away"):
         pair.client.start_call(METHOD)
     pair.server.finish_graceful_shutdown()

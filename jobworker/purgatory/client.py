@@ -1,0 +1,269 @@
+"""The gRPC client: a channel over one TLS + HTTP/2 connection, multiplexing calls.
+
+    async with open_channel("127.0.0.1", 50051, tls=TLSConfig.client(...)) as channel:
+        reply = await channel.unary("/pkg.Svc/Method", request, ReplyType, timeout_s=5)
+        async with channel.server_stream("/pkg.Svc/Watch", request, ChunkType) as chunks:
+            async for chunk in chunks:
+                ...
+
+A non-OK status raises `GrpcError` (code, message, trailing metadata). A deadline becomes
+DEADLINE_EXCEEDED locally as well as a grpc-timeout for the server. Leaving a stream early, or
+being cancelled mid-call, resets the stream (RST_STREAM CANCEL), so the server's handler is
+cancelled too. Received messages are acknowledged to HTTP/2 only as they are consumed, so a
+slow consumer slows the server down instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Generic, TypeVar
+
+import trio
+from google.protobuf.message import DecodeError, Message
+
+from .driver import Driver
+from .tls import TLSConfig, TLSStream
+from .wire.connection import (
+    CallEnded,
+    ClientConnection,
+    ConnectionTerminated,
+    MessageReceived,
+    ResponseReceived,
+)
+from .wire.errors import ProtocolError
+from .wire.framing import DEFAULT_MAX_MESSAGE_BYTES
+from .wire.metadata import Metadata
+from .wire.status import GrpcError, Status
+
+R = TypeVar("R", bound=Message)
+
+
+class _Call:
+    __slots__ = ("changed", "ended", "initial_metadata", "messages", "stream_id")
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.messages: collections.deque[MessageReceived] = collections.deque()
+        self.initial_metadata: Metadata = ()
+        self.ended: CallEnded | None = None
+        self.changed = trio.Event()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Channel:
+    def __init__(self, driver: Driver) -> None:
+        self._driver = driver
+        self._wire: ClientConnection = driver.connection
+        self._calls: dict[int, _Call] = {}
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    async def unary(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[R],
+        *,
+        timeout_s: float | None = None,
+        metadata: Metadata = (),
+    ) -> R:
+        with _deadline_scope(timeout_s):
+            call = await self._start(method, request, metadata, timeout_s)
+            try:
+                response = await self._next(call, response_type)
+                if response is None:
+                    raise GrpcError(Status.INTERNAL, "the server sent no response message")
+                extra = await self._next(call, response_type)
+                if extra is not None:
+                    raise GrpcError(Status.INTERNAL, "the server sent more than one response")
+                return response
+            finally:
+                self._finish(call)
+        raise GrpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    @asynccontextmanager
+    async def server_stream(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[R],
+        *,
+        timeout_s: float | None = None,
+        metadata: Metadata = (),
+    ) -> AsyncIterator[ResponseStream[R]]:
+        with _deadline_scope(timeout_s) as scope:
+            call = await self._start(method, request, metadata, timeout_s)
+            try:
+                yield ResponseStream(self, call, response_type, scope)
+            finally:
+                self._finish(call)
+        if scope.cancelled_caught:
+            raise GrpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    # --- internals -----------------------------------------------------------------------------
+
+    async def _start(
+        self, method: str, request: Message, metadata: Metadata, timeout_s: float | None
+    ) -> _Call:
+        if self._driver.closed.is_set():
+            raise GrpcError(Status.UNAVAILABLE, "the connection is closed")
+        try:
+            stream_id = self._wire.start_call(method, metadata, timeout_s=timeout_s)
+        except ProtocolError as exc:  # the server sent GOAWAY
+            raise GrpcError(Status.UNAVAILABLE, str(exc)) from None
+        call = self._calls[stream_id] = _Call(stream_id)
+        try:
+            await self._driver.send_message(stream_id, request.SerializeToString())
+        except trio.BrokenResourceError:
+            raise GrpcError(Status.UNAVAILABLE, "the connection is closed") from None
+        if self._wire.stream_open(stream_id):
+            self._wire.end_input(stream_id)
+            self._driver.wake()
+        return call
+
+    async def _next(self, call: _Call, response_type: type[R]) -> R | None:
+        """The next response message, or None once the call ended with OK."""
+        while not call.messages:
+            if call.ended is not None:
+                if call.ended.status is Status.OK:
+                    return None
+                raise GrpcError(call.ended.status, call.ended.message, trailers=call.ended.metadata)
+            if self._driver.closed.is_set():
+                raise GrpcError(Status.UNAVAILABLE, "the connection was lost")
+            await call.changed.wait()
+        event = call.messages.popleft()
+        self._wire.acknowledge(call.stream_id, event.flow_controlled_bytes)
+        self._driver.wake()
+        try:
+            return response_type.FromString(event.payload)
+        except DecodeError:
+            raise GrpcError(Status.INTERNAL, "could not parse the response message") from None
+
+    def _finish(self, call: _Call) -> None:
+        """Leaving a call: if it has not ended, the server must stop working on it."""
+        self._calls.pop(call.stream_id, None)
+        self._driver.forget(call.stream_id)
+        if call.ended is None:
+            self._wire.reset(call.stream_id)
+            self._driver.wake()
+        # Messages nobody will read: give their window back.
+        for event in call.messages:
+            self._wire.acknowledge(call.stream_id, event.flow_controlled_bytes)
+
+    def _on_event(self, event) -> None:
+        if isinstance(event, ConnectionTerminated):
+            return  # calls above its last stream end by CallEnded; new ones are refused
+        call = self._calls.get(event.stream_id)
+        if call is None:
+            if isinstance(event, MessageReceived):
+                self._wire.acknowledge(event.stream_id, event.flow_controlled_bytes)
+            return
+        if isinstance(event, ResponseReceived):
+            call.initial_metadata = event.metadata
+        elif isinstance(event, MessageReceived):
+            call.messages.append(event)
+        elif isinstance(event, CallEnded):
+            call.ended = event
+        call.notify()
+
+    def _lost(self) -> None:
+        for call in self._calls.values():
+            call.notify()
+
+
+class ResponseStream(Generic[R]):
+    """The responses of a server-streaming call, as an async iterator."""
+
+    def __init__(self, channel: Channel, call: _Call, response_type: type[R], scope) -> None:
+        self._channel = channel
+        self._call = call
+        self._response_type = response_type
+        self._scope = scope
+
+    @property
+    def initial_metadata(self) -> Metadata:
+        return self._call.initial_metadata
+
+    @property
+    def trailing_metadata(self) -> Metadata:
+        return self._call.ended.metadata if self._call.ended is not None else ()
+
+    def __aiter__(self) -> ResponseStream[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        message = await self._channel._next(self._call, self._response_type)
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+
+@asynccontextmanager
+async def open_channel(
+    host: str,
+    port: int,
+    *,
+    tls: TLSConfig,
+    max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> AsyncIterator[Channel]:
+    """Connect, handshake (TLS 1.3, mutual, ALPN h2) and yield a channel; close on exit."""
+    tcp = await trio.open_tcp_stream(host, port)
+    stream = TLSStream(tcp, tls)
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    async with open_channel_over(
+        stream, authority=authority, max_receive_message_bytes=max_receive_message_bytes
+    ) as channel:
+        yield channel
+
+
+@asynccontextmanager
+async def open_channel_over(
+    stream: trio.abc.Stream,
+    *,
+    authority: str,
+    max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> AsyncIterator[Channel]:
+    """A channel over an established byte stream (tests use memory streams)."""
+    wire = ClientConnection(authority=authority, max_message_bytes=max_receive_message_bytes)
+    wire.initiate()
+    driver = Driver(wire, stream)
+    channel = Channel(driver)
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            try:
+                await driver.run(channel._on_event)
+            finally:
+                channel._lost()
+
+        nursery.start_soon(run)
+        driver.wake()
+        try:
+            yield channel
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                if not driver.closed.is_set():
+                    wire.close()
+                    try:
+                        await driver.flush()
+                    except trio.BrokenResourceError:
+                        pass
+            nursery.cancel_scope.cancel()
+            await trio.aclose_forcefully(stream)
+
+
+def _deadline_scope(timeout_s: float | None) -> trio.CancelScope:
+    return trio.CancelScope(
+        deadline=trio.current_time() + timeout_s if timeout_s is not None else math.inf
+    )

@@ -1,0 +1,133 @@
+"""Running a sans-IO gRPC connection over a Trio stream: one reader, one writer.
+
+Theory of operation
+-------------------
+A `Driver` owns one `wire.connection` object and one byte stream (TLS in production, memory
+streams in tests). Two tasks run in the connection's nursery:
+
+- the **reader** receives bytes, feeds them to the connection, and hands each event to the
+  side-specific `on_event` (server: start or cancel calls; client: complete them);
+- the **writer** sleeps until woken, then sends whatever the connection has queued.
+
+Call tasks never touch the stream. They post commands to the connection (all synchronous, so a
+command can never be torn by a task switch), then `wake()` the writer, and, when sending, wait
+for backpressure: first HTTP/2 flow control (the stream's outbox drains only as the peer opens
+its window), then the socket (`flush()` returns once the writer has put the bytes on the wire).
+A slow peer therefore slows exactly the calls that talk to it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from .wire.connection import ConnectionBroken, Event, OutboxDrained
+
+log = logging.getLogger("jobworker.purgatory")
+
+RECEIVE_BYTES = 256 * 2**10
+
+
+class Driver:
+    def __init__(self, connection, stream: trio.abc.Stream) -> None:
+        self.connection = connection
+        self.stream = stream
+        self._wakeup = trio.Event()
+        self._taken = 0  # batches the writer has taken from the connection
+        self._sent = 0  # batches it has finished sending
+        self._batch_sent = trio.Event()
+        self._drained: dict[int, trio.Event] = {}
+        self.closed = trio.Event()  # the byte stream is finished, either way
+        self.broken: BaseException | None = None
+        self._scope = trio.CancelScope()
+
+    # --- what call tasks use -------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def flush(self) -> None:
+        """Return once everything queued so far has been written to the stream."""
+        self.wake()
+        target = self._taken + 1  # the writer's next batch is taken after our commands
+        while self._sent < target:
+            if self.closed.is_set():
+                raise trio.BrokenResourceError("connection closed") from self.broken
+            await self._batch_sent.wait()
+
+    async def send_message(self, stream_id: int, payload: bytes) -> None:
+        """Queue a message and wait until flow control and the socket have taken it."""
+        self.connection.send_message(stream_id, payload)
+        while self.connection.outbound_pending(stream_id):
+            drained = self._drained.setdefault(stream_id, trio.Event())
+            self.wake()
+            await drained.wait()
+            if self.closed.is_set():
+                raise trio.BrokenResourceError("connection closed") from self.broken
+        await self.flush()
+
+    def forget(self, stream_id: int) -> None:
+        self._drained.pop(stream_id, None)
+
+    # --- the two tasks -------------------------------------------------------------------------
+
+    async def run(self, on_event) -> None:
+        """Run reader and writer until the stream ends or breaks; then wake every waiter."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._writer)
+                await self._reader(on_event)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.closed.set()
+            self._batch_sent.set()
+            for event in self._drained.values():
+                event.set()
+
+    async def _reader(self, on_event) -> None:
+        while True:
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.broken = exc
+                return
+            if not data:
+                return
+            try:
+                events: list[Event] = self.connection.receive_data(data)
+            except ConnectionBroken as exc:
+                log.info("closing connection: %s", exc)
+                self.broken = exc
+                with trio.move_on_after(1):  # the GOAWAY, if the peer still listens
+                    await self.flush()
+                return
+            for event in events:
+                if isinstance(event, OutboxDrained):
+                    drained = self._drained.pop(event.stream_id, None)
+                    if drained is not None:
+                        drained.set()
+                else:
+                    on_event(event)
+            self.wake()  # acknowledgements, SETTINGS ACKs, PING answers, freed windows
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            self._taken += 1
+            await self._send_pending()
+            self._sent += 1
+            done, self._batch_sent = self._batch_sent, trio.Event()
+            done.set()
+
+    async def _send_pending(self) -> None:
+        data = self.connection.data_to_send()
+        if data:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                # The peer is gone: end the connection (the reader may be blocked forever).
+                self.broken = exc
+                self._scope.cancel()
