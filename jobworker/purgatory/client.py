@@ -61,6 +61,8 @@ class Channel:
         self._driver = driver
         self._wire: ClientConnection = driver.connection
         self._calls: dict[int, _Call] = {}
+        # Set when the server sent GOAWAY: calls in flight go on, new ones fail UNAVAILABLE.
+        self.going_away = trio.Event()
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -158,7 +160,8 @@ class Channel:
 
     def _on_event(self, event) -> None:
         if isinstance(event, ConnectionTerminated):
-            return  # calls above its last stream end by CallEnded; new ones are refused
+            self.going_away.set()  # calls above its last stream end by CallEnded
+            return
         call = self._calls.get(event.stream_id)
         if call is None:
             if isinstance(event, MessageReceived):

@@ -1,0 +1,114 @@
+"""Our server and our client over real sockets and real TLS: calls, identity, shutdown."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from google.protobuf.wrappers_pb2 import BytesValue, StringValue
+
+from jobworker.purgatory.client import open_channel
+from jobworker.purgatory.server import RpcMethod, Server
+from jobworker.purgatory.tls import TLSConfig
+from jobworker.purgatory.wire.status import GrpcError, Status
+
+from .certs import CertSet, make_cert_set
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> CertSet:
+    return make_cert_set(tmp_path_factory.mktemp("certs"))
+
+
+def client_tls(certs: CertSet, leaf=None) -> TLSConfig:
+    leaf = leaf or certs.alice
+    return TLSConfig.client(
+        cert_file=leaf.cert_file,
+        key_file=leaf.key_file,
+        ca_files=[certs.ca.cert_file],
+        server_name="localhost",
+    )
+
+
+class App:
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.in_flight = trio.Event()
+        self.cancelled = trio.Event()
+
+    async def whoami(self, request: StringValue, call) -> StringValue:
+        return StringValue(value=f"{call.identity} via {request.value}")
+
+    async def slow(self, request: StringValue, call) -> None:
+        self.in_flight.set()
+        try:
+            await call.send(BytesValue(value=b"started"))
+            await self.release.wait()
+            await call.send(BytesValue(value=b"finished"))
+        finally:
+            if not self.release.is_set():
+                self.cancelled.set()
+
+
+def common_name(certificate) -> str:
+    from cryptography.x509.oid import NameOID
+
+    return certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+@pytest.fixture
+async def served(nursery, certs):
+    app = App()
+    server = Server(
+        [
+            RpcMethod("/t.T/WhoAmI", StringValue, StringValue, app.whoami),
+            RpcMethod("/t.T/Slow", StringValue, BytesValue, app.slow, server_streaming=True),
+        ],
+        tls=TLSConfig.server(
+            cert_file=certs.server.cert_file,
+            key_file=certs.server.key_file,
+            ca_files=[certs.ca.cert_file],
+        ),
+        identify=common_name,
+    )
+    (address,) = await nursery.start(server.serve, "127.0.0.1", 0)
+    yield server, address[1], app
+
+
+async def test_identity_comes_from_the_verified_certificate(served, certs):
+    _, port, _ = served
+    async with open_channel("127.0.0.1", port, tls=client_tls(certs)) as channel:
+        reply = await channel.unary("/t.T/WhoAmI", StringValue(value="tls"), StringValue)
+    assert reply.value == "alice via tls"
+
+
+async def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(served, certs):
+    server, port, app = served
+    async with open_channel("127.0.0.1", port, tls=client_tls(certs)) as channel:
+        async with channel.server_stream("/t.T/Slow", StringValue(), BytesValue) as replies:
+            assert (await replies.__anext__()).value == b"started"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.shutdown, 30)
+                # The client hears the GOAWAY: no new calls on this connection...
+                with trio.fail_after(10):
+                    await channel.going_away.wait()
+                with pytest.raises(GrpcError) as refused:
+                    await channel.unary("/t.T/WhoAmI", StringValue(), StringValue)
+                assert refused.value.status is Status.UNAVAILABLE
+                # ...while the call in flight goes on to its natural end.
+                app.release.set()
+                assert [r.value async for r in replies] == [b"finished"]
+    assert not app.cancelled.is_set()
+    with pytest.raises(OSError):  # nothing listens any more
+        await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_shutdown_cancels_what_outlives_the_grace_period(served, certs, autojump_clock):
+    server, port, app = served
+    async with open_channel("127.0.0.1", port, tls=client_tls(certs)) as channel:
+        async with channel.server_stream("/t.T/Slow", StringValue(), BytesValue) as replies:
+            await replies.__anext__()
+            await server.shutdown(5)
+            await app.cancelled.wait()
+            with pytest.raises(GrpcError) as caught:
+                await replies.__anext__()
+    assert caught.value.status is Status.UNAVAILABLE
