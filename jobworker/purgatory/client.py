@@ -63,6 +63,7 @@ class Channel:
         self._calls: dict[int, _Call] = {}
         # Set when the server sent GOAWAY: calls in flight go on, new ones fail UNAVAILABLE.
         self.going_away = trio.Event()
+        self._stream_freed = trio.Event()  # renewed each time a call ends
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -113,6 +114,9 @@ class Channel:
     async def _start(
         self, method: str, request: Message, metadata: Metadata, timeout_s: float | None
     ) -> _Call:
+        # Past the server's MAX_CONCURRENT_STREAMS a call waits for a free stream, not fails.
+        while not self._wire.stream_available and not self._driver.closed.is_set():
+            await self._stream_freed.wait()
         if self._driver.closed.is_set():
             raise GrpcError(Status.UNAVAILABLE, "the connection is closed")
         try:
@@ -154,6 +158,7 @@ class Channel:
         if call.ended is None:
             self._wire.reset(call.stream_id)
             self._driver.wake()
+            self._free_stream()
         # Messages nobody will read: give their window back.
         for event in call.messages:
             self._wire.acknowledge(call.stream_id, event.flow_controlled_bytes)
@@ -173,11 +178,17 @@ class Channel:
             call.messages.append(event)
         elif isinstance(event, CallEnded):
             call.ended = event
+            self._free_stream()
         call.notify()
+
+    def _free_stream(self) -> None:
+        freed, self._stream_freed = self._stream_freed, trio.Event()
+        freed.set()
 
     def _lost(self) -> None:
         for call in self._calls.values():
             call.notify()
+        self._free_stream()
 
 
 class ResponseStream(Generic[R]):

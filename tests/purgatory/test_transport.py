@@ -193,3 +193,22 @@ async def test_identity_is_built_once_per_connection_and_can_refuse(nursery):
                 await channel.unary("/t.T/Echo", StringValue(), StringValue)
             assert caught.value.status is Status.UNAUTHENTICATED
     assert seen == [None]
+
+
+async def test_calls_beyond_the_servers_stream_limit_wait_for_a_free_stream(nursery):
+    recorder = Recorder()
+    server = make_server(recorder, max_concurrent_streams=3)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    nursery.start_soon(server.serve_stream, server_stream)
+    async with open_channel_over(client_stream, authority="test") as channel:
+        await channel.unary("/t.T/Echo", StringValue(), StringValue)  # SETTINGS are in
+        replies = []
+
+        async def one(i):
+            reply = await channel.unary("/t.T/Echo", StringValue(value=str(i)), StringValue)
+            replies.append(reply.value)
+
+        async with trio.open_nursery() as calls:
+            for i in range(20):
+                calls.start_soon(one, i)
+    assert sorted(replies) == sorted(f":{i}" for i in range(20))

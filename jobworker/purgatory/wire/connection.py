@@ -755,6 +755,12 @@ class ClientConnection(_GrpcConnection):
         self._streams[stream_id] = stream
         return stream_id
 
+    @property
+    def stream_available(self) -> bool:
+        """True if the server's MAX_CONCURRENT_STREAMS allows one more call now."""
+        limit = self._h2.remote_settings.max_concurrent_streams
+        return self._h2.open_outbound_streams < limit
+
     def end_input(self, stream_id: int) -> None:
         """No more messages from us (END_STREAM), queued behind pending ones."""
         stream = self._open_stream(stream_id)
