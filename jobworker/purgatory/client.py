@@ -118,7 +118,7 @@ class Channel:
         while not self._wire.stream_available and not self._driver.closed.is_set():
             await self._stream_freed.wait()
         if self._driver.closed.is_set():
-            raise GrpcError(Status.UNAVAILABLE, "the connection is closed")
+            raise GrpcError(Status.UNAVAILABLE, self._lost_reason("the connection is closed"))
         try:
             stream_id = self._wire.start_call(method, metadata, timeout_s=timeout_s)
         except ProtocolError as exc:  # the server sent GOAWAY
@@ -127,7 +127,9 @@ class Channel:
         try:
             await self._driver.send_message(stream_id, request.SerializeToString())
         except trio.BrokenResourceError:
-            raise GrpcError(Status.UNAVAILABLE, "the connection is closed") from None
+            raise GrpcError(
+                Status.UNAVAILABLE, self._lost_reason("the connection is closed")
+            ) from None
         if self._wire.stream_open(stream_id):
             self._wire.end_input(stream_id)
             self._driver.wake()
@@ -141,7 +143,7 @@ class Channel:
                     return None
                 raise GrpcError(call.ended.status, call.ended.message, trailers=call.ended.metadata)
             if self._driver.closed.is_set():
-                raise GrpcError(Status.UNAVAILABLE, "the connection was lost")
+                raise GrpcError(Status.UNAVAILABLE, self._lost_reason("the connection was lost"))
             await call.changed.wait()
         event = call.messages.popleft()
         self._wire.acknowledge(call.stream_id, event.flow_controlled_bytes)
@@ -184,6 +186,10 @@ class Channel:
     def _free_stream(self) -> None:
         freed, self._stream_freed = self._stream_freed, trio.Event()
         freed.set()
+
+    def _lost_reason(self, what: str) -> str:
+        broken = self._driver.broken
+        return f"{what}: {broken}" if broken is not None and str(broken) else what
 
     def _lost(self) -> None:
         for call in self._calls.values():

@@ -229,6 +229,10 @@ class Server:
         self._connections.add(connection)
         try:
             await connection.run()
+        except Exception:
+            # The containment boundary: whatever went wrong in one connection (a bug, a peer
+            # finding an edge we did not foresee) ends that connection, never the server.
+            log.exception("connection from %s failed", peer)
         finally:
             self._connections.discard(connection)
             await trio.aclose_forcefully(stream)
@@ -277,18 +281,24 @@ class _ServerConnection:
             nursery.cancel_scope.cancel()  # the peer is gone: so are its calls
 
     async def drain(self, deadline: float) -> None:
-        self._draining = True
-        self._wire.start_graceful_shutdown()
-        self._driver.wake()
-        with trio.move_on_at(deadline):
-            await self._ping_answered.wait()  # the client has seen the first GOAWAY
-        self._wire.finish_graceful_shutdown()
-        self._driver.wake()
-        with trio.move_on_at(deadline):
-            if self._calls:
-                await self._idle.wait()
-        with trio.move_on_after(1):  # let the last frames out; bounded
-            await self._driver.flush()
+        """The graceful ladder for this connection; returns early if the client leaves."""
+        closed = self._driver.closed
+        if not closed.is_set():
+            self._wire.start_graceful_shutdown()
+            self._driver.wake()
+            with trio.move_on_at(deadline):
+                await _first_of(self._ping_answered, closed)  # the client saw the GOAWAY
+        if not closed.is_set():
+            self._wire.finish_graceful_shutdown()
+            self._driver.wake()
+            with trio.move_on_at(deadline):
+                if self._calls:
+                    await _first_of(self._idle, closed)
+            with trio.move_on_after(1):  # let the last frames out; bounded
+                try:
+                    await self._driver.flush()
+                except trio.BrokenResourceError:
+                    pass  # the client left meanwhile: nothing more to say
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -363,6 +373,18 @@ class _ServerConnection:
             self._driver.forget(stream_id)
             if not self._calls:
                 self._idle.set()
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Wait until any of the events is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
 
 
 def _status_of(exc: Exception, call: ServerCall) -> tuple[Status, str, Metadata]:

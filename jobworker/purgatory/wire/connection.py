@@ -71,6 +71,14 @@ SHUTDOWN_PING = b"shutdown"  # the PING that follows the first GOAWAY of a grace
 # sees them. Erroneous GOAWAYs still go through h2, which rightly tears everything down.
 # length (24 bits) and type share the first word; then flags and stream id: 9 bytes.
 _FRAME_HEADER = struct.Struct(">IBI")
+
+# What h2 raises for a command on a stream it has closed or already forgotten (e.g. one it
+# reset by itself for a frame that arrived after END_STREAM): that stream is over, nothing more.
+_STREAM_GONE = (
+    h2.exceptions.StreamClosedError,
+    h2.exceptions.StreamIDTooLowError,
+    h2.exceptions.NoSuchStreamError,
+)
 _GOAWAY_TYPE = 0x7
 
 
@@ -338,7 +346,7 @@ class _GrpcConnection:
             return
         try:
             self._h2.reset_stream(stream_id, error_code)
-        except h2.exceptions.StreamClosedError:
+        except _STREAM_GONE:
             pass
 
     def close(self, *, error_code: int = 0, last_stream_id: int | None = None) -> None:
@@ -374,6 +382,18 @@ class _GrpcConnection:
         """Hand the stream's outbox to h2 as far as the windows allow."""
         if self._terminated:
             return
+        try:
+            if not self._flush_outbox(stream_id, stream):
+                return  # waiting for the peer to open its window
+        except _STREAM_GONE:
+            stream.outbox.clear()
+            stream.outbox_bytes = 0
+            stream.done = True
+            self._streams.pop(stream_id, None)
+        events.append(OutboxDrained(stream_id))
+
+    def _flush_outbox(self, stream_id: int, stream: _Stream) -> bool:
+        """True when the outbox is empty afterwards."""
         outbox = stream.outbox
         while outbox:
             item = outbox[0]
@@ -389,7 +409,7 @@ class _GrpcConnection:
                 self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size
             )
             if window <= 0:
-                return
+                return False
             if len(item) <= window:
                 outbox.popleft()
                 chunk = item
@@ -397,7 +417,7 @@ class _GrpcConnection:
                 chunk, outbox[0] = item[:window], item[window:]
             self._h2.send_data(stream_id, chunk)
             stream.outbox_bytes -= len(chunk)
-        events.append(OutboxDrained(stream_id))
+        return True
 
     def _flush_all(self, events: list[Event]) -> None:
         for stream_id, stream in list(self._streams.items()):
@@ -612,11 +632,11 @@ class ServerConnection(_GrpcConnection):
                 (b"grpc-accept-encoding", accept_encoding_header().encode()),
             ]
         headers += _status_headers(status, message)
-        self._h2.send_headers(stream_id, headers, end_stream=True)
-        # The client may still be sending; we will not read it.
         try:
+            self._h2.send_headers(stream_id, headers, end_stream=True)
+            # The client may still be sending; we will not read it.
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
+        except _STREAM_GONE:
             pass
 
     def start_graceful_shutdown(self) -> None:
