@@ -28,7 +28,6 @@ from .driver import Driver
 from .tls import TLSConfig, TLSError, TLSStream
 from .wire.connection import (
     SHUTDOWN_PING,
-    ConnectionTerminated,
     InputEnded,
     MessageReceived,
     PingAcknowledged,
@@ -270,7 +269,6 @@ class _ServerConnection:
         self._nursery: trio.Nursery | None = None
         self._ping_answered = trio.Event()
         self._idle = trio.Event()
-        self._draining = False
 
     async def run(self) -> None:
         self._wire.initiate()
@@ -322,8 +320,7 @@ class _ServerConnection:
                 call._scope.cancel()
         elif isinstance(event, PingAcknowledged) and event.data == SHUTDOWN_PING:
             self._ping_answered.set()
-        elif isinstance(event, ConnectionTerminated):
-            pass  # the client is leaving; its calls finish or its stream closes
+        # ConnectionTerminated: the client is leaving; its calls finish or its stream closes.
 
     def _start_call(self, request: RequestReceived) -> None:
         stream_id = request.stream_id
