@@ -145,10 +145,13 @@ class V2Backend(_CgroupBackend):
         try:
             fs.write(group / "cgroup.subtree_control", controllers)
         except CgroupError as exc:
-            raise CgroupsUnavailable(
-                f"cannot enable controllers in {group} ({exc}); other processes may share this "
-                f"cgroup: give jobworker a cgroup of its own (systemd: Delegate=yes)"
-            ) from exc
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.EBUSY:
+                raise CgroupsUnavailable(
+                    f"cannot enable controllers in {group}: other processes share this cgroup; "
+                    f"give jobworker a cgroup of its own (systemd: Delegate=yes)"
+                ) from exc
+            raise CgroupsUnavailable(f"{exc}; {_FIX}") from exc
 
     def create(self, job_id: str, limits: Limits, cwd: str) -> JobGroup:
         leaf = self.subtree / job_id
