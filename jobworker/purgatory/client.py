@@ -124,15 +124,11 @@ class Channel:
         except ProtocolError as exc:  # the server sent GOAWAY
             raise GrpcError(Status.UNAVAILABLE, str(exc)) from None
         call = self._calls[stream_id] = _Call(stream_id)
-        try:
-            await self._driver.send_message(stream_id, request.SerializeToString())
-        except trio.BrokenResourceError:
-            raise GrpcError(
-                Status.UNAVAILABLE, self._lost_reason("the connection is closed")
-            ) from None
-        if self._wire.stream_open(stream_id):
-            self._wire.end_input(stream_id)
-            self._driver.wake()
+        # The request and the end of input go out together, as the windows allow: one message
+        # per call, so queueing it costs at most one message of memory.
+        self._wire.send_message(stream_id, request.SerializeToString())
+        self._wire.end_input(stream_id)
+        self._driver.wake()
         return call
 
     async def _next(self, call: _Call, response_type: type[R]) -> R | None:

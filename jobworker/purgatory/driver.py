@@ -12,8 +12,9 @@ streams in tests). Two tasks run in the connection's nursery:
 Call tasks never touch the stream. They post commands to the connection (all synchronous, so a
 command can never be torn by a task switch), then `wake()` the writer, and, when sending, wait
 for backpressure: first HTTP/2 flow control (the stream's outbox drains only as the peer opens
-its window), then the socket (`flush()` returns once the writer has put the bytes on the wire).
-A slow peer therefore slows exactly the calls that talk to it.
+its window), then the socket: past a high-water mark of bytes not yet written, a sender waits
+until the writer has put them on the wire. A slow peer therefore slows exactly the calls that
+talk to it, and memory per connection stays bounded.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from .wire.connection import ConnectionBroken, Event, OutboxDrained
 log = logging.getLogger("jobworker.purgatory")
 
 RECEIVE_BYTES = 256 * 2**10
+# A sender may run this far ahead of the socket before it waits for the writer (like asyncio's
+# drain()): consecutive messages then share one writer batch and one TLS send.
+HIGH_WATER_BYTES = 256 * 2**10
 
 
 class Driver:
@@ -38,6 +42,7 @@ class Driver:
         self._sent = 0  # batches it has finished sending
         self._batch_sent = trio.Event()
         self._drained: dict[int, trio.Event] = {}
+        self._backlog_bytes = 0  # queued by senders, not yet taken by the writer
         self.closed = trio.Event()  # the byte stream is finished, either way
         self.broken: BaseException | None = None
         self._scope = trio.CancelScope()
@@ -57,15 +62,23 @@ class Driver:
             await self._batch_sent.wait()
 
     async def send_message(self, stream_id: int, payload: bytes) -> None:
-        """Queue a message and wait until flow control and the socket have taken it."""
+        """Queue a message; wait while HTTP/2 flow control holds it back, and while the bytes
+        not yet written exceed the high-water mark."""
         self.connection.send_message(stream_id, payload)
+        self._backlog_bytes += len(payload)
+        self.wake()
         while self.connection.outbound_pending(stream_id):
             drained = self._drained.setdefault(stream_id, trio.Event())
-            self.wake()
             await drained.wait()
             if self.closed.is_set():
                 raise trio.BrokenResourceError("connection closed") from self.broken
-        await self.flush()
+        if self._backlog_bytes > HIGH_WATER_BYTES:
+            await self.flush()
+        else:
+            # Below the mark, still a scheduling point per message: letting a tight sender run
+            # on made the writer's batches big enough to page-fault (glibc's 128 KiB mmap
+            # threshold) and was measured slower.
+            await trio.lowlevel.checkpoint()
 
     def forget(self, stream_id: int) -> None:
         self._drained.pop(stream_id, None)
@@ -117,6 +130,7 @@ class Driver:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             self._taken += 1
+            self._backlog_bytes = 0  # all of it is in this batch
             await self._send_pending()
             self._sent += 1
             done, self._batch_sent = self._batch_sent, trio.Event()

@@ -354,7 +354,8 @@ class _ServerConnection:
                                 f"{call.method.path} returned {type(response).__name__}, "
                                 f"not {call.method.response_type.__name__}"
                             )
-                        await self._driver.send_message(stream_id, response.SerializeToString())
+                        # One message: queued with the trailers below, one write for both.
+                        wire.send_message(stream_id, response.SerializeToString())
                     trailers = call.trailing_metadata
                 except Exception as exc:  # the one place errors become statuses
                     status, message, trailers = _status_of(exc, call)
