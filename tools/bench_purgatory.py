@@ -54,7 +54,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import platform
 import resource
@@ -74,6 +73,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+from benchlib import loadavg, own_children, percentile, progress  # tools/benchlib.py
 from google.protobuf.wrappers_pb2 import BytesValue
 
 KINDS = ("purgatory", "grpcio-sync", "grpcio-aio", "grpclib")
@@ -93,10 +93,6 @@ MAX_MESSAGE_BYTES = 8 * MiB
 STARTUP_TIMEOUT_S = 60.0
 CONTROL_TIMEOUT_S = 30.0
 BAR_CPU_S_PER_GB = 0.6
-
-
-def progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # =============================================================================================
@@ -697,20 +693,9 @@ def phase_memory(client: Client, kind: str, certs_dir: Path, connections: int) -
 # Rounds and the report
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 def rotated(kinds: Sequence[str], round_index: int) -> list[str]:
     k = round_index % len(kinds)
     return list(kinds[k:]) + list(kinds[:k])
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg", encoding="ascii") as f:
-        return " ".join(f.read().split()[:3])
 
 
 def make_certs(directory: Path) -> CertFiles:
@@ -902,22 +887,6 @@ def report(results: Results, args: argparse.Namespace) -> list[str]:
     if ciphers:
         lines += ["", "Ciphers: " + "; ".join(f"{k}: {c}" for k, c in ciphers.items()) + "."]
     return lines
-
-
-def own_children() -> list[int]:
-    me, children = str(os.getpid()), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as f:
-                    for line in f:
-                        if line.startswith("PPid:"):
-                            if line.split()[1] == me:
-                                children.append(int(entry))
-                            break
-            except OSError:
-                pass
-    return children
 
 
 def env_header() -> str:

@@ -43,7 +43,6 @@ import fcntl
 import gc
 import hashlib
 import json
-import math
 import os
 import platform
 import random
@@ -64,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trio
 import trio.testing
+from benchlib import loadavg, own_children, percentile, progress  # tools/benchlib.py
 
 import jobworker
 from jobworker.supervisor.cgroups.discover import current_layout, disks_for
@@ -103,10 +103,6 @@ class BenchError(Exception):
     """A peer misbehaved (wrong digest, a job that failed): the figures would be meaningless."""
 
 
-def progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
 def now() -> float:
     return time.perf_counter()
 
@@ -133,12 +129,6 @@ def raise_nofile(needed: int = 0) -> tuple[int, int]:
     if needed and soft != resource.RLIM_INFINITY and soft < needed:
         progress(f"warning: RLIMIT_NOFILE is {soft}, about {needed} fds are needed")
     return soft, hard
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (p99 of 200 samples is the 2nd largest)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -690,28 +680,7 @@ def jobworker_cgroups(root: str = "/sys/fs/cgroup") -> set[str]:
     return found
 
 
-def own_children() -> list[int]:
-    me, children = str(os.getpid()), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as f:
-                    for line in f:
-                        if line.startswith("PPid:"):
-                            if line.split()[1] == me:
-                                children.append(int(entry))
-                            break
-            except OSError:
-                pass
-    return children
-
-
 # --- report -----------------------------------------------------------------------------------
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg", encoding="ascii") as f:
-        return " ".join(f.read().split()[:3])
 
 
 def ms(seconds: float) -> str:
