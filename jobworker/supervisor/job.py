@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -171,7 +172,7 @@ class Job:
 
     def started(self, spawned: Spawned, group: JobGroup) -> None:
         self._group = group
-        self._escalation = Escalation(group)
+        self._escalation = Escalation(_KillTarget(self, group))
         self._pid = spawned.process.pid
         self._started_at = _now()
         group.attach(spawned.process.pid)
@@ -219,8 +220,25 @@ class Job:
                     life.cancel_scope.cancel()
             # The leader is gone; so must be everything it left behind, or a straggler
             # holding a pipe would keep the job "running" forever.
-            await group.kill()
+            await self._kill_group(group)
         self._drained = True
+
+    async def _kill_group(self, group: JobGroup) -> None:
+        """SIGKILL the whole group. Should the cgroup refuse (removed behind our back, say),
+        signal every process it still lists instead, and say so: killing is best effort, and
+        a failure here must not stop the job's cleanup."""
+        try:
+            await group.kill()
+        except (CgroupError, OSError) as exc:
+            log.error(
+                "job %s: cannot kill through the cgroup (%s); signalling its processes",
+                self.id,
+                exc,
+            )
+            try:
+                group.signal(signal.SIGKILL)
+            except OSError:
+                pass
 
     async def _pump(self, stream: trio.lowlevel.FdStream, which: OutputStream) -> None:
         # Does not close the stream: after a cancellation, _supervise resumes reading it.
@@ -245,7 +263,7 @@ class Job:
         for stream in (spawned.stdout, spawned.stderr):
             await stream.aclose()
         try:
-            await group.kill()
+            await self._kill_group(group)
             with trio.move_on_after(_KILL_WAIT_S):
                 await group.wait_empty()
             self._oom_killed = group.oom_kills() > 0
@@ -276,6 +294,23 @@ class Job:
         if self._returncode == 0:
             return JobState.FINISHED
         return JobState.FAILED
+
+
+class _KillTarget:
+    """What the stop escalation acts on: the job's group, killed the job's careful way."""
+
+    def __init__(self, job: Job, group: JobGroup) -> None:
+        self._job = job
+        self._group = group
+
+    def signal(self, signum: int) -> None:
+        try:
+            self._group.signal(signum)
+        except OSError as exc:
+            log.error("job %s: cannot signal its processes: %s", self._job.id, exc)
+
+    async def kill(self) -> None:
+        await self._job._kill_group(self._group)
 
 
 def _now() -> datetime:

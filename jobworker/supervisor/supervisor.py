@@ -20,7 +20,7 @@ from .errors import CgroupError, InvalidJobSpec, JobEnded, JobNotFound
 from .job import Job, JobSpec
 from .limits import LimitOverrides, LimitPolicy, Limits
 from .output import OutputLog
-from .spawn import SpawnError, spawn
+from .spawn import Spawned, SpawnError, spawn
 
 log = logging.getLogger("jobworker.supervisor")
 
@@ -228,8 +228,17 @@ class Supervisor:
         # No checkpoint between the spawn and handing the process to its tree: a cancellation
         # here cannot orphan it.
         job.started(spawned, group)
-        self._nursery.start_soon(job.run, spawned)
+        self._nursery.start_soon(self._run_job, job, spawned)
         return job
+
+    async def _run_job(self, job: Job, spawned: Spawned) -> None:
+        # The containment boundary: the job's tree has already cleaned up after itself on its
+        # way out; whatever went wrong in it ends that job, never the Supervisor and its other
+        # jobs. Cancellation is a BaseException and passes through.
+        try:
+            await job.run(spawned)
+        except Exception:
+            log.exception("job %s: supervision failed", job.id)
 
     def get(self, job_id: str) -> Job:
         try:

@@ -505,3 +505,35 @@ def test_without_cgroup_access_the_supervisor_refuses_and_names_the_fix():
     assert "Permission denied" in message
     assert "run jobworker as root" in message and "Delegate=yes" in message
     assert "cgroups='off'" in message
+
+
+async def test_a_failure_inside_one_job_tree_ends_that_job_not_the_supervisor(
+    sup, monkeypatch, caplog
+):
+    # E.g. an administrator removed the job's cgroup, so killing its stragglers fails. That job
+    # ends, the failure is logged, and every other job goes on.
+    from jobworker.supervisor import CgroupError
+    from jobworker.supervisor.cgroups.group import CgroupGroup
+
+    other = await sup.start("sleep", ["600"])
+    real_kill = CgroupGroup.kill
+    broken = await sup.start("sh", ["-c", "echo done"])
+
+    async def kill(self):
+        if job_id_of(self) == broken.id:
+            raise CgroupError("cannot write '1' to cgroup.kill: No such file or directory")
+        await real_kill(self)
+
+    def job_id_of(group):
+        return next(iter(group.dirs.values())).name
+
+    monkeypatch.setattr(CgroupGroup, "kill", kill)
+    with trio.fail_after(30):  # hang guard: a cleanup cut short never marks the job ended
+        status = await broken.wait()
+    assert status.state is JobState.FINISHED  # its own cleanup still ran to the end
+    assert "cgroup.kill" in caplog.text
+    assert other.status().state is JobState.RUNNING  # the Supervisor and its other jobs live on
+    monkeypatch.setattr(CgroupGroup, "kill", real_kill)
+    assert (await other.stop()).state is JobState.STOPPED
+    started = await sup.start("true")  # and it still starts new jobs
+    assert (await started.wait()).state is JobState.FINISHED
