@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from jobworker.purgatory.tls import TLSConfig
+
 KeyType = Literal["ecdsa", "rsa", "ed25519"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -218,3 +220,27 @@ def _write(
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     return cert_file, key_file
+
+
+def server_config(certs: CertSet, **kwargs: float) -> TLSConfig:
+    """Our server's TLS: the set's server certificate, trusting clients of the set's CA."""
+    return TLSConfig.server(
+        cert_file=certs.server.cert_file,
+        key_file=certs.server.key_file,
+        ca_files=[certs.ca.cert_file],
+        **kwargs,
+    )
+
+
+def client_config(
+    certs: CertSet, leaf: Leaf | None = None, server_name: str = "localhost", **kwargs: float
+) -> TLSConfig:
+    """Our client's TLS: `leaf` (alice by default), trusting servers of the set's CA."""
+    leaf = leaf or certs.alice
+    return TLSConfig.client(
+        cert_file=leaf.cert_file,
+        key_file=leaf.key_file,
+        ca_files=[certs.ca.cert_file],
+        server_name=server_name,
+        **kwargs,
+    )

@@ -8,25 +8,14 @@ from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
 from jobworker.purgatory.client import open_channel
 from jobworker.purgatory.server import RpcMethod, Server
-from jobworker.purgatory.tls import TLSConfig
 from jobworker.purgatory.wire.status import GrpcError, Status
 
-from .certs import CertSet, make_cert_set
+from .certs import CertSet, client_config, make_cert_set, server_config
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> CertSet:
     return make_cert_set(tmp_path_factory.mktemp("certs"))
-
-
-def client_tls(certs: CertSet, leaf=None) -> TLSConfig:
-    leaf = leaf or certs.alice
-    return TLSConfig.client(
-        cert_file=leaf.cert_file,
-        key_file=leaf.key_file,
-        ca_files=[certs.ca.cert_file],
-        server_name="localhost",
-    )
 
 
 class App:
@@ -63,11 +52,7 @@ async def served(nursery, certs):
             RpcMethod("/t.T/WhoAmI", StringValue, StringValue, app.whoami),
             RpcMethod("/t.T/Slow", StringValue, BytesValue, app.slow, server_streaming=True),
         ],
-        tls=TLSConfig.server(
-            cert_file=certs.server.cert_file,
-            key_file=certs.server.key_file,
-            ca_files=[certs.ca.cert_file],
-        ),
+        tls=server_config(certs),
         identify=common_name,
     )
     (address,) = await nursery.start(server.serve, "127.0.0.1", 0)
@@ -76,14 +61,14 @@ async def served(nursery, certs):
 
 async def test_identity_comes_from_the_verified_certificate(served, certs):
     _, port, _ = served
-    async with open_channel("127.0.0.1", port, tls=client_tls(certs)) as channel:
+    async with open_channel("127.0.0.1", port, tls=client_config(certs)) as channel:
         reply = await channel.unary("/t.T/WhoAmI", StringValue(value="tls"), StringValue)
     assert reply.value == "alice via tls"
 
 
 async def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(served, certs):
     server, port, app = served
-    async with open_channel("127.0.0.1", port, tls=client_tls(certs)) as channel:
+    async with open_channel("127.0.0.1", port, tls=client_config(certs)) as channel:
         async with channel.server_stream("/t.T/Slow", StringValue(), BytesValue) as replies:
             assert (await replies.__anext__()).value == b"started"
             async with trio.open_nursery() as nursery:
@@ -104,7 +89,7 @@ async def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(s
 
 async def test_shutdown_cancels_what_outlives_the_grace_period(served, certs, autojump_clock):
     server, port, app = served
-    async with open_channel("127.0.0.1", port, tls=client_tls(certs)) as channel:
+    async with open_channel("127.0.0.1", port, tls=client_config(certs)) as channel:
         async with channel.server_stream("/t.T/Slow", StringValue(), BytesValue) as replies:
             await replies.__anext__()
             await server.shutdown(5)

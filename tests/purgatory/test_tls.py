@@ -33,7 +33,7 @@ from jobworker.purgatory.tls import (
     _dns_name_matches,
 )
 
-from .certs import CertSet, KeyType, Leaf, make_ca, make_cert_set
+from .certs import CertSet, KeyType, client_config, make_ca, make_cert_set, server_config
 
 # ---------------------------------------------------------------------------------------------
 # fixtures and helpers
@@ -54,28 +54,6 @@ def cert_sets(tmp_path_factory: pytest.TempPathFactory) -> Callable[[KeyType], C
 @pytest.fixture(scope="module")
 def certs(cert_sets: Callable[[KeyType], CertSet]) -> CertSet:
     return cert_sets("ecdsa")
-
-
-def server_config(certs: CertSet, **kwargs: float) -> TLSConfig:
-    return TLSConfig.server(
-        cert_file=certs.server.cert_file,
-        key_file=certs.server.key_file,
-        ca_files=[certs.ca.cert_file],
-        **kwargs,
-    )
-
-
-def client_config(
-    certs: CertSet, leaf: Leaf | None = None, server_name: str = "localhost", **kwargs: float
-) -> TLSConfig:
-    leaf = leaf or certs.alice
-    return TLSConfig.client(
-        cert_file=leaf.cert_file,
-        key_file=leaf.key_file,
-        ca_files=[certs.ca.cert_file],
-        server_name=server_name,
-        **kwargs,
-    )
 
 
 def raw_client_config(

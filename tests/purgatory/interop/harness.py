@@ -20,11 +20,10 @@ import grpc
 import trio
 
 from jobworker.purgatory.server import RpcMethod, ServerCall
-from jobworker.purgatory.tls import TLSConfig
 from jobworker.purgatory.wire.metadata import Metadata
 from jobworker.purgatory.wire.status import GrpcError, Status
 
-from ..certs import CertSet, Leaf
+from ..certs import client_config, server_config
 
 UNARY = "/purgatory.interop.Echo/Unary"
 STREAM = "/purgatory.interop.Echo/Stream"
@@ -287,19 +286,6 @@ class GrpcioEcho:
 # TLS
 
 
-def purgatory_server_tls(certs: CertSet) -> TLSConfig:
-    return TLSConfig.server(
-        cert_file=certs.server.cert_file,
-        key_file=certs.server.key_file,
-        ca_files=[certs.ca.cert_file],
-    )
-
-
-def purgatory_client_tls(certs: CertSet, leaf: Leaf | None = None) -> TLSConfig:
-    leaf = leaf or certs.alice
-    return TLSConfig.client(
-        cert_file=leaf.cert_file,
-        key_file=leaf.key_file,
-        ca_files=[certs.ca.cert_file],
-        server_name="localhost",
-    )
+# Our ends' TLS, as every purgatory test makes it (tests/purgatory/certs.py).
+purgatory_server_tls = server_config
+purgatory_client_tls = client_config
