@@ -1,0 +1,35 @@
+"""jobworker.service — the JobService API over a Supervisor, behind the purgatory transport.
+
+    from jobworker.service import identify, open_job_service
+
+    async with Supervisor() as supervisor, open_job_service(supervisor) as service:
+        server = Server(service.methods(), tls=TLSConfig.server(...), identify=identify)
+        await server.serve("127.0.0.1", 50051)
+
+Identity is the client certificate's subject CN, roles its OU values (identity.py); what each
+role may do is one table (authz.py); errors map to statuses in one table (errors.py); request
+and response conversions live in convert.py. Events are logged on ``jobworker.events``.
+"""
+
+from .app import open_job_service
+from .authz import Action, Decision, authorize
+from .errors import STATUS_OF, InvalidRequest, PermissionDenied, TooManyJobs, as_grpc_error
+from .handlers import SERVICE_NAME, JobService
+from .identity import Identity, Role, identify
+
+__all__ = [
+    "SERVICE_NAME",
+    "STATUS_OF",
+    "Action",
+    "Decision",
+    "Identity",
+    "InvalidRequest",
+    "JobService",
+    "PermissionDenied",
+    "Role",
+    "TooManyJobs",
+    "as_grpc_error",
+    "authorize",
+    "identify",
+    "open_job_service",
+]

@@ -1,0 +1,285 @@
+"""Conversions between the supervisor's values and the API's messages, and request validation.
+
+Everything that reads a request field or fills a response field is here, so the handlers deal
+in supervisor values only. Validation failures raise `InvalidRequest` (INVALID_ARGUMENT) with a
+message that names the field as the API spells it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.supervisor import (
+    JobState,
+    JobStatus,
+    LimitOverrides,
+    Limits,
+    OutputChunk,
+    OutputStream,
+    Usage,
+)
+
+from .errors import InvalidRequest
+
+# One hour: a stop that waits longer than that for a job to clean up is a typo (60h for 60s),
+# and StopJob holds the caller until the job has ended.
+MAX_GRACE_PERIOD_S = 3600.0
+
+# What Supervisor.start generates: str(uuid.uuid4()), canonical and lower case.
+_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+_SHOWN_CHARS = 60  # of a malformed value echoed in an error message
+
+# --- requests ------------------------------------------------------------------------------
+
+
+def job_id_of(text: str) -> str:
+    """A well-formed job id (a UUID4, any case) in canonical form, or InvalidRequest."""
+    if not text:
+        raise InvalidRequest("job_id is empty")
+    canonical = text.lower()
+    if not _JOB_ID.fullmatch(canonical):
+        raise InvalidRequest(
+            f"malformed job_id {_shown(text)}: job ids are UUIDs such as"
+            " 5c1b7f1e-3a9d-4f6e-9b2a-0d4c8e7f6a51"
+        )
+    return canonical
+
+
+_LIMIT_FIELDS = (
+    # (API field, LimitOverrides / Limits field)
+    ("cpu", "cpu"),
+    ("memory_bytes", "memory_bytes"),
+    ("io_read_bytes_per_second", "io_read_bps"),
+    ("io_write_bytes_per_second", "io_write_bps"),
+    ("pids", "pids"),
+)
+
+
+def overrides_of(request: pb.StartJobRequest) -> LimitOverrides | None:
+    """The limits the request asks for; None when it asks for none (all defaults).
+
+    Out-of-range values raise InvalidJobSpec (INVALID_ARGUMENT) from LimitOverrides itself;
+    values above the server's maximums are refused by the Supervisor when it starts the job.
+    """
+    if not request.HasField("limits"):
+        return None
+    given = {
+        ours: getattr(request.limits, api)
+        for api, ours in _LIMIT_FIELDS
+        if request.limits.HasField(api)
+    }
+    return LimitOverrides(**given) if given else None
+
+
+def env_of(request: pb.StartJobRequest) -> dict[str, str]:
+    env = dict(request.env)
+    for key, value in env.items():
+        if not key:
+            raise InvalidRequest("env: a variable has an empty name")
+        if "=" in key or "\0" in key:
+            raise InvalidRequest(f"env: invalid variable name {_shown(key)} (contains '=' or NUL)")
+        if "\0" in value:
+            raise InvalidRequest(f"env: the value of {key} contains a NUL byte")
+    return env
+
+
+def working_dir_of(request: pb.StartJobRequest) -> str | None:
+    if not request.working_dir:
+        return None
+    if "\0" in request.working_dir:
+        raise InvalidRequest("working_dir contains a NUL byte")
+    return request.working_dir
+
+
+def grace_period_of(
+    request: pb.StopJobRequest, maximum_s: float = MAX_GRACE_PERIOD_S
+) -> float | None:
+    """The requested grace period in seconds; None when unset (the server's default)."""
+    if not request.HasField("grace_period"):
+        return None
+    duration = request.grace_period
+    seconds, nanos = duration.seconds, duration.nanos
+    if not -999_999_999 <= nanos <= 999_999_999 or (
+        seconds and nanos and (seconds < 0) != (nanos < 0)
+    ):
+        raise InvalidRequest(
+            f"grace_period is not a valid Duration (seconds={seconds}, nanos={nanos})"
+        )
+    grace_s = seconds + nanos / 1e9
+    if grace_s < 0:
+        raise InvalidRequest(f"grace_period must not be negative, got {grace_s:g}s")
+    if grace_s > maximum_s:
+        raise InvalidRequest(f"grace_period {grace_s:g}s is above the maximum {maximum_s:g}s")
+    return grace_s
+
+
+def _shown(text: str) -> str:
+    if len(text) > _SHOWN_CHARS:
+        text = text[:_SHOWN_CHARS] + "…"
+    return repr(text)
+
+
+# --- responses -----------------------------------------------------------------------------
+
+_STATE_TO_PROTO = {
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.FINISHED: pb.JOB_STATE_FINISHED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.STOPPED: pb.JOB_STATE_STOPPED,
+    JobState.ERROR: pb.JOB_STATE_ERROR,
+}
+_STATE_FROM_PROTO = {value: state for state, value in _STATE_TO_PROTO.items()}
+
+_STREAM_TO_PROTO = {
+    OutputStream.STDOUT: pb.LogChunk.STREAM_STDOUT,
+    OutputStream.STDERR: pb.LogChunk.STREAM_STDERR,
+}
+_STREAM_FROM_PROTO = {value: stream for stream, value in _STREAM_TO_PROTO.items()}
+
+
+def state_to_proto(state: JobState) -> pb.JobState.ValueType:
+    return _STATE_TO_PROTO[state]
+
+
+def state_from_proto(value: pb.JobState.ValueType) -> JobState:
+    try:
+        return _STATE_FROM_PROTO[value]
+    except KeyError:
+        raise ValueError(f"unknown job state {value}") from None
+
+
+def limits_to_proto(limits: Limits) -> pb.Limits:
+    return pb.Limits(**{api: getattr(limits, ours) for api, ours in _LIMIT_FIELDS})
+
+
+def limits_from_proto(message: pb.Limits) -> Limits:
+    """A complete Limits (as a JobStatus carries them): every field must be set."""
+    missing = [api for api, _ in _LIMIT_FIELDS if not message.HasField(api)]
+    if missing:
+        raise ValueError(f"limits lack {', '.join(missing)}")
+    return Limits(**{ours: getattr(message, api) for api, ours in _LIMIT_FIELDS})
+
+
+_USAGE_FIELDS = (
+    ("cpu_seconds", "cpu_s"),
+    ("cpu_throttled_seconds", "cpu_throttled_s"),
+    ("memory_peak_bytes", "memory_peak_bytes"),
+    ("io_read_bytes", "io_read_bytes"),
+    ("io_write_bytes", "io_write_bytes"),
+)
+
+
+def usage_to_proto(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        **{
+            api: getattr(usage, ours)
+            for api, ours in _USAGE_FIELDS
+            if getattr(usage, ours) is not None
+        }
+    )
+
+
+def usage_from_proto(message: pb.Usage) -> Usage:
+    return Usage(
+        **{ours: getattr(message, api) for api, ours in _USAGE_FIELDS if message.HasField(api)}
+    )
+
+
+def timestamp_to_proto(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)  # an aware datetime: converted to UTC
+    return stamp
+
+
+def timestamp_from_proto(stamp: Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def status_to_proto(status: JobStatus) -> pb.JobStatus:
+    message = pb.JobStatus(
+        job_id=status.id,
+        owner=status.owner,
+        command=status.command,
+        args=status.args,
+        state=state_to_proto(status.state),
+        pid=status.pid,
+        exit_code=status.exit_code,
+        signal=status.signal,
+        error=status.error or "",
+        stop_requested_by=status.stop_requested_by or "",
+        escalated=status.escalated,
+        oom_killed=status.oom_killed,
+        pids_limit_hit=status.pids_limit_hit,
+        created_at=timestamp_to_proto(status.created_at),
+        cgroups=status.cgroups,
+        usage=usage_to_proto(status.usage),
+    )
+    if status.started_at is not None:
+        message.started_at.CopyFrom(timestamp_to_proto(status.started_at))
+    if status.ended_at is not None:
+        message.ended_at.CopyFrom(timestamp_to_proto(status.ended_at))
+    if status.limits is not None:
+        message.limits.CopyFrom(limits_to_proto(status.limits))
+    return message
+
+
+def status_from_proto(message: pb.JobStatus) -> JobStatus:
+    """The inverse of `status_to_proto` (for clients that want the supervisor's helpers)."""
+
+    def optional(name: str) -> int | None:
+        return getattr(message, name) if message.HasField(name) else None
+
+    def moment(name: str) -> datetime | None:
+        return timestamp_from_proto(getattr(message, name)) if message.HasField(name) else None
+
+    created_at = moment("created_at")
+    if created_at is None:
+        raise ValueError("a JobStatus without created_at")
+    return JobStatus(
+        id=message.job_id,
+        owner=message.owner,
+        command=message.command,
+        args=tuple(message.args),
+        state=state_from_proto(message.state),
+        created_at=created_at,
+        pid=optional("pid"),
+        started_at=moment("started_at"),
+        ended_at=moment("ended_at"),
+        exit_code=optional("exit_code"),
+        signal=optional("signal"),
+        error=message.error or None,
+        stop_requested_by=message.stop_requested_by or None,
+        escalated=message.escalated,
+        oom_killed=message.oom_killed,
+        pids_limit_hit=message.pids_limit_hit,
+        limits=limits_from_proto(message.limits) if message.HasField("limits") else None,
+        cgroups=message.cgroups,
+        usage=usage_from_proto(message.usage),
+    )
+
+
+def chunk_to_proto(chunk: OutputChunk) -> pb.LogChunk:
+    return pb.LogChunk(data=chunk.data, stream=_STREAM_TO_PROTO[chunk.stream], offset=chunk.offset)
+
+
+def chunk_from_proto(message: pb.LogChunk) -> OutputChunk:
+    try:
+        stream = _STREAM_FROM_PROTO[message.stream]
+    except KeyError:
+        raise ValueError(f"unknown output stream {message.stream}") from None
+    return OutputChunk(stream, message.offset, message.data)
+
+
+def duration_to_proto(seconds: float) -> Duration:
+    """For clients: a Duration from seconds (finite, >= 0)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"a duration must be a finite number >= 0, got {seconds}")
+    duration = Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration

@@ -1,0 +1,96 @@
+"""Every error the service answers with, and the one table that gives each its gRPC status.
+
+Handlers raise domain errors (the supervisor's, or the service's own below); `as_grpc_error`
+turns them into a `GrpcError` at the edge of each handler. Anything not in the table is a bug:
+it propagates, and the transport answers INTERNAL with a generic message and logs it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.supervisor import InvalidJobSpec, JobEnded, JobNotFound, OutputDropped
+
+RETAINED_START_KEY = "jobworker-retained-start"
+
+
+class ServiceError(Exception):
+    """An error of the service itself (not of the supervisor)."""
+
+
+class InvalidRequest(ServiceError, ValueError):
+    """A request that can never succeed as sent: a malformed id, a bad duration, a bad env."""
+
+
+class PermissionDenied(ServiceError):
+    """The caller's role forbids the action (the job, if any, is one it may see)."""
+
+
+class TooManyJobs(ServiceError):
+    """The server already runs its maximum of concurrent jobs."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the server already runs its maximum of {limit} concurrent jobs;"
+            " start this one when another has ended"
+        )
+
+
+class ShuttingDown(ServiceError):
+    """The service is closing and starts nothing more."""
+
+
+# The one mapping. Order matters only for subclasses (none of these is a subclass of another).
+STATUS_OF: dict[type[Exception], Status] = {
+    InvalidRequest: Status.INVALID_ARGUMENT,
+    InvalidJobSpec: Status.INVALID_ARGUMENT,
+    JobNotFound: Status.NOT_FOUND,
+    JobEnded: Status.FAILED_PRECONDITION,
+    PermissionDenied: Status.PERMISSION_DENIED,
+    TooManyJobs: Status.RESOURCE_EXHAUSTED,
+    OutputDropped: Status.OUT_OF_RANGE,
+    ShuttingDown: Status.UNAVAILABLE,
+}
+
+# The supervisor names two limits differently from the API (schema/jobworker/v1/jobworker.proto).
+_API_LIMIT_NAMES = {
+    "io_read_bps": "io_read_bytes_per_second",
+    "io_write_bps": "io_write_bytes_per_second",
+}
+_LIMIT_NAME = re.compile(r"\b(" + "|".join(_API_LIMIT_NAMES) + r")\b")
+
+
+def as_grpc_error(exc: Exception) -> GrpcError | None:
+    """The status and message for a domain error; None for anything else (a bug)."""
+    for cls, status in STATUS_OF.items():
+        if isinstance(exc, cls):
+            return GrpcError(status, _message(exc), trailers=_trailers(exc))
+    return None
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, JobNotFound):
+        # The same words whether the job does not exist or belongs to someone the caller may
+        # not see: built from the id the caller sent, nothing else.
+        return not_found_message(exc.job_id)
+    if isinstance(exc, JobEnded):
+        return f"job {exc.job_id} has already ended ({exc.state}): there is nothing to stop"
+    if isinstance(exc, OutputDropped):
+        return (
+            f"the output before offset {exc.retained_start} is no longer kept (retention limit);"
+            f" asked for offset {exc.requested_offset}: read from offset {exc.retained_start}"
+        )
+    if isinstance(exc, InvalidJobSpec):
+        return _LIMIT_NAME.sub(lambda m: _API_LIMIT_NAMES[m.group(1)], str(exc))
+    return str(exc)
+
+
+def _trailers(exc: Exception) -> tuple[tuple[str, str], ...]:
+    if isinstance(exc, OutputDropped):
+        return ((RETAINED_START_KEY, str(exc.retained_start)),)
+    return ()
+
+
+def not_found_message(job_id: str) -> str:
+    return f"job {job_id} not found"
