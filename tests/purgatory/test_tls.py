@@ -558,6 +558,47 @@ def test_config_accepts_chains_and_several_ca_files(tmp_path: Path, certs: CertS
     assert client.server_name == "localhost"
 
 
+def socket_pair() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """Real sockets: TLSStream runs its socket engine (OpenSSL on the descriptor)."""
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def test_generic_stream_contract_on_the_socket_engine(certs: CertSet) -> None:
+    async def stream_maker() -> tuple[TLSStream, TLSStream]:
+        return await connected_pair(certs, socket_pair)
+
+    await trio.testing.check_two_way_stream(stream_maker, None)
+
+
+async def test_socket_engine_cancelled_send_breaks_the_stream(certs: CertSet) -> None:
+    client, server = await connected_pair(certs, socket_pair)
+    async with trio.open_nursery() as nursery:
+
+        async def flood() -> None:
+            while True:  # nobody reads: the socket buffers fill, then send_all waits
+                await client.send_all(b"x" * 65536)
+
+        nursery.start_soon(flood)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    with pytest.raises(trio.BrokenResourceError):
+        await client.send_all(b"x")
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_socket_engine_reports_a_reset_connection(certs: CertSet) -> None:
+    client, server = await connected_pair(certs, socket_pair)
+    await client.send_all(b"never read")
+    # Closing a socket with unread data makes the kernel answer with a reset, not an EOF.
+    await server.transport.aclose()
+    with pytest.raises(TLSError, match="connection lost: Connection reset by peer"):
+        while await client.receive_some():
+            pass
+    await client.aclose()
+
+
 # ---------------------------------------------------------------------------------------------
 # broken and closed streams
 
