@@ -115,7 +115,10 @@ class ServerCall:
             self._connection.acknowledge(self.stream_id, event.flow_controlled_bytes)
 
     async def _receive_request(self) -> Message:
-        await self._input_ended.wait()
+        # Usually the whole request came in the read that started the call: then no wait, and
+        # no extra scheduling round (the handler's own awaits are its checkpoints).
+        if not self._input_ended.is_set():
+            await self._input_ended.wait()
         if self._request is None or self._extra_request:
             raise GrpcError(
                 Status.INTERNAL,
