@@ -1,0 +1,223 @@
+"""Supervisor values <-> API messages, request validation, and the error -> status table."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.purgatory.wire.status import Status
+from jobworker.service import STATUS_OF, InvalidRequest, PermissionDenied, as_grpc_error, convert
+from jobworker.service.errors import ShuttingDown, TooManyJobs
+from jobworker.supervisor import (
+    InvalidJobSpec,
+    JobEnded,
+    JobNotFound,
+    JobState,
+    JobStatus,
+    LimitOverrides,
+    Limits,
+    OutputChunk,
+    OutputDropped,
+    OutputStream,
+    Usage,
+)
+
+U64 = 2**64 - 1
+moments = st.datetimes(
+    min_value=datetime(1970, 1, 1), max_value=datetime(9999, 1, 1), timezones=st.just(UTC)
+)
+limits = st.builds(
+    Limits,
+    cpu=st.floats(min_value=0.01, max_value=1e6),
+    memory_bytes=st.integers(2**20, U64),
+    io_read_bps=st.integers(1, U64),
+    io_write_bps=st.integers(1, U64),
+    pids=st.integers(2, 2**32 - 1),
+)
+usage = st.builds(
+    Usage,
+    cpu_s=st.none() | st.floats(min_value=0, max_value=1e9),
+    cpu_throttled_s=st.none() | st.floats(min_value=0, max_value=1e9),
+    memory_peak_bytes=st.none() | st.integers(0, U64),
+    io_read_bytes=st.none() | st.integers(0, U64),
+    io_write_bytes=st.none() | st.integers(0, U64),
+)
+int32 = st.integers(-(2**31), 2**31 - 1)
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+statuses = st.builds(
+    JobStatus,
+    id=st.uuids(version=4).map(str),
+    owner=text,
+    command=text.filter(bool),
+    args=st.lists(text, max_size=4).map(tuple),
+    state=st.sampled_from(JobState),
+    created_at=moments,
+    pid=st.none() | st.integers(1, 2**32 - 1),
+    started_at=st.none() | moments,
+    ended_at=st.none() | moments,
+    exit_code=st.none() | int32,
+    signal=st.none() | int32,
+    error=st.none() | text.filter(bool),
+    stop_requested_by=st.none() | text.filter(bool),
+    escalated=st.booleans(),
+    oom_killed=st.booleans(),
+    pids_limit_hit=st.booleans(),
+    limits=st.none() | limits,
+    cgroups=st.sampled_from(["v1", "v2", "off"]),
+    usage=usage,
+)
+
+
+@given(statuses)
+def test_a_status_survives_the_wire_unchanged(status: JobStatus) -> None:
+    message = pb.JobStatus.FromString(convert.status_to_proto(status).SerializeToString())
+    assert convert.status_from_proto(message) == status
+
+
+def test_every_state_has_its_own_api_value() -> None:
+    values = {convert.state_to_proto(state) for state in JobState}
+    assert len(values) == len(JobState) and pb.JOB_STATE_UNSPECIFIED not in values
+    assert {pb.JobState.Name(convert.state_to_proto(s)) for s in JobState} == {
+        f"JOB_STATE_{s.name}" for s in JobState
+    }
+
+
+def test_a_status_of_a_running_job_leaves_the_end_unset() -> None:
+    status = JobStatus("id", "alice", "yes", (), JobState.RUNNING, datetime.now(UTC), pid=7)
+    message = convert.status_to_proto(status)
+    for name in ("exit_code", "signal", "ended_at", "limits"):
+        assert not message.HasField(name), name
+    assert message.pid == 7 and message.HasField("created_at")
+
+
+def test_log_chunks_keep_stream_offset_and_bytes() -> None:
+    for stream in OutputStream:
+        chunk = OutputChunk(stream, 12345, b"\x00\xff data")
+        message = convert.chunk_to_proto(chunk)
+        assert message.stream != pb.LogChunk.STREAM_UNSPECIFIED
+        assert convert.chunk_from_proto(message) == chunk
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+def test_limits_left_unset_are_none_and_set_ones_are_named_like_the_supervisor() -> None:
+    assert convert.overrides_of(pb.StartJobRequest(command="x")) is None
+    assert convert.overrides_of(pb.StartJobRequest(command="x", limits=pb.Limits())) is None
+    request = pb.StartJobRequest(
+        command="x",
+        limits=pb.Limits(cpu=1.5, io_read_bytes_per_second=10, io_write_bytes_per_second=20),
+    )
+    assert convert.overrides_of(request) == LimitOverrides(cpu=1.5, io_read_bps=10, io_write_bps=20)
+    zero = pb.StartJobRequest(command="x", limits=pb.Limits(pids=0))  # set to 0 is not unset
+    with pytest.raises(InvalidJobSpec):
+        convert.overrides_of(zero)
+
+
+@pytest.mark.parametrize(
+    ("limits", "words"),
+    [
+        (pb.Limits(cpu=math.inf), "cpu"),
+        (pb.Limits(cpu=-1), "cpu"),
+        (pb.Limits(memory_bytes=1), "memory_bytes"),
+        (pb.Limits(io_read_bytes_per_second=0), "io_read_bytes_per_second"),
+        (pb.Limits(io_write_bytes_per_second=0), "io_write_bytes_per_second"),
+    ],
+)
+def test_bad_limits_are_invalid_argument_named_as_in_the_api(limits: pb.Limits, words: str) -> None:
+    with pytest.raises(InvalidJobSpec) as caught:
+        convert.overrides_of(pb.StartJobRequest(command="x", limits=limits))
+    error = as_grpc_error(caught.value)
+    assert error is not None and error.status is Status.INVALID_ARGUMENT
+    assert words in error.message and "_bps" not in error.message
+
+
+def test_job_ids() -> None:
+    job_id = str(uuid.uuid4())
+    assert convert.job_id_of(job_id) == job_id
+    assert convert.job_id_of(job_id.upper()) == job_id
+    for bad in ("", str(uuid.uuid1()), job_id.replace("-", ""), "{" + job_id + "}", job_id + "\n"):
+        with pytest.raises(InvalidRequest):
+            convert.job_id_of(bad)
+    with pytest.raises(InvalidRequest) as caught:
+        convert.job_id_of("y" * 100_000)
+    assert len(str(caught.value)) < 200  # the value is cut short in the message
+
+
+@pytest.mark.parametrize(
+    ("duration", "seconds"),
+    [(None, None), (Duration(), 0.0), (Duration(seconds=2, nanos=500_000_000), 2.5)],
+)
+def test_grace_periods(duration: Duration | None, seconds: float | None) -> None:
+    request = pb.StopJobRequest(job_id="x", grace_period=duration)
+    assert convert.grace_period_of(request) == seconds
+
+
+def test_the_longest_grace_period_is_the_maximum() -> None:
+    at_most = pb.StopJobRequest(grace_period=Duration(seconds=int(convert.MAX_GRACE_PERIOD_S)))
+    assert convert.grace_period_of(at_most) == convert.MAX_GRACE_PERIOD_S
+    beyond = pb.StopJobRequest(grace_period=Duration(seconds=11))
+    with pytest.raises(InvalidRequest, match="above the maximum 10s"):
+        convert.grace_period_of(beyond, maximum_s=10)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"": "x"}, {"A=B": "x"}, {"A\0": "x"}, {"A": "x\0"}],
+    ids=["empty", "eq", "nul", "value"],
+)
+def test_bad_environments(env: dict[str, str]) -> None:
+    with pytest.raises(InvalidRequest, match="env"):
+        convert.env_of(pb.StartJobRequest(command="x", env=env))
+
+
+def test_a_good_environment_passes_as_is() -> None:
+    env = {"A": "", "B_2": "x=y z", "ünï": "☕"}
+    assert convert.env_of(pb.StartJobRequest(command="x", env=env)) == env
+
+
+# --- the error table -----------------------------------------------------------------------------
+
+job_id = str(uuid.uuid4())
+CASES = [
+    (InvalidRequest("bad"), Status.INVALID_ARGUMENT),
+    (InvalidJobSpec("requested io_read_bps 2M is above the maximum 1M"), Status.INVALID_ARGUMENT),
+    (JobNotFound(job_id), Status.NOT_FOUND),
+    (JobEnded(job_id, "finished"), Status.FAILED_PRECONDITION),
+    (PermissionDenied("vera may not stop jobs"), Status.PERMISSION_DENIED),
+    (TooManyJobs(5), Status.RESOURCE_EXHAUSTED),
+    (OutputDropped(0, 4096), Status.OUT_OF_RANGE),
+    (ShuttingDown("going"), Status.UNAVAILABLE),
+]
+
+
+@pytest.mark.parametrize(("exc", "status"), CASES, ids=lambda x: type(x).__name__)
+def test_each_domain_error_has_its_status(exc: Exception, status: Status) -> None:
+    error = as_grpc_error(exc)
+    assert error is not None and error.status is status and error.message
+
+
+def test_the_table_is_covered_by_the_cases_above() -> None:
+    assert {type(exc) for exc, _ in CASES} == set(STATUS_OF)
+
+
+def test_anything_else_is_left_to_the_transport_as_a_bug() -> None:
+    for exc in (RuntimeError("boom"), KeyError("x"), ValueError("v")):
+        assert as_grpc_error(exc) is None
+
+
+def test_messages_say_what_to_do() -> None:
+    [dropped] = [as_grpc_error(OutputDropped(10, 4096))]
+    assert dropped is not None and "read from offset 4096" in dropped.message
+    assert dropped.trailers == (("jobworker-retained-start", "4096"),)
+    spec = as_grpc_error(InvalidJobSpec("requested io_read_bps 2M is above the maximum 1M"))
+    assert spec is not None and "io_read_bytes_per_second 2M" in spec.message
+    ended = as_grpc_error(JobEnded(job_id, "stopped"))
+    assert ended is not None and job_id in ended.message and "stopped" in ended.message

@@ -1,0 +1,94 @@
+"""open_job_service as a resource: what leaving it does, and the running-jobs cap under
+concurrent starts. The handlers are called directly here, with the identity a connection
+would carry; everything below them (Supervisor, processes, cgroups) is real."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.service import Identity, open_job_service
+from jobworker.supervisor import JobState, Supervisor
+
+pytestmark = pytest.mark.cgroups
+
+SLEEP = pb.StartJobRequest(command="sleep", args=["60"])
+
+
+@dataclass
+class Call:
+    """What a handler reads of its ServerCall: the connection's identity."""
+
+    identity: Identity | None
+    peer_certificate: None = None
+
+
+ALICE = Call(Identity("alice"))
+
+
+async def test_leaving_stops_every_job_logs_each_end_and_refuses_new_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobworker.events")
+    async with Supervisor(data_dir=tmp_path, grace_period_s=5) as supervisor:
+        async with open_job_service(supervisor) as service:
+            job_id = (await service.start_job(SLEEP, ALICE)).job_id
+            assert service.running_jobs == 1
+        status = supervisor.get(job_id).status()
+        assert status.state is JobState.STOPPED
+        assert status.stop_requested_by == "server shutdown"
+        assert service.running_jobs == 0
+        assert not service.health.serving
+        with pytest.raises(GrpcError) as caught:
+            await service.start_job(SLEEP, ALICE)
+        assert caught.value.status is Status.UNAVAILABLE
+    lines = [r.getMessage() for r in caplog.records if r.name == "jobworker.events"]
+    assert any(
+        line.startswith("stop requested ") and 'by="server shutdown"' in line for line in lines
+    )
+    assert any(
+        line.startswith("job ended ") and f"job={job_id}" in line and "state=stopped" in line
+        for line in lines
+    )
+
+
+async def test_concurrent_starts_count_each_other_against_the_cap(tmp_path: Path) -> None:
+    outcomes: list[str] = []
+
+    async def start(service) -> None:
+        try:
+            await service.start_job(SLEEP, ALICE)
+            outcomes.append("started")
+        except GrpcError as exc:
+            outcomes.append(exc.status.name)
+
+    async with Supervisor(data_dir=tmp_path, grace_period_s=5) as supervisor:
+        async with open_job_service(supervisor, max_running_jobs=2) as service:
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(start, service)
+            assert sorted(outcomes) == ["RESOURCE_EXHAUSTED", "started", "started"]
+            assert len(supervisor.jobs()) == 2
+
+
+async def test_a_server_without_identify_still_identifies_each_call(tmp_path: Path) -> None:
+    async with Supervisor(data_dir=tmp_path) as supervisor, open_job_service(supervisor) as service:
+        with pytest.raises(GrpcError) as caught:
+            await service.list_jobs(pb.ListJobsRequest(), Call(identity=None))
+        assert caught.value.status is Status.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_running_jobs": 0}, {"max_grace_period_s": -1.0}, {"max_grace_period_s": 1e999}]
+)
+async def test_bad_settings_are_refused(tmp_path: Path, kwargs: dict) -> None:
+    async with Supervisor(data_dir=tmp_path) as supervisor:
+        with pytest.raises(ValueError):
+            async with open_job_service(supervisor, **kwargs):
+                pass  # pragma: no cover
