@@ -244,25 +244,33 @@ class JobService:
             ),
         )
 
-    async def _close(self) -> None:
-        """Start nothing more; say NOT_SERVING; stop every running job and wait for each end."""
-        self._closing = True
-        self.set_serving(False)
+    async def stop_all_jobs(
+        self, grace_period_s: float | None = None, *, requested_by: str = SHUTDOWN_REQUESTER
+    ) -> None:
+        """Stop every running job of the Supervisor at once (the usual escalation; None: its
+        default grace period), logging each stop request; returns when all have ended."""
 
         async def stop(job: Job) -> None:
             if job.status().state.ended:
                 return
             events.info(
-                "stop requested %s", fields(job=job.id, owner=job.owner, by=SHUTDOWN_REQUESTER)
+                "stop requested %s",
+                fields(job=job.id, owner=job.owner, by=requested_by, grace_s=grace_period_s),
             )
             try:
-                await job.stop(requested_by=SHUTDOWN_REQUESTER)
+                await job.stop(grace_period_s, requested_by=requested_by)
             except JobEnded:
                 pass  # ended meanwhile
 
         async with trio.open_nursery() as nursery:
             for job in self._supervisor.jobs():
                 nursery.start_soon(stop, job)
+
+    async def _close(self) -> None:
+        """Start nothing more; say NOT_SERVING; stop every running job and wait for each end."""
+        self._closing = True
+        self.set_serving(False)
+        await self.stop_all_jobs()
 
 
 def _caller(call: ServerCall) -> Identity:

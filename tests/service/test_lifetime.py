@@ -92,3 +92,32 @@ async def test_bad_settings_are_refused(tmp_path: Path, kwargs: dict) -> None:
         with pytest.raises(ValueError):
             async with open_job_service(supervisor, **kwargs):
                 pass  # pragma: no cover
+
+
+async def test_stop_all_jobs_uses_the_given_grace_period_and_logs_each_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobworker.events")
+    stubborn = pb.StartJobRequest(command="sh", args=["-c", "trap '' TERM; echo ready; sleep 60"])
+    async with (
+        Supervisor(data_dir=tmp_path, grace_period_s=60) as supervisor,
+        open_job_service(supervisor) as service,
+    ):
+        plain = (await service.start_job(SLEEP, ALICE)).job_id
+        trapping = (await service.start_job(stubborn, ALICE)).job_id
+        async for _ in supervisor.get(trapping).output(follow=True):
+            break  # "ready": the trap is set
+        await service.stop_all_jobs(0, requested_by="ops")  # 0: SIGKILL right after SIGTERM
+        statuses = {job_id: supervisor.get(job_id).status() for job_id in (plain, trapping)}
+        assert {s.state for s in statuses.values()} == {JobState.STOPPED}
+        assert {s.stop_requested_by for s in statuses.values()} == {"ops"}
+        assert (statuses[plain].signal, statuses[trapping].signal) == (15, 9)
+        assert statuses[trapping].escalated
+    requests = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "jobworker.events" and r.getMessage().startswith("stop requested ")
+    ]
+    assert sorted(requests) == sorted(
+        f"stop requested job={job_id} owner=alice by=ops grace_s=0" for job_id in (plain, trapping)
+    )
