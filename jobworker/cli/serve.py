@@ -1,13 +1,405 @@
-"""`jobworker`: the server. Its commands (serve, certs) arrive with the JobService API."""
+"""`jobworker`: the server (`jobworker serve`) and its development certificates
+(`jobworker certs init`, `jobworker certs add`).
+
+Theory of operation of `serve`
+------------------------------
+Everything cheap is checked before anything is created: the config (file and flags), the TLS
+files (readable, key matching certificate). Then the Supervisor takes its cgroups, the service
+starts, and the server binds; each failure is one line on stderr and exit code 2.
+
+SIGINT and SIGTERM are captured from the first moment (a signal during startup waits for the
+watcher rather than killing the process with a cgroup half made). The first one starts the
+graceful ladder: the health service says NOT_SERVING, the server stops accepting and sends
+GOAWAY, and meanwhile every job is stopped with the usual escalation (SIGTERM, the grace period,
+SIGKILL), so clients following a job see its output to the end. Connections get the grace
+period plus a margin to finish; then the service, the Supervisor (which removes every cgroup)
+and the process end, with exit code 0. A second signal cuts it short: every job still running
+is killed at once (SIGKILL to its whole cgroup), everything else is cancelled, and the exit
+code is 128 + the signal's number.
+"""
 
 from __future__ import annotations
 
-from cyclopts import App
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import trio
+from cyclopts import App, Parameter
 
 import jobworker
+from jobworker.purgatory.server import Server
+from jobworker.purgatory.tls import TLSConfig, TLSConfigError
+from jobworker.supervisor import CgroupError, JobEnded, Supervisor, format_bytes
+
+from . import certs as certs_lib
+from .config import DEFAULT_TLS_DIR, ConfigError, ServeSettings, load_config_file, resolve
+from .errors import CliError, run_cli
+from .parsing import Address, format_duration
+
+log = logging.getLogger("jobworker.serve")
+
+# Connections may outlive the start of a shutdown by the jobs' grace period plus this: long
+# enough for a StopJob or a follower to see its job end, short enough not to hang a shutdown.
+DRAIN_MARGIN_S = 5.0
 
 app = App(
     name="jobworker",
     help="Run Linux commands as supervised jobs in cgroups, behind a mutual-TLS gRPC API.",
     version=jobworker.__version__,
 )
+app.register_install_completion_command(
+    help="Install shell completion for jobworker (bash, zsh, fish).", group="Setup"
+)
+certs_app = App(
+    name="certs",
+    help="Development certificates: a CA, the server's certificate, users' certificates.",
+)
+app.command(certs_app)
+
+
+# --- jobworker serve -------------------------------------------------------------------------
+
+LIMITS = "Default limits (for jobs that ask for none)"
+MAXIMUMS = "Maximum limits (what a job may ask for; none by default)"
+
+
+@app.command
+def serve(
+    *,
+    config: Annotated[
+        Path | None, Parameter(help="A TOML file; its keys are these flags' names.")
+    ] = None,
+    listen: Annotated[
+        str | None, Parameter(help="HOST:PORT to listen on; :PORT for every interface.")
+    ] = None,
+    cert: Annotated[
+        str | None, Parameter(help=f"Server certificate. Default: {DEFAULT_TLS_DIR}/server.crt.")
+    ] = None,
+    key: Annotated[
+        str | None, Parameter(help=f"Its private key. Default: {DEFAULT_TLS_DIR}/server.key.")
+    ] = None,
+    ca: Annotated[
+        str | None,
+        Parameter(
+            help=f"CA that client certificates must chain to. Default: {DEFAULT_TLS_DIR}/ca.crt."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        Parameter(help="Where job output is kept. Default: a private temporary directory."),
+    ] = None,
+    cpu: Annotated[float | None, Parameter(group=LIMITS, help="CPU cores (default 0.5).")] = None,
+    memory: Annotated[str | None, Parameter(group=LIMITS, help="Memory (default 1G).")] = None,
+    io_read: Annotated[
+        str | None, Parameter(group=LIMITS, help="Read bytes per second (default 100M).")
+    ] = None,
+    io_write: Annotated[
+        str | None, Parameter(group=LIMITS, help="Write bytes per second (default 100M).")
+    ] = None,
+    pids: Annotated[
+        int | None, Parameter(group=LIMITS, help="Processes and threads (default 4096).")
+    ] = None,
+    max_cpu: Annotated[float | None, Parameter(group=MAXIMUMS)] = None,
+    max_memory: Annotated[str | None, Parameter(group=MAXIMUMS)] = None,
+    max_io_read: Annotated[str | None, Parameter(group=MAXIMUMS)] = None,
+    max_io_write: Annotated[str | None, Parameter(group=MAXIMUMS)] = None,
+    max_pids: Annotated[int | None, Parameter(group=MAXIMUMS)] = None,
+    grace_period: Annotated[
+        str | None, Parameter(help="Time between SIGTERM and SIGKILL when stopping (default 10s).")
+    ] = None,
+    max_jobs: Annotated[
+        int | None, Parameter(help="Most jobs running at once (default 100).")
+    ] = None,
+    cgroups: Annotated[
+        Literal["auto", "v2", "v1", "off"] | None,
+        Parameter(help="cgroup version to use; off runs jobs without limits (default auto)."),
+    ] = None,
+    verbose: Annotated[
+        bool, Parameter(name=["--verbose", "-v"], negative="", help="Log the supervisor too.")
+    ] = False,
+) -> int:
+    """Serve the JobService in the foreground until SIGINT or SIGTERM (twice: at once)."""
+    flags: dict[str, Any] = {
+        "listen": listen,
+        "cert": cert,
+        "key": key,
+        "ca": ca,
+        "data-dir": data_dir,
+        "cpu": cpu,
+        "memory": memory,
+        "io-read": io_read,
+        "io-write": io_write,
+        "pids": pids,
+        "max-cpu": max_cpu,
+        "max-memory": max_memory,
+        "max-io-read": max_io_read,
+        "max-io-write": max_io_write,
+        "max-pids": max_pids,
+        "grace-period": grace_period,
+        "max-jobs": max_jobs,
+        "cgroups": cgroups,
+    }
+    try:
+        table = load_config_file(config) if config is not None else None
+        settings = resolve(flags, table, source=f"config file {config}")
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    configure_logging(verbose=verbose)
+    return trio.run(_serve, settings)
+
+
+class _Formatter(logging.Formatter):
+    """One line per record: UTC timestamp with milliseconds, logger, level, message."""
+
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def configure_logging(*, verbose: bool = False) -> None:
+    """Everything under the "jobworker" logger to stderr: events (job created, stopped, ended,
+    authorization failures), the transport's connection problems, and our own lines. The
+    supervisor's per-job lines repeat the events, so they show only with --verbose (its
+    warnings and errors always do)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger("jobworker")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    logging.getLogger("jobworker.supervisor").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+async def _serve(settings: ServeSettings) -> int:
+    # Imported here: the service package is the layer above; `jobworker certs` needs none of it.
+    from jobworker.service import identify, open_job_service
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            tls = TLSConfig.server(
+                cert_file=settings.cert_file,
+                key_file=settings.key_file,
+                ca_files=[settings.ca_file],
+            )
+        except TLSConfigError as exc:
+            raise CliError(f"cannot use the TLS files: {exc}") from None
+        supervisor = Supervisor(
+            data_dir=settings.data_dir,
+            limits=settings.limits,
+            cgroups=settings.cgroups,
+            grace_period_s=settings.grace_period_s,
+        )
+        entered = False
+        try:
+            async with supervisor:
+                entered = True
+                async with open_job_service(
+                    supervisor, max_running_jobs=settings.max_jobs
+                ) as service:
+                    server = Server(service.methods(), tls=tls, identify=identify)
+                    run = _Run(settings, supervisor, service, server)
+                    return await run.serve(signals)
+        except CgroupError as exc:  # CgroupsUnavailable included: its message names the fix
+            if entered:
+                raise
+            raise CliError(f"cannot use cgroups: {exc}") from None
+        except OSError as exc:
+            if entered:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            raise CliError(f"cannot use the data directory{where}: {exc.strerror}") from None
+
+
+class _Run:
+    """One server run: bind, announce, wait for signals, shut down."""
+
+    def __init__(self, settings: ServeSettings, supervisor: Supervisor, service, server) -> None:
+        self.settings = settings
+        self.supervisor = supervisor
+        self.service = service
+        self.server = server
+        self.exit_code = 0
+
+    async def serve(self, signals) -> int:
+        listen = self.settings.listen
+        bind_error: OSError | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                addresses = await nursery.start(self.server.serve, listen.host, listen.port)
+            except OSError as exc:
+                bind_error = exc
+            else:
+                self._announce(addresses)
+                nursery.start_soon(self._watch, signals, nursery)
+        if bind_error is not None:
+            reason = bind_error.strerror or str(bind_error)
+            raise CliError(f"cannot listen on {listen}: {reason.lower()}")
+        log.info("stopped")
+        return self.exit_code
+
+    def _announce(self, addresses) -> None:
+        for host, port in addresses:
+            print(f"jobworker: listening on {Address(host, port)}", flush=True)
+        s = self.settings
+        limits = (
+            "no limits (cgroups off)"
+            if self.supervisor.cgroups == "off"
+            else s.limits.defaults.describe()
+        )
+        maximums = {
+            name: getattr(s.limits.maximums, name)
+            for name in ("cpu", "memory_bytes", "io_read_bps", "io_write_bps", "pids")
+            if getattr(s.limits.maximums, name) is not None
+        }
+        log.info(
+            "serving on %s: cgroups %s; job defaults %s; maximums %s; grace period %s; "
+            "at most %d jobs running; output in %s",
+            ", ".join(str(Address(h, p)) for h, p in addresses),
+            self.supervisor.cgroups,
+            limits,
+            ", ".join(f"{k}={_show(k, v)}" for k, v in maximums.items()) or "none",
+            format_duration(s.grace_period_s),
+            s.max_jobs,
+            s.data_dir or f"{self.supervisor.data_dir} (removed at exit)",
+        )
+
+    async def _watch(self, signals, nursery: trio.Nursery) -> None:
+        received = 0
+        async for signum in signals:
+            received += 1
+            name = signal.Signals(signum).name
+            if received == 1:
+                log.info("%s: shutting down (again to kill every job at once)", name)
+                nursery.start_soon(self._shutdown, nursery)
+            else:
+                log.warning("%s again: killing every job and exiting now", name)
+                self.exit_code = 128 + signum
+                await self._stop_every_job(grace_period_s=0.0)
+                nursery.cancel_scope.cancel()
+                return
+
+    async def _shutdown(self, nursery: trio.Nursery) -> None:
+        self.service.set_serving(False)
+        drain_s = self.settings.grace_period_s + DRAIN_MARGIN_S
+        async with trio.open_nursery() as steps:
+            steps.start_soon(self.server.shutdown, drain_s)
+            steps.start_soon(self._stop_every_job, None)
+        nursery.cancel_scope.cancel()
+
+    async def _stop_every_job(self, grace_period_s: float | None) -> None:
+        async def stop(job) -> None:
+            try:
+                await job.stop(grace_period_s, requested_by="server shutdown")
+            except JobEnded:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for job in self.supervisor.jobs():
+                nursery.start_soon(stop, job)
+
+
+def _show(name: str, value: float) -> str:
+    return f"{value:g}" if name in ("cpu", "pids") else format_bytes(int(value))
+
+
+# --- jobworker certs -------------------------------------------------------------------------
+
+UserOption = Annotated[
+    tuple[str, ...],
+    Parameter(
+        name="--user",
+        negative="",
+        help="NAME or NAME:ROLE[,ROLE] (roles: admin, viewer); repeat for more users.",
+    ),
+]
+KeyTypeOption = Annotated[
+    Literal["ecdsa", "ed25519"],
+    Parameter(help="ecdsa (P-256, works with every gRPC client) or ed25519 (grpcio cannot)."),
+]
+
+
+@certs_app.command(name="init")
+def certs_init(
+    directory: Annotated[Path, Parameter(name="DIR")],
+    /,
+    *,
+    user: UserOption = (),
+    key_type: KeyTypeOption = "ecdsa",
+    host: Annotated[
+        tuple[str, ...],
+        Parameter(negative="", help="Another name or address for the server (repeatable)."),
+    ] = (),
+    force: Annotated[bool, Parameter(negative="", help="Replace existing files.")] = False,
+) -> int:
+    """Create a development CA, a server certificate (localhost, 127.0.0.1, ::1) and client
+    certificates in DIR. Use DIR=/etc/jobworker and `jobworker serve` needs no TLS flags."""
+    try:
+        users = [certs_lib.parse_user(u) for u in user]
+        written = certs_lib.init(directory, users, key_type=key_type, hosts=host, force=force)
+    except certs_lib.CertsError as exc:
+        raise CliError(str(exc)) from None
+    _report(written)
+    d = directory.absolute()
+    print("\nNext:")
+    if d == DEFAULT_TLS_DIR:
+        print("  jobworker serve")
+    else:
+        print(f"  jobworker serve --cert {d}/server.crt --key {d}/server.key --ca {d}/ca.crt")
+    _next_for_users(d, users)
+    return 0
+
+
+@certs_app.command(name="add")
+def certs_add(
+    directory: Annotated[Path, Parameter(name="DIR")],
+    /,
+    *,
+    user: UserOption = (),
+    key_type: KeyTypeOption = "ecdsa",
+    force: Annotated[bool, Parameter(negative="", help="Replace existing files.")] = False,
+) -> int:
+    """Issue client certificates for more users with the CA that `certs init` made in DIR."""
+    try:
+        users = [certs_lib.parse_user(u) for u in user]
+        written = certs_lib.add_users(directory, users, key_type=key_type, force=force)
+    except certs_lib.CertsError as exc:
+        raise CliError(str(exc)) from None
+    _report(written)
+    print("\nNext:")
+    _next_for_users(directory.absolute(), users)
+    return 0
+
+
+def _report(written: list[certs_lib.Written]) -> None:
+    width = max(len(str(w.path)) for w in written)
+    for w in written:
+        print(f"wrote {w.path!s:<{width}}  {w.what}")
+
+
+def _next_for_users(directory: Path, users: list[certs_lib.UserSpec]) -> None:
+    if not users:
+        print("  (no users yet: jobworker certs add DIR --user NAME[:ROLE])")
+        return
+    first = users[0].name
+    print(f"  # as {first}: jobctl finds its files in ~/.config/jobctl/")
+    print(f"  mkdir -p ~/.config/jobctl && cp {directory}/{first}/* ~/.config/jobctl/")
+    print("  jobctl run -- echo hello")
+    print(f"  # or point at them for one shell: JOBCTL_CERT={directory}/{first}/client.crt \\")
+    print(f"  #   JOBCTL_KEY={directory}/{first}/client.key JOBCTL_CA={directory}/{first}/ca.crt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(
+        "jobworker",
+        lambda: app(argv, print_error=False, exit_on_error=False, result_action="return_value"),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

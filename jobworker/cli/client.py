@@ -1,0 +1,242 @@
+"""jobctl's side of the wire: the shared connection options, and a small JobService client
+that turns every failure into a `CliError` with the right exit code.
+
+Where the client's files come from, first match wins:
+    --cert/--key/--ca  →  JOBCTL_CERT/JOBCTL_KEY/JOBCTL_CA  →
+    $XDG_CONFIG_HOME/jobctl/{client.crt,client.key,ca.crt} (~/.config/jobctl/ when unset)
+and the server: --server → JOBCTL_SERVER → 127.0.0.1:50051.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import trio
+from cyclopts import Parameter
+from google.protobuf.duration_pb2 import Duration
+
+from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.purgatory.client import Channel, open_channel_over
+from jobworker.purgatory.tls import TLSConfig, TLSConfigError, TLSError, TLSStream
+from jobworker.purgatory.wire.status import GrpcError, Status
+
+from .errors import EXIT_RPC, EXIT_USAGE, CliError
+from .parsing import Address, parse_address
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+SERVICE = "/jobworker.v1.JobService"
+CONNECT_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 15.0  # every unary call but StopJob, which waits for the job to end
+STOP_MARGIN_S = 15.0  # StopJob's deadline: the grace period plus this
+STOP_UNKNOWN_GRACE_S = 60.0  # the grace to assume when the server's default applies
+
+
+def config_dir() -> Path:
+    """Where jobctl looks for the client's files when no flag or variable names them."""
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".config"
+    return base / "jobctl"
+
+
+@Parameter(name="*", group="Connection")
+@dataclass(frozen=True)
+class Connection:
+    """How to reach the server and who we are."""
+
+    server: Annotated[
+        str,
+        Parameter(
+            env_var="JOBCTL_SERVER",
+            help="The server's address, HOST:PORT.",
+        ),
+    ] = DEFAULT_SERVER
+    cert: Annotated[
+        Path | None,
+        Parameter(
+            env_var="JOBCTL_CERT",
+            help="Client certificate (PEM). Default: ~/.config/jobctl/client.crt.",
+        ),
+    ] = None
+    key: Annotated[
+        Path | None,
+        Parameter(
+            env_var="JOBCTL_KEY",
+            help="The certificate's private key (PEM). Default: ~/.config/jobctl/client.key.",
+        ),
+    ] = None
+    ca: Annotated[
+        Path | None,
+        Parameter(
+            env_var="JOBCTL_CA",
+            help="CA certificate(s) the server's certificate must chain to. "
+            "Default: ~/.config/jobctl/ca.crt.",
+        ),
+    ] = None
+
+
+def _tls_config(conn: Connection, address: Address) -> TLSConfig:
+    files = {
+        "cert": conn.cert or config_dir() / "client.crt",
+        "key": conn.key or config_dir() / "client.key",
+        "ca": conn.ca or config_dir() / "ca.crt",
+    }
+    defaulted = [name for name in files if getattr(conn, name) is None]
+    missing = [name for name in defaulted if not files[name].exists()]
+    if missing:
+        raise CliError(
+            f"no client {' and '.join(missing)} file: looked for "
+            + ", ".join(str(files[name]) for name in missing)
+            + " (pass --cert/--key/--ca, set JOBCTL_CERT/JOBCTL_KEY/JOBCTL_CA,"
+            + f" or copy a user's files from `jobworker certs init` into {config_dir()})"
+        )
+    try:
+        return TLSConfig.client(
+            cert_file=files["cert"],
+            key_file=files["key"],
+            ca_files=[files["ca"]],
+            server_name=address.host or "localhost",
+        )
+    except TLSConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+@asynccontextmanager
+async def connect(conn: Connection) -> AsyncIterator[JobClient]:
+    """Connect (TCP, then the TLS handshake) and yield a client; CliError on any failure."""
+    try:
+        address = parse_address(conn.server, default_port=DEFAULT_PORT)
+    except ValueError as exc:
+        raise CliError(f"--server: {exc}") from None
+    if address.host is None:
+        address = Address("127.0.0.1", address.port)
+    tls = _tls_config(conn, address)
+    where = str(address)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            tcp = await trio.open_tcp_stream(address.host, address.port)
+    except trio.TooSlowError:
+        raise CliError(f"cannot connect to {where}: timed out") from None
+    except OSError as exc:
+        raise CliError(f"cannot connect to {where}: {_socket_problem(exc)}") from None
+    stream = TLSStream(tcp, tls)
+    try:
+        await stream.do_handshake()
+    except TLSError as exc:
+        await trio.aclose_forcefully(tcp)
+        raise CliError(f"TLS with {where} failed: {exc}") from None
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    # Carried past the channel by hand: purgatory's open_channel_over loses an exception
+    # raised inside its block (its cleanup awaits inside a scope it has just cancelled, and
+    # the Cancelled that follows replaces the exception), so a failed call would exit 0.
+    failure: BaseException | None = None
+    async with open_channel_over(stream, authority=where) as channel:
+        try:
+            yield JobClient(channel, where)
+        except (Exception, KeyboardInterrupt) as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
+
+
+def _socket_problem(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    causes = getattr(exc.__cause__, "exceptions", None) or [exc]
+    for cause in causes:
+        number = getattr(cause, "errno", None)
+        if number:
+            return (
+                os.strerror(number).lower()
+                if number != errno_codes.ECONNREFUSED
+                else ("connection refused")
+            )
+    return str(exc) or type(exc).__name__
+
+
+class JobClient:
+    """The five JobService calls, each with a deadline, each failing as a CliError."""
+
+    def __init__(self, channel: Channel, server: str) -> None:
+        self._channel = channel
+        self.server = server
+
+    async def start(self, request: pb.StartJobRequest) -> str:
+        reply = await self._unary("StartJob", request, pb.StartJobResponse)
+        return reply.job_id
+
+    async def stop(self, job_id: str, grace_period_s: float | None = None) -> pb.JobStatus:
+        request = pb.StopJobRequest(job_id=job_id)
+        if grace_period_s is not None:
+            request.grace_period.CopyFrom(_duration(grace_period_s))
+        wait_s = (grace_period_s if grace_period_s is not None else STOP_UNKNOWN_GRACE_S) + (
+            STOP_MARGIN_S
+        )
+        reply = await self._unary("StopJob", request, pb.StopJobResponse, timeout_s=wait_s)
+        return reply.status
+
+    async def status(self, job_id: str) -> pb.JobStatus:
+        return await self._unary(
+            "GetJobStatus", pb.GetJobStatusRequest(job_id=job_id), pb.JobStatus
+        )
+
+    async def list(self, *, all_jobs: bool = False) -> list[pb.JobStatus]:
+        reply = await self._unary("ListJobs", pb.ListJobsRequest(all=all_jobs), pb.ListJobsResponse)
+        return list(reply.jobs)
+
+    async def logs(
+        self, job_id: str, on_chunk: Callable[[pb.LogChunk], None], *, follow: bool
+    ) -> None:
+        """Hand the job's output chunks to `on_chunk`, in order, until the server ends the
+        stream (no deadline: following lasts as long as the job)."""
+        request = pb.GetJobLogsRequest(job_id=job_id, follow=follow)
+        try:
+            async with self._channel.server_stream(
+                f"{SERVICE}/GetJobLogs", request, pb.LogChunk
+            ) as chunks:
+                async for chunk in chunks:
+                    on_chunk(chunk)
+        except GrpcError as exc:
+            raise self._failure(exc) from None
+
+    async def _unary(self, method, request, response_type, *, timeout_s: float = CALL_TIMEOUT_S):
+        try:
+            return await self._channel.unary(
+                f"{SERVICE}/{method}", request, response_type, timeout_s=timeout_s
+            )
+        except GrpcError as exc:
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: GrpcError) -> CliError:
+        return rpc_failure(exc, self.server)
+
+
+def rpc_failure(exc: GrpcError, server: str) -> CliError:
+    """The one line and exit code for a failed call: 2 when the connection or the certificate
+    is the problem, 1 when the server answered."""
+    message = exc.message or exc.status.name.lower().replace("_", " ")
+    if exc.status is Status.UNAVAILABLE:
+        marker = message.find("certificate not accepted")
+        if marker >= 0:  # TLS 1.3: a refused client certificate shows on the first read
+            return CliError(message[marker:], EXIT_USAGE)
+        return CliError(f"server {server} unavailable: {message}", EXIT_USAGE)
+    if exc.status is Status.UNAUTHENTICATED:
+        return CliError(f"certificate not accepted by server: {message}", EXIT_USAGE)
+    if exc.status is Status.DEADLINE_EXCEEDED:
+        return CliError(f"no answer from {server} in time ({message})", EXIT_USAGE)
+    return CliError(message, EXIT_RPC)
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration

@@ -1,0 +1,210 @@
+"""`jobworker serve`'s settings: built-in defaults, then a TOML file, then flags.
+
+Every flag is also a config key, spelled like the flag without its dashes::
+
+    listen = "0.0.0.0:50051"
+    cert = "/etc/jobworker/server.crt"
+    data-dir = "/var/lib/jobworker"
+    grace-period = "10s"        # durations: "500ms", "5s", "1m30s", or a number of seconds
+    max-jobs = 100
+    memory = "512M"             # sizes: "512M", "1G", or a number of bytes
+    max-memory = "4G"
+
+A key the server does not know is an error (a typo must not silently leave a default in place).
+Everything here is pure: the caller reads the file and reports `ConfigError` in one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobworker.supervisor import InvalidJobSpec, LimitOverrides, LimitPolicy, Limits
+
+from .parsing import Address, parse_address, parse_duration, parse_size
+
+DEFAULT_PORT = 50051
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_TLS_DIR = Path("/etc/jobworker")
+DEFAULT_GRACE_PERIOD_S = 10.0
+DEFAULT_MAX_JOBS = 100
+CGROUP_MODES = ("auto", "v2", "v1", "off")
+
+
+class ConfigError(Exception):
+    """A setting cannot be used. The message names the setting and says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    listen: Address
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    data_dir: Path | None  # None: a private temporary directory, removed at exit
+    limits: LimitPolicy
+    grace_period_s: float
+    max_jobs: int
+    cgroups: str
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"not a size: {value!r}")
+        return value
+    if isinstance(value, str):
+        return parse_size(value)
+    raise ValueError(f'not a size: {value!r} (examples: "512M", "1G", 4096)')
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"not a duration: {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        return parse_duration(value)
+    raise ValueError(f'not a duration: {value!r} (examples: "5s", "500ms", 10)')
+
+
+def _cpu(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"not a number of cores: {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"not a number of cores: {value!r} (examples: 0.5, 2)")
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"not a whole number: {value!r}")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"not a whole number of at least 1: {value!r}")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _listen(value: Any) -> Address:
+    return parse_address(_text(value), default_port=DEFAULT_PORT)
+
+
+def _cgroup_mode(value: Any) -> str:
+    if value not in CGROUP_MODES:
+        raise ValueError(f"expected one of {', '.join(CGROUP_MODES)}, got {value!r}")
+    return value
+
+
+# key → parser; the keys are the flags' names. Limits map to supervisor field names below.
+_LIMIT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "cpu": ("cpu", _cpu),
+    "memory": ("memory_bytes", _size),
+    "io-read": ("io_read_bps", _size),
+    "io-write": ("io_write_bps", _size),
+    "pids": ("pids", _count),
+}
+_KEYS: dict[str, Callable[[Any], Any]] = {
+    "listen": _listen,
+    "cert": _text,
+    "key": _text,
+    "ca": _text,
+    "data-dir": _text,
+    "grace-period": _duration,
+    "max-jobs": _count,
+    "cgroups": _cgroup_mode,
+    **{key: parser for key, (_, parser) in _LIMIT_KEYS.items()},
+    **{f"max-{key}": parser for key, (_, parser) in _LIMIT_KEYS.items()},
+}
+KEYS = tuple(_KEYS)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The raw table from a TOML file; ConfigError if it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def resolve(
+    flags: Mapping[str, Any], config: Mapping[str, Any] | None = None, *, source: str = "config"
+) -> ServeSettings:
+    """Settings from flags (None: not given) over the config table over the defaults.
+
+    `flags` and `config` are keyed by the flag names in `KEYS`. Flag values are strings as
+    typed; config values are whatever TOML made of them.
+    """
+    values: dict[str, Any] = {}
+    for key, raw in (config or {}).items():
+        if key not in _KEYS:
+            close = difflib.get_close_matches(key.replace("_", "-"), KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        values[key] = _parse(key, raw, f"{source}: {key}")
+    for key, raw in flags.items():
+        if key not in _KEYS:
+            raise ValueError(f"no such setting: {key}")  # a bug in the caller, not user input
+        if raw is not None:
+            values[key] = _parse(key, raw, f"--{key}")
+
+    tls_dir = DEFAULT_TLS_DIR
+    try:
+        defaults = Limits(
+            **{name: values[key] for key, (name, _) in _LIMIT_KEYS.items() if key in values}
+        )
+        maximums = LimitOverrides(
+            **{
+                name: values[f"max-{key}"]
+                for key, (name, _) in _LIMIT_KEYS.items()
+                if f"max-{key}" in values
+            }
+        )
+        policy = LimitPolicy(defaults=defaults, maximums=maximums)
+    except InvalidJobSpec as exc:
+        message = str(exc)
+        for key, (name, _) in _LIMIT_KEYS.items():
+            message = message.replace(name, key)
+        raise ConfigError(f"limits: {message}") from None
+    data_dir = values.get("data-dir")
+    return ServeSettings(
+        listen=values.get("listen") or parse_address(DEFAULT_LISTEN),
+        cert_file=Path(values.get("cert") or tls_dir / "server.crt"),
+        key_file=Path(values.get("key") or tls_dir / "server.key"),
+        ca_file=Path(values.get("ca") or tls_dir / "ca.crt"),
+        data_dir=Path(data_dir) if data_dir else None,
+        limits=policy,
+        grace_period_s=values.get("grace-period", DEFAULT_GRACE_PERIOD_S),
+        max_jobs=values.get("max-jobs", DEFAULT_MAX_JOBS),
+        cgroups=values.get("cgroups", "auto"),
+    )
+
+
+def _parse(key: str, raw: Any, where: str) -> Any:
+    try:
+        return _KEYS[key](raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

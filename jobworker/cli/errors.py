@@ -1,0 +1,107 @@
+"""One place where both executables turn every way of failing into one line and an exit code.
+
+Exit codes (sysexits-like where a convention exists):
+    0   success (jobctl run: the job's own exit code instead)
+    1   the server answered with an error (job not found, permission denied, ...)
+    2   usage, configuration, connection or TLS problems; server startup problems
+    70  an internal error: a bug in jobworker (the one line names the exception)
+    130 interrupted by Ctrl-C where that has no more specific meaning
+
+An internal error prints its traceback too when JOBWORKER_DEBUG is set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from cyclopts import CycloptsError
+
+EXIT_RPC = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """Stop the command: print `message` after the program's name and exit `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def run_cli(
+    program: str,
+    launch: Callable[[], Any],
+    *,
+    hint: Callable[[CycloptsError], str] | None = None,
+) -> int:
+    """Run `launch` (which parses and runs a command) and return the process's exit code.
+
+    Never lets a traceback out: usage errors and CliError become their one line; anything
+    else is a bug, reported in one line with exit code 70.
+    """
+    try:
+        result = launch()
+    except CycloptsError as exc:
+        message = _first_line(str(exc)) or type(exc).__name__
+        extra = hint(exc) if hint is not None else ""
+        _say(program, f"{message.rstrip('.')} ({extra})" if extra else message)
+        return EXIT_USAGE
+    except CliError as exc:
+        _say(program, exc.message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:
+        single = _sole(group)
+        if isinstance(single, CliError):
+            _say(program, single.message)
+            return single.exit_code
+        if isinstance(single, KeyboardInterrupt) or (
+            group.split(KeyboardInterrupt)[0] is not None
+            and group.split(KeyboardInterrupt)[1] is None
+        ):
+            return EXIT_INTERRUPTED
+        _say(program, f"internal error: {_describe(single)}")
+        if os.environ.get("JOBWORKER_DEBUG"):
+            traceback.print_exception(group)
+        return EXIT_INTERNAL
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:
+        _say(program, f"internal error: {_describe(exc)}")
+        if os.environ.get("JOBWORKER_DEBUG"):
+            traceback.print_exc()
+        return EXIT_INTERNAL
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _say(program: str, message: str) -> None:
+    if not message:
+        return  # a quiet exit (the reader of our output went away)
+    try:
+        sys.stderr.write(f"{program}: {message}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass  # stderr is gone; nothing else to tell
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0].strip() if text.strip() else ""
+
+
+def _sole(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def _describe(exc: BaseException) -> str:
+    text = _first_line(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,203 @@
+"""How jobctl shows jobs: seed 000's aligned `status` layout, the `list` table, JSON.
+
+Pure functions of `pb.JobStatus` values (and of "now" and a time zone, passed in), so every
+layout is tested without a server.
+
+`status` begins exactly as seed 000 shows it — Job, Status, Command, then Exit Code once the
+job has ended with one — each label padded to 13 columns. The fields after those appear only
+where they say something: Owner, PID (running), Signal, Reason, Started, Ended, Limits, Usage.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+from collections.abc import Sequence
+from datetime import UTC, datetime, tzinfo
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.supervisor import format_bytes
+
+from .parsing import format_duration
+
+LABEL_WIDTH = 13  # "Exit Code:" and three spaces, as in seed 000
+
+STATE_NAMES = {
+    pb.JOB_STATE_RUNNING: "running",
+    pb.JOB_STATE_FINISHED: "finished",
+    pb.JOB_STATE_FAILED: "failed",
+    pb.JOB_STATE_STOPPED: "stopped",
+    pb.JOB_STATE_ERROR: "error",
+}
+
+
+def state_name(state: int) -> str:
+    return STATE_NAMES.get(state, "unknown")
+
+
+def command_line(status: pb.JobStatus) -> str:
+    """The command with its arguments, shell-quoted only where needed (as seed 000 shows it)."""
+    return shlex.join([status.command, *status.args])
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def format_status(
+    status: pb.JobStatus, *, now: datetime | None = None, tz: tzinfo | None = None
+) -> str:
+    """`jobctl status`: one aligned line per field, ending with a newline."""
+    lines = [
+        ("Job", status.job_id),
+        ("Status", state_name(status.state)),
+        ("Command", command_line(status)),
+    ]
+    if status.HasField("exit_code"):
+        lines.append(("Exit Code", str(status.exit_code)))
+    if status.owner:
+        lines.append(("Owner", status.owner))
+    if status.state == pb.JOB_STATE_RUNNING and status.HasField("pid"):
+        lines.append(("PID", str(status.pid)))
+    if status.HasField("signal"):
+        lines.append(("Signal", signal_name(status.signal)))
+    reason = describe_reason(status)
+    if reason:
+        lines.append(("Reason", reason))
+    if status.HasField("started_at"):
+        started = _timestamp(status.started_at)
+        text = _clock(started, tz)
+        if status.state == pb.JOB_STATE_RUNNING and now is not None:
+            text += f" ({format_duration(max(0.0, (now - started).total_seconds()))} ago)"
+        lines.append(("Started", text))
+    if status.HasField("ended_at") and status.state != pb.JOB_STATE_ERROR:
+        ended = _timestamp(status.ended_at)
+        text = _clock(ended, tz)
+        if status.HasField("started_at"):
+            ran = (ended - _timestamp(status.started_at)).total_seconds()
+            text += f" (ran {format_duration(max(0.0, ran))})"
+        lines.append(("Ended", text))
+    limits = describe_limits(status)
+    if limits:
+        lines.append(("Limits", limits))
+    usage = describe_usage(status.usage) if status.HasField("usage") else ""
+    if usage:
+        lines.append(("Usage", usage))
+    return "".join(f"{label + ':':<{LABEL_WIDTH}}{value}\n" for label, value in lines)
+
+
+def describe_reason(status: pb.JobStatus) -> str:
+    """Why the job is in its state, beyond the exit code; "" when there is nothing to add."""
+    parts: list[str] = []
+    if status.state == pb.JOB_STATE_ERROR and status.error:
+        parts.append(status.error)
+    if status.stop_requested_by:
+        parts.append(f"stopped by {status.stop_requested_by}")
+    if status.escalated:
+        parts.append("killed with SIGKILL after the grace period")
+    if status.oom_killed:
+        parts.append("out of memory (killed by the kernel's OOM killer)")
+    if status.pids_limit_hit:
+        parts.append("reached its pids limit (a fork failed)")
+    return "; ".join(parts)
+
+
+def describe_limits(status: pb.JobStatus) -> str:
+    if status.cgroups == "off":
+        return "none (the server runs without cgroups)"
+    if not status.HasField("limits"):
+        return ""
+    limits = status.limits
+    parts: list[str] = []
+    if limits.HasField("cpu"):
+        parts.append(f"cpu {limits.cpu:g}")
+    if limits.HasField("memory_bytes"):
+        parts.append(f"memory {_bytes(limits.memory_bytes)}")
+    if limits.HasField("io_read_bytes_per_second"):
+        parts.append(f"io read {_bytes(limits.io_read_bytes_per_second)}/s")
+    if limits.HasField("io_write_bytes_per_second"):
+        parts.append(f"io write {_bytes(limits.io_write_bytes_per_second)}/s")
+    if limits.HasField("pids"):
+        parts.append(f"pids {limits.pids}")
+    text = ", ".join(parts)
+    if text and status.cgroups:
+        text += f" (cgroup {status.cgroups})"
+    return text
+
+
+def describe_usage(usage: pb.Usage) -> str:
+    parts: list[str] = []
+    if usage.HasField("cpu_seconds"):
+        cpu = f"cpu {usage.cpu_seconds:.2f}s"
+        if usage.HasField("cpu_throttled_seconds") and usage.cpu_throttled_seconds > 0:
+            cpu += f" (throttled {usage.cpu_throttled_seconds:.2f}s)"
+        parts.append(cpu)
+    if usage.HasField("memory_peak_bytes"):
+        parts.append(f"memory peak {_bytes(usage.memory_peak_bytes)}")
+    if usage.HasField("io_read_bytes"):
+        parts.append(f"io read {_bytes(usage.io_read_bytes)}")
+    if usage.HasField("io_write_bytes"):
+        parts.append(f"io write {_bytes(usage.io_write_bytes)}")
+    return ", ".join(parts)
+
+
+LIST_COLUMNS = ("JOB ID", "OWNER", "STATUS", "EXIT", "STARTED", "COMMAND")
+
+
+def format_list(jobs: Sequence[pb.JobStatus], *, tz: tzinfo | None = None) -> str:
+    """`jobctl list`: a header, then one aligned line per job, oldest first."""
+    rows = [LIST_COLUMNS]
+    for job in jobs:
+        when = job.started_at if job.HasField("started_at") else job.created_at
+        rows.append(
+            (
+                job.job_id,
+                job.owner or "-",
+                state_name(job.state),
+                str(job.exit_code) if job.HasField("exit_code") else "-",
+                _clock(_timestamp(when), tz, zone=False) if when.seconds else "-",
+                command_line(job),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS) - 1)]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "  "
+        + row[-1]
+        + "\n"
+        for row in rows
+    )
+
+
+def to_json(message: Message) -> str:
+    """The proto3 JSON mapping, with the .proto's field names (job_id, exit_code, ...) and
+    every field without presence written out, so a reader need not know proto defaults."""
+    return (
+        json_format.MessageToJson(
+            message,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+def _timestamp(value) -> datetime:
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def _clock(when: datetime, tz: tzinfo | None, *, zone: bool = True) -> str:
+    local = when.astimezone(tz)
+    return local.strftime("%Y-%m-%d %H:%M:%S %Z" if zone else "%Y-%m-%d %H:%M:%S").strip()
+
+
+def _bytes(value: int) -> str:
+    text = format_bytes(value)
+    return text + "B" if text.isdigit() else text

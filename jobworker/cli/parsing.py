@@ -1,0 +1,126 @@
+"""What both commands accept on their command lines and in config files: durations, sizes,
+addresses, ``KEY=VALUE`` pairs. Pure functions; each raises ValueError with a message fit to
+print after the option's name."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+
+from jobworker.supervisor import parse_bytes
+
+__all__ = [
+    "Address",
+    "format_duration",
+    "parse_address",
+    "parse_duration",
+    "parse_env",
+    "parse_size",
+]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
+_DURATION_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``5s``, ``500ms``, ``1m``, ``1m30s``, ``2h`` or a bare number of seconds."""
+    spelled = text.strip().lower()
+    try:
+        seconds = float(spelled)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"not a duration: {text!r} (examples: 5s, 500ms, 1m30s)")
+        return seconds
+    position, total = 0, 0.0
+    for match in _DURATION_PART.finditer(spelled):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _DURATION_UNIT_S[match.group(2)]
+        position = match.end()
+    if not spelled or position != len(spelled):
+        raise ValueError(f"not a duration: {text!r} (examples: 5s, 500ms, 1m30s)")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The short human spelling: 0.25 → ``250ms``, 2.5 → ``2.5s``, 95 → ``1m35s``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{seconds:.3g}s" if seconds < 10 else f"{seconds:.0f}s"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``512M``, ``1G``, ``100MiB`` or ``4096`` (binary units, like docker)."""
+    return parse_bytes(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """Where to listen or connect. host None: every interface (listening only)."""
+
+    host: str | None
+    port: int
+
+    def __str__(self) -> str:
+        host = self.host or ""
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def parse_address(text: str, *, default_port: int | None = None) -> Address:
+    """``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` (every interface) or, with a default port,
+    a bare ``HOST``."""
+    spelled = text.strip()
+    host: str | None
+    if spelled.startswith("["):
+        end = spelled.find("]")
+        if end < 0:
+            raise ValueError(f"not an address: {text!r} (missing ']')")
+        host, rest = spelled[1:end], spelled[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"not an address: {text!r} ({host!r} is not an IPv6 address)"
+            ) from None
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"not an address: {text!r} (expected ':PORT' after ']')")
+        port_text = rest[1:] if rest else None
+    elif spelled.count(":") > 1:
+        raise ValueError(f"not an address: {text!r} (write an IPv6 address as [ADDRESS]:PORT)")
+    elif ":" in spelled:
+        host, port_text = spelled.split(":")
+    else:
+        host, port_text = spelled, None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"not an address: {text!r} (expected HOST:PORT)")
+        port = default_port
+    else:
+        if not port_text.isdigit() or int(port_text) > 65535:
+            raise ValueError(f"not an address: {text!r} ({port_text!r} is not a port number)")
+        port = int(port_text)
+    if host is not None and any(c.isspace() or c in "/@" for c in host):
+        raise ValueError(f"not an address: {text!r} (bad host {host!r})")
+    return Address(host or None, port)
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs into a dict; the value may be empty or contain ``=``."""
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        env[key] = value
+    return env

@@ -1,0 +1,84 @@
+"""`jobworker serve` settings: defaults, then the TOML file, then flags; every mistake named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobworker.cli.config import KEYS, ConfigError, load_config_file, resolve
+from jobworker.cli.parsing import Address
+from jobworker.supervisor import LimitOverrides, Limits
+
+NO_FLAGS = dict.fromkeys(KEYS)
+
+
+def test_defaults() -> None:
+    settings = resolve(NO_FLAGS)
+    assert settings.listen == Address("127.0.0.1", 50051)
+    assert settings.cert_file == Path("/etc/jobworker/server.crt")
+    assert settings.key_file == Path("/etc/jobworker/server.key")
+    assert settings.ca_file == Path("/etc/jobworker/ca.crt")
+    assert settings.data_dir is None
+    assert settings.limits.defaults == Limits()
+    assert settings.limits.maximums == LimitOverrides()
+    assert (settings.grace_period_s, settings.max_jobs, settings.cgroups) == (10.0, 100, "auto")
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "jobworker.toml"
+    path.write_text(
+        'listen = ":6000"\nmemory = "256M"\nmax-memory = 1073741824\ncpu = 1\n'
+        'grace-period = 2.5\nmax-jobs = 7\ncgroups = "v1"\ndata-dir = "/var/lib/jw"\n'
+    )
+    table = load_config_file(path)
+    settings = resolve({**NO_FLAGS, "memory": "128M", "grace-period": "1m"}, table)
+    assert settings.listen == Address(None, 6000)
+    assert settings.limits.defaults.memory_bytes == 128 * 2**20  # the flag
+    assert settings.limits.defaults.cpu == 1.0  # the file
+    assert settings.limits.maximums.memory_bytes == 2**30
+    assert settings.grace_period_s == 60.0
+    assert (settings.max_jobs, settings.cgroups, settings.data_dir) == (
+        7,
+        "v1",
+        Path("/var/lib/jw"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"memroy": "1G"}, "config: unknown key 'memroy' (did you mean 'memory'?)"),
+        ({"data_dir": "/x"}, "config: unknown key 'data_dir' (did you mean 'data-dir'?)"),
+        ({"zzz": 1}, "config: unknown key 'zzz'"),
+        ({"memory": "lots"}, "config: memory: not a size: 'lots' (examples: 4096, 512K, 100M, 1G)"),
+        ({"memory": True}, "config: memory: not a size: True"),
+        (
+            {"grace-period": "soon"},
+            "config: grace-period: not a duration: 'soon' (examples: 5s, 500ms, 1m30s)",
+        ),
+        ({"max-jobs": 0}, "config: max-jobs: not a whole number of at least 1: 0"),
+        ({"cgroups": "v3"}, "config: cgroups: expected one of auto, v2, v1, off, got 'v3'"),
+        ({"listen": 50051}, "config: listen: expected a non-empty string, got 50051"),
+        ({"memory": "2G", "max-memory": "1G"}, "limits: default memory 2G is above the maximum 1G"),
+        ({"cpu": 0}, "limits: cpu must be at least 0.01 cores, got 0.0"),
+    ],
+)
+def test_config_mistakes_are_named(table: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve(NO_FLAGS, table)
+    assert str(caught.value) == message
+
+
+def test_flag_mistakes_name_the_flag() -> None:
+    with pytest.raises(ConfigError, match=r"^--io-read: not a size: 'fast'"):
+        resolve({**NO_FLAGS, "io-read": "fast"})
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config file .*: No such file"):
+        load_config_file(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen = 127.0.0.1\n")
+    with pytest.raises(ConfigError, match=r"^config file .*bad.toml: "):
+        load_config_file(bad)

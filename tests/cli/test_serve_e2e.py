@@ -1,0 +1,152 @@
+"""`jobworker serve` as a real process: shutdown leaves nothing behind; startup problems are one
+line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from .conftest import JOBWORKER, Jobctl, Server, run, tls_flags
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def job_pid_and_subtree(jobctl: Jobctl, job_id: str) -> tuple[int, str]:
+    """A running job's pid and the server's own cgroup subtree (jobworker-XXXX) it sits in."""
+    pid = json.loads(jobctl.ok("status", job_id, "--json"))["pid"]
+    with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+        paths = [line.split(":", 2)[2] for line in f.read().splitlines()]
+    subtrees = {part for path in paths for part in path.split("/") if part.startswith("jobworker-")}
+    assert len(subtrees) == 1, paths
+    return pid, subtrees.pop()
+
+
+def cgroups_named(name: str) -> list[str]:
+    return [top for top, dirs, _ in os.walk(CGROUP_ROOT) if os.path.basename(top) == name]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != b"Z"
+
+
+def test_sigterm_stops_every_job_removes_every_cgroup_and_exits_0(
+    server_factory, certs_dir: Path
+) -> None:
+    server: Server = server_factory("--grace-period", "1s")
+    jobctl = Jobctl(certs_dir, server.address)
+    polite = jobctl.start("sleep", "30")
+    stubborn = jobctl.start("sh", "-c", "trap '' TERM; echo ready; sleep 30")
+    follower = jobctl.popen("logs", "-f", stubborn)
+    assert follower.stdout is not None
+    assert follower.stdout.readline() == b"ready\n"  # the trap is set
+    pids = [job_pid_and_subtree(jobctl, job)[0] for job in (polite, stubborn)]
+    _, subtree = job_pid_and_subtree(jobctl, polite)
+    assert cgroups_named(subtree)
+
+    assert server.terminate() == 0, server.stderr()
+    assert follower.wait(10) == 0  # the follower saw its job end, then the stream close
+    follower.stdout.close()
+    assert not [pid for pid in pids if alive(pid)]
+    assert cgroups_named(subtree) == []
+    log = server.stderr()
+    assert "SIGTERM: shutting down" in log
+    assert f"job={polite}" in log and "stopped by server shutdown" in log
+    assert "escalated to SIGKILL" in log  # the stubborn one, after its grace period
+
+
+def test_a_second_signal_kills_every_job_at_once(server_factory, certs_dir: Path) -> None:
+    server: Server = server_factory("--grace-period", "60s")
+    jobctl = Jobctl(certs_dir, server.address)
+    job_id = jobctl.start("sh", "-c", "trap '' TERM; echo ready; sleep 60")
+    follower = jobctl.popen("logs", "-f", job_id)
+    assert follower.stdout is not None
+    assert follower.stdout.readline() == b"ready\n"
+    pid, subtree = job_pid_and_subtree(jobctl, job_id)
+
+    server.process.send_signal(signal.SIGINT)
+    server.wait_for_log("SIGINT: shutting down")
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(15) == 128 + signal.SIGINT  # long before the 60 s grace period
+    assert not alive(pid)
+    assert cgroups_named(subtree) == []
+    follower.wait(10)
+    follower.stdout.close()
+    server.terminate()
+
+
+def test_startup_port_in_use(certs_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run([*JOBWORKER, "serve", "--listen", f"127.0.0.1:{port}", *tls_flags(certs_dir)])
+    assert done.returncode == 2
+    assert done.stderr.endswith(
+        f"jobworker: cannot listen on 127.0.0.1:{port}: address already in use\n".encode()
+    )
+    assert done.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (
+            {"cert": "missing.crt"},
+            "jobworker: cannot use the TLS files: cannot read certificate file {d}/missing.crt",
+        ),
+        (
+            {"cert": "ca.key"},
+            "jobworker: cannot use the TLS files: certificate file {d}/ca.key holds no PEM "
+            "certificate",
+        ),
+        (
+            {"key": "alice/client.key"},
+            "jobworker: cannot use the TLS files: private key does not match the certificate",
+        ),
+    ],
+)
+def test_startup_bad_tls_files(certs_dir: Path, files: dict[str, str], message: str) -> None:
+    paths = {"cert": "server.crt", "key": "server.key", "ca": "ca.crt", **files}
+    flags = [arg for name, f in paths.items() for arg in (f"--{name}", str(certs_dir / f))]
+    done = run([*JOBWORKER, "serve", "--listen", "127.0.0.1:0", *flags])
+    assert done.returncode == 2
+    assert done.stderr.startswith(message.format(d=certs_dir).encode()), done.stderr
+    assert done.stderr.count(b"\n") == 1
+    assert done.stdout == b""
+
+
+def test_startup_bad_config(certs_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "jobworker.toml"
+    config.write_text('listen = "127.0.0.1:0"\nmemroy = "1G"\n')
+    done = run([*JOBWORKER, "serve", "--config", str(config), *tls_flags(certs_dir)])
+    assert done.returncode == 2
+    assert (
+        done.stderr
+        == (
+            f"jobworker: config file {config}: unknown key 'memroy' (did you mean 'memory'?)\n"
+        ).encode()
+    )
+
+
+def test_config_file_and_flags(server_factory, certs_dir: Path, tmp_path: Path) -> None:
+    """The file sets limits and a maximum; a flag overrides the file."""
+    config = tmp_path / "jobworker.toml"
+    config.write_text('memory = "256M"\nmax-memory = "512M"\npids = 100\ngrace-period = "2s"\n')
+    server: Server = server_factory("--config", str(config), "--pids", "50")
+    jobctl = Jobctl(certs_dir, server.address)
+    job_id = jobctl.start("true")
+    limits = json.loads(jobctl.ok("status", job_id, "--json"))["limits"]
+    assert (limits["memory_bytes"], limits["pids"]) == (str(256 * 2**20), 50)
+    refused = jobctl("start", "--memory", "1G", "--", "true")
+    assert refused.returncode == 1
+    assert b"above the maximum" in refused.stderr
