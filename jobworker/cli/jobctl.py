@@ -128,7 +128,7 @@ def start(
     request = build_start_request(command, args, options)
 
     async def body(client: JobClient) -> int:
-        print(await client.start(request), flush=True)
+        _write_text(await client.start(request) + "\n")
         return 0
 
     return _with_client(conn, body)
