@@ -33,7 +33,7 @@ from cyclopts import App, Parameter
 import jobworker
 from jobworker.purgatory.server import Server
 from jobworker.purgatory.tls import TLSConfig, TLSConfigError
-from jobworker.supervisor import CgroupError, JobEnded, Supervisor, format_bytes
+from jobworker.supervisor import CgroupError, Supervisor, format_bytes
 
 from . import certs as certs_lib
 from .config import DEFAULT_TLS_DIR, ConfigError, ServeSettings, load_config_file, resolve
@@ -293,15 +293,8 @@ class _Run:
         nursery.cancel_scope.cancel()
 
     async def _stop_every_job(self, grace_period_s: float | None) -> None:
-        async def stop(job) -> None:
-            try:
-                await job.stop(grace_period_s, requested_by="server shutdown")
-            except JobEnded:
-                pass
-
-        async with trio.open_nursery() as nursery:
-            for job in self.supervisor.jobs():
-                nursery.start_soon(stop, job)
+        # Through the service, so every stop request is an event line like any other.
+        await self.service.stop_all_jobs(grace_period_s, requested_by="server shutdown")
 
 
 def _show(name: str, value: float) -> str:
