@@ -255,6 +255,7 @@ async def open_channel_over(
     wire.initiate()
     driver = Driver(wire, stream)
     channel = Channel(driver)
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
 
         async def run() -> None:
@@ -267,16 +268,26 @@ async def open_channel_over(
         driver.wake()
         try:
             yield channel
+        except BaseException as exc:
+            # Raised again, bare, once the nursery has closed: through the nursery it would
+            # come out wrapped in an ExceptionGroup the caller did not ask for.
+            body_error = exc
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                if not driver.closed.is_set():
-                    wire.close()
-                    try:
-                        await driver.flush()
-                    except trio.BrokenResourceError:
-                        pass
+            # Shielded, and before the nursery is cancelled: an await in a cancelled scope
+            # would raise Cancelled here, and the nursery would swallow it together with the
+            # exception that is leaving the block (which must reach the caller).
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    if not driver.closed.is_set():
+                        wire.close()
+                        try:
+                            await driver.flush()
+                        except trio.BrokenResourceError:
+                            pass
+                await trio.aclose_forcefully(stream)
             nursery.cancel_scope.cancel()
-            await trio.aclose_forcefully(stream)
+    if body_error is not None:
+        raise body_error
 
 
 def _deadline_scope(timeout_s: float | None) -> trio.CancelScope:

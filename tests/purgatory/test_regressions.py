@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue
 from hyperframe.frame import DataFrame
 
+from jobworker.purgatory.client import open_channel_over
 from jobworker.purgatory.server import RpcMethod, Server
 from jobworker.purgatory.wire.connection import ClientConnection
 
@@ -80,3 +82,16 @@ async def test_a_malformed_request_does_not_take_the_connection_down(caplog) -> 
         await client.aclose()  # serve_stream should now return, having raised nothing
     # Handled by the wire layer itself, not merely contained by serve_stream's boundary.
     assert "failed" not in caplog.text
+
+
+async def test_an_exception_inside_a_channel_block_reaches_the_caller() -> None:
+    # Found by jobctl: the channel's cleanup awaited inside its cancelled nursery, and the
+    # resulting Cancelled swallowed the caller's exception (`jobctl status` exited 0, silent).
+    server = Server([], tls=None)
+    client, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_side)
+        with pytest.raises(LookupError, match="raised in the block"):  # bare, not in a group
+            async with open_channel_over(client, authority="test"):
+                raise LookupError("raised in the block")
+        nursery.cancel_scope.cancel()

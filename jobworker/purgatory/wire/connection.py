@@ -96,8 +96,9 @@ _GOAWAY_TYPE = 0x7
 
 # DATA frames carrying messages are serialized here, not by h2 (see _send_data_frame): h2's path
 # copies the payload four times and runs two state machines per frame. Profiled, that was the
-# largest Python cost of streaming; bypassing it took the server from 1.7 to 1.0 CPU-s per GB. These are the states in which h2 itself would send DATA;
-# anywhere else the frame goes through h2, which raises what it raises.
+# largest Python cost of streaming; bypassing it took the server from 1.7 to 1.0 CPU-s per GB.
+# These are the states in which h2 itself would send DATA; anywhere else the frame goes
+# through h2, which raises what it raises.
 _DATA_CONNECTION_STATES = frozenset(
     {h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN}
 )
