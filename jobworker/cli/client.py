@@ -135,17 +135,8 @@ async def connect(conn: Connection) -> AsyncIterator[JobClient]:
     except BaseException:
         await trio.aclose_forcefully(tcp)
         raise
-    # Carried past the channel by hand: purgatory's open_channel_over loses an exception
-    # raised inside its block (its cleanup awaits inside a scope it has just cancelled, and
-    # the Cancelled that follows replaces the exception), so a failed call would exit 0.
-    failure: BaseException | None = None
     async with open_channel_over(stream, authority=where) as channel:
-        try:
-            yield JobClient(channel, where)
-        except (Exception, KeyboardInterrupt) as exc:
-            failure = exc
-    if failure is not None:
-        raise failure
+        yield JobClient(channel, where)
 
 
 def _socket_problem(exc: OSError) -> str:
