@@ -81,7 +81,11 @@ def main() -> int:
                 print("regenerate with: .venv/bin/python tools/gen_proto.py", file=sys.stderr)
             return 1 if problems else 0
         shutil.rmtree(OUT, ignore_errors=True)
-        shutil.copytree(fresh, OUT)
+        # File by file, not copytree: that would copy the temporary directory's 0700 mode,
+        # and the package must be readable by whoever runs it.
+        for name in sorted(_files(fresh)):
+            (OUT / name).parent.mkdir(parents=True, exist_ok=True)
+            (OUT / name).write_bytes((fresh / name).read_bytes())
     print(f"generated {OUT.relative_to(ROOT)}/")
     return 0
 
