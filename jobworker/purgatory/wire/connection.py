@@ -447,23 +447,9 @@ class _GrpcConnection:
                     self._h2.send_headers(stream_id, item.headers, end_stream=True)
                     self._streams.pop(stream_id, None)
                 break
-            h2_stream = self._h2.streams.get(stream_id)
-            fast = (
-                h2_stream is not None
-                and h2_stream.state_machine.state in _DATA_STREAM_STATES
-                and self._h2.state_machine.state in _DATA_CONNECTION_STATES
+            window = min(
+                self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size
             )
-            if fast:
-                window = min(
-                    self._h2.outbound_flow_control_window,
-                    h2_stream.outbound_flow_control_window,
-                    self._h2.max_outbound_frame_size,
-                )
-            else:
-                window = min(
-                    self._h2.local_flow_control_window(stream_id),
-                    self._h2.max_outbound_frame_size,
-                )
             if window <= 0:
                 return False
             # Gather whole items (a message's prefix and body, small messages) into one frame.
@@ -483,7 +469,11 @@ class _GrpcConnection:
                     break
                 else:
                     break
-            if fast:
+            h2_stream = self._h2.streams[stream_id]  # present: the window lookup found it
+            if (
+                h2_stream.state_machine.state in _DATA_STREAM_STATES
+                and self._h2.state_machine.state in _DATA_CONNECTION_STATES
+            ):
                 self._send_data_frame(stream_id, h2_stream, parts, size)
             else:
                 self._h2.send_data(stream_id, parts[0] if len(parts) == 1 else b"".join(parts))
