@@ -206,6 +206,11 @@ class Supervisor:
         except CgroupError as exc:
             job.fail_creation(f"cgroup setup failed: {exc}")
             return job
+        except BaseException:
+            # Not the job's fate but a bug or a cancellation: the caller never saw this job.
+            del self._jobs[job_id]
+            output.remove()
+            raise
         try:
             spawned = await spawn(
                 (spec.command, *spec.args),
@@ -270,8 +275,10 @@ class Supervisor:
         for key, value in (env or {}).items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise InvalidJobSpec("environment names and values must be strings")
-            if not key or "=" in key or "\0" in key or "\0" in value:
+            if not key or "=" in key or "\0" in key:
                 raise InvalidJobSpec(f"invalid environment variable name {key!r}")
+            if "\0" in value:
+                raise InvalidJobSpec(f"the environment variable {key} contains a NUL byte")
             job_env[key] = value
         if self._backend is not None and self._backend.kind == "off":
             if limits is not None:
@@ -282,6 +289,8 @@ class Supervisor:
         else:
             resolved = self.policy.resolve(limits)
         assert self._cwd is not None
+        if cwd is not None and "\0" in os.fsdecode(cwd):
+            raise InvalidJobSpec("the working directory cannot contain NUL bytes")
         job_cwd = os.path.join(self._cwd, os.fspath(cwd)) if cwd is not None else self._cwd
         return JobSpec(
             command=command,

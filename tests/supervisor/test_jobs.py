@@ -243,6 +243,10 @@ async def test_invalid_arguments_raise(tmp_path):
             await sup.start("echo", ["a\0b"])
         with pytest.raises(InvalidJobSpec, match="environment"):
             await sup.start("true", env={"A=B": "c"})
+        with pytest.raises(InvalidJobSpec, match="A contains a NUL byte"):
+            await sup.start("true", env={"A": "b\0c"})
+        with pytest.raises(InvalidJobSpec, match="working directory cannot contain NUL"):
+            await sup.start("true", cwd="/tmp\0x")  # once left a job "running" forever
         with pytest.raises(InvalidJobSpec, match="memory_bytes 2G is above the maximum 1G"):
             await sup.start("true", limits=LimitOverrides(memory_bytes=2 * 2**30))
         with pytest.raises(InvalidJobSpec, match=r"cpu 1\.5 is above the maximum 1$"):
