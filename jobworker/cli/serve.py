@@ -280,21 +280,18 @@ class _Run:
             else:
                 log.warning("%s again: killing every job and exiting now", name)
                 self.exit_code = 128 + signum
-                await self._stop_every_job(grace_period_s=0.0)
+                await self.service.stop_all_jobs(grace_period_s=0.0)
                 nursery.cancel_scope.cancel()
                 return
 
     async def _shutdown(self, nursery: trio.Nursery) -> None:
-        self.service.set_serving(False)
+        # The service closes while connections drain: a StartJob that still arrives on an
+        # open stream is refused, and every stop request is an event line like any other.
         drain_s = self.settings.grace_period_s + DRAIN_MARGIN_S
         async with trio.open_nursery() as steps:
             steps.start_soon(self.server.shutdown, drain_s)
-            steps.start_soon(self._stop_every_job, None)
+            steps.start_soon(self.service.close)
         nursery.cancel_scope.cancel()
-
-    async def _stop_every_job(self, grace_period_s: float | None) -> None:
-        # Through the service, so every stop request is an event line like any other.
-        await self.service.stop_all_jobs(grace_period_s, requested_by="server shutdown")
 
 
 def _show(name: str, value: float) -> str:

@@ -51,4 +51,4 @@ async def open_job_service(
         try:
             yield service
         finally:
-            await service._close()
+            await service.close()

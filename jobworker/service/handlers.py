@@ -266,8 +266,10 @@ class JobService:
             for job in self._supervisor.jobs():
                 nursery.start_soon(stop, job)
 
-    async def _close(self) -> None:
-        """Start nothing more; say NOT_SERVING; stop every running job and wait for each end."""
+    async def close(self) -> None:
+        """Start nothing more (StartJob: UNAVAILABLE); say NOT_SERVING; stop every running
+        job and wait for each end. A server calls it when its shutdown begins; calling it
+        again (leaving `open_job_service` does) only waits for what is still running."""
         self._closing = True
         self.set_serving(False)
         await self.stop_all_jobs()
