@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The main job, end to end: a dev CA, `jobworker serve`, and `jobctl` calls as two users.
+"""The main job, end to end: a dev CA, `jobworker serve`, and `jobctl` calls as three users.
 
     .venv/bin/python examples/demo.py
 
@@ -27,9 +27,8 @@ LISTENING = re.compile(r"^jobworker: listening on (\S+)$")
 
 
 def say(argv: list[str], who: str | None = None) -> None:
-    shown = ["jobctl", *argv[1:]] if argv[0].endswith("jobctl") else argv
     prefix = f"[{who}] " if who else ""
-    print(f"{prefix}$ {shlex.join(Path(shown[0]).name.split() + shown[1:])}", flush=True)
+    print(f"{prefix}$ {shlex.join([Path(argv[0]).name, *argv[1:]])}", flush=True)
 
 
 def run(argv: list[str], *, env: dict[str, str] | None = None, who: str | None = None,

@@ -9,7 +9,6 @@ and the server: --server → JOBCTL_SERVER → 127.0.0.1:50051.
 
 from __future__ import annotations
 
-import errno as errno_codes
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -20,18 +19,17 @@ from typing import Annotated
 
 import trio
 from cyclopts import Parameter
-from google.protobuf.duration_pb2 import Duration
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory.client import Channel, open_channel_over
 from jobworker.purgatory.tls import TLSConfig, TLSConfigError, TLSError, TLSStream
 from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.service.convert import duration_to_proto
 
 from .errors import EXIT_RPC, EXIT_USAGE, CliError
-from .parsing import Address, parse_address
+from .parsing import DEFAULT_PORT, Address, parse_address
 
-DEFAULT_SERVER = "127.0.0.1:50051"
-DEFAULT_PORT = 50051
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_PORT}"
 SERVICE = "/jobworker.v1.JobService"
 CONNECT_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 15.0  # every unary call but StopJob, which waits for the job to end
@@ -102,7 +100,7 @@ def _tls_config(conn: Connection, address: Address) -> TLSConfig:
             cert_file=files["cert"],
             key_file=files["key"],
             ca_files=[files["ca"]],
-            server_name=address.host or "localhost",
+            server_name=address.host,
         )
     except TLSConfigError as exc:
         raise CliError(str(exc)) from None
@@ -146,11 +144,7 @@ def _socket_problem(exc: OSError) -> str:
     for cause in causes:
         number = getattr(cause, "errno", None)
         if number:
-            return (
-                os.strerror(number).lower()
-                if number != errno_codes.ECONNREFUSED
-                else ("connection refused")
-            )
+            return os.strerror(number).lower()
     return str(exc) or type(exc).__name__
 
 
@@ -168,7 +162,7 @@ class JobClient:
     async def stop(self, job_id: str, grace_period_s: float | None = None) -> pb.JobStatus:
         request = pb.StopJobRequest(job_id=job_id)
         if grace_period_s is not None:
-            request.grace_period.CopyFrom(_duration(grace_period_s))
+            request.grace_period.CopyFrom(duration_to_proto(grace_period_s))
         wait_s = (grace_period_s if grace_period_s is not None else STOP_UNKNOWN_GRACE_S) + (
             STOP_MARGIN_S
         )
@@ -197,7 +191,7 @@ class JobClient:
                 async for chunk in chunks:
                     on_chunk(chunk)
         except GrpcError as exc:
-            raise self._failure(exc) from None
+            raise rpc_failure(exc, self.server) from None
 
     async def _unary(self, method, request, response_type, *, timeout_s: float = CALL_TIMEOUT_S):
         try:
@@ -205,10 +199,7 @@ class JobClient:
                 f"{SERVICE}/{method}", request, response_type, timeout_s=timeout_s
             )
         except GrpcError as exc:
-            raise self._failure(exc) from None
-
-    def _failure(self, exc: GrpcError) -> CliError:
-        return rpc_failure(exc, self.server)
+            raise rpc_failure(exc, self.server) from None
 
 
 def rpc_failure(exc: GrpcError, server: str) -> CliError:
@@ -225,9 +216,3 @@ def rpc_failure(exc: GrpcError, server: str) -> CliError:
     if exc.status is Status.DEADLINE_EXCEEDED:
         return CliError(f"no answer from {server} in time ({message})", EXIT_USAGE)
     return CliError(message, EXIT_RPC)
-
-
-def _duration(seconds: float) -> Duration:
-    duration = Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration

@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from jobworker.supervisor import InvalidJobSpec, LimitOverrides, LimitPolicy, Limits
+from jobworker.supervisor.supervisor import DEFAULT_GRACE_PERIOD_S
 
-from .parsing import Address, parse_address, parse_duration, parse_size
+from .parsing import DEFAULT_PORT, Address, parse_address, parse_duration, parse_size
 
-DEFAULT_PORT = 50051
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_TLS_DIR = Path("/etc/jobworker")
-DEFAULT_GRACE_PERIOD_S = 10.0
 DEFAULT_MAX_JOBS = 100
 CGROUP_MODES = ("auto", "v2", "v1", "off")
 

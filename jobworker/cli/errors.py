@@ -51,38 +51,36 @@ def run_cli(
     except CycloptsError as exc:
         message = _first_line(str(exc)) or type(exc).__name__
         extra = hint(exc) if hint is not None else ""
-        _say(program, f"{message.rstrip('.')} ({extra})" if extra else message)
+        say(program, f"{message.rstrip('.')} ({extra})" if extra else message)
         return EXIT_USAGE
     except CliError as exc:
-        _say(program, exc.message)
+        say(program, exc.message)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseExceptionGroup as group:
         single = _sole(group)
         if isinstance(single, CliError):
-            _say(program, single.message)
+            say(program, single.message)
             return single.exit_code
-        if isinstance(single, KeyboardInterrupt) or (
-            group.split(KeyboardInterrupt)[0] is not None
-            and group.split(KeyboardInterrupt)[1] is None
-        ):
+        interrupts, others = group.split(KeyboardInterrupt)
+        if interrupts is not None and others is None:
             return EXIT_INTERRUPTED
-        _say(program, f"internal error: {_describe(single)}")
+        say(program, f"internal error: {_describe(single)}")
         if os.environ.get("JOBWORKER_DEBUG"):
             traceback.print_exception(group)
         return EXIT_INTERNAL
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:
-        _say(program, f"internal error: {_describe(exc)}")
+        say(program, f"internal error: {_describe(exc)}")
         if os.environ.get("JOBWORKER_DEBUG"):
             traceback.print_exc()
         return EXIT_INTERNAL
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
-def _say(program: str, message: str) -> None:
+def say(program: str, message: str) -> None:
     if not message:
         return  # a quiet exit (the reader of our output went away)
     try:

@@ -35,7 +35,7 @@ import jobworker
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 
 from .client import Connection, JobClient, connect
-from .errors import EXIT_INTERRUPTED, CliError, run_cli
+from .errors import EXIT_INTERRUPTED, EXIT_RPC, CliError, run_cli, say
 from .formatting import format_list, format_status, to_json
 from .parsing import parse_duration, parse_env, parse_size
 
@@ -296,7 +296,7 @@ async def _run_in_foreground(client: JobClient, request: pb.StartJobRequest) -> 
         try:
             await client.stop(job_id, grace_s)
         except CliError as exc:
-            if exc.exit_code != 1:  # 1: it ended meanwhile, which is what we wanted
+            if exc.exit_code != EXIT_RPC:  # refused: it ended meanwhile, as we wanted
                 _say(f"could not stop job {job_id}: {exc.message}")
 
     with trio.open_signal_receiver(signal.SIGINT) as signals:
@@ -328,7 +328,9 @@ async def _run_in_foreground(client: JobClient, request: pb.StartJobRequest) -> 
         return EXIT_NOT_CREATED
     if job.HasField("exit_code"):
         return job.exit_code
-    raise CliError(f"job {job_id} ended without an exit code ({pb.JobState.Name(job.state)})", 1)
+    raise CliError(
+        f"job {job_id} ended without an exit code ({pb.JobState.Name(job.state)})", EXIT_RPC
+    )
 
 
 def _write_chunk(chunk: pb.LogChunk) -> None:
@@ -361,7 +363,7 @@ def _silence(stream) -> None:
 
 
 def _say(message: str) -> None:
-    print(f"jobctl: {message}", file=sys.stderr, flush=True)
+    say("jobctl", message)
 
 
 if __name__ == "__main__":

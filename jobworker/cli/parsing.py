@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from jobworker.supervisor import parse_bytes
 
+DEFAULT_PORT = 50051  # the seeds' address; `jobworker serve` and `jobctl` agree on it
+
 __all__ = [
     "Address",
     "format_duration",

@@ -12,7 +12,6 @@ whether an id is in use.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,11 +24,9 @@ from jobworker.supervisor import Job, JobEnded, JobNotFound, Supervisor
 from . import convert
 from .authz import Action, Decision, authorize
 from .errors import PermissionDenied, ShuttingDown, TooManyJobs, as_grpc_error
-from .events import exit_cause, fields
+from .events import events, exit_cause, fields
 from .health import Health
 from .identity import Identity, identify
-
-events = logging.getLogger("jobworker.events")
 
 SERVICE_NAME = "jobworker.v1.JobService"
 # Output chunks per LogChunk message: far below every client's 4 MiB message limit, large

@@ -28,9 +28,8 @@ from cryptography.x509.oid import NameOID
 
 from jobworker.purgatory.wire.status import GrpcError, Status
 
-from .events import fields
+from .events import events, fields
 
-events = logging.getLogger("jobworker.events")
 log = logging.getLogger("jobworker.service")
 
 MAX_NAME_CHARS = 256  # a CN is at most 64 characters (RFC 5280 ub-common-name); be lenient
@@ -49,11 +48,6 @@ class Identity:
 
     name: str
     roles: frozenset[Role] = frozenset()
-
-    def __str__(self) -> str:
-        if not self.roles:
-            return self.name
-        return f"{self.name} ({','.join(sorted(role.value for role in self.roles))})"
 
     @property
     def role_names(self) -> str:
