@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,23 +17,45 @@ from .conftest import JOBCTL, Jobctl, Server, run
 
 PYTHON = sys.executable
 
-# Writes a known, mixed byte sequence: every byte value, on both streams, in many small writes
-# spread over time (so followers see it live, not only as history), plus a final burst.
+# Writes a known, mixed byte sequence: every byte value, on both streams, in many small writes.
+# Half of it before it blocks on the FIFO named by argv[1] (the history a follower gets first),
+# half after the test releases it (what followers must get live), then a final burst.
 NOISY = r"""
-import os, time
-for i in range(60):
-    os.write(1, bytes([i]) * 7 + b"out %d\n" % i + bytes(range(256)))
-    os.write(2, b"err %d\x00\xff\n" % i)
-    time.sleep(0.005)
+import os, sys
+def part(indices):
+    for i in indices:
+        os.write(1, bytes([i]) * 7 + b"out %d\n" % i + bytes(range(256)))
+        os.write(2, b"err %d\x00\xff\n" % i)
+part(range(30))
+open(sys.argv[1], "rb").close()
+part(range(30, 60))
 os.write(1, b"\xfe" * 200_000)
 os.write(2, b"done\n")
 """
 
 
+def _out(i: int) -> bytes:
+    return bytes([i]) * 7 + b"out %d\n" % i + bytes(range(256))
+
+
 def expected_noise() -> tuple[bytes, bytes]:
-    out = b"".join(bytes([i]) * 7 + b"out %d\n" % i + bytes(range(256)) for i in range(60))
+    out = b"".join(_out(i) for i in range(60))
     err = b"".join(b"err %d\x00\xff\n" % i for i in range(60))
     return out + b"\xfe" * 200_000, err + b"done\n"
+
+
+def read_exactly(pipe, size: int, timeout_s: float = 30) -> bytes:
+    """`size` bytes from a subprocess pipe, failing (not hanging) after `timeout_s`."""
+    got = b""
+    deadline = time.monotonic() + timeout_s
+    while len(got) < size:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([pipe], [], [], max(left, 0))
+        assert ready, f"only {len(got)} of {size} bytes within {timeout_s} s"
+        chunk = os.read(pipe.fileno(), size - len(got))
+        assert chunk, f"EOF after {len(got)} of {size} bytes"
+        got += chunk
+    return got
 
 
 # --- who may see what ------------------------------------------------------------------------
@@ -105,14 +130,22 @@ def test_list_shows_one_aligned_line_per_job(jobctl: Jobctl) -> None:
 # --- output ----------------------------------------------------------------------------------
 
 
-def test_three_followers_get_exactly_what_the_job_wrote(jobctl: Jobctl) -> None:
-    job_id = jobctl.start(PYTHON, "-c", NOISY)
+def test_three_followers_get_exactly_what_the_job_wrote(jobctl: Jobctl, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    job_id = jobctl.start(PYTHON, "-c", NOISY, str(gate))
     followers = [jobctl.popen("logs", "-f", job_id) for _ in range(3)]
+    # Each follower has the history before the job goes on, so the rest reaches it live.
+    history = b"".join(_out(i) for i in range(30))
+    firsts = [read_exactly(f.stdout, len(history)) for f in followers]
+    with open(gate, "wb"):
+        pass  # the job's open() returns: it writes the second half
     results = [f.communicate(timeout=30) for f in followers]
     out, err = expected_noise()
-    for follower, (stdout, stderr) in zip(followers, results, strict=True):
+    for follower, first, (rest, stderr) in zip(followers, firsts, results, strict=True):
         assert follower.returncode == 0
-        assert stdout == out
+        assert first == history
+        assert first + rest == out
         assert stderr == err
     # and without -f, after the end: the same bytes
     done = jobctl("logs", job_id)

@@ -49,8 +49,8 @@ def test_sigterm_stops_every_job_removes_every_cgroup_and_exits_0(
     follower = jobctl.popen("logs", "-f", stubborn)
     assert follower.stdout is not None
     assert follower.stdout.readline() == b"ready\n"  # the trap is set
-    pids = [job_pid_and_subtree(jobctl, job)[0] for job in (polite, stubborn)]
-    _, subtree = job_pid_and_subtree(jobctl, polite)
+    polite_pid, subtree = job_pid_and_subtree(jobctl, polite)
+    pids = [polite_pid, job_pid_and_subtree(jobctl, stubborn)[0]]
     assert cgroups_named(subtree)
 
     assert server.terminate() == 0, server.stderr()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 
 from .conftest import Jobctl
@@ -105,7 +106,7 @@ def test_stopped_job_that_handles_sigterm_reports_its_own_exit_code(jobctl: Jobc
     assert lines[:4] == [
         f"Job:         {job_id}",
         "Status:      stopped",
-        f"Command:     sh -c {_quoted(EXITS_0_ON_TERM)}",
+        f"Command:     sh -c {shlex.quote(EXITS_0_ON_TERM)}",
         "Exit Code:   0",
     ]
     extra = fields(lines[4:])
@@ -122,7 +123,7 @@ def test_stopped_by_sigkill_after_the_grace_period(jobctl: Jobctl) -> None:
     assert lines[:4] == [
         f"Job:         {job_id}",
         "Status:      stopped",
-        f"Command:     sh -c {_quoted(IGNORES_TERM)}",
+        f"Command:     sh -c {shlex.quote(IGNORES_TERM)}",
         "Exit Code:   137",
     ]
     extra = fields(lines[4:])
@@ -152,7 +153,3 @@ def test_status_json_is_the_job_status_message(jobctl: Jobctl) -> None:
     assert status["exit_code"] == 3
     assert status["command"] == "sh" and status["args"] == ["-c", "exit 3"]
     assert status["owner"] == "alice"
-
-
-def _quoted(script: str) -> str:
-    return "'" + script.replace("'", "'\"'\"'") + "'"

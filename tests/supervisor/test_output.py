@@ -617,6 +617,7 @@ def test_a_follower_interleaved_with_appends_sees_everything_or_a_drop(
                 for _ in range(n):
                     if reader.offset >= log.end_offset and not log.closed:
                         return  # would wait
+                    before = reader.offset
                     try:
                         chunk = await reader.__anext__()
                     except OutputDropped as exc:
@@ -628,6 +629,7 @@ def test_a_follower_interleaved_with_appends_sees_everything_or_a_drop(
                         continue
                     except StopAsyncIteration:
                         return
+                    assert chunk.offset == before  # nothing skipped
                     end = chunk.offset + len(chunk.data)
                     assert chunk.data == model.data[chunk.offset : end]
                     assert [chunk.stream] * len(chunk.data) == model.tags[chunk.offset : end]
