@@ -108,7 +108,26 @@ def test_corrupt_gzip_is_a_protocol_error(payload: bytes) -> None:
         decode_payload("gzip", payload, max_bytes=MiB)
 
 
-@given(st.binary(max_size=200))
+# Random bytes almost never start with gzip's magic; damaged real gzip streams reach the
+# decompressor itself: cut short, bytes flipped, garbage appended.
+_DAMAGED_GZIP = st.builds(
+    lambda body, cut, flips, tail: _damage(gzip.compress(body), cut, flips) + tail,
+    st.binary(max_size=300),
+    st.integers(min_value=0, max_value=400),
+    st.lists(st.tuples(st.integers(min_value=0), st.integers(1, 255)), max_size=3),
+    st.binary(max_size=8),
+)
+
+
+def _damage(data: bytes, cut: int, flips: list[tuple[int, int]]) -> bytes:
+    damaged = bytearray(data[: max(len(data) - cut, 0)])
+    for position, mask in flips:
+        if damaged:
+            damaged[position % len(damaged)] ^= mask
+    return bytes(damaged)
+
+
+@given(st.binary(max_size=200) | _DAMAGED_GZIP)
 def test_arbitrary_gzip_input_raises_only_wire_errors(payload: bytes) -> None:
     try:
         decode_payload("gzip", payload, max_bytes=100)
