@@ -1,7 +1,8 @@
 """Starting a job's process inside its cgroups, before it runs a single instruction of its own.
 
-Why `preexec_fn` (CGROUPS.md measured the options): writing the pid after Popen returns is racy
-(6 of 200 runs executed outside the group, and children forked by then stay outside forever);
+Why `preexec_fn` (shared/CGROUPS.md, the team's cgroup notes, measured the options): writing
+the pid after Popen returns is racy (6 of 200 runs executed outside the group, and children
+forked by then stay outside forever);
 an exec wrapper is fast but turns "command not found" into an indistinguishable exit 127; the
 v1-only thread trick is impossible on v2; clone3(CLONE_INTO_CGROUP) has no safe route from
 Python 3.11. So the child, between fork and exec, writes its own pid into each group's
@@ -9,8 +10,8 @@ cgroup.procs with nothing but os.open/os.write — no locks, no buffered I/O —
 error pipe still reports exec failures (ENOENT, EACCES, a bad cwd) precisely.
 
 The cost: preexec_fn forces fork() instead of vfork(), so spawning time grows with the parent's
-page tables (2 ms for a small server, ~38 ms at 1 GiB RSS, measured). tools/bench_supervisor.py
-tracks it.
+page tables (2.1 ms for a small parent, 38 ms with a 1 GiB parent, in shared/CGROUPS.md).
+tools/bench_supervisor.py measures start latency at its own small RSS only.
 """
 
 from __future__ import annotations

@@ -115,8 +115,9 @@ class Inotify:
             return
         fd, self._fd = self._fd, -1
         trio.lowlevel.notify_closing(fd)
-        # Closing an instance that holds a watch waits for an RCU grace period (measured 6-10
-        # ms, up to 67 ms): never on the event loop's thread. Bounded, so shield it.
+        # Closing an instance that holds a watch can wait for an RCU grace period (30 closes
+        # here: median 0.1 ms, worst 16 ms): never on the event loop's thread. Bounded, so
+        # shield it.
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(os.close, fd)
 
