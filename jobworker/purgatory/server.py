@@ -94,7 +94,7 @@ class ServerCall:
 
     def send_initial_metadata(self, metadata: Metadata) -> None:
         self._connection.send_headers(self.stream_id, metadata)
-        self._driver.wake()
+        self._driver.push()
 
     async def send(self, message: Message) -> None:
         """Send one response message; waits while the client is not reading (flow control)."""
@@ -125,8 +125,10 @@ class ServerCall:
                 f"{self.method.path} takes exactly one request message",
             )
         payload, flow_bytes = self._request
+        # Usually no WINDOW_UPDATE comes of it (h2 returns window in large steps); when one
+        # does, it goes out now rather than after the handler.
         self._connection.acknowledge(self.stream_id, flow_bytes)
-        self._driver.wake()
+        self._driver.push()
         try:
             return self.method.request_type.FromString(payload)
         except DecodeError:
@@ -275,7 +277,7 @@ class _ServerConnection:
 
     async def run(self) -> None:
         self._wire.initiate()
-        self._driver.wake()
+        self._driver.push()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self._driver.run(self._on_event)
@@ -368,7 +370,7 @@ class _ServerConnection:
                 status, message, trailers = Status.DEADLINE_EXCEEDED, "deadline exceeded", ()
             if wire.stream_open(stream_id):
                 wire.send_trailers(stream_id, status, message, trailers)
-                self._driver.wake()
+                self._driver.push()
         finally:
             self._calls.pop(stream_id, None)
             self._driver.forget(stream_id)
@@ -405,7 +407,10 @@ def _peer_address(stream: trio.abc.Stream) -> str:
     if socket is None:
         return "(in-memory)"
     try:
-        host, port = socket.getpeername()[:2]
+        address = socket.getpeername()
     except OSError:
         return "(unknown)"
+    if not isinstance(address, tuple):  # a Unix socket: a path, or nothing (a socketpair)
+        return f"unix:{address}" if address else "(unix socket)"
+    host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
-from jobworker.purgatory.client import open_channel
+from jobworker.purgatory.client import open_channel, open_channel_over
 from jobworker.purgatory.server import RpcMethod, Server
+from jobworker.purgatory.tls import TLSStream
 from jobworker.purgatory.wire.status import GrpcError, Status
 
 from .certs import CertSet, client_config, make_cert_set, server_config
@@ -97,3 +99,44 @@ async def test_shutdown_cancels_what_outlives_the_grace_period(served, certs, au
             with pytest.raises(GrpcError) as caught:
                 await replies.__anext__()
     assert caught.value.status is Status.UNAVAILABLE
+
+
+async def test_a_full_socket_holds_the_sender_and_loses_no_byte(nursery, certs):
+    """Over tiny socket buffers the server's writes stop short of what it queued (the rest
+    waits for the writer, see Driver.push) while a slow client reads: every message arrives,
+    whole and in order, and the other calls on the connection go on meanwhile."""
+    messages = [bytes([i]) * (50_000 + i) for i in range(40)]  # 2 MB: beyond any window
+    sent = 0
+
+    async def burst(request: StringValue, call) -> None:
+        nonlocal sent
+        for message in messages:
+            await call.send(BytesValue(value=message))
+            sent += 1
+
+    async def echo(request: StringValue, call) -> StringValue:
+        return request
+
+    server = Server(
+        [
+            RpcMethod("/t.T/Burst", StringValue, BytesValue, burst, server_streaming=True),
+            RpcMethod("/t.T/Echo", StringValue, StringValue, echo),
+        ],
+        tls=server_config(certs),
+    )
+    client_socket, server_socket = trio.socket.socketpair()
+    for sock in (client_socket, server_socket):
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    nursery.start_soon(server.serve_stream, trio.SocketStream(server_socket))
+    client_tls = TLSStream(trio.SocketStream(client_socket), client_config(certs))
+    await client_tls.do_handshake()
+    async with open_channel_over(client_tls, authority="localhost") as channel:
+        async with channel.server_stream("/t.T/Burst", StringValue(), BytesValue) as replies:
+            received = [(await replies.__anext__()).value]
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent < len(messages)  # held back by the full socket and the windows
+            reply = await channel.unary("/t.T/Echo", StringValue(value="meanwhile"), StringValue)
+            assert reply.value == "meanwhile"
+            received += [reply.value async for reply in replies]
+    assert received == messages
