@@ -128,7 +128,7 @@ class Channel:
         # per call, so queueing it costs at most one message of memory.
         self._wire.send_message(stream_id, request.SerializeToString())
         self._wire.end_input(stream_id)
-        self._driver.wake()
+        self._driver.push()
         return call
 
     async def _next(self, call: _Call, response_type: type[R]) -> R | None:
@@ -143,7 +143,7 @@ class Channel:
             await call.changed.wait()
         event = call.messages.popleft()
         self._wire.acknowledge(call.stream_id, event.flow_controlled_bytes)
-        self._driver.wake()
+        self._driver.push()
         try:
             return response_type.FromString(event.payload)
         except DecodeError:
@@ -155,7 +155,7 @@ class Channel:
         self._driver.forget(call.stream_id)
         if call.ended is None:
             self._wire.reset(call.stream_id)
-            self._driver.wake()
+            self._driver.push()
             self._free_stream()
         # Messages nobody will read: give their window back.
         for event in call.messages:

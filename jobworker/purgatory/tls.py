@@ -466,19 +466,19 @@ class _ConflictDetector:
     """Raise BusyResourceError when two tasks use one side of the stream at once (the check
     trio does with its private ``trio._util.ConflictDetector``)."""
 
-    __slots__ = ("_held", "_message")
+    __slots__ = ("held", "_message")
 
     def __init__(self, message: str) -> None:
         self._message = message
-        self._held = False
+        self.held = False
 
     def __enter__(self) -> None:
-        if self._held:
+        if self.held:
             raise trio.BusyResourceError(self._message)
-        self._held = True
+        self.held = True
 
     def __exit__(self, *exc_info: object) -> None:
-        self._held = False
+        self.held = False
 
 
 async def _acquire(lock: trio.Lock | trio.StrictFIFOLock) -> None:
@@ -641,6 +641,45 @@ class TLSStream(trio.abc.Stream):
                 return
             for start in range(0, view.nbytes, SEND_CHUNK_BYTES):
                 await self._retry(self._encrypter(view[start : start + SEND_CHUNK_BYTES]))
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Encrypt and write as much of `data` as the socket takes right now, never waiting;
+        return how many bytes were taken. Returns 0 whenever this stream cannot write without
+        waiting: on the memory BIO engine, before the handshake, and while another task is in
+        `send_all` or waiting to write.
+
+        Whatever was not taken must be the next thing sent, as ``send_all(data[taken:])``, even
+        when nothing was taken: OpenSSL may have written part of it already (OpenSSL 4 reports
+        a large write as taken only once all of it is out), and only a write of the same bytes
+        completes that. Being synchronous, this cannot be cancelled halfway, which is its point: a
+        task that must not break the stream by being cancelled can write with it and leave the
+        rest to a task that can wait. Raises like `send_all` when the stream is broken.
+        """
+        self._check_status()
+        if (
+            self._socket is None
+            or not self._handshake_done
+            or self._sending.held
+            or self._send_lock.locked()
+        ):
+            return 0
+        view = memoryview(data)
+        written = 0
+        cork = self._corks and view.nbytes > _MAX_RECORD_PLAINTEXT
+        if cork:
+            self._cork(True)
+        try:
+            while written < view.nbytes:
+                written += self._conn.send(view[written:])
+        except (SSL.WantWriteError, SSL.WantReadError):
+            pass  # the socket is full (or OpenSSL must read first): the rest waits
+        except SSL.Error as exc:
+            self._mark_broken()
+            raise TLSError(self._describe(exc)) from exc
+        finally:
+            if cork:
+                self._cork(False)
+        return written
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._sending:

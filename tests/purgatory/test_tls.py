@@ -588,6 +588,53 @@ async def test_socket_engine_cancelled_send_breaks_the_stream(certs: CertSet) ->
     await server.aclose()
 
 
+async def _receive_exactly(stream: TLSStream, size: int) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        chunk = await stream.receive_some()
+        assert chunk, f"EOF after {len(received)} of {size} bytes"
+        received += chunk
+    return bytes(received)
+
+
+async def test_send_nowait_writes_what_the_socket_takes_and_send_all_the_rest(
+    certs: CertSet,
+) -> None:
+    client, server = await connected_pair(certs, socket_pair)
+    small = b"hello"
+    assert client.send_nowait(small) == len(small)  # room in the socket: all of it, at once
+    assert await _receive_exactly(server, len(small)) == small
+    # Nobody reads: the socket buffers fill and send_nowait stops short, without waiting.
+    # (OpenSSL 4 reports nothing taken until the whole buffer is out, having written part of
+    # it: whatever it reports, the rest must be the next write.)
+    data = bytes(range(256)) * (64 * 2**10)  # 16 MiB, more than any socket buffer
+    taken = client.send_nowait(data)
+    assert taken < len(data)
+    # The rest, the same bytes, through send_all (which waits), completes what OpenSSL has
+    # started: the peer gets every byte once, in order.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, memoryview(data)[taken:])
+        assert await _receive_exactly(server, len(data)) == data
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_send_nowait_takes_nothing_where_it_would_have_to_wait(certs: CertSet) -> None:
+    # The memory BIO engine: every write goes through the transport's send_all.
+    client, server = await connected_pair(certs)
+    assert client.send_nowait(b"x") == 0
+    # Before the handshake, on the socket engine.
+    client, server = tls_pair(client_config(certs), server_config(certs), socket_pair)
+    assert client.send_nowait(b"x") == 0
+    assert await handshake(client, server) == [None, None]
+    assert client.send_nowait(b"x") == 1
+    assert await _receive_exactly(server, 1) == b"x"
+    await client.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        client.send_nowait(b"x")
+    await server.aclose()
+
+
 async def test_socket_engine_reports_a_reset_connection(certs: CertSet) -> None:
     client, server = await connected_pair(certs, socket_pair)
     await client.send_all(b"never read")
