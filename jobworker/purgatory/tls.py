@@ -771,8 +771,9 @@ class TLSStream(trio.abc.Stream):
         chunks: list[bytes] = []
         total = 0
         while total < max_bytes:
+            asked = min(max_bytes - total, _MAX_RECORD_PLAINTEXT)
             try:
-                chunk = recv(min(max_bytes - total, _MAX_RECORD_PLAINTEXT))
+                chunk = recv(asked)
             except SSL.WantReadError:
                 if chunks:
                     break
@@ -797,6 +798,11 @@ class TLSStream(trio.abc.Stream):
                 break
             chunks.append(chunk)
             total += len(chunk)
+            if len(chunk) < asked and not self._conn.pending():
+                # A short record and nothing more decrypted: most likely the socket is empty
+                # too. Return now rather than pay for a read that fails; if more did arrive,
+                # the next call reads it.
+                break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _drain(self) -> bytes:

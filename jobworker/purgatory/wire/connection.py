@@ -85,6 +85,8 @@ SHUTDOWN_PING = b"shutdown"  # the PING that follows the first GOAWAY of a grace
 # sees them. Erroneous GOAWAYs still go through h2, which rightly tears everything down.
 # length (24 bits) and type share the first word; then flags and stream id: 9 bytes.
 _FRAME_HEADER = struct.Struct(">IBI")
+# A DATA frame's header (no flags) followed by an uncompressed message's gRPC prefix.
+_DATA_FRAME_AND_PREFIX = struct.Struct(">IBIBI")
 
 # What h2 raises for a command on a stream it has closed or already forgotten (e.g. one it
 # reset by itself for a frame that arrived after END_STREAM): that stream is over, nothing more.
@@ -363,6 +365,8 @@ class _GrpcConnection:
         """Queue one message; it goes out as the windows allow (see outbound_pending)."""
         stream = self._open_stream(stream_id)
         self._ensure_headers(stream_id, stream)
+        if not stream.outbox and self._send_whole(stream_id, payload):
+            return
         prefix, body = encode_message_parts(payload)
         self._enqueue(stream, memoryview(prefix))
         if body:
@@ -479,6 +483,32 @@ class _GrpcConnection:
             else:
                 self._h2.send_data(stream_id, parts[0] if len(parts) == 1 else b"".join(parts))
             stream.outbox_bytes -= size
+        return True
+
+    def _send_whole(self, stream_id: int, payload: bytes) -> bool:
+        """The common case, fast: a message that fits the windows and one frame becomes one
+        DATA frame at once, its frame header and gRPC prefix packed together (streaming 64 KiB
+        messages, this path is half the Python cost of the general one, measured). False when
+        the general path must run: it queues, splits and defers as the windows say."""
+        if self._terminated:
+            return False
+        h2_conn = self._h2
+        h2_stream = h2_conn.streams.get(stream_id)
+        size = PREFIX_BYTES + len(payload)
+        if (
+            h2_stream is None
+            or size > h2_stream.outbound_flow_control_window
+            or size > h2_conn.outbound_flow_control_window
+            or size > h2_conn.max_outbound_frame_size
+            or h2_stream.state_machine.state not in _DATA_STREAM_STATES
+            or h2_conn.state_machine.state not in _DATA_CONNECTION_STATES
+        ):
+            return False
+        self._take_h2_output()
+        self._out.append(_DATA_FRAME_AND_PREFIX.pack(size << 8, 0, stream_id, 0, len(payload)))
+        self._out.append(payload)
+        h2_conn.outbound_flow_control_window -= size
+        h2_stream.outbound_flow_control_window -= size
         return True
 
     def _send_data_frame(

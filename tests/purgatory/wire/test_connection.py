@@ -403,3 +403,27 @@ def test_a_sender_slicing_messages_across_frames_still_gets_only_one_window():
         raw.receive_data(client.data_to_send())  # whatever WINDOW_UPDATEs the client grants
     # Nothing consumed: at most one stream window of messages, plus one message in progress.
     assert 0 < delivered <= 2**20 + 60_000
+
+
+def test_a_message_that_fits_the_windows_is_one_data_frame_and_the_windows_stay_exact():
+    from hyperframe.frame import DataFrame, Frame
+
+    pair = Pair()
+    stream_id = unary_request(pair)
+    pair.take("server", MessageReceived)
+    window_before = pair.server._h2.local_flow_control_window(stream_id)
+    messages = [b"", b"a", bytes(range(256)) * 256]  # empty, tiny, 64 KiB
+    for message in messages:
+        pair.server.send_message(stream_id, message)
+    wire = memoryview(pair.server.data_to_send())
+    frames = []
+    while wire:
+        frame, length = Frame.parse_frame_header(wire[:9])
+        frame.parse_body(wire[9 : 9 + length])
+        frames.append(frame)
+        wire = wire[9 + length :]
+    data_frames = [f for f in frames if isinstance(f, DataFrame)]
+    assert [bytes(f.data) for f in data_frames] == [encode_message(m) for m in messages]
+    assert all(f.stream_id == stream_id and not f.flags for f in data_frames)
+    sent = sum(len(encode_message(m)) for m in messages)
+    assert pair.server._h2.local_flow_control_window(stream_id) == window_before - sent
