@@ -72,6 +72,7 @@ class Driver:
         otherwise wake the writer. True when everything queued has been written."""
         if (
             self._send_nowait is None
+            or self._wakeup.is_set()  # the writer will take it, with whatever joins meanwhile
             or self._writing
             or self._carry is not None
             or self.closed.is_set()

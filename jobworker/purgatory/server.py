@@ -370,7 +370,12 @@ class _ServerConnection:
                 status, message, trailers = Status.DEADLINE_EXCEEDED, "deadline exceeded", ()
             if wire.stream_open(stream_id):
                 wire.send_trailers(stream_id, status, message, trailers)
-                self._driver.push()
+                if len(self._calls) > 1:
+                    # Other calls are running: their answers tend to come in this same
+                    # scheduling round, and the writer sends them all in one write.
+                    self._driver.wake()
+                else:
+                    self._driver.push()  # alone: no round to wait for
         finally:
             self._calls.pop(stream_id, None)
             self._driver.forget(stream_id)

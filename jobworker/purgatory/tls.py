@@ -771,9 +771,8 @@ class TLSStream(trio.abc.Stream):
         chunks: list[bytes] = []
         total = 0
         while total < max_bytes:
-            asked = min(max_bytes - total, _MAX_RECORD_PLAINTEXT)
             try:
-                chunk = recv(asked)
+                chunk = recv(min(max_bytes - total, _MAX_RECORD_PLAINTEXT))
             except SSL.WantReadError:
                 if chunks:
                     break
@@ -798,11 +797,6 @@ class TLSStream(trio.abc.Stream):
                 break
             chunks.append(chunk)
             total += len(chunk)
-            if len(chunk) < asked and not self._conn.pending():
-                # A short record and nothing more decrypted: most likely the socket is empty
-                # too. Return now rather than pay for a read that fails; if more did arrive,
-                # the next call reads it.
-                break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _drain(self) -> bytes:
