@@ -12,6 +12,11 @@ record. On the streaming benchmark this engine cost less server CPU per byte tha
 one (0.85-0.92 vs 1.0-1.07 s/GB in alternating runs): no bio_read allocation and copy, no
 transport send. Corking: median 0.84 against 0.93 s/GB over six alternating runs each.
 
+The socket engine can also write without waiting (`send_nowait`): it encrypts and writes what
+the socket takes at once, synchronously, so a task that must not be torn by a cancellation (a
+call task writing its own answer, see driver.py) can write, and leave the rest to a task that
+may wait. The rest must be the next thing written: OpenSSL may have started on it.
+
 Over any other stream (memory streams in tests, or a proxy's stream) the memory BIO engine runs,
 described next. Both share the handshake, the checks and the error reporting below.
 
