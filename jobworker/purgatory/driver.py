@@ -88,8 +88,7 @@ class Driver:
             self._lose(exc)
             return False
         if taken < len(data):
-            self._carry = memoryview(data)[taken:]
-            self._backlog_bytes = len(self._carry)
+            self._carry = memoryview(data)[taken:]  # senders wait while there is one
             self.wake()
             return False
         self._backlog_bytes = 0

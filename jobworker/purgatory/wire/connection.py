@@ -475,11 +475,9 @@ class _GrpcConnection:
                 else:
                     break
             h2_stream = self._h2.streams[stream_id]  # present: the window lookup found it
-            if (
-                h2_stream.state_machine.state in _DATA_STREAM_STATES
-                and self._h2.state_machine.state in _DATA_CONNECTION_STATES
-            ):
-                self._send_data_frame(stream_id, h2_stream, parts, size)
+            if self._data_sendable(h2_stream):
+                header = _FRAME_HEADER.pack(size << 8, 0, stream_id)
+                self._send_data_frame(h2_stream, header, parts, size)
             else:
                 self._h2.send_data(stream_id, parts[0] if len(parts) == 1 else b"".join(parts))
             stream.outbox_bytes -= size
@@ -492,33 +490,41 @@ class _GrpcConnection:
         the general path must run: it queues, splits and defers as the windows say."""
         if self._terminated:
             return False
-        h2_conn = self._h2
-        h2_stream = h2_conn.streams.get(stream_id)
+        h2_stream = self._h2.streams.get(stream_id)
         size = PREFIX_BYTES + len(payload)
         if (
             h2_stream is None
             or size > h2_stream.outbound_flow_control_window
-            or size > h2_conn.outbound_flow_control_window
-            or size > h2_conn.max_outbound_frame_size
-            or h2_stream.state_machine.state not in _DATA_STREAM_STATES
-            or h2_conn.state_machine.state not in _DATA_CONNECTION_STATES
+            or size > self._h2.outbound_flow_control_window
+            or size > self._h2.max_outbound_frame_size
+            or not self._data_sendable(h2_stream)
         ):
             return False
-        self._take_h2_output()
-        self._out.append(_DATA_FRAME_AND_PREFIX.pack(size << 8, 0, stream_id, 0, len(payload)))
-        self._out.append(payload)
-        h2_conn.outbound_flow_control_window -= size
-        h2_stream.outbound_flow_control_window -= size
+        head = _DATA_FRAME_AND_PREFIX.pack(size << 8, 0, stream_id, 0, len(payload))
+        self._send_data_frame(h2_stream, head, (payload,), size)
         return True
 
+    def _data_sendable(self, h2_stream: h2.stream.H2Stream) -> bool:
+        """Whether h2 itself would send DATA now (else the frame goes through h2)."""
+        return (
+            h2_stream.state_machine.state in _DATA_STREAM_STATES
+            and self._h2.state_machine.state in _DATA_CONNECTION_STATES
+        )
+
     def _send_data_frame(
-        self, stream_id: int, h2_stream: h2.stream.H2Stream, parts: list[memoryview], size: int
+        self,
+        h2_stream: h2.stream.H2Stream,
+        head: bytes,
+        parts: Iterable[bytes | memoryview],
+        size: int,
     ) -> None:
-        """One DATA frame (no flags) from `parts`, with the flow-control accounting h2 would do,
-        so that h2's windows stay true for every frame it still sends and every WINDOW_UPDATE
-        it receives. The payload is not copied here; data_to_send() joins it once."""
+        """One DATA frame: `head` (its 9-byte header, no flags, maybe followed by a message
+        prefix) and then `parts`, `size` bytes of payload in all, with the flow-control
+        accounting h2 would do, so that h2's windows stay true for every frame it still sends
+        and every WINDOW_UPDATE it receives. The payload is not copied here; data_to_send()
+        joins it once."""
         self._take_h2_output()
-        self._out.append(_FRAME_HEADER.pack(size << 8, 0, stream_id))
+        self._out.append(head)
         self._out.extend(parts)
         self._h2.outbound_flow_control_window -= size
         h2_stream.outbound_flow_control_window -= size

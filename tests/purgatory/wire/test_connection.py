@@ -7,6 +7,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import pytest
+from hyperframe.frame import DataFrame, Frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -406,8 +407,6 @@ def test_a_sender_slicing_messages_across_frames_still_gets_only_one_window():
 
 
 def test_a_message_that_fits_the_windows_is_one_data_frame_and_the_windows_stay_exact():
-    from hyperframe.frame import DataFrame, Frame
-
     pair = Pair()
     stream_id = unary_request(pair)
     pair.take("server", MessageReceived)
