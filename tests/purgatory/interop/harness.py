@@ -37,6 +37,10 @@ MESSAGE = "état: ☕ 100% ok"  # non-ASCII, and a "%" that must survive percent
 # Hang guards and backstops: never expected to fire, only to turn a hang into a failure.
 GUARD_S = 20.0
 CALL_TIMEOUT_S = 30.0  # every grpcio call's own deadline, so an abandoned thread still ends
+# Both directions stream the same 100 MiB and test the same short deadline.
+BIG_CHUNKS = 1600  # x 64 KiB = 100 MiB
+BIG_CHUNK_BYTES = 64 * 2**10
+DEADLINE_S = 0.5
 HANG_LIMIT_S = 30.0  # a grpcio handler thread waits at most this long for its call to end
 
 GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}

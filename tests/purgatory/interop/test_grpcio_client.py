@@ -16,8 +16,11 @@ import trio
 
 from ..certs import CertSet
 from .harness import (
+    BIG_CHUNK_BYTES,
+    BIG_CHUNKS,
     CALL_TIMEOUT_S,
     CONCURRENT_STREAMS,
+    DEADLINE_S,
     GRPC_CODES,
     GUARD_S,
     MAX_REQUEST_BYTES,
@@ -34,10 +37,6 @@ from .harness import (
     in_thread,
     x_metadata,
 )
-
-BIG_CHUNKS = 1600  # x 64 KiB = 100 MiB
-BIG_CHUNK_BYTES = 64 * 2**10
-DEADLINE_S = 0.5
 
 
 async def test_unary_round_trip(pb: ModuleType, grpcio_client: GrpcioClient) -> None:

@@ -18,7 +18,10 @@ from jobworker.purgatory.wire.status import GrpcError, Status
 
 from ..certs import CertSet
 from .harness import (
+    BIG_CHUNK_BYTES,
+    BIG_CHUNKS,
     CONCURRENT_STREAMS,
+    DEADLINE_S,
     GUARD_S,
     MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES,
@@ -36,10 +39,6 @@ from .harness import (
     purgatory_client_tls,
     x_metadata,
 )
-
-BIG_CHUNKS = 1600  # x 64 KiB = 100 MiB
-BIG_CHUNK_BYTES = 64 * 2**10
-DEADLINE_S = 0.5
 
 
 async def test_unary_round_trip(pb: ModuleType, purgatory_client: Channel) -> None:
