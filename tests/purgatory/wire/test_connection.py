@@ -285,6 +285,97 @@ def test_bad_requests_get_trailers_only_answers(headers, http_status, grpc_statu
         assert fields[b"grpc-accept-encoding"] == b"identity,gzip"
 
 
+def raw_peer(*, client_side: bool) -> h2.connection.H2Connection:
+    """A peer that sends whatever headers it is given, malformed ones included."""
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+    )
+    conn.initiate_connection()
+    return conn
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [*GOOD, (b"X-Upper", b"1")],
+        [*GOOD, (b"connection", b"keep-alive")],
+        [*GOOD, (b":method", b"POST")],  # a pseudo-header after regular ones, and twice
+        replace(GOOD, b":scheme", None),
+        [*GOOD, (b"x-smuggled", b"a\r\nb")],
+    ],
+)
+def test_a_malformed_request_is_a_stream_error_and_the_connection_serves_on(bad):
+    server = ServerConnection()
+    server.initiate()
+    raw = raw_peer(client_side=True)
+    raw.send_headers(1, bad, end_stream=True)
+    raw.send_headers(3, GOOD)
+    raw.send_data(3, encode_message(b"fine"), end_stream=True)
+    server_events, raw_events = raw_exchange(raw, server)
+    (reset,) = [e for e in raw_events if isinstance(e, h2.events.StreamReset)]
+    assert (reset.stream_id, reset.error_code) == (1, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    assert not [e for e in raw_events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert [e.stream_id for e in server_events if isinstance(e, RequestReceived)] == [3]
+    assert [e.payload for e in server_events if isinstance(e, MessageReceived)] == [b"fine"]
+
+
+def test_malformed_client_trailers_end_the_call_with_a_reset():
+    server = ServerConnection()
+    server.initiate()
+    raw = raw_peer(client_side=True)
+    raw.send_headers(1, GOOD)
+    raw.send_data(1, encode_message(b"x"))
+    raw.send_headers(1, [(b":path", b"/late")], end_stream=True)
+    server_events, raw_events = raw_exchange(raw, server)
+    (failed,) = [e for e in server_events if isinstance(e, StreamFailed)]
+    assert failed.stream_id == 1 and "malformed trailers" in failed.message
+    (reset,) = [e for e in raw_events if isinstance(e, h2.events.StreamReset)]
+    assert reset.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert server.open_streams == 0
+
+
+@pytest.mark.parametrize(
+    ("response", "trailers", "problem"),
+    [
+        ([(b"content-type", b"application/grpc")], None, "without :status"),
+        ([(b":status", b"200"), (b"Content-Type", b"application/grpc")], None, "header name"),
+        (
+            [(b":status", b"200"), (b"content-type", b"application/grpc")],
+            [(b":status", b"200"), (b"grpc-status", b"0")],
+            "':status' not allowed in TRAILERS",
+        ),
+    ],
+)
+def test_a_malformed_response_fails_only_its_call(response, trailers, problem):
+    client = ClientConnection(authority="localhost")
+    client.initiate()
+    raw = raw_peer(client_side=False)
+    first, second = client.start_call(METHOD), client.start_call(METHOD)
+    for stream_id in (first, second):
+        client.send_message(stream_id, b"ping")
+        client.end_input(stream_id)
+    raw.receive_data(client.data_to_send())
+    raw.send_headers(first, response)  # the stream stays open: refusing it takes an RST_STREAM
+    if trailers is not None:
+        raw.send_headers(first, trailers, end_stream=True)
+    raw.send_headers(second, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    raw.send_headers(second, [(b"grpc-status", b"0")], end_stream=True)
+    events = client.receive_data(raw.data_to_send())
+    ended = {e.stream_id: e for e in events if isinstance(e, CallEnded)}
+    assert ended[first].status == Status.INTERNAL and problem in ended[first].message
+    assert ended[second].status == Status.OK
+    resets = [
+        e for e in raw.receive_data(client.data_to_send()) if isinstance(e, h2.events.StreamReset)
+    ]
+    expected = [(first, h2.errors.ErrorCodes.PROTOCOL_ERROR)] if trailers is None else []
+    assert [(r.stream_id, r.error_code) for r in resets] == expected
+
+
 def test_gzip_compressed_messages_are_accepted():
     import gzip
 
