@@ -42,7 +42,7 @@ from hyperframe.frame import GoAwayFrame
 
 from .compression import SUPPORTED_ENCODINGS, accept_encoding_header, decode_message
 from .errors import MessageTooLarge, ProtocolError, UnsupportedEncoding, WireError
-from .fields import Block, block_problem
+from .fields import Block, block_problem, encode_block
 from .framing import DEFAULT_MAX_MESSAGE_BYTES, PREFIX_BYTES, MessageDecoder, encode_message_parts
 from .metadata import Metadata, decode_metadata, encode_metadata
 from .status import (
@@ -98,6 +98,9 @@ _STREAM_GONE = (
     h2.exceptions.NoSuchStreamError,
 )
 _GOAWAY_TYPE = 0x7
+_HEADERS_TYPE = 0x1
+_END_STREAM = 0x1
+_END_HEADERS = 0x4
 
 # DATA frames carrying messages are serialized here, not by h2 (see _send_data_frame): h2's path
 # copies the payload four times and runs two state machines per frame. Profiled, that was the
@@ -452,7 +455,7 @@ class _GrpcConnection:
                 if item.headers is None:
                     self._h2.end_stream(stream_id)
                 else:
-                    self._h2.send_headers(stream_id, item.headers, end_stream=True)
+                    self._send_header_block(stream_id, item.headers, end_stream=True)
                     self._streams.pop(stream_id, None)
                 break
             window = min(
@@ -531,6 +534,33 @@ class _GrpcConnection:
         self._out.extend(parts)
         self._h2.outbound_flow_control_window -= size
         h2_stream.outbound_flow_control_window -= size
+
+    def _send_header_block(
+        self, stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool = False
+    ) -> None:
+        """h2's send_headers for a stream h2 knows, cheaper (see fields.encode_block): the same
+        state transitions, which raise what h2 would raise, and one HEADERS frame of literals.
+        A block that needs CONTINUATION frames, and the first block after the peer resized the
+        HPACK table (h2's encoder must announce that), go through h2."""
+        h2_stream = self._h2.streams.get(stream_id)
+        block = encode_block(headers)
+        if (
+            h2_stream is None
+            or len(block) > self._h2.max_outbound_frame_size
+            or self._h2.encoder.header_table.resized
+        ):
+            self._h2.send_headers(stream_id, headers, end_stream=end_stream)
+            return
+        self._h2.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        h2_stream.state_machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
+        flags = _END_HEADERS
+        if end_stream:
+            h2_stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            flags |= _END_STREAM
+        self._take_h2_output()
+        self._out.append(
+            _FRAME_HEADER.pack(len(block) << 8 | _HEADERS_TYPE, flags, stream_id) + block
+        )
 
     def _flush_all(self, events: list[Event]) -> None:
         for stream_id, stream in list(self._streams.items()):
@@ -724,7 +754,7 @@ class ServerConnection(_GrpcConnection):
             (b"grpc-accept-encoding", accept_encoding_header().encode()),
             *encode_metadata(metadata),
         ]
-        self._h2.send_headers(stream_id, headers)
+        self._send_header_block(stream_id, headers)
 
     def send_trailers(
         self, stream_id: int, status: Status, message: str = "", metadata: Metadata = ()
@@ -757,7 +787,7 @@ class ServerConnection(_GrpcConnection):
             ]
         headers += _status_headers(status, message)
         try:
-            self._h2.send_headers(stream_id, headers, end_stream=True)
+            self._send_header_block(stream_id, headers, end_stream=True)
             # The client may still be sending; we will not read it.
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
         except _STREAM_GONE:

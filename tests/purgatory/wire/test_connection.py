@@ -6,6 +6,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import pytest
 from hyperframe.frame import DataFrame, Frame
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +29,7 @@ from jobworker.purgatory.wire.connection import (
 )
 from jobworker.purgatory.wire.errors import ProtocolError
 from jobworker.purgatory.wire.framing import encode_message
+from jobworker.purgatory.wire.metadata import decode_metadata
 from jobworker.purgatory.wire.status import Status
 
 METHOD = "/test.Echo/Unary"
@@ -374,6 +376,48 @@ def test_a_malformed_response_fails_only_its_call(response, trailers, problem):
     ]
     expected = [(first, h2.errors.ErrorCodes.PROTOCOL_ERROR)] if trailers is None else []
     assert [(r.stream_id, r.error_code) for r in resets] == expected
+
+
+def _answer_from_server(raw, server, stream_id, metadata=()) -> list:
+    raw.send_headers(stream_id, GOOD)
+    raw.send_data(stream_id, encode_message(b"q"), end_stream=True)
+    raw_exchange(raw, server)
+    server.send_headers(stream_id, (("x-head", "h"),))
+    server.send_message(stream_id, b"answer")
+    server.send_trailers(stream_id, Status.OK, "done", metadata)
+    return raw_exchange(raw, server)[1]
+
+
+def test_response_blocks_decode_the_same_across_an_hpack_table_resize():
+    # Our response blocks are HPACK literals that leave the dynamic table alone; h2's encoder
+    # must still announce a table resize in the first block after it, so that one goes through
+    # h2. The peer's decoder sees every block right, before, across and after the resize.
+    server = ServerConnection()
+    server.initiate()
+    raw = raw_peer(client_side=True)
+    seen = []
+    for stream_id in (1, 3, 5, 7):
+        if stream_id == 5:
+            raw.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+        events = _answer_from_server(raw, server, stream_id)
+        (response,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+        (trailers,) = [e for e in events if isinstance(e, h2.events.TrailersReceived)]
+        seen.append((dict(response.headers), dict(trailers.headers)))
+    for headers, trailers in seen:
+        assert headers[b":status"] == b"200" and headers[b"x-head"] == b"h"
+        assert headers[b"content-type"] == b"application/grpc"
+        assert trailers == {b"grpc-status": b"0", b"grpc-message": b"done"}
+    assert raw.decoder.header_table_size == 0  # the resize was announced
+
+
+def test_trailers_larger_than_a_frame_go_out_as_continuations():
+    server = ServerConnection()
+    server.initiate()
+    raw = raw_peer(client_side=True)
+    big = b"\xa5" * 20_000  # 26,667 bytes of base64: past the 16 KiB frame size
+    events = _answer_from_server(raw, server, 1, (("x-big-bin", big),))
+    (trailers,) = [e for e in events if isinstance(e, h2.events.TrailersReceived)]
+    assert decode_metadata(trailers.headers) == (("x-big-bin", big),)
 
 
 def test_gzip_compressed_messages_are_accepted():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import h2.exceptions
 import h2.utilities
+import hpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobworker.purgatory.wire.fields import Block, block_problem
+from jobworker.purgatory.wire.fields import Block, block_problem, encode_block
 
 REQUEST = [
     (b":method", b"POST"),
@@ -148,3 +149,12 @@ def test_what_we_accept_h2_accepts_too(headers, block) -> None:
     # looser: nothing h2's full validation refuses gets through.
     if block_problem(headers, block) is None:
         assert _h2_accepts(headers, block)
+
+
+@given(
+    st.lists(st.tuples(st.binary(min_size=1, max_size=300), st.binary(max_size=20_000)), max_size=6)
+)
+def test_encoded_blocks_decode_to_the_same_fields_and_leave_the_table_alone(headers) -> None:
+    decoder = hpack.Decoder(max_header_list_size=2**20)
+    assert decoder.decode(encode_block(headers), raw=True) == headers
+    assert len(decoder.header_table.dynamic_entries) == 0
