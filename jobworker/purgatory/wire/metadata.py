@@ -51,6 +51,26 @@ RESERVED_KEYS = frozenset(
     }
 )
 
+# Received names that are never metadata, skipped before any other work: what every gRPC request
+# and response carries.
+_TRANSPORT_NAMES = frozenset(
+    {
+        b":method",
+        b":scheme",
+        b":path",
+        b":authority",
+        b":status",
+        b"content-type",
+        b"te",
+        b"user-agent",
+        b"grpc-accept-encoding",
+        b"grpc-encoding",
+        b"grpc-timeout",
+        b"grpc-status",
+        b"grpc-message",
+    }
+)
+
 _KEY_RE = re.compile(rb"[0-9a-z_.\-]+")
 _ASCII_VALUE_RE = re.compile(rb"[\x20-\x7e]*")
 _SURROUNDING_WS = b" \t"
@@ -117,6 +137,8 @@ def decode_metadata(headers: Iterable[tuple[bytes | str, bytes | str]]) -> Metad
     """
     result: list[tuple[str, str | bytes]] = []
     for raw_key, raw_value in headers:
+        if raw_key in _TRANSPORT_NAMES:
+            continue
         key_bytes = header_bytes(raw_key).lower()
         if not _KEY_RE.fullmatch(key_bytes):
             continue  # pseudo-headers (":path"), and names gRPC cannot represent
