@@ -232,3 +232,11 @@ def test_received_metadata_can_always_be_echoed(headers: list[tuple[bytes, bytes
     except ProtocolError:
         return
     assert decode_metadata(encode_metadata(md)) == md
+
+
+def test_the_names_decoding_skips_at_once_are_all_reserved() -> None:
+    # decode_metadata drops these before its general checks; that is only a shortcut while
+    # every one of them is a name the general rule would drop too.
+    from jobworker.purgatory.wire.metadata import _TRANSPORT_NAMES, is_reserved_key
+
+    assert all(is_reserved_key(name.decode("ascii")) for name in _TRANSPORT_NAMES)
