@@ -42,7 +42,7 @@ from hyperframe.frame import GoAwayFrame
 
 from .compression import SUPPORTED_ENCODINGS, accept_encoding_header, decode_message
 from .errors import MessageTooLarge, ProtocolError, UnsupportedEncoding, WireError
-from .fields import Block, block_problem, encode_block
+from .fields import Block, RepeatDecoder, block_problem, encode_block
 from .framing import DEFAULT_MAX_MESSAGE_BYTES, PREFIX_BYTES, MessageDecoder, encode_message_parts
 from .metadata import Metadata, decode_metadata, encode_metadata
 from .status import (
@@ -278,6 +278,7 @@ class _GrpcConnection:
             normalize_outbound_headers=False,
         )
         self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.decoder = RepeatDecoder(self._h2.decoder.max_header_list_size)
         self._h2.local_settings = h2.settings.Settings(
             client=self.client_side,
             initial_values={

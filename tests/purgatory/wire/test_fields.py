@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobworker.purgatory.wire.fields import Block, block_problem, encode_block
+from jobworker.purgatory.wire.fields import Block, RepeatDecoder, block_problem, encode_block
 
 REQUEST = [
     (b":method", b"POST"),
@@ -158,3 +158,90 @@ def test_encoded_blocks_decode_to_the_same_fields_and_leave_the_table_alone(head
     decoder = hpack.Decoder(max_header_list_size=2**20)
     assert decoder.decode(encode_block(headers), raw=True) == headers
     assert len(decoder.header_table.dynamic_entries) == 0
+
+
+# --- RepeatDecoder: remembering blocks of references must never outlive the tables they read
+
+
+def test_a_repeated_block_of_references_decodes_like_the_first_time() -> None:
+    encoder, decoder = hpack.Encoder(), RepeatDecoder(max_header_list_size=2**16)
+    assert decoder.decode(encoder.encode(REQUEST), raw=True) == REQUEST  # literals: indexed now
+    again = encoder.encode(REQUEST)
+    assert all(byte & 0x80 for byte in again)  # references only: the case remembered
+    assert decoder.decode(again, raw=True) == REQUEST
+    assert decoder.decode(again, raw=True) == REQUEST
+
+
+def test_a_remembered_block_is_forgotten_once_the_dynamic_table_changes() -> None:
+    encoder, decoder = hpack.Encoder(), RepeatDecoder(max_header_list_size=2**16)
+    decoder.decode(encoder.encode([(b"x-a", b"1")]), raw=True)
+    reference = encoder.encode([(b"x-a", b"1")])  # index 62: the newest dynamic entry
+    assert decoder.decode(reference, raw=True) == [(b"x-a", b"1")]
+    decoder.decode(encoder.encode([(b"x-b", b"2")]), raw=True)  # now index 62 is x-b
+    assert decoder.decode(reference, raw=True) == [(b"x-b", b"2")]
+
+
+def test_a_remembered_block_is_checked_again_under_a_smaller_header_list_limit() -> None:
+    encoder, decoder = hpack.Encoder(), RepeatDecoder(max_header_list_size=2**16)
+    decoder.decode(encoder.encode(REQUEST), raw=True)
+    again = encoder.encode(REQUEST)
+    decoder.decode(again, raw=True)
+    decoder.max_header_list_size = 100
+    with pytest.raises(hpack.OversizedHeaderListError):
+        decoder.decode(again, raw=True)
+
+
+def test_the_remembered_blocks_are_bounded() -> None:
+    decoder = RepeatDecoder(max_header_list_size=2**16)
+    for index in range(1, 62):  # every static entry alone: 61 distinct blocks of a reference
+        name, value = hpack.table.HeaderTable.STATIC_TABLE[index - 1]
+        assert decoder.decode(bytes([0x80 | index]), raw=True) == [(name, value)]
+    assert len(decoder._remembered) <= 32
+
+
+_POOL = st.sampled_from(
+    [
+        [(b"x-a", b"1")],
+        [(b"x-b", b"2"), (b"x-a", b"1")],
+        [(b"x-c", b"3" * 40)],
+        [(b"x-d", b"4" * 300)],  # a long value: an index past 127 soon follows
+        [(b":method", b"POST"), (b"x-a", b"1")],
+    ]
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("encode"), _POOL),
+            st.tuples(st.just("replay"), st.integers(min_value=0)),  # an earlier block's bytes
+            st.tuples(st.just("resize"), st.sampled_from([0, 64, 256, 4096])),
+        ),
+        max_size=40,
+    )
+)
+def test_remembering_never_changes_what_a_block_decodes_to(steps) -> None:
+    """Against plain hpack as oracle: the same blocks, in the same order, give the same lists
+    or the same kind of error, whatever the tables went through meanwhile."""
+    encoder = hpack.Encoder()
+    ours, oracle = RepeatDecoder(max_header_list_size=2**16), hpack.Decoder(2**16)
+    sent: list[bytes] = []
+    for step, arg in steps:
+        if step == "encode":
+            block = encoder.encode(arg)
+        elif step == "replay":
+            if not sent:
+                continue
+            block = sent[arg % len(sent)]
+        else:
+            encoder.header_table_size = arg
+            block = encoder.encode([(b"x-a", b"1")])  # carries the size update
+        sent.append(block)
+        try:
+            expected = oracle.decode(block, raw=True)
+        except hpack.HPACKError as exc:
+            with pytest.raises(type(exc)):
+                ours.decode(block, raw=True)
+            return  # a decoding error ends the connection: nothing follows it
+        assert ours.decode(block, raw=True) == expected
