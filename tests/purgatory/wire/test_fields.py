@@ -86,6 +86,18 @@ def test_malformed_blocks_name_their_problem(headers, block, problem) -> None:
     assert found is not None and problem in found
 
 
+def test_the_same_fields_are_judged_afresh_for_each_kind_of_block() -> None:
+    """Verdicts are kept per block and kind: a request's fields are fine as a request and
+    still malformed as trailers, in either order."""
+    assert block_problem(REQUEST, Block.REQUEST) is None
+    assert (
+        block_problem(REQUEST, Block.TRAILERS) == "pseudo-header ':method' not allowed in TRAILERS"
+    )
+    assert block_problem(list(REQUEST), Block.REQUEST) is None
+    assert block_problem(TRAILERS, Block.TRAILERS) is None
+    assert block_problem(TRAILERS, Block.REQUEST) == "REQUEST without :method"
+
+
 def test_a_host_header_may_stand_for_or_match_the_authority() -> None:
     assert block_problem(with_(REQUEST, (b"host", b"localhost")), Block.REQUEST) is None
     host_only = with_(without(REQUEST, b":authority"), (b"host", b"localhost"))
