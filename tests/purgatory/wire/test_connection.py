@@ -561,3 +561,31 @@ def test_a_message_that_fits_the_windows_is_one_data_frame_and_the_windows_stay_
     assert all(f.stream_id == stream_id and not f.flags for f in data_frames)
     sent = sum(len(encode_message(m)) for m in messages)
     assert pair.server._h2.local_flow_control_window(stream_id) == window_before - sent
+
+
+def test_a_message_larger_than_the_peers_frames_fills_whole_frames_and_the_windows_stay_exact():
+    # A peer keeping HTTP/2's default 16 KiB frames (Go's gRPC, h2 itself): the message is
+    # sliced into full frames, in order, and each byte is counted once against the windows.
+    raw, server = raw_client(), ServerConnection()
+    server.initiate()
+    stream_id = raw.get_next_available_stream_id()
+    raw.send_headers(stream_id, GOOD)
+    raw.send_data(stream_id, encode_message(b"ping"), end_stream=True)
+    raw_exchange(raw, server)
+    assert raw.local_settings.max_frame_size == 2**14
+    message = bytes(range(256)) * 160  # 40,960 bytes: three frames, the last one short
+    window_before = server._h2.local_flow_control_window(stream_id)
+    server.send_message(stream_id, message)
+    wire = memoryview(server.data_to_send())
+    data_frames = []
+    while wire:
+        frame, length = Frame.parse_frame_header(wire[:9])
+        frame.parse_body(wire[9 : 9 + length])
+        if isinstance(frame, DataFrame):
+            data_frames.append(frame)
+        wire = wire[9 + length :]
+    assert [len(f.data) for f in data_frames] == [2**14, 2**14, len(message) + 5 - 2**15]
+    assert all(f.stream_id == stream_id and not f.flags for f in data_frames)
+    assert b"".join(bytes(f.data) for f in data_frames) == encode_message(message)
+    window_after = server._h2.local_flow_control_window(stream_id)
+    assert window_after == window_before - len(message) - 5
