@@ -13,6 +13,8 @@ sends one bad request loses that request, not every call on its connection.
 
 `block_problem` returns what is wrong, or None; the connection decides what to do with it.
 Clients repeat their blocks call after call, so the verdicts on the last few dozen are kept.
+Which grpc headers a call needs (content-type, te, the path's shape) is the connection's
+business, not this module's: these are the rules any HTTP/2 message must keep.
 
 Decoding is hpack's, with one shortcut (`RepeatDecoder`): a client that makes the same call
 again sends the very same block, each field a reference into the HPACK tables (grpcio's repeated
@@ -20,8 +22,6 @@ requests are eight one-byte references). Such a block cannot change the tables, 
 nothing else has changed them it decodes to the same list as last time, and we hand that list
 back instead of decoding it again (hpack spends about a quarter of a unary request's parsing on
 it, measured).
-Which grpc headers a call needs (content-type, te, the path's shape) is the connection's
-business, not this module's: these are the rules any HTTP/2 message must keep.
 
 Sent
 ----
@@ -76,7 +76,8 @@ def block_problem(headers: Iterable[tuple[bytes, bytes]], block: Block) -> str |
 
 
 # A verdict costs a few microseconds (two regular expressions per field); looking one up, a
-# hash of the block. The blocks kept are bounded by the header list limit we announce.
+# hash of the block. At most 64 blocks are kept, each within hpack's header list limit (64 KiB):
+# a few MiB at worst, for the whole process.
 @functools.lru_cache(maxsize=64)
 def _problem(headers: tuple[tuple[bytes, bytes], ...], block: Block) -> str | None:
     pseudo: set[bytes] = set()
@@ -123,7 +124,10 @@ def _problem(headers: tuple[tuple[bytes, bytes], ...], block: Block) -> str | No
 # A block made only of indexed fields (RFC 7541 §6.1): each is one byte 0x80-0xFE, or 0xFF and
 # the rest of its index as a 7-bit-prefix integer (continuation bytes, then a final byte < 0x80).
 _ONLY_INDEXED = re.compile(rb"(?:[\x80-\xfe]|\xff[\x80-\xff]*[\x00-\x7f])*")
-_REMEMBERED_BLOCKS = 32
+# Per connection, a handful of call shapes of a few dozen fields: what clients repeat, and little
+# memory for one that sends many distinct blocks to make us keep them.
+_REMEMBERED_BLOCKS = 8
+_REMEMBERED_FIELDS = 32
 
 
 class RepeatDecoder(Decoder):
@@ -132,7 +136,8 @@ class RepeatDecoder(Decoder):
     A reference changes no table, so a remembered list stays right until a block of another
     kind arrives (a literal may add to the dynamic table, a size update may evict from it):
     then everything is forgotten. Limits are part of the key, so a block decoded under looser
-    ones is decoded again, with hpack's checks, once they tighten.
+    ones is decoded again, with hpack's checks, once they tighten. Only a few short lists are
+    kept (see _REMEMBERED_BLOCKS).
     """
 
     def __init__(self, max_header_list_size: int) -> None:
@@ -149,9 +154,10 @@ class RepeatDecoder(Decoder):
             remembered.clear()
             return super().decode(data, raw)
         headers = list(super().decode(data, raw))
-        if len(remembered) >= _REMEMBERED_BLOCKS:
-            remembered.clear()
-        remembered[key] = headers
+        if len(headers) <= _REMEMBERED_FIELDS:
+            if len(remembered) >= _REMEMBERED_BLOCKS:
+                remembered.clear()
+            remembered[key] = headers
         return list(headers)
 
 
