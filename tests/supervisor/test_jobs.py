@@ -434,8 +434,12 @@ async def test_a_cancelled_start_leaves_no_job_and_no_group(sup):
 
 
 CTRL_C_DURING_SHUTDOWN = """
-import sys, trio
+import signal, sys, trio
 from jobworker.supervisor import Supervisor
+
+# Python leaves SIGINT ignored when started so (a test run launched in the background):
+# this child is the interactive program whose Ctrl-C we mean to test.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 async def main():
     async with Supervisor(grace_period_s=1) as sup:
