@@ -2,15 +2,22 @@
 fails, even when every test passed.
 
 What counts as ours: any cgroup directory named ``jobworker-*`` (every Supervisor's subtree is),
-any process sitting in such a cgroup, any child of this pytest process, and any
-``jobworker-*`` entry in the temporary directory (a Supervisor's private data_dir). Everything
-present before the session started is ignored.
+any process sitting in such a cgroup, any child of this pytest process, any ``jobworker-*``
+entry in the temporary directory (a Supervisor's private data_dir), and any
+``jobworker-tests-*`` directory that `shared_path` makes. Everything present before the session
+started is ignored.
+
+Also here: `shared_path`, a directory a test shares with its jobs. Jobs run isolated by default
+(as root): their /tmp, /var/tmp and /dev/shm are private, so pytest's tmp_path (in /tmp) is out
+of their sight.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,8 +67,44 @@ def _temp_dirs() -> set[str]:
     return {os.path.join(tmp, n) for n in os.listdir(tmp) if n.startswith("jobworker-")}
 
 
+# Where shared directories go: a real disk (the IO tests need one) that every user may enter.
+# In the cgroup v2 VM the root is 9p, so the runner's scratch disk.
+SHARED_BASE = Path(os.environ.get("JOBWORKER_VM_DISK") or "/var/lib")
+SHARED_PREFIX = "jobworker-tests-"
+
+
+def _shared_dirs() -> set[str]:
+    try:
+        return {str(p) for p in SHARED_BASE.iterdir() if p.name.startswith(SHARED_PREFIX)}
+    except OSError:
+        return set()
+
+
 def _snapshot() -> dict[str, set[str]]:
-    return {"cgroups": _cgroups(), "processes": _processes(), "temporary dirs": _temp_dirs()}
+    return {
+        "cgroups": _cgroups(),
+        "processes": _processes(),
+        "temporary dirs": _temp_dirs() | _shared_dirs(),
+    }
+
+
+@pytest.fixture(scope="session")
+def _shared_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix=SHARED_PREFIX, dir=SHARED_BASE))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.fixture
+def shared_path(_shared_root: Path, request: pytest.FixtureRequest) -> Path:
+    """An empty directory this test shares with its jobs: outside the jobs' private /tmp, on a
+    real disk, and writable by any user (a job's transient uid included)."""
+    path = Path(tempfile.mkdtemp(prefix=request.node.name[:40] + "-", dir=_shared_root))
+    path.chmod(0o1777)
+    return path
 
 
 _before: dict[str, set[str]] = {}

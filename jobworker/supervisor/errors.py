@@ -41,6 +41,15 @@ class CgroupsUnavailable(CgroupError):
     """cgroups cannot be used by this process at all; the message names the fix."""
 
 
+class IsolationUnavailable(SupervisorError):
+    """Jobs cannot be isolated here (not root, the cage program missing, no transient uid
+    left); the message names the fix."""
+
+
+class TransientUsersExhausted(IsolationUnavailable):
+    """Every transient uid of the configured range is held by a live job."""
+
+
 class OutputDropped(SupervisorError):
     """A reader asked for output that the retention cap has already dropped.
 

@@ -22,9 +22,10 @@ Nothing here blocks on readers: pumps append to the log, which never waits for a
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -36,7 +37,7 @@ from .escalation import Escalation
 from .limits import Limits
 from .output import OutputLog, OutputReader, OutputStream
 from .spawn import Spawned
-from .status import JobState, JobStatus, Usage, exit_code_of
+from .status import JobState, JobStatus, RunAs, Usage, exit_code_of
 
 log = logging.getLogger("jobworker.supervisor")
 
@@ -44,6 +45,9 @@ log = logging.getLogger("jobworker.supervisor")
 # sleep (D state) can outlive SIGKILL; we will not hang a shutdown on it forever.
 _KILL_WAIT_S = 10.0
 _READ_CHUNK_BYTES = 256 * 2**10
+# After the kill, how long the pipes may stay open before we look for who holds them. A dying
+# process closes its files within milliseconds; the wait is for processes the kill missed.
+_PIPE_EOF_WAIT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +60,23 @@ class JobSpec:
     env: Mapping[str, str]
     cwd: str
     limits: Limits | None  # None when the Supervisor runs without cgroups
+    run_as: RunAs
+    network: str = "host"
+    namespaces: tuple[str, ...] = ()  # empty: unisolated
 
 
 class Job:
     """A handle on one job. Obtain it from `Supervisor.start`, `get` or `jobs`."""
 
     def __init__(
-        self, job_id: str, spec: JobSpec, *, output: OutputLog, cgroups: str, grace_period_s: float
+        self,
+        job_id: str,
+        spec: JobSpec,
+        *,
+        output: OutputLog,
+        cgroups: str,
+        grace_period_s: float,
+        release: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.id = job_id
         self.spec = spec
@@ -82,6 +96,9 @@ class Job:
         self._usage = Usage()
         self._output_lost = False
         self._drained = False  # both pipes reached EOF
+        self._survivors: tuple[int, ...] = ()
+        self._release = release  # what the job held beyond its group (working dir, uid)
+        self._spawned: Spawned | None = None
         self._group: JobGroup | None = None
         self._escalation: Escalation | None = None
         self._exited = trio.Event()  # the leader has exited
@@ -124,6 +141,10 @@ class Job:
             limits=self.spec.limits,
             cgroups=self._cgroups,
             usage=usage,
+            run_as=self.spec.run_as,
+            namespaces=self.spec.namespaces,
+            network=self.spec.network,
+            survivors=self._survivors,
         )
 
     def output(
@@ -171,11 +192,12 @@ class Job:
         log.warning("job %s: could not be created: %s", self.id, reason)
 
     def started(self, spawned: Spawned, group: JobGroup) -> None:
+        self._spawned = spawned
         self._group = group
         self._escalation = Escalation(_KillTarget(self, group))
-        self._pid = spawned.process.pid
+        self._pid = spawned.pid
         self._started_at = _now()
-        group.attach(spawned.process.pid)
+        group.attach(spawned.pid)
         log.info(
             "job %s: started pid %d for %s: %s",
             self.id,
@@ -209,9 +231,10 @@ class Job:
         Resumable: a cancelled pump has consumed nothing it did not append, so running this
         again after a cancellation continues exactly where it stopped.
         """
+        drained = _Countdown(2)
         async with trio.open_nursery() as pumps:
-            pumps.start_soon(self._pump, spawned.stdout, OutputStream.STDOUT)
-            pumps.start_soon(self._pump, spawned.stderr, OutputStream.STDERR)
+            pumps.start_soon(self._pump, spawned.stdout, OutputStream.STDOUT, drained)
+            pumps.start_soon(self._pump, spawned.stderr, OutputStream.STDERR, drained)
             if not self._exited.is_set():
                 async with trio.open_nursery() as life:
                     life.start_soon(escalation.run, self._exited)
@@ -221,6 +244,15 @@ class Job:
             # The leader is gone; so must be everything it left behind, or a straggler
             # holding a pipe would keep the job "running" forever.
             await self._kill_group(group)
+            # Every process that could hold the pipes is dead now, unless one escaped the
+            # group (root, unisolated): then the pumps get a bounded wait, not forever.
+            pumps.cancel_scope.deadline = trio.current_time() + _KILL_WAIT_S
+            with trio.move_on_after(_PIPE_EOF_WAIT_S) as quick:
+                await drained.wait()
+            if quick.cancelled_caught:
+                self._kill_pipe_holders(spawned)
+        if pumps.cancel_scope.cancelled_caught:
+            self._give_up_on_survivors(spawned)
         self._drained = True
 
     async def _kill_group(self, group: JobGroup) -> None:
@@ -239,8 +271,50 @@ class Job:
                 group.signal(signal.SIGKILL)
             except OSError:
                 pass
+        self._kill_outside_group()
 
-    async def _pump(self, stream: trio.lowlevel.FdStream, which: OutputStream) -> None:
+    def _kill_outside_group(self) -> None:
+        """Kill what the group may not hold: for a caged job, its whole PID namespace (through
+        the keeper); otherwise its leader and its process group, while the leader is our
+        unreaped child (so neither pid can have been reused)."""
+        spawned = self._spawned
+        if spawned is None or spawned.process.returncode is not None:
+            return
+        if spawned.caged:
+            spawned.process.send_signal(signal.SIGTERM)
+            return
+        spawned.process.send_signal(signal.SIGKILL)
+        try:
+            os.killpg(spawned.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _kill_pipe_holders(self, spawned: Spawned) -> None:
+        holders = _pipe_holders(spawned)
+        if holders:
+            log.warning(
+                "job %s: processes outside its cgroups still hold its output: killing %s",
+                self.id,
+                ", ".join(map(str, holders)),
+            )
+        for pid in holders:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _give_up_on_survivors(self, spawned: Spawned) -> None:
+        self._survivors = tuple(_pipe_holders(spawned))
+        log.error(
+            "job %s: giving up on processes that left its cgroups and outlived SIGKILL (%s); "
+            "its output may be incomplete",
+            self.id,
+            ", ".join(map(str, self._survivors)) or "unknown pids",
+        )
+
+    async def _pump(
+        self, stream: trio.lowlevel.FdStream, which: OutputStream, drained: _Countdown
+    ) -> None:
         # Does not close the stream: after a cancellation, _supervise resumes reading it.
         while data := await stream.receive_some(_READ_CHUNK_BYTES):
             try:
@@ -251,6 +325,7 @@ class Job:
                 if not self._output_lost:
                     log.error("job %s: output lost: %s", self.id, exc)
                     self._output_lost = True
+        drained.count_down()
 
     def _leader_exited(self, spawned: Spawned) -> None:
         self._returncode = spawned.process.returncode
@@ -272,6 +347,11 @@ class Job:
             await group.remove()
         except (CgroupError, OSError) as exc:
             log.error("job %s: cgroup cleanup failed: %s", self.id, exc)
+        if self._release is not None:
+            try:
+                await self._release()
+            except OSError as exc:
+                log.error("job %s: cleanup failed: %s", self.id, exc)
         self._state = self._final_state()
         self._log.close()
         self._ended.set()
@@ -296,6 +376,22 @@ class Job:
         return JobState.FAILED
 
 
+class _Countdown:
+    """An event that fires once `count_down()` was called `n` times."""
+
+    def __init__(self, n: int) -> None:
+        self._left = n
+        self._event = trio.Event()
+
+    def count_down(self) -> None:
+        self._left -= 1
+        if self._left <= 0:
+            self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
 class _KillTarget:
     """What the stop escalation acts on: the job's group, killed the job's careful way."""
 
@@ -315,6 +411,33 @@ class _KillTarget:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _pipe_holders(spawned: Spawned) -> list[int]:
+    """Other processes with the job's stdout or stderr pipe open: found by the pipes' inodes
+    in /proc/*/fd, the only trace left of a process that escaped every group we know of."""
+    targets = set()
+    for stream in (spawned.stdout, spawned.stderr):
+        try:
+            targets.add(f"pipe:[{os.fstat(stream.fileno()).st_ino}]")
+        except (OSError, ValueError):
+            continue  # closed meanwhile
+    me, found = os.getpid(), []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry.name}/fd/{fd}") in targets:
+                    found.append(int(entry.name))
+                    break
+            except OSError:
+                continue
+    return found
 
 
 __all__ = ["Job", "JobSpec"]

@@ -37,6 +37,30 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class RunAs:
+    """Who a job runs as: a local account, root, or a transient user made for it alone."""
+
+    uid: int
+    gid: int
+    name: str = ""  # the account's name; empty for a transient user (no account exists)
+    groups: tuple[int, ...] = ()  # supplementary groups
+    home: str | None = None
+    transient: bool = False  # a uid allocated for this job alone, released when it ended
+
+    def describe(self) -> str:
+        """``alice (uid 1000)``, ``root (uid 0)``, ``transient uid 70012``."""
+        if self.transient:
+            return f"transient uid {self.uid}"
+        if self.name:
+            return f"{self.name} (uid {self.uid})"
+        return f"uid {self.uid}"
+
+
+# The namespaces an isolated job gets, in the order `Isolation` reports them.
+NAMESPACES = ("pid", "mount", "ipc", "uts", "cgroup", "net")
+
+
+@dataclass(frozen=True, slots=True)
 class JobStatus:
     """A snapshot of one job. Taken by `Job.status()`; never changes afterwards."""
 
@@ -63,6 +87,14 @@ class JobStatus:
     limits: Limits | None = None
     cgroups: str = "off"  # the backend that applied them: "v2", "v1" or "off"
     usage: Usage = field(default_factory=Usage)
+    # Who the job ran as, and what it was kept from: the namespaces of its own (empty: none,
+    # the Supervisor does not isolate) and its network ("host", or "none": loopback only).
+    run_as: RunAs | None = None
+    namespaces: tuple[str, ...] = ()
+    network: str = "host"
+    # Processes of the job that could not be killed because they had left its cgroups (only
+    # possible without isolation): the job's end is reported, but these pids outlived it.
+    survivors: tuple[int, ...] = ()
 
     @property
     def signal_name(self) -> str | None:

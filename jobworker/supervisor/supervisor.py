@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -15,12 +16,26 @@ from types import TracebackType
 
 import trio
 
-from .cgroups import Backend, CgroupMode, open_backend
-from .errors import CgroupError, InvalidJobSpec, JobEnded, JobNotFound
+from .cgroups import Backend, CgroupMode, JobGroup, open_backend
+from .cgroups.discover import cgroup_mount_points
+from .errors import CgroupError, InvalidJobSpec, IsolationUnavailable, JobEnded, JobNotFound
 from .job import Job, JobSpec
 from .limits import LimitOverrides, LimitPolicy, Limits
 from .output import OutputLog
-from .spawn import Spawned, SpawnError, spawn
+from .sandbox import (
+    NETWORKS,
+    CagePlan,
+    Isolation,
+    Network,
+    UidPool,
+    account,
+    check_isolation_possible,
+    mqueue_mount,
+    paths_to_hide,
+    this_process,
+)
+from .spawn import Spawned, SpawnError, spawn, spawn_caged
+from .status import NAMESPACES, RunAs
 
 log = logging.getLogger("jobworker.supervisor")
 
@@ -43,13 +58,19 @@ class Supervisor:
     (SIGTERM, grace period, SIGKILL of the whole group), waits for each, removes every cgroup
     and, when no data_dir was given, the private temporary directory. Nothing outlives it.
 
-    - data_dir: where job output is kept (``<data_dir>/jobs/<id>/``); kept on exit when given.
+    - data_dir: where job output is kept (``<data_dir>/jobs/<id>/``), and jobs' own working
+      directories (``<data_dir>/work/<id>/``, removed when the job ends); kept on exit when given.
     - limits: the defaults and maximums for jobs (a `Limits` sets defaults with no maximums).
     - cgroups: "auto" (v2 if usable, else v1), "v2", "v1", or "off" (no limits, only when
       asked for: the status of every job says so).
     - base_env: every job's environment before its own `env` is added; by default only PATH.
       Jobs never inherit the supervisor's environment (no secrets leak into jobs).
-    - cwd: the working directory of jobs that do not name one; by default this process's.
+    - cwd: the working directory of jobs that do not name one; by default each job gets an
+      empty one of its own, owned by its user.
+    - isolation: an `Isolation`, True (the default settings) or False; by default isolated
+      when running as root. An isolated job runs as a transient user of its own (or the account
+      `start(user=...)` names) in namespaces of its own: see `sandbox.py`. Unisolated jobs run
+      as this process's user, in its namespaces; their status says so (no namespaces).
     """
 
     def __init__(
@@ -62,6 +83,7 @@ class Supervisor:
         retention_bytes: int = DEFAULT_RETENTION_BYTES,
         base_env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        isolation: Isolation | bool | None = None,
     ) -> None:
         if isinstance(limits, Limits):
             limits = LimitPolicy(defaults=limits)
@@ -76,6 +98,14 @@ class Supervisor:
         self._cgroup_mode = cgroups
         self._base_env = dict(base_env) if base_env is not None else {"PATH": DEFAULT_PATH}
         self._cwd = os.fspath(cwd) if cwd is not None else None
+        self._base_cwd = ""  # relative working directories are relative to this (set on entry)
+        self._isolation_setting = isolation
+        self._isolation: Isolation | None = None
+        self._uids: UidPool | None = None
+        self._lifeline: tuple[int, int] | None = None  # (read end for the cages, our end)
+        self._hide: list[str] = []
+        self._readonly: list[Path] = []
+        self._mqueue: str | None = None
         self._jobs: dict[str, Job] = {}
         self._backend: Backend | None = None
         self._nursery_manager: trio.NurseryManager | None = None
@@ -89,13 +119,15 @@ class Supervisor:
     async def __aenter__(self) -> Supervisor:
         if self._nursery_manager is not None:
             raise RuntimeError("a Supervisor can be entered only once")
-        self._cwd = self._cwd or os.getcwd()
+        self._base_cwd = os.getcwd()
         if self._given_data_dir is not None:
-            self._data_dir = self._given_data_dir
+            self._data_dir = self._given_data_dir.absolute()
             (self._data_dir / "jobs").mkdir(parents=True, exist_ok=True, mode=0o700)
         else:
             self._data_dir = Path(tempfile.mkdtemp(prefix="jobworker-"))
+        (self._data_dir / "work").mkdir(exist_ok=True, mode=0o700)
         try:
+            self._isolation = self._open_isolation()
             self._backend = open_backend(self._cgroup_mode, f"jobworker-{secrets.token_hex(4)}")
             self._nursery_manager = trio.open_nursery()
             self._nursery = await self._nursery_manager.__aenter__()
@@ -150,11 +182,34 @@ class Supervisor:
             for job in list(self._jobs.values()):
                 nursery.start_soon(stop, job)
 
+    def _open_isolation(self) -> Isolation | None:
+        setting = self._isolation_setting
+        if setting is None:
+            setting = os.geteuid() == 0
+        if setting is False:
+            return None
+        isolation = setting if isinstance(setting, Isolation) else Isolation()
+        check_isolation_possible()
+        self._uids = UidPool(isolation.transient_uids, isolation.lock_file)
+        self._uids.open()
+        self._lifeline = os.pipe2(os.O_CLOEXEC)
+        assert self._data_dir is not None
+        self._hide = paths_to_hide(self._data_dir, isolation.hide)
+        self._readonly = cgroup_mount_points()
+        self._mqueue = mqueue_mount()
+        return isolation
+
     async def _release(self) -> None:
         try:
             if self._backend is not None:
                 await self._backend.aclose()
         finally:
+            if self._uids is not None:
+                self._uids.close()
+            if self._lifeline is not None:
+                for fd in self._lifeline:
+                    os.close(fd)
+                self._lifeline = None
             if self._given_data_dir is None and self._data_dir is not None:
                 shutil.rmtree(self._data_dir, ignore_errors=True)
 
@@ -164,6 +219,11 @@ class Supervisor:
     def cgroups(self) -> str:
         """The backend in use: "v2", "v1" or "off"."""
         return self._backend.kind if self._backend is not None else self._cgroup_mode
+
+    @property
+    def isolation(self) -> Isolation | None:
+        """How jobs are isolated; None when they are not (once entered)."""
+        return self._isolation
 
     @property
     def data_dir(self) -> Path:
@@ -181,17 +241,30 @@ class Supervisor:
         limits: LimitOverrides | Limits | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        user: str | int | None = None,
+        network: Network = "host",
     ) -> Job:
         """Start `command` with `args` as a new job, and return it once it runs in its group.
 
+        - user: the local account (name or uid; 0 or "root" for root) an isolated job runs as;
+          None: a transient user of its own. Unisolated jobs run as this process's user.
+        - network: "host" (this machine's network) or "none" (a loopback of its own; isolated
+          jobs only).
+
         A job that cannot be created (command not found or not executable, a bad working
-        directory, cgroup setup failing) is returned in state ERROR with the reason in its
-        status. Invalid arguments raise InvalidJobSpec.
+        directory, cgroup or cage setup failing) is returned in state ERROR with the reason in
+        its status. Invalid arguments raise InvalidJobSpec.
         """
         if self._nursery is None or self._backend is None or self._closing:
             raise RuntimeError("the Supervisor is not running (use `async with Supervisor()`)")
-        spec = self._spec(command, args, owner, limits, env, cwd)
+        spec = self._spec(command, args, owner, limits, env, cwd, user, network)
         job_id = str(uuid.uuid4())
+        held = _Held(self._uids)
+        try:
+            spec = self._give_identity(spec, job_id, held)
+        except BaseException:
+            await held.release()
+            raise
         output = OutputLog(self.data_dir / "jobs" / job_id, retention_bytes=self.retention_bytes)
         job = Job(
             job_id,
@@ -199,31 +272,33 @@ class Supervisor:
             output=output,
             cgroups=self._backend.kind,
             grace_period_s=self.grace_period_s,
+            release=held.release,
         )
         self._jobs[job_id] = job
         try:
             group = self._backend.create(job_id, spec.limits, spec.cwd)
         except CgroupError as exc:
+            with trio.CancelScope(shield=True):
+                await held.release()
             job.fail_creation(f"cgroup setup failed: {exc}")
             return job
         except BaseException:
             # Not the job's fate but a bug or a cancellation: the caller never saw this job.
             del self._jobs[job_id]
             output.remove()
+            with trio.CancelScope(shield=True):
+                await held.release()
             raise
         try:
-            spawned = await spawn(
-                (spec.command, *spec.args),
-                env=spec.env,
-                cwd=spec.cwd,
-                procs_files=group.procs_files,
-            )
+            spawned = await self._spawn(spec, group, own_workdir=held.workdir is not None)
         except BaseException as exc:
-            # No process exists (a cancellation can only arrive before Popen runs): undo the
-            # group. A spawn failure is the job's fate; anything else is the caller's, and the
-            # caller never saw this job, so it is forgotten.
+            # No process exists (a cancellation can only arrive before Popen runs, or is
+            # handled by the cage's spawn, which ends the cage): undo the group. A spawn
+            # failure is the job's fate; anything else is the caller's, and the caller never
+            # saw this job, so it is forgotten.
             with trio.CancelScope(shield=True):
                 await group.remove()
+                await held.release()
             if not isinstance(exc, SpawnError):
                 del self._jobs[job_id]
                 output.remove()
@@ -235,6 +310,56 @@ class Supervisor:
         job.started(spawned, group)
         self._nursery.start_soon(self._run_job, job, spawned)
         return job
+
+    def _give_identity(self, spec: JobSpec, job_id: str, held: _Held) -> JobSpec:
+        """The job's user (a transient uid from the pool when it names none) and, unless it
+        chose one, a working directory of its own, owned by that user; added to `held`."""
+        run_as = spec.run_as
+        if self._isolation is not None and run_as.transient:
+            assert self._uids is not None
+            uid = self._uids.acquire()  # IsolationUnavailable when every uid is taken
+            held.uid = uid
+            run_as = RunAs(uid=uid, gid=uid, transient=True)
+        cwd = spec.cwd
+        if not cwd:
+            workdir = self.data_dir / "work" / job_id
+            os.mkdir(workdir, 0o700)
+            held.workdir = workdir
+            os.chown(workdir, run_as.uid, run_as.gid)
+            cwd = os.fspath(workdir)
+        if run_as.transient:
+            run_as = dataclasses.replace(run_as, home=cwd)
+        env = dict(spec.env)
+        if self._isolation is not None:
+            # What a login would set, unless the caller did: programs look for a home.
+            defaults = {"HOME": run_as.home or cwd}
+            if run_as.name:
+                defaults |= {"USER": run_as.name, "LOGNAME": run_as.name}
+            env = defaults | env
+        return dataclasses.replace(spec, run_as=run_as, cwd=cwd, env=env)
+
+    async def _spawn(self, spec: JobSpec, group: JobGroup, *, own_workdir: bool) -> Spawned:
+        if self._isolation is None:
+            return await spawn(
+                (spec.command, *spec.args),
+                env=spec.env,
+                cwd=spec.cwd,
+                procs_files=group.procs_files,
+            )
+        assert self._lifeline is not None
+        plan = CagePlan(
+            argv=(spec.command, *spec.args),
+            cwd=spec.cwd,
+            run_as=spec.run_as,
+            network=spec.network,  # type: ignore[arg-type]
+            cgroup_procs=group.procs_files,
+            readonly=self._readonly,
+            hide=self._hide,
+            # Its own working directory lies in the covered data directory: bring it back.
+            bind=[spec.cwd] if own_workdir else [],
+            mqueue=self._mqueue,
+        )
+        return await spawn_caged(plan, env=spec.env, lifeline_fd=self._lifeline[0])
 
     async def _run_job(self, job: Job, spawned: Spawned) -> None:
         # The containment boundary: the job's tree has already cleaned up after itself on its
@@ -263,6 +388,8 @@ class Supervisor:
         limits: LimitOverrides | Limits | None,
         env: Mapping[str, str] | None,
         cwd: str | os.PathLike[str] | None,
+        user: str | int | None,
+        network: str,
     ) -> JobSpec:
         if not isinstance(command, str) or not command:
             raise InvalidJobSpec("the command must be a non-empty string")
@@ -288,10 +415,34 @@ class Supervisor:
             resolved = None
         else:
             resolved = self.policy.resolve(limits)
-        assert self._cwd is not None
         if cwd is not None and "\0" in os.fsdecode(cwd):
             raise InvalidJobSpec("the working directory cannot contain NUL bytes")
-        job_cwd = os.path.join(self._cwd, os.fspath(cwd)) if cwd is not None else self._cwd
+        if cwd is not None:
+            job_cwd = os.path.join(self._base_cwd, os.fspath(cwd))
+        else:
+            job_cwd = self._cwd or ""  # empty: a working directory of its own
+        if network not in NETWORKS:
+            raise InvalidJobSpec(f"network must be one of {', '.join(NETWORKS)}, not {network!r}")
+        namespaces: tuple[str, ...] = ()
+        if self._isolation is None:
+            if user is not None:
+                raise InvalidJobSpec(
+                    "running a job as another user needs isolation, and this Supervisor "
+                    "runs jobs unisolated"
+                )
+            if network != "host":
+                raise InvalidJobSpec(
+                    "network none needs isolation, and this Supervisor runs jobs unisolated"
+                )
+            run_as = this_process()
+        else:
+            run_as = RunAs(uid=-1, gid=-1, transient=True) if user is None else account(user)
+            wanted = {"pid", "mount", "ipc", "uts"}
+            if self.cgroups != "off":
+                wanted.add("cgroup")
+            if network == "none":
+                wanted.add("net")
+            namespaces = tuple(n for n in NAMESPACES if n in wanted)
         return JobSpec(
             command=command,
             args=tuple(args),
@@ -299,7 +450,40 @@ class Supervisor:
             env=job_env,
             cwd=job_cwd,
             limits=resolved,
+            run_as=run_as,
+            network=network,
+            namespaces=namespaces,
         )
+
+
+class _Held:
+    """What one job holds beyond its group, released once when it has ended (or never ran)."""
+
+    def __init__(self, uids: UidPool | None) -> None:
+        self._uids = uids
+        self.uid: int | None = None
+        self.workdir: Path | None = None
+
+    async def release(self) -> None:
+        # The uid goes back only once nothing of the job can still use it: the caller calls
+        # this after the job's last process is gone (for a caged job, the keeper's exit).
+        workdir, self.workdir = self.workdir, None
+        try:
+            if workdir is not None:
+                await trio.to_thread.run_sync(_remove_tree, workdir)
+        finally:
+            if self.uid is not None and self._uids is not None:
+                self._uids.release(self.uid)
+                self.uid = None
+
+
+def _remove_tree(path: Path) -> None:
+    # shutil.rmtree never follows symlinks (it works on directory fds), so a job cannot point
+    # it at anything outside its own working directory.
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
 
 
 def _sole_exception(error: BaseException) -> BaseException:

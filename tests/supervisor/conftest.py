@@ -19,9 +19,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(skip)
 
 
-@pytest.fixture
-async def sup(tmp_path: Path):
-    async with Supervisor(data_dir=tmp_path / "data", grace_period_s=5) as supervisor:
+@pytest.fixture(params=["isolated", "unisolated"])
+async def sup(request: pytest.FixtureRequest, tmp_path: Path):
+    """A Supervisor, once isolating its jobs (the default as root) and once not: the lifecycle
+    (states, exit codes and signals, stop, output, cleanup) must not depend on it."""
+    isolation = request.param == "isolated"
+    async with Supervisor(
+        data_dir=tmp_path / "data", grace_period_s=5, isolation=isolation
+    ) as supervisor:
         yield supervisor
 
 

@@ -8,7 +8,10 @@ from pathlib import Path
 
 from jobworker.supervisor import Job, OutputStream
 
-PYTHON = sys.executable
+# The interpreter for Python snippets run as jobs. An isolated job runs as a transient
+# unprivileged user, which cannot reach an interpreter under root's home (pyenv's, or this
+# venv's); the system's can be run by anyone.
+PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 IN_V2_VM = os.environ.get("JOBWORKER_IN_CGROUP2_VM") == "1"
 
 
@@ -36,3 +39,25 @@ async def wait_for_output(job: Job, needle: bytes) -> bytes:
 def job_cgroup_dirs(job_id: str) -> list[Path]:
     """Every cgroup directory on this machine named after the job."""
     return [Path(top) / job_id for top, dirs, _ in os.walk("/sys/fs/cgroup") if job_id in dirs]
+
+
+def host_pid(job: Job, pid_in_job: int) -> int:
+    """The pid this process sees for a process the job sees as `pid_in_job` (an isolated job
+    has a PID namespace of its own; the job's leader must still run)."""
+    leader = job.status().pid
+    namespace = os.readlink(f"/proc/{leader}/ns/pid")
+    if namespace == os.readlink("/proc/self/ns/pid"):
+        return pid_in_job
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != namespace:
+                continue
+            with open(f"/proc/{entry}/status", encoding="ascii") as f:
+                nspid = next(line for line in f if line.startswith("NSpid:")).split()
+        except (OSError, StopIteration):
+            continue
+        if int(nspid[-1]) == pid_in_job:
+            return int(entry)
+    raise LookupError(f"no process {pid_in_job} in the PID namespace of job {job.id}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobworker.supervisor import JobState, LimitOverrides, OutputStream
+from jobworker.supervisor import JobState, LimitOverrides, OutputStream, Supervisor
 from jobworker.supervisor.cgroups.backends import V1Backend
 from jobworker.supervisor.cgroups.discover import current_layout
 from jobworker.supervisor.spawn import spawn
@@ -98,10 +98,6 @@ async def test_pids_limit_makes_fork_fail(sup):
     assert status.state is JobState.FINISHED  # its children were cleaned up with the group
 
 
-def _io_dir(tmp_path: Path) -> Path:
-    # O_DIRECT needs a real block device under the file: in the VM the root is 9p, so the
-    # runner attaches a scratch disk.
-    return Path(os.environ["JOBWORKER_VM_DISK"]) if IN_V2_VM else tmp_path
 
 
 DIRECT_IO = """
@@ -122,18 +118,22 @@ DIRECT_IO = """
 """
 
 
+@pytest.mark.parametrize("isolation", [True, False], ids=["isolated", "unisolated"])
 @pytest.mark.parametrize("mode", ["write", "read"])
-async def test_direct_io_is_throttled(sup, tmp_path, mode):
-    directory = _io_dir(tmp_path)
-    path = directory / f"jobworker-io-test-{mode}"
+async def test_direct_io_is_throttled(shared_path, mode, isolation):
+    # O_DIRECT needs a real block device under the file: shared_path is on one (in the VM, the
+    # runner's scratch disk), and so is the data directory, which holds each job's working
+    # directory, where the writer writes (a transient user may write nowhere else).
+    path = shared_path / "jobworker-io-test-read"
     total = 3 * MiB
     if mode == "read":
         path.write_bytes(os.urandom(total))
-    try:
+        path.chmod(0o644)
+    data_dir = shared_path / "data"
+    async with Supervisor(data_dir=data_dir, isolation=isolation) as sup:
         job = await sup.start(
             PYTHON,
-            [*py(DIRECT_IO), mode, str(path), str(total)],
-            cwd=str(directory),
+            [*py(DIRECT_IO), mode, str(path) if mode == "read" else "written", str(total)],
             limits=LimitOverrides(io_read_bps=MiB, io_write_bps=MiB),
         )
         out = await read_all(job)
@@ -144,8 +144,6 @@ async def test_direct_io_is_throttled(sup, tmp_path, mode):
         assert float(out[OutputStream.STDOUT]) > 1.5
         moved = status.usage.io_write_bytes if mode == "write" else status.usage.io_read_bytes
         assert moved >= total
-    finally:
-        path.unlink(missing_ok=True)
 
 
 @pytest.mark.skipif(IN_V2_VM, reason="the freezer is the v1 fallback; v2 always has cgroup.kill")

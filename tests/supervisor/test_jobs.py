@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import uuid
 from functools import partial
@@ -29,7 +30,7 @@ from jobworker.supervisor import (
 )
 from jobworker.supervisor.cgroups.discover import V1_CONTROLLERS
 
-from .helpers import PYTHON, job_cgroup_dirs, read_all, wait_for_output
+from .helpers import PYTHON, host_pid, job_cgroup_dirs, read_all, wait_for_output
 
 pytestmark = pytest.mark.cgroups
 
@@ -40,21 +41,36 @@ def py(code: str) -> list[str]:
     return ["-c", textwrap.dedent(code)]
 
 
-async def test_process_is_in_its_cgroups_from_its_first_instruction(sup, expected_backend):
-    # cat opens its argument first thing: if placement happened after exec (the racy way),
-    # some of these runs would show the supervisor's own groups.
+async def test_process_is_in_its_cgroups_from_its_first_instruction(
+    sup, expected_backend, monkeypatch
+):
+    # cat opens its arguments first thing: the cgroup.procs files of the job's own groups. Had
+    # placement happened after exec (the racy way), some of these runs would find cat missing.
+    # (Asked from inside: an isolated job's /proc/self/cgroup is relative to its cgroup
+    # namespace, so it says "/" either way.)
     assert sup.cgroups == expected_backend
+    new_id = uuid.uuid4
     for _ in range(30):
-        job = await sup.start("/bin/cat", ["/proc/self/cgroup"])
-        lines = (await read_all(job))[OutputStream.STDOUT].decode().splitlines()
-        placed = {line.split(":")[1] for line in lines if line.endswith(f"/{job.id}")}
-        if expected_backend == "v2":
-            assert placed == {""}  # the single "0::" line
-        else:
-            controllers = {c for entry in placed for c in entry.split(",")}
-            assert set(V1_CONTROLLERS) <= controllers
-            assert "" in placed  # the unified leaf (cgroup.kill, cgroup.events)
-        assert (await job.wait()).state is JobState.FINISHED
+        job_id = new_id()
+        monkeypatch.setattr(uuid, "uuid4", lambda job_id=job_id: job_id)
+        groups = _job_groups(sup, str(job_id))
+        job = await sup.start("/bin/cat", [str(g / "cgroup.procs") for g in groups])
+        out = (await read_all(job))[OutputStream.STDOUT].decode().split()
+        status = await job.wait()
+        assert status.state is JobState.FINISHED
+        # cat, and only cat, in each: its PID as the job sees it (2 behind the cage's init).
+        expected = "2" if sup.isolation else str(status.pid)
+        assert out == [expected] * len(groups)
+
+
+def _job_groups(sup: Supervisor, job_id: str) -> list[Path]:
+    """The directories the job's groups will have: one per v1 hierarchy plus the unified leaf
+    (where cgroup.kill and cgroup.events are), or the one cgroup2 leaf."""
+    backend = sup._backend
+    if sup.cgroups == "v2":
+        return [backend.subtree / job_id]
+    assert set(V1_CONTROLLERS) | {"unified"} <= set(backend._bases)
+    return [base / job_id for base in backend._bases.values()]
 
 
 @pytest.mark.parametrize(
@@ -176,17 +192,23 @@ DAEMONIZE = textwrap.dedent("""
 
 async def test_stop_kills_a_daemonized_grandchild(sup):
     job = await sup.start(PYTHON, py(DAEMONIZE + "\ntime.sleep(600)\n"))
-    daemon = int((await wait_for_output(job, b"\n")).split()[0])
+    daemon = host_pid(job, int((await wait_for_output(job, b"\n")).split()[0]))
     assert _alive(daemon)
     status = await job.stop(0.2)
     assert status.state is JobState.STOPPED
     assert not _alive(daemon)
 
 
-async def test_stragglers_die_when_the_leader_exits(sup):
-    job = await sup.start(PYTHON, py(DAEMONIZE))  # the leader exits 0 once the daemon runs
-    out = await read_all(job)  # ends only if the daemon's copy of stdout was closed too
-    daemon = int(out[OutputStream.STDOUT].split()[0])
+async def test_stragglers_die_when_the_leader_exits(sup, shared_path):
+    gate = shared_path / "gate"
+    os.mkfifo(gate, 0o666)
+    # The leader exits 0 once the daemon runs and the test has found it.
+    job = await sup.start(PYTHON, [*py(DAEMONIZE + "\nopen(sys.argv[1]).read()\n"), str(gate)])
+    daemon = host_pid(job, int((await wait_for_output(job, b"\n")).split()[0]))
+    assert _alive(daemon)
+    with open(gate, "w") as release:
+        release.write("go")
+    await read_all(job)  # ends only if the daemon's copy of stdout was closed too
     status = await job.wait()
     assert status.state is JobState.FINISHED
     assert not _alive(daemon)
@@ -203,8 +225,8 @@ async def test_stragglers_die_when_the_leader_exits(sup):
         ("true", None, "/no/such/dir", "cannot use working directory '/no/such/dir'"),
     ],
 )
-async def test_creation_failures_are_error_jobs(sup, tmp_path, command, mode, cwd, reason):
-    command = command.format(tmp=tmp_path)
+async def test_creation_failures_are_error_jobs(sup, shared_path, command, mode, cwd, reason):
+    command = command.format(tmp=shared_path)
     if mode is not None:
         Path(command).write_text("not a program\n")
         Path(command).chmod(mode)
@@ -328,13 +350,13 @@ async def test_a_stalled_reader_does_not_hold_back_the_job(sup):
     assert sum(len(c.data) for c in [c async for c in job.output()]) == 32 * 2**20
 
 
-async def test_environment_is_not_inherited_and_cwd_is_used(sup, tmp_path, monkeypatch):
+async def test_environment_is_not_inherited_and_cwd_is_used(sup, shared_path, monkeypatch):
     monkeypatch.setenv("SUPERVISOR_SECRET", "hunter2")
-    job = await sup.start("sh", ["-c", "env; pwd"], env={"GREETING": "hi"}, cwd=str(tmp_path))
+    job = await sup.start("sh", ["-c", "env; pwd"], env={"GREETING": "hi"}, cwd=str(shared_path))
     out = (await read_all(job))[OutputStream.STDOUT].decode()
     assert "GREETING=hi" in out.splitlines()
     assert "SUPERVISOR_SECRET" not in out
-    assert out.splitlines()[-1] == str(tmp_path)
+    assert out.splitlines()[-1] == str(shared_path)
 
 
 async def test_get_and_list(sup):
@@ -460,7 +482,7 @@ async def test_ctrl_c_during_shutdown_still_cleans_up():
         process = await nursery.start(
             partial(
                 trio.run_process,
-                [PYTHON, "-c", CTRL_C_DURING_SHUTDOWN],
+                [sys.executable, "-c", CTRL_C_DURING_SHUTDOWN],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 check=False,

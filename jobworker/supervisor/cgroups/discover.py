@@ -119,6 +119,17 @@ def read_layout(mountinfo: str, proc_cgroup: str) -> Layout:
     return Layout(v1=v1, unified=unified)
 
 
+def cgroup_mount_points(mountinfo: str | None = None) -> list[Path]:
+    """Every mounted cgroup and cgroup2 hierarchy: what an isolated job gets read-only."""
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    points: list[Path] = []
+    for mount in parse_mountinfo(mountinfo):
+        if mount.mount_point not in points:
+            points.append(mount.mount_point)
+    return points
+
+
 def current_layout() -> Layout:
     return read_layout(
         Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()
