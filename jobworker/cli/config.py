@@ -9,6 +9,12 @@ Every flag is also a config key, spelled like the flag without its dashes::
     max-jobs = 100
     memory = "512M"             # sizes: "512M", "1G", or a number of bytes
     max-memory = "4G"
+    isolation = "auto"          # auto (on as root), on, off
+    transient-uids = "70000-79999"
+    network = "host"            # jobs' default: host or none
+    allow-host-network = true   # false: only network none
+    [run-as]                    # identity = local account; others run as transient users
+    alice = "alice"
 
 A key the server does not know is an error (a typo must not silently leave a default in place).
 Everything here is pure: the caller reads the file and reports `ConfigError` in one line.
@@ -24,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobworker.service.policy import JobPolicy
 from jobworker.supervisor import InvalidJobSpec, LimitOverrides, LimitPolicy, Limits
+from jobworker.supervisor.sandbox import DEFAULT_TRANSIENT_UIDS, NETWORKS
 from jobworker.supervisor.supervisor import DEFAULT_GRACE_PERIOD_S
 
 from .parsing import DEFAULT_PORT, Address, parse_address, parse_duration, parse_size
@@ -33,6 +41,7 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_TLS_DIR = Path("/etc/jobworker")
 DEFAULT_MAX_JOBS = 100
 CGROUP_MODES = ("auto", "v2", "v1", "off")
+ISOLATION_MODES = ("auto", "on", "off")
 
 
 class ConfigError(Exception):
@@ -50,6 +59,9 @@ class ServeSettings:
     grace_period_s: float
     max_jobs: int
     cgroups: str
+    isolation: str  # auto (on as root), on, off
+    transient_uids: range
+    policy: JobPolicy
 
 
 def _size(value: Any) -> int:
@@ -115,6 +127,56 @@ def _cgroup_mode(value: Any) -> str:
     return value
 
 
+def _isolation_mode(value: Any) -> str:
+    if value not in ISOLATION_MODES:
+        raise ValueError(f"expected one of {', '.join(ISOLATION_MODES)}, got {value!r}")
+    return value
+
+
+def _network(value: Any) -> str:
+    if value not in NETWORKS:
+        raise ValueError(f"expected one of {', '.join(NETWORKS)}, got {value!r}")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _uid_range(value: Any) -> range:
+    text = _text(value)
+    first, sep, last = text.partition("-")
+    if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+        raise ValueError(f'expected FIRST-LAST, e.g. "70000-79999", got {value!r}')
+    start, stop = int(first), int(last) + 1
+    if not 1 <= start < stop <= 2**31:
+        raise ValueError(f"expected a range of ids between 1 and 2147483647, got {value!r}")
+    return range(start, stop)
+
+
+def _accounts(value: Any) -> dict[str, str]:
+    """From the config file: a table ``identity = "account"``; from flags: ``ID=ACCOUNT``s."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list | tuple):
+        pairs = []
+        for item in value:
+            identity, sep, name = str(item).partition("=")
+            if not sep:
+                raise ValueError(f"expected IDENTITY=ACCOUNT, got {item!r}")
+            pairs.append((identity, name))
+    else:
+        raise ValueError(f'expected a table such as alice = "alice", got {value!r}')
+    accounts: dict[str, str] = {}
+    for identity, name in pairs:
+        if not isinstance(name, str) or not identity.strip() or not name.strip():
+            raise ValueError(f"expected an identity and an account name, got {identity!r}")
+        accounts[identity.strip()] = name.strip()
+    return accounts
+
+
 # key → parser; the keys are the flags' names. Limits map to supervisor field names below.
 _LIMIT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "cpu": ("cpu", _cpu),
@@ -132,6 +194,11 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "grace-period": _duration,
     "max-jobs": _count,
     "cgroups": _cgroup_mode,
+    "isolation": _isolation_mode,
+    "transient-uids": _uid_range,
+    "run-as": _accounts,
+    "network": _network,
+    "allow-host-network": _flag,
     **{key: parser for key, (_, parser) in _LIMIT_KEYS.items()},
     **{f"max-{key}": parser for key, (_, parser) in _LIMIT_KEYS.items()},
 }
@@ -167,8 +234,12 @@ def resolve(
     for key, raw in flags.items():
         if key not in _KEYS:
             raise ValueError(f"no such setting: {key}")  # a bug in the caller, not user input
-        if raw is not None:
-            values[key] = _parse(key, raw, f"--{key}")
+        if raw is None or raw == ():
+            continue
+        parsed = _parse(key, raw, f"--{key}")
+        if key == "run-as":  # the flags add to the file's table, one identity at a time
+            parsed = {**values.get(key, {}), **parsed}
+        values[key] = parsed
 
     tls_dir = DEFAULT_TLS_DIR
     try:
@@ -189,6 +260,19 @@ def resolve(
             message = message.replace(name, key)
         raise ConfigError(f"limits: {message}") from None
     data_dir = values.get("data-dir")
+    isolation = values.get("isolation", "auto")
+    try:
+        job_policy = JobPolicy(
+            run_as=values.get("run-as", {}),
+            network=values.get("network", "host"),
+            allow_host_network=values.get("allow-host-network", True),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"network: {exc}") from None
+    if isolation == "off" and job_policy.needs_isolation:
+        raise ConfigError(
+            "run-as accounts and network none need isolation, which is off (isolation = off)"
+        )
     return ServeSettings(
         listen=values.get("listen") or parse_address(DEFAULT_LISTEN),
         cert_file=Path(values.get("cert") or tls_dir / "server.crt"),
@@ -199,6 +283,9 @@ def resolve(
         grace_period_s=values.get("grace-period", DEFAULT_GRACE_PERIOD_S),
         max_jobs=values.get("max-jobs", DEFAULT_MAX_JOBS),
         cgroups=values.get("cgroups", "auto"),
+        isolation=isolation,
+        transient_uids=values.get("transient-uids", DEFAULT_TRANSIENT_UIDS),
+        policy=job_policy,
     )
 
 

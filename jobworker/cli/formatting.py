@@ -5,7 +5,8 @@ layout is tested without a server.
 
 `status` begins exactly as seed 000 shows it — Job, Status, Command, then Exit Code once the
 job has ended with one — each label padded to 13 columns. The fields after those appear only
-where they say something: Owner, PID (running), Signal, Reason, Started, Ended, Limits, Usage.
+where they say something: Owner, PID (running), Signal, Reason, Started, Ended, User,
+Isolation, Limits, Note (a limit the kernel applies only in part), Usage.
 """
 
 from __future__ import annotations
@@ -83,9 +84,14 @@ def format_status(
             ran = (ended - _timestamp(status.started_at)).total_seconds()
             text += f" (ran {format_duration(max(0.0, ran))})"
         lines.append(("Ended", text))
+    if status.HasField("run_as"):  # a server that says who ran the job says how it was kept
+        lines.append(("User", describe_run_as(status.run_as)))
+        lines.append(("Isolation", describe_isolation(status)))
     limits = describe_limits(status)
     if limits:
         lines.append(("Limits", limits))
+    for caveat in status.limit_caveats:
+        lines.append(("Note", caveat))
     usage = describe_usage(status.usage) if status.HasField("usage") else ""
     if usage:
         lines.append(("Usage", usage))
@@ -105,7 +111,25 @@ def describe_reason(status: pb.JobStatus) -> str:
         parts.append("out of memory (killed by the kernel's OOM killer)")
     if status.pids_limit_hit:
         parts.append("reached its pids limit (a fork failed)")
+    if status.survivors:
+        pids = ", ".join(map(str, status.survivors))
+        parts.append(f"processes {pids} left its cgroups and could not be killed")
     return "; ".join(parts)
+
+
+def describe_run_as(run_as: pb.RunAs) -> str:
+    """``alice (uid 1000, gid 1000)``, ``transient uid 70012``."""
+    if run_as.transient:
+        return f"transient uid {run_as.uid} (gid {run_as.gid}, no account)"
+    who = run_as.user or "(no account)"
+    return f"{who} (uid {run_as.uid}, gid {run_as.gid})"
+
+
+def describe_isolation(status: pb.JobStatus) -> str:
+    if not status.namespaces:
+        return "none (the server runs jobs unisolated, in its own namespaces)"
+    network = "none (loopback only)" if status.network == pb.NETWORK_NONE else "host"
+    return f"namespaces {', '.join(status.namespaces)}; network {network}"
 
 
 def describe_limits(status: pb.JobStatus) -> str:

@@ -1,7 +1,8 @@
 """`jobctl`: start, stop, inspect and follow jobs on a jobworker server.
 
     jobctl start [--cpu 0.5] [--memory 512M] [--io-read 50M] [--io-write 50M] [--pids N]
-                 [--env K=V]... [--cwd DIR] -- CMD [ARGS...]      prints the job id alone
+                 [--env K=V]... [--cwd DIR] [--network host|none] -- CMD [ARGS...]
+                                                                  prints the job id alone
     jobctl stop ID [--grace 5s]
     jobctl status ID [--json]
     jobctl logs ID [-f]          stdout chunks to stdout, stderr chunks to stderr, byte-exact
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import trio
 from cyclopts import App, CycloptsError, Parameter, UnknownOptionError
@@ -69,7 +70,20 @@ class JobOptions:
         tuple[str, ...],
         Parameter(name=["--env", "-e"], negative="", help="KEY=VALUE for the job's environment."),
     ] = ()
-    cwd: Annotated[str | None, Parameter(help="The job's working directory on the server.")] = None
+    cwd: Annotated[
+        str | None,
+        Parameter(help="The job's working directory on the server. Default: a new one of its own."),
+    ] = None
+    network: Annotated[
+        Literal["host", "none"] | None,
+        Parameter(
+            help="host: the server's network; none: a loopback of its own. Default: the "
+            "server's choice."
+        ),
+    ] = None
+
+
+_NETWORKS = {"host": pb.NETWORK_HOST, "none": pb.NETWORK_NONE}
 
 
 def build_start_request(
@@ -78,6 +92,8 @@ def build_start_request(
     """The StartJob request for a command line and its options; CliError (exit 2) for a
     malformed size or environment entry."""
     request = pb.StartJobRequest(command=command, args=list(args), working_dir=options.cwd or "")
+    if options.network is not None:
+        request.network = _NETWORKS[options.network]
     try:
         request.env.update(parse_env(list(options.env)))
     except ValueError as exc:

@@ -21,6 +21,7 @@ code is 128 + the signal's number.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -33,7 +34,15 @@ from cyclopts import App, Parameter
 import jobworker
 from jobworker.purgatory.server import Server
 from jobworker.purgatory.tls import TLSConfig, TLSConfigError
-from jobworker.supervisor import CgroupError, Supervisor, format_bytes
+from jobworker.supervisor import (
+    CgroupError,
+    InvalidJobSpec,
+    Isolation,
+    IsolationUnavailable,
+    Supervisor,
+    format_bytes,
+    sandbox,
+)
 
 from . import certs as certs_lib
 from .config import DEFAULT_TLS_DIR, ConfigError, ServeSettings, load_config_file, resolve
@@ -65,6 +74,7 @@ app.command(certs_app)
 
 LIMITS = "Default limits (for jobs that ask for none)"
 MAXIMUMS = "Maximum limits (what a job may ask for; none by default)"
+ISOLATION = "Isolation (who jobs run as, what they see)"
 
 
 @app.command
@@ -118,6 +128,37 @@ def serve(
         Literal["auto", "v2", "v1", "off"] | None,
         Parameter(help="cgroup version to use; off runs jobs without limits (default auto)."),
     ] = None,
+    isolation: Annotated[
+        Literal["auto", "on", "off"] | None,
+        Parameter(
+            group=ISOLATION,
+            help="Run jobs as transient users in namespaces of their own (default auto: on "
+            "as root).",
+        ),
+    ] = None,
+    transient_uids: Annotated[
+        str | None,
+        Parameter(
+            group=ISOLATION, help="FIRST-LAST: the ids of transient users (default 70000-79999)."
+        ),
+    ] = None,
+    run_as: Annotated[
+        tuple[str, ...],
+        Parameter(
+            negative="",
+            group=ISOLATION,
+            help="IDENTITY=ACCOUNT: run this identity's jobs as that local account (root "
+            "only when named so); repeatable.",
+        ),
+    ] = (),
+    network: Annotated[
+        Literal["host", "none"] | None,
+        Parameter(group=ISOLATION, help="Jobs' network unless they ask: host (default) or none."),
+    ] = None,
+    allow_host_network: Annotated[
+        bool | None,
+        Parameter(group=ISOLATION, help="Whether jobs may use the host's network (default yes)."),
+    ] = None,
     verbose: Annotated[
         bool, Parameter(name=["--verbose", "-v"], negative="", help="Log the supervisor too.")
     ] = False,
@@ -142,6 +183,11 @@ def serve(
         "grace-period": grace_period,
         "max-jobs": max_jobs,
         "cgroups": cgroups,
+        "isolation": isolation,
+        "transient-uids": transient_uids,
+        "run-as": run_as,
+        "network": network,
+        "allow-host-network": allow_host_network,
     }
     try:
         table = load_config_file(config) if config is not None else None
@@ -149,7 +195,7 @@ def serve(
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     configure_logging(verbose=verbose)
-    return trio.run(_serve, settings)
+    return trio.run(_serve, settings, config)
 
 
 class _Formatter(logging.Formatter):
@@ -176,7 +222,7 @@ def configure_logging(*, verbose: bool = False) -> None:
     logging.getLogger("jobworker.supervisor").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-async def _serve(settings: ServeSettings) -> int:
+async def _serve(settings: ServeSettings, config_file: Path | None = None) -> int:
     # Imported here: the service package is the layer above; `jobworker certs` needs none of it.
     from jobworker.service import identify, open_job_service
 
@@ -189,18 +235,24 @@ async def _serve(settings: ServeSettings) -> int:
             )
         except TLSConfigError as exc:
             raise CliError(f"cannot use the TLS files: {exc}") from None
+        for account in settings.policy.run_as.values():
+            try:
+                sandbox.account(account)
+            except InvalidJobSpec as exc:
+                raise CliError(f"run-as: {exc}") from None
         supervisor = Supervisor(
             data_dir=settings.data_dir,
             limits=settings.limits,
             cgroups=settings.cgroups,
             grace_period_s=settings.grace_period_s,
+            isolation=_isolation(settings, config_file),
         )
         entered = False
         try:
             async with supervisor:
                 entered = True
                 async with open_job_service(
-                    supervisor, max_running_jobs=settings.max_jobs
+                    supervisor, max_running_jobs=settings.max_jobs, policy=settings.policy
                 ) as service:
                     server = Server(service.methods(), tls=tls, identify=identify)
                     run = _Run(settings, supervisor, service, server)
@@ -209,11 +261,28 @@ async def _serve(settings: ServeSettings) -> int:
             if entered:
                 raise
             raise CliError(f"cannot use cgroups: {exc}") from None
+        except IsolationUnavailable as exc:
+            if entered:
+                raise
+            raise CliError(f"cannot isolate jobs: {exc}") from None
         except OSError as exc:
             if entered:
                 raise
             where = f" {exc.filename}" if exc.filename else ""
             raise CliError(f"cannot use the data directory{where}: {exc.strerror}") from None
+
+
+def _isolation(settings: ServeSettings, config_file: Path | None) -> Isolation | bool:
+    """What the Supervisor isolates with: the server's own secrets hidden from every job."""
+    if settings.isolation == "off" or (settings.isolation == "auto" and os.geteuid() != 0):
+        return False
+    secrets = [settings.cert_file, settings.key_file, settings.ca_file]
+    if config_file is not None:
+        secrets.append(config_file)
+    return Isolation(
+        transient_uids=settings.transient_uids,
+        hide=tuple(os.path.abspath(p) for p in secrets),
+    )
 
 
 class _Run:
@@ -258,15 +327,30 @@ class _Run:
             if getattr(s.limits.maximums, name) is not None
         }
         log.info(
-            "serving on %s: cgroups %s; job defaults %s; maximums %s; grace period %s; "
+            "serving on %s: cgroups %s; %s; job defaults %s; maximums %s; grace period %s; "
             "at most %d jobs running; output in %s",
             ", ".join(str(Address(h, p)) for h, p in addresses),
             self.supervisor.cgroups,
+            self._isolation_summary(),
             limits,
             ", ".join(f"{k}={_show(k, v)}" for k, v in maximums.items()) or "none",
             format_duration(s.grace_period_s),
             s.max_jobs,
             s.data_dir or f"{self.supervisor.data_dir} (removed at exit)",
+        )
+
+    def _isolation_summary(self) -> str:
+        isolation = self.supervisor.isolation
+        if isolation is None:
+            who = "root" if os.geteuid() == 0 else "this server's user"
+            return f"jobs NOT isolated (they run as {who}, in the server's namespaces)"
+        policy = self.settings.policy
+        uids = isolation.transient_uids
+        accounts = ", ".join(f"{i}={a}" for i, a in sorted(policy.run_as.items()))
+        network = policy.network + ("" if policy.allow_host_network else " (host refused)")
+        return (
+            f"jobs isolated (transient uids {uids.start}-{uids.stop - 1}"
+            f"{'; run-as ' + accounts if accounts else ''}; network {network})"
         )
 
     async def _watch(self, signals, nursery: trio.Nursery) -> None:

@@ -16,6 +16,7 @@ from .authz import Action, Decision, authorize
 from .errors import STATUS_OF, InvalidRequest, PermissionDenied, TooManyJobs, as_grpc_error
 from .handlers import SERVICE_NAME, JobService
 from .identity import Identity, Role, identify
+from .policy import JobPolicy
 
 __all__ = [
     "SERVICE_NAME",
@@ -24,6 +25,7 @@ __all__ = [
     "Decision",
     "Identity",
     "InvalidRequest",
+    "JobPolicy",
     "JobService",
     "PermissionDenied",
     "Role",

@@ -12,6 +12,7 @@ from jobworker.supervisor import Supervisor
 
 from .convert import MAX_GRACE_PERIOD_S
 from .handlers import JobService
+from .policy import JobPolicy
 
 
 @asynccontextmanager
@@ -20,6 +21,7 @@ async def open_job_service(
     *,
     max_running_jobs: int | None = None,
     max_grace_period_s: float = MAX_GRACE_PERIOD_S,
+    policy: JobPolicy | None = None,
 ) -> AsyncIterator[JobService]:
     """The service, ready for `Server(service.methods(), identify=identify, ...)`.
 
@@ -30,6 +32,8 @@ async def open_job_service(
     - max_running_jobs: StartJob answers RESOURCE_EXHAUSTED while this many jobs it started
       are running (None: no limit).
     - max_grace_period_s: the longest grace period StopJob accepts (INVALID_ARGUMENT above).
+    - policy: the accounts identities' jobs run as, and their network (`JobPolicy`); mapping
+      accounts or a network other than the host's needs a Supervisor that isolates jobs.
 
     The service owns a nursery that watches every job it started, to log its end. Leaving the
     block (normally or by exception) says NOT_SERVING, refuses new jobs (UNAVAILABLE), stops
@@ -41,12 +45,15 @@ async def open_job_service(
         raise ValueError(f"max_running_jobs must be at least 1, got {max_running_jobs}")
     if not math.isfinite(max_grace_period_s) or max_grace_period_s < 0:
         raise ValueError(f"max_grace_period_s must be finite and >= 0, got {max_grace_period_s}")
+    if policy is not None and policy.needs_isolation and supervisor.isolation is None:
+        raise ValueError("run-as accounts and network none need a Supervisor that isolates jobs")
     async with trio.open_nursery() as nursery:
         service = JobService(
             supervisor,
             nursery,
             max_running_jobs=max_running_jobs,
             max_grace_period_s=max_grace_period_s,
+            policy=policy,
         )
         try:
             yield service

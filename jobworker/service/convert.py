@@ -22,6 +22,7 @@ from jobworker.supervisor import (
     Limits,
     OutputChunk,
     OutputStream,
+    RunAs,
     Usage,
 )
 
@@ -94,7 +95,29 @@ def working_dir_of(request: pb.StartJobRequest) -> str | None:
         return None
     if "\0" in request.working_dir:
         raise InvalidRequest("working_dir contains a NUL byte")
+    if not request.working_dir.startswith("/"):
+        # Relative to what? The caller's directory is on another machine, the server's is none
+        # of its business (docker -w and systemd's WorkingDirectory= refuse it too).
+        raise InvalidRequest(f"working_dir must be absolute, got {_shown(request.working_dir)}")
     return request.working_dir
+
+
+_NETWORK_TO_PROTO = {"host": pb.NETWORK_HOST, "none": pb.NETWORK_NONE}
+_NETWORK_FROM_PROTO = {value: name for name, value in _NETWORK_TO_PROTO.items()}
+
+
+def network_of(request: pb.StartJobRequest) -> str | None:
+    """ "host" or "none"; None when unspecified (the server's default)."""
+    if request.network == pb.NETWORK_UNSPECIFIED:
+        return None
+    try:
+        return _NETWORK_FROM_PROTO[request.network]
+    except KeyError:
+        raise InvalidRequest(f"network: unknown value {request.network}") from None
+
+
+def network_to_proto(network: str) -> pb.Network.ValueType:
+    return _NETWORK_TO_PROTO[network]
 
 
 def grace_period_of(
@@ -219,7 +242,20 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
         created_at=timestamp_to_proto(status.created_at),
         cgroups=status.cgroups,
         usage=usage_to_proto(status.usage),
+        namespaces=status.namespaces,
+        network=network_to_proto(status.network),
+        limit_caveats=status.limit_caveats,
+        survivors=status.survivors,
     )
+    if status.run_as is not None:
+        message.run_as.CopyFrom(
+            pb.RunAs(
+                user=status.run_as.name,
+                uid=status.run_as.uid,
+                gid=status.run_as.gid,
+                transient=status.run_as.transient,
+            )
+        )
     if status.started_at is not None:
         message.started_at.CopyFrom(timestamp_to_proto(status.started_at))
     if status.ended_at is not None:
@@ -241,6 +277,10 @@ def status_from_proto(message: pb.JobStatus) -> JobStatus:
     created_at = moment("created_at")
     if created_at is None:
         raise ValueError("a JobStatus without created_at")
+    run_as = None
+    if message.HasField("run_as"):
+        given = message.run_as
+        run_as = RunAs(uid=given.uid, gid=given.gid, name=given.user, transient=given.transient)
     return JobStatus(
         id=message.job_id,
         owner=message.owner,
@@ -261,6 +301,11 @@ def status_from_proto(message: pb.JobStatus) -> JobStatus:
         limits=limits_from_proto(message.limits) if message.HasField("limits") else None,
         cgroups=message.cgroups,
         usage=usage_from_proto(message.usage),
+        run_as=run_as,
+        namespaces=tuple(message.namespaces),
+        network=_NETWORK_FROM_PROTO.get(message.network, "host"),
+        limit_caveats=tuple(message.limit_caveats),
+        survivors=tuple(message.survivors),
     )
 
 

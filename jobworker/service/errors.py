@@ -10,7 +10,13 @@ from __future__ import annotations
 import re
 
 from jobworker.purgatory.wire.status import GrpcError, Status
-from jobworker.supervisor import InvalidJobSpec, JobEnded, JobNotFound, OutputDropped
+from jobworker.supervisor import (
+    InvalidJobSpec,
+    JobEnded,
+    JobNotFound,
+    OutputDropped,
+    TransientUsersExhausted,
+)
 
 RETAINED_START_KEY = "jobworker-retained-start"
 
@@ -51,6 +57,7 @@ STATUS_OF: dict[type[Exception], Status] = {
     TooManyJobs: Status.RESOURCE_EXHAUSTED,
     OutputDropped: Status.OUT_OF_RANGE,
     ShuttingDown: Status.UNAVAILABLE,
+    TransientUsersExhausted: Status.RESOURCE_EXHAUSTED,
 }
 
 # The supervisor names two limits differently from the API (schema/jobworker/v1/jobworker.proto).

@@ -27,6 +27,7 @@ from .errors import PermissionDenied, ShuttingDown, TooManyJobs, as_grpc_error
 from .events import events, exit_cause, fields
 from .health import Health
 from .identity import Identity, identify
+from .policy import JobPolicy
 
 SERVICE_NAME = "jobworker.v1.JobService"
 # Output chunks per LogChunk message: far below every client's 4 MiB message limit, large
@@ -71,9 +72,11 @@ class JobService:
         *,
         max_running_jobs: int | None,
         max_grace_period_s: float,
+        policy: JobPolicy | None = None,
     ) -> None:
         self._supervisor = supervisor
         self._nursery = nursery
+        self._policy = policy or JobPolicy()
         self._max_running_jobs = max_running_jobs
         self._max_grace_period_s = max_grace_period_s
         self._active = 0  # jobs started here that have not ended yet (or are being started)
@@ -121,6 +124,11 @@ class JobService:
         limits = convert.overrides_of(request)
         env = convert.env_of(request)
         cwd = convert.working_dir_of(request)
+        network = convert.network_of(request) or self._policy.network
+        if network == "host" and not self._policy.allow_host_network:
+            raise PermissionDenied(
+                "this server does not let jobs use the host's network: ask for network none"
+            )
         if self._closing:
             raise ShuttingDown("the server is shutting down and starts no more jobs")
         if self._max_running_jobs is not None and self._active >= self._max_running_jobs:
@@ -128,7 +136,14 @@ class JobService:
         self._active += 1  # before the first checkpoint: concurrent starts count each other
         try:
             job = await self._supervisor.start(
-                request.command, list(request.args), owner=who.name, limits=limits, env=env, cwd=cwd
+                request.command,
+                list(request.args),
+                owner=who.name,
+                limits=limits,
+                env=env,
+                cwd=cwd,
+                user=self._policy.account_for(who.name),
+                network=network,
             )
         except BaseException:
             self._active -= 1
@@ -142,6 +157,8 @@ class JobService:
                 roles=who.role_names,
                 command=status.command_line,
                 limits=status.limits.describe() if status.limits else "none (cgroups off)",
+                run_as=status.run_as.describe() if status.run_as else None,
+                network=status.network if status.namespaces else None,
                 state=status.state.value,
                 error=status.error,
             ),

@@ -1,6 +1,7 @@
 """jobworker.supervisor — a trio-native library that runs Linux commands as supervised jobs.
 
-Each job runs in its own cgroup with CPU, memory, IO and pids limits; stopping it signals the
+Each job runs in its own cgroup with CPU, memory, IO and pids limits and, as root, isolated:
+a transient user of its own, namespaces of its own, a private /tmp; stopping it signals the
 whole process tree and escalates to SIGKILL; its stdout and stderr are kept as one ordered,
 stream-tagged log that any number of readers follow. Knows nothing about gRPC.
 """
@@ -9,21 +10,26 @@ from .errors import (
     CgroupError,
     CgroupsUnavailable,
     InvalidJobSpec,
+    IsolationUnavailable,
     JobEnded,
     JobNotFound,
     OutputDropped,
     SupervisorError,
+    TransientUsersExhausted,
 )
 from .job import Job
 from .limits import LimitOverrides, LimitPolicy, Limits, format_bytes, parse_bytes
 from .output import OutputChunk, OutputStream
-from .status import JobState, JobStatus, Usage
+from .sandbox import Isolation
+from .status import JobState, JobStatus, RunAs, Usage
 from .supervisor import Supervisor
 
 __all__ = [
     "CgroupError",
     "CgroupsUnavailable",
     "InvalidJobSpec",
+    "Isolation",
+    "IsolationUnavailable",
     "Job",
     "JobEnded",
     "JobNotFound",
@@ -35,8 +41,10 @@ __all__ = [
     "OutputChunk",
     "OutputDropped",
     "OutputStream",
+    "RunAs",
     "Supervisor",
     "SupervisorError",
+    "TransientUsersExhausted",
     "Usage",
     "format_bytes",
     "parse_bytes",

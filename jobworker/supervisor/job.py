@@ -76,12 +76,14 @@ class Job:
         output: OutputLog,
         cgroups: str,
         grace_period_s: float,
+        caveats: tuple[str, ...] = (),
         release: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.id = job_id
         self.spec = spec
         self._log = output
         self._cgroups = cgroups
+        self._caveats = caveats
         self._default_grace_s = grace_period_s
         self._state = JobState.RUNNING
         self._created_at = _now()
@@ -141,6 +143,7 @@ class Job:
             limits=self.spec.limits,
             cgroups=self._cgroups,
             usage=usage,
+            limit_caveats=self._caveats,
             run_as=self.spec.run_as,
             namespaces=self.spec.namespaces,
             network=self.spec.network,

@@ -87,6 +87,7 @@ class JobStatus:
     limits: Limits | None = None
     cgroups: str = "off"  # the backend that applied them: "v2", "v1" or "off"
     usage: Usage = field(default_factory=Usage)
+    limit_caveats: tuple[str, ...] = ()  # what of the limits the kernel applies only in part
     # Who the job ran as, and what it was kept from: the namespaces of its own (empty: none,
     # the Supervisor does not isolate) and its network ("host", or "none": loopback only).
     run_as: RunAs | None = None

@@ -18,7 +18,7 @@ import trio
 
 from .cgroups import Backend, CgroupMode, JobGroup, open_backend
 from .cgroups.discover import cgroup_mount_points
-from .errors import CgroupError, InvalidJobSpec, IsolationUnavailable, JobEnded, JobNotFound
+from .errors import CgroupError, InvalidJobSpec, JobEnded, JobNotFound
 from .job import Job, JobSpec
 from .limits import LimitOverrides, LimitPolicy, Limits
 from .output import OutputLog
@@ -272,6 +272,7 @@ class Supervisor:
             output=output,
             cgroups=self._backend.kind,
             grace_period_s=self.grace_period_s,
+            caveats=self._backend.caveats,
             release=held.release,
         )
         self._jobs[job_id] = job

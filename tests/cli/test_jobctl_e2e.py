@@ -7,15 +7,13 @@ import os
 import select
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from ..supervisor.helpers import PYTHON  # an interpreter every job user can run
 from .conftest import JOBCTL, Jobctl, Server, run
-
-PYTHON = sys.executable
 
 # Writes a known, mixed byte sequence: every byte value, on both streams, in many small writes.
 # Half of it before it blocks on the FIFO named by argv[1] (the history a follower gets first),
@@ -130,9 +128,10 @@ def test_list_shows_one_aligned_line_per_job(jobctl: Jobctl) -> None:
 # --- output ----------------------------------------------------------------------------------
 
 
-def test_three_followers_get_exactly_what_the_job_wrote(jobctl: Jobctl, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    os.mkfifo(gate)
+def test_three_followers_get_exactly_what_the_job_wrote(jobctl: Jobctl, shared_path: Path) -> None:
+    gate = shared_path / "gate"
+    os.mkfifo(gate, 0o666)
+    gate.chmod(0o666)
     job_id = jobctl.start(PYTHON, "-c", NOISY, str(gate))
     followers = [jobctl.popen("logs", "-f", job_id) for _ in range(3)]
     # Each follower has the history before the job goes on, so the rest reaches it live.
@@ -193,7 +192,8 @@ def test_ctrl_c_during_run_stops_the_job(jobctl: Jobctl) -> None:
     assert len(stderr.splitlines()) == 1
 
 
-def test_start_passes_limits_env_and_working_directory(jobctl: Jobctl, tmp_path: Path) -> None:
+def test_start_passes_limits_env_and_working_directory(jobctl: Jobctl, shared_path: Path) -> None:
+    tmp_path = shared_path
     job_id = jobctl.ok(
         "start", "--cpu", "0.25", "--memory", "256M", "--io-read", "10M", "--io-write", "20M",
         "--pids", "64", "-e", "GREETING=hi there", "--env", "EMPTY=", "--cwd", str(tmp_path),

@@ -48,10 +48,18 @@ def test_running(jobctl: Jobctl) -> None:
             "Command:     sleep 30",
         ]
         extra = fields(lines[3:])
-        assert list(extra) == ["Owner", "PID", "Started", "Limits", "Usage"]
+        v1 = extra["Limits"].endswith("(cgroup v1)")
+        assert list(extra) == [
+            "Owner", "PID", "Started", "User", "Isolation", "Limits", *["Note"] * v1, "Usage"
+        ]  # fmt: skip
         assert extra["Owner"] == "alice"
         assert int(extra["PID"]) > 1
+        # alice has no account on the server: a transient user of its own ran her job.
+        assert re.fullmatch(r"transient uid \d+ \(gid \d+, no account\)", extra["User"])
+        assert extra["Isolation"] == ("namespaces pid, mount, ipc, uts, cgroup; network host")
         assert extra["Limits"].startswith("cpu 0.5, memory 1G, io read 100M/s, io write 100M/s")
+        if v1:  # the io write limit does not reach buffered writes, and the status says so
+            assert extra["Note"].startswith("io write limit: cgroup v1 throttles direct and synced")
     finally:
         jobctl.ok("stop", job_id, "--grace", "0")
 
@@ -66,7 +74,11 @@ def test_finished(jobctl: Jobctl) -> None:
         "Command:     echo hello",
         "Exit Code:   0",
     ]
-    assert list(fields(lines[4:])) == ["Owner", "Started", "Ended", "Limits", "Usage"]
+    extra = fields(lines[4:])
+    v1 = extra["Limits"].endswith("(cgroup v1)")
+    assert list(extra) == [
+        "Owner", "Started", "Ended", "User", "Isolation", "Limits", *["Note"] * v1, "Usage"
+    ]  # fmt: skip
 
 
 def test_failed(jobctl: Jobctl) -> None:

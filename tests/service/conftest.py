@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from jobworker.supervisor.limits import MiB
 
 from ..purgatory.certs import CA, Leaf, _write, make_ca
 
-PYTHON = sys.executable
 CALL_TIMEOUT_S = 20.0  # a backstop against hangs, never expected to fire
 MAX_RUNNING_JOBS = 3
 RETENTION_BYTES = 256 * 2**10
@@ -173,7 +171,6 @@ async def served(tmp_path: Path, certs: Certs) -> AsyncIterator[Served]:
         limits=LimitPolicy(defaults=DEFAULT_LIMITS, maximums=MAX_LIMITS),
         grace_period_s=GRACE_S,
         retention_bytes=RETENTION_BYTES,
-        cwd=tmp_path,
     )
     async with (
         supervisor,
@@ -201,10 +198,12 @@ async def served(tmp_path: Path, certs: Certs) -> AsyncIterator[Served]:
             await server.shutdown(1.0)
 
 
-def fifo(tmp_path: Path, name: str = "go") -> Path:
-    """A named pipe a job blocks on (`cat FIFO`) until the test calls `release`."""
-    path = tmp_path / name
-    os.mkfifo(path)
+def fifo(shared_path: Path, name: str = "go") -> Path:
+    """A named pipe a job blocks on (`cat FIFO`) until the test calls `release`; in a directory
+    the test shares with its jobs (`shared_path`), open to any job user."""
+    path = shared_path / name
+    os.mkfifo(path, 0o666)
+    path.chmod(0o666)  # whatever the umask
     return path
 
 

@@ -26,6 +26,7 @@ from jobworker.supervisor import (
     OutputChunk,
     OutputDropped,
     OutputStream,
+    TransientUsersExhausted,
     Usage,
 )
 
@@ -195,6 +196,7 @@ CASES = [
     (TooManyJobs(5), Status.RESOURCE_EXHAUSTED),
     (OutputDropped(0, 4096), Status.OUT_OF_RANGE),
     (ShuttingDown("going"), Status.UNAVAILABLE),
+    (TransientUsersExhausted("every transient uid is in use"), Status.RESOURCE_EXHAUSTED),
 ]
 
 

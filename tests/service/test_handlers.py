@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import uuid
 from pathlib import Path
@@ -15,6 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.supervisor import JobState
 
 from .conftest import MAX_RUNNING_JOBS, PYTHON, RETENTION_BYTES, Served, fifo, release
 
@@ -74,19 +76,34 @@ async def test_limits_unset_take_the_defaults_and_set_ones_apply(served: Served)
     )
 
 
-async def test_env_and_working_dir_reach_the_job(served: Served, tmp_path: Path) -> None:
-    (tmp_path / "here").mkdir()
+async def test_env_and_working_dir_reach_the_job(served: Served, shared_path: Path) -> None:
+    (shared_path / "here").mkdir()
     alice = served.client("alice")
     job_id = await alice.start(
         "sh",
         "-c",
         'printf "%s:%s" "$GREETING" "$PWD"',
         env={"GREETING": "hi there"},
-        working_dir="here",
+        working_dir=str(shared_path / "here"),
     )
     await served.supervisor.get(job_id).wait()
     chunks = await alice.logs(job_id)
-    assert b"".join(c.data for c in chunks) == f"hi there:{tmp_path / 'here'}".encode()
+    assert b"".join(c.data for c in chunks) == f"hi there:{shared_path / 'here'}".encode()
+
+
+async def test_without_a_working_dir_a_job_gets_a_new_one_of_its_own(served: Served) -> None:
+    alice = served.client("alice")
+    job_ids = [await alice.start("sh", "-c", "pwd; ls -A; touch mine") for _ in range(2)]
+    places = set()
+    for job_id in job_ids:
+        status = await served.supervisor.get(job_id).wait()
+        assert status.state is JobState.FINISHED
+        output = b"".join(c.data for c in await alice.logs(job_id))
+        place = output.decode().strip()  # it was empty: nothing but its path was printed
+        assert place.startswith(str(served.supervisor.data_dir / "work"))
+        places.add(place)
+        assert not os.path.exists(place)  # removed with the job
+    assert len(places) == 2
 
 
 async def test_a_command_that_cannot_run_is_a_job_in_error(served: Served) -> None:
@@ -116,6 +133,7 @@ async def test_a_command_that_cannot_run_is_a_job_in_error(served: Served) -> No
         ({"command": "true", "env": {"A": "x\0y"}}, "NUL"),
         ({"command": "true", "env": {"": "x"}}, "empty name"),
         ({"command": "true", "working_dir": "a\0b"}, "working_dir"),
+        ({"command": "true", "working_dir": "relative/dir"}, "working_dir must be absolute"),
         ({"command": "true", "args": ["a\0b"]}, "NUL"),
     ],
 )
@@ -322,10 +340,10 @@ async def test_logs_are_byte_exact_with_their_streams_history_and_follow(served:
 
 
 async def test_follow_delivers_live_output_and_ends_with_the_job(
-    served: Served, tmp_path: Path
+    served: Served, shared_path: Path
 ) -> None:
     alice = served.client("alice")
-    go = fifo(tmp_path)
+    go = fifo(shared_path)
     job_id = await alice.start("sh", "-c", f"echo before; cat {go}; echo after >&2")
     async with alice.logs_stream(job_id, follow=True) as stream:
         first = await stream.__anext__()
@@ -364,10 +382,10 @@ async def test_output_dropped_by_retention_is_out_of_range_naming_where_to_resum
 
 
 async def test_a_follower_that_falls_behind_retention_gets_out_of_range(
-    served: Served, tmp_path: Path
+    served: Served, shared_path: Path
 ) -> None:
     alice = served.client("alice")
-    go = fifo(tmp_path)
+    go = fifo(shared_path)
     total = 32 * RETENTION_BYTES  # far more than retention plus the stream's 1 MiB window
     job_id = await alice.start("sh", "-c", f"echo first; cat {go}; head -c {total} /dev/zero")
     received = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
-from pathlib import Path
 
 import pytest
 import trio
@@ -96,8 +95,6 @@ async def test_pids_limit_makes_fork_fail(sup):
     assert out[:2] == [b"EAGAIN", b"after"] and int(out[2]) < 16
     assert status.pids_limit_hit
     assert status.state is JobState.FINISHED  # its children were cleaned up with the group
-
-
 
 
 DIRECT_IO = """

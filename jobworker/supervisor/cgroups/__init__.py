@@ -15,6 +15,7 @@ CgroupMode = Literal["auto", "v2", "v1", "off"]
 
 class Backend(Protocol):
     kind: str  # "v2", "v1" or "off"
+    caveats: tuple[str, ...]  # limits the kernel applies only in part, in words
 
     def create(self, job_id: str, limits: Limits, cwd: str) -> JobGroup: ...
     async def aclose(self) -> None: ...

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobworker/v1/jobworker.proto\x12\x0cjobworker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x01\n\x06Limits\x12\x10\n\x03\x63pu\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmemory_bytes\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12%\n\x18io_read_bytes_per_second\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12&\n\x19io_write_bytes_per_second\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x11\n\x04pids\x18\x05 \x01(\rH\x04\x88\x01\x01\x42\x06\n\x04_cpuB\x0f\n\r_memory_bytesB\x1b\n\x19_io_read_bytes_per_secondB\x1c\n\x1a_io_write_bytes_per_secondB\x07\n\x05_pids\"\xcc\x01\n\x0fStartJobRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x33\n\x03\x65nv\x18\x04 \x03(\x0b\x32&.jobworker.v1.StartJobRequest.EnvEntry\x12\x13\n\x0bworking_dir\x18\x05 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x10StartJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Q\n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\":\n\x0fStopJobResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"%\n\x13GetJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"C\n\x11GetJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\x9f\x01\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12-\n\x06stream\x18\x02 \x01(\x0e\x32\x1d.jobworker.v1.LogChunk.Stream\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\"\x1e\n\x0fListJobsRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"9\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.jobworker.v1.JobStatus\"\x83\x02\n\x05Usage\x12\x18\n\x0b\x63pu_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x15\x63pu_throttled_seconds\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11memory_peak_bytes\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1a\n\rio_read_bytes\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0eio_write_bytes\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_cpu_secondsB\x18\n\x16_cpu_throttled_secondsB\x14\n\x12_memory_peak_bytesB\x10\n\x0e_io_read_bytesB\x11\n\x0f_io_write_bytes\"\xa2\x04\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x04 \x03(\t\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.jobworker.v1.JobState\x12\x10\n\x03pid\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x16\n\texit_code\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06signal\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x19\n\x11stop_requested_by\x18\n \x01(\t\x12\x11\n\tescalated\x18\x0b \x01(\x08\x12\x12\n\noom_killed\x18\x0c \x01(\x08\x12\x16\n\x0epids_limit_hit\x18\r \x01(\x08\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06limits\x18\x11 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x0f\n\x07\x63groups\x18\x12 \x01(\t\x12\"\n\x05usage\x18\x13 \x01(\x0b\x32\x13.jobworker.v1.UsageB\x06\n\x04_pidB\x0c\n\n_exit_codeB\t\n\x07_signal*\x96\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x16\n\x12JOB_STATE_FINISHED\x10\x02\x12\x14\n\x10JOB_STATE_FAILED\x10\x03\x12\x15\n\x11JOB_STATE_STOPPED\x10\x04\x12\x13\n\x0fJOB_STATE_ERROR\x10\x05\x32\xff\x02\n\nJobService\x12I\n\x08StartJob\x12\x1d.jobworker.v1.StartJobRequest\x1a\x1e.jobworker.v1.StartJobResponse\x12\x46\n\x07StopJob\x12\x1c.jobworker.v1.StopJobRequest\x1a\x1d.jobworker.v1.StopJobResponse\x12J\n\x0cGetJobStatus\x12!.jobworker.v1.GetJobStatusRequest\x1a\x17.jobworker.v1.JobStatus\x12G\n\nGetJobLogs\x12\x1f.jobworker.v1.GetJobLogsRequest\x1a\x16.jobworker.v1.LogChunk0\x01\x12I\n\x08ListJobs\x12\x1d.jobworker.v1.ListJobsRequest\x1a\x1e.jobworker.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cjobworker/v1/jobworker.proto\x12\x0cjobworker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x01\n\x06Limits\x12\x10\n\x03\x63pu\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cmemory_bytes\x18\x02 \x01(\x04H\x01\x88\x01\x01\x12%\n\x18io_read_bytes_per_second\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12&\n\x19io_write_bytes_per_second\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x11\n\x04pids\x18\x05 \x01(\rH\x04\x88\x01\x01\x42\x06\n\x04_cpuB\x0f\n\r_memory_bytesB\x1b\n\x19_io_read_bytes_per_secondB\x1c\n\x1a_io_write_bytes_per_secondB\x07\n\x05_pids\"\xf4\x01\n\x0fStartJobRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x33\n\x03\x65nv\x18\x04 \x03(\x0b\x32&.jobworker.v1.StartJobRequest.EnvEntry\x12\x13\n\x0bworking_dir\x18\x05 \x01(\t\x12&\n\x07network\x18\x06 \x01(\x0e\x32\x15.jobworker.v1.Network\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x05RunAs\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x11\n\ttransient\x18\x04 \x01(\x08\"\"\n\x10StartJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Q\n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12/\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\":\n\x0fStopJobResponse\x12\'\n\x06status\x18\x01 \x01(\x0b\x32\x17.jobworker.v1.JobStatus\"%\n\x13GetJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"C\n\x11GetJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"\x9f\x01\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12-\n\x06stream\x18\x02 \x01(\x0e\x32\x1d.jobworker.v1.LogChunk.Stream\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"F\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\x11\n\rSTREAM_STDOUT\x10\x01\x12\x11\n\rSTREAM_STDERR\x10\x02\"\x1e\n\x0fListJobsRequest\x12\x0b\n\x03\x61ll\x18\x01 \x01(\x08\"9\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.jobworker.v1.JobStatus\"\x83\x02\n\x05Usage\x12\x18\n\x0b\x63pu_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x15\x63pu_throttled_seconds\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11memory_peak_bytes\x18\x03 \x01(\x04H\x02\x88\x01\x01\x12\x1a\n\rio_read_bytes\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x1b\n\x0eio_write_bytes\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_cpu_secondsB\x18\n\x16_cpu_throttled_secondsB\x14\n\x12_memory_peak_bytesB\x10\n\x0e_io_read_bytesB\x11\n\x0f_io_write_bytes\"\xad\x05\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x03 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x04 \x03(\t\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.jobworker.v1.JobState\x12\x10\n\x03pid\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x16\n\texit_code\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06signal\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x19\n\x11stop_requested_by\x18\n \x01(\t\x12\x11\n\tescalated\x18\x0b \x01(\x08\x12\x12\n\noom_killed\x18\x0c \x01(\x08\x12\x16\n\x0epids_limit_hit\x18\r \x01(\x08\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06limits\x18\x11 \x01(\x0b\x32\x14.jobworker.v1.Limits\x12\x0f\n\x07\x63groups\x18\x12 \x01(\t\x12\"\n\x05usage\x18\x13 \x01(\x0b\x32\x13.jobworker.v1.Usage\x12#\n\x06run_as\x18\x14 \x01(\x0b\x32\x13.jobworker.v1.RunAs\x12\x12\n\nnamespaces\x18\x15 \x03(\t\x12&\n\x07network\x18\x16 \x01(\x0e\x32\x15.jobworker.v1.Network\x12\x15\n\rlimit_caveats\x18\x17 \x03(\t\x12\x11\n\tsurvivors\x18\x18 \x03(\rB\x06\n\x04_pidB\x0c\n\n_exit_codeB\t\n\x07_signal*F\n\x07Network\x12\x17\n\x13NETWORK_UNSPECIFIED\x10\x00\x12\x10\n\x0cNETWORK_HOST\x10\x01\x12\x10\n\x0cNETWORK_NONE\x10\x02*\x96\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x16\n\x12JOB_STATE_FINISHED\x10\x02\x12\x14\n\x10JOB_STATE_FAILED\x10\x03\x12\x15\n\x11JOB_STATE_STOPPED\x10\x04\x12\x13\n\x0fJOB_STATE_ERROR\x10\x05\x32\xff\x02\n\nJobService\x12I\n\x08StartJob\x12\x1d.jobworker.v1.StartJobRequest\x1a\x1e.jobworker.v1.StartJobResponse\x12\x46\n\x07StopJob\x12\x1c.jobworker.v1.StopJobRequest\x1a\x1d.jobworker.v1.StopJobResponse\x12J\n\x0cGetJobStatus\x12!.jobworker.v1.GetJobStatusRequest\x1a\x17.jobworker.v1.JobStatus\x12G\n\nGetJobLogs\x12\x1f.jobworker.v1.GetJobLogsRequest\x1a\x16.jobworker.v1.LogChunk0\x01\x12I\n\x08ListJobs\x12\x1d.jobworker.v1.ListJobsRequest\x1a\x1e.jobworker.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,36 +36,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTJOBREQUEST_ENVENTRY']._loaded_options = None
   _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1917
-  _globals['_JOBSTATE']._serialized_end=2067
+  _globals['_NETWORK']._serialized_start=2163
+  _globals['_NETWORK']._serialized_end=2233
+  _globals['_JOBSTATE']._serialized_start=2236
+  _globals['_JOBSTATE']._serialized_end=2386
   _globals['_LIMITS']._serialized_start=112
   _globals['_LIMITS']._serialized_end=356
   _globals['_STARTJOBREQUEST']._serialized_start=359
-  _globals['_STARTJOBREQUEST']._serialized_end=563
-  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_start=521
-  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_end=563
-  _globals['_STARTJOBRESPONSE']._serialized_start=565
-  _globals['_STARTJOBRESPONSE']._serialized_end=599
-  _globals['_STOPJOBREQUEST']._serialized_start=601
-  _globals['_STOPJOBREQUEST']._serialized_end=682
-  _globals['_STOPJOBRESPONSE']._serialized_start=684
-  _globals['_STOPJOBRESPONSE']._serialized_end=742
-  _globals['_GETJOBSTATUSREQUEST']._serialized_start=744
-  _globals['_GETJOBSTATUSREQUEST']._serialized_end=781
-  _globals['_GETJOBLOGSREQUEST']._serialized_start=783
-  _globals['_GETJOBLOGSREQUEST']._serialized_end=850
-  _globals['_LOGCHUNK']._serialized_start=853
-  _globals['_LOGCHUNK']._serialized_end=1012
-  _globals['_LOGCHUNK_STREAM']._serialized_start=942
-  _globals['_LOGCHUNK_STREAM']._serialized_end=1012
-  _globals['_LISTJOBSREQUEST']._serialized_start=1014
-  _globals['_LISTJOBSREQUEST']._serialized_end=1044
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1046
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1103
-  _globals['_USAGE']._serialized_start=1106
-  _globals['_USAGE']._serialized_end=1365
-  _globals['_JOBSTATUS']._serialized_start=1368
-  _globals['_JOBSTATUS']._serialized_end=1914
-  _globals['_JOBSERVICE']._serialized_start=2070
-  _globals['_JOBSERVICE']._serialized_end=2453
+  _globals['_STARTJOBREQUEST']._serialized_end=603
+  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_start=561
+  _globals['_STARTJOBREQUEST_ENVENTRY']._serialized_end=603
+  _globals['_RUNAS']._serialized_start=605
+  _globals['_RUNAS']._serialized_end=671
+  _globals['_STARTJOBRESPONSE']._serialized_start=673
+  _globals['_STARTJOBRESPONSE']._serialized_end=707
+  _globals['_STOPJOBREQUEST']._serialized_start=709
+  _globals['_STOPJOBREQUEST']._serialized_end=790
+  _globals['_STOPJOBRESPONSE']._serialized_start=792
+  _globals['_STOPJOBRESPONSE']._serialized_end=850
+  _globals['_GETJOBSTATUSREQUEST']._serialized_start=852
+  _globals['_GETJOBSTATUSREQUEST']._serialized_end=889
+  _globals['_GETJOBLOGSREQUEST']._serialized_start=891
+  _globals['_GETJOBLOGSREQUEST']._serialized_end=958
+  _globals['_LOGCHUNK']._serialized_start=961
+  _globals['_LOGCHUNK']._serialized_end=1120
+  _globals['_LOGCHUNK_STREAM']._serialized_start=1050
+  _globals['_LOGCHUNK_STREAM']._serialized_end=1120
+  _globals['_LISTJOBSREQUEST']._serialized_start=1122
+  _globals['_LISTJOBSREQUEST']._serialized_end=1152
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1154
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1211
+  _globals['_USAGE']._serialized_start=1214
+  _globals['_USAGE']._serialized_end=1473
+  _globals['_JOBSTATUS']._serialized_start=1476
+  _globals['_JOBSTATUS']._serialized_end=2161
+  _globals['_JOBSERVICE']._serialized_start=2389
+  _globals['_JOBSERVICE']._serialized_end=2772
 # @@protoc_insertion_point(module_scope)

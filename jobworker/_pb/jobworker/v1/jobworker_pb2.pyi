@@ -12,6 +12,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Network(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NETWORK_UNSPECIFIED: _ClassVar[Network]
+    NETWORK_HOST: _ClassVar[Network]
+    NETWORK_NONE: _ClassVar[Network]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -20,6 +26,9 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_STOPPED: _ClassVar[JobState]
     JOB_STATE_ERROR: _ClassVar[JobState]
+NETWORK_UNSPECIFIED: Network
+NETWORK_HOST: Network
+NETWORK_NONE: Network
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_RUNNING: JobState
 JOB_STATE_FINISHED: JobState
@@ -42,7 +51,7 @@ class Limits(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., io_read_bytes_per_second: _Optional[int] = ..., io_write_bytes_per_second: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
-    __slots__ = ("command", "args", "limits", "env", "working_dir")
+    __slots__ = ("command", "args", "limits", "env", "working_dir", "network")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,12 +64,26 @@ class StartJobRequest(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
     limits: Limits
     env: _containers.ScalarMap[str, str]
     working_dir: str
-    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ...) -> None: ...
+    network: Network
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., network: _Optional[_Union[Network, str]] = ...) -> None: ...
+
+class RunAs(_message.Message):
+    __slots__ = ("user", "uid", "gid", "transient")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    TRANSIENT_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    uid: int
+    gid: int
+    transient: bool
+    def __init__(self, user: _Optional[str] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., transient: _Optional[bool] = ...) -> None: ...
 
 class StartJobResponse(_message.Message):
     __slots__ = ("job_id",)
@@ -143,7 +166,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_seconds: _Optional[float] = ..., cpu_throttled_seconds: _Optional[float] = ..., memory_peak_bytes: _Optional[int] = ..., io_read_bytes: _Optional[int] = ..., io_write_bytes: _Optional[int] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "stop_requested_by", "escalated", "oom_killed", "pids_limit_hit", "created_at", "started_at", "ended_at", "limits", "cgroups", "usage")
+    __slots__ = ("job_id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "stop_requested_by", "escalated", "oom_killed", "pids_limit_hit", "created_at", "started_at", "ended_at", "limits", "cgroups", "usage", "run_as", "namespaces", "network", "limit_caveats", "survivors")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +186,11 @@ class JobStatus(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     CGROUPS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    RUN_AS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_CAVEATS_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     owner: str
     command: str
@@ -182,4 +210,9 @@ class JobStatus(_message.Message):
     limits: Limits
     cgroups: str
     usage: Usage
-    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., stop_requested_by: _Optional[str] = ..., escalated: _Optional[bool] = ..., oom_killed: _Optional[bool] = ..., pids_limit_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cgroups: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    run_as: RunAs
+    namespaces: _containers.RepeatedScalarFieldContainer[str]
+    network: Network
+    limit_caveats: _containers.RepeatedScalarFieldContainer[str]
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., stop_requested_by: _Optional[str] = ..., escalated: _Optional[bool] = ..., oom_killed: _Optional[bool] = ..., pids_limit_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cgroups: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., run_as: _Optional[_Union[RunAs, _Mapping]] = ..., namespaces: _Optional[_Iterable[str]] = ..., network: _Optional[_Union[Network, str]] = ..., limit_caveats: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -1,0 +1,47 @@
+"""What the server decides about every job, whoever asks: the account it runs as, its network.
+
+Pure values, set from `jobworker serve`'s configuration. A caller never picks its own account:
+the server maps identities to local accounts (`alice` → the local user `alice`, so her jobs get
+her file permissions), root included only for the identities named so; everyone else's jobs run
+as transient users of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from jobworker.supervisor.sandbox import NETWORKS, Network
+
+
+@dataclass(frozen=True, slots=True)
+class JobPolicy:
+    """- run_as: identity (certificate CN) → local account name; unlisted identities' jobs run
+      as transient users. An account only runs jobs when named here, root included.
+    - network: what a job gets when it asks for nothing ("host" or "none").
+    - allow_host_network: False refuses NETWORK_HOST (PERMISSION_DENIED)."""
+
+    run_as: Mapping[str, str] = field(default_factory=dict)
+    network: Network = "host"
+    allow_host_network: bool = True
+
+    def __post_init__(self) -> None:
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(NETWORKS)}, not {self.network!r}")
+        if self.network == "host" and not self.allow_host_network:
+            raise ValueError("the default network cannot be host when host networking is refused")
+        for identity, account in self.run_as.items():
+            if not identity or not account:
+                raise ValueError(f"run-as: empty identity or account in {identity!r} = {account!r}")
+        object.__setattr__(self, "run_as", MappingProxyType(dict(self.run_as)))
+
+    @property
+    def needs_isolation(self) -> bool:
+        """Whether jobs can be run this way without isolation: only as the server's own user,
+        on the host's network."""
+        return bool(self.run_as) or self.network != "host"
+
+    def account_for(self, identity: str) -> str | None:
+        """The local account `identity`'s jobs run as; None: a transient user of their own."""
+        return self.run_as.get(identity)
