@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from jobworker.supervisor import Job, OutputStream
+from jobworker.supervisor import Job, OutputStream, Supervisor
 
 # The interpreter for Python snippets run as jobs. An isolated job runs as a transient
 # unprivileged user, which cannot reach an interpreter under root's home (pyenv's, or this
@@ -61,3 +61,12 @@ def host_pid(job: Job, pid_in_job: int) -> int:
         if int(nspid[-1]) == pid_in_job:
             return int(entry)
     raise LookupError(f"no process {pid_in_job} in the PID namespace of job {job.id}")
+
+
+def planned_groups(sup: Supervisor, job_id: str) -> list[Path]:
+    """The directories a job with this id gets: one per v1 hierarchy plus the unified leaf
+    (where cgroup.kill and cgroup.events are), or the one cgroup2 leaf."""
+    backend = sup._backend
+    if sup.cgroups == "v2":
+        return [backend.subtree / job_id]
+    return [base / job_id for base in backend._bases.values()]

@@ -28,9 +28,15 @@ from jobworker.supervisor import (
     OutputStream,
     Supervisor,
 )
-from jobworker.supervisor.cgroups.discover import V1_CONTROLLERS
 
-from .helpers import PYTHON, host_pid, job_cgroup_dirs, read_all, wait_for_output
+from .helpers import (
+    PYTHON,
+    host_pid,
+    job_cgroup_dirs,
+    planned_groups,
+    read_all,
+    wait_for_output,
+)
 
 pytestmark = pytest.mark.cgroups
 
@@ -53,7 +59,7 @@ async def test_process_is_in_its_cgroups_from_its_first_instruction(
     for _ in range(30):
         job_id = new_id()
         monkeypatch.setattr(uuid, "uuid4", lambda job_id=job_id: job_id)
-        groups = _job_groups(sup, str(job_id))
+        groups = planned_groups(sup, str(job_id))
         job = await sup.start("/bin/cat", [str(g / "cgroup.procs") for g in groups])
         out = (await read_all(job))[OutputStream.STDOUT].decode().split()
         status = await job.wait()
@@ -61,16 +67,6 @@ async def test_process_is_in_its_cgroups_from_its_first_instruction(
         # cat, and only cat, in each: its PID as the job sees it (2 behind the cage's init).
         expected = "2" if sup.isolation else str(status.pid)
         assert out == [expected] * len(groups)
-
-
-def _job_groups(sup: Supervisor, job_id: str) -> list[Path]:
-    """The directories the job's groups will have: one per v1 hierarchy plus the unified leaf
-    (where cgroup.kill and cgroup.events are), or the one cgroup2 leaf."""
-    backend = sup._backend
-    if sup.cgroups == "v2":
-        return [backend.subtree / job_id]
-    assert set(V1_CONTROLLERS) | {"unified"} <= set(backend._bases)
-    return [base / job_id for base in backend._bases.values()]
 
 
 @pytest.mark.parametrize(
