@@ -477,7 +477,7 @@ async def test_jobs_die_with_a_supervisor_that_was_killed(tmp_path):
         line = b""
         while not line.endswith(b"\n"):
             line += await process.stdout.receive_some(1000)
-        pid, job_id, subtree = line.decode().split()
+        pid, _, subtree = line.decode().split()
         job = os.pidfd_open(int(pid))
         try:
             assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\x00600")
