@@ -62,12 +62,54 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ({"listen": 50051}, "config: listen: expected a non-empty string, got 50051"),
         ({"memory": "2G", "max-memory": "1G"}, "limits: default memory 2G is above the maximum 1G"),
         ({"cpu": 0}, "limits: cpu must be at least 0.01 cores, got 0.0"),
+        ({"isolation": "maybe"}, "config: isolation: expected one of auto, on, off, got 'maybe'"),
+        (
+            {"transient-uids": "1000"},
+            "config: transient-uids: expected FIRST-LAST, e.g. \"70000-79999\", got '1000'",
+        ),
+        (
+            {"run-as": "alice"},
+            "config: run-as: expected a table such as alice = \"alice\", got 'alice'",
+        ),  # fmt: skip
+        ({"network": "wifi"}, "config: network: expected one of host, none, got 'wifi'"),
+        (
+            {"allow-host-network": "no"},
+            "config: allow-host-network: expected true or false, got 'no'",
+        ),  # fmt: skip
+        (
+            {"network": "host", "allow-host-network": False},
+            "network: the default network cannot be host when host networking is refused",
+        ),
+        (
+            {"isolation": "off", "run-as": {"alice": "alice"}},
+            "run-as accounts and network none need isolation, which is off (isolation = off)",
+        ),
     ],
 )
 def test_config_mistakes_are_named(table: dict, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         resolve(NO_FLAGS, table)
     assert str(caught.value) == message
+
+
+def test_isolation_settings_from_the_file_and_flags(tmp_path: Path) -> None:
+    settings = resolve(NO_FLAGS)
+    assert settings.isolation == "auto" and settings.transient_uids == range(70000, 80000)
+    assert dict(settings.policy.run_as) == {} and settings.policy.network == "host"
+    path = tmp_path / "jobworker.toml"
+    path.write_text(
+        'transient-uids = "100-199"\nnetwork = "none"\nallow-host-network = false\n'
+        '[run-as]\nalice = "alice"\nbob = "nobody"\n'
+    )
+    flags = {**NO_FLAGS, "run-as": ("bob=daemon", "carol=root"), "isolation": "on"}
+    settings = resolve(flags, load_config_file(path))
+    assert settings.transient_uids == range(100, 200)
+    # The flags add to the file's table, one identity at a time.
+    assert dict(settings.policy.run_as) == {"alice": "alice", "bob": "daemon", "carol": "root"}
+    assert (settings.policy.network, settings.policy.allow_host_network) == ("none", False)
+    assert settings.isolation == "on"
+    with pytest.raises(ConfigError, match=r"^--run-as: expected IDENTITY=ACCOUNT, got 'carol'"):
+        resolve({**NO_FLAGS, "run-as": ("carol",)})
 
 
 def test_flag_mistakes_name_the_flag() -> None:

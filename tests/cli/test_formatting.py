@@ -137,3 +137,35 @@ def test_json_uses_proto_field_names_and_writes_every_field() -> None:
     assert status["state"] == "JOB_STATE_RUNNING"
     assert status["args"] == [] and status["escalated"] is False
     assert "exit_code" not in status  # unset until the job ends
+
+
+def test_who_ran_it_how_it_was_kept_and_what_the_kernel_does_not_enforce() -> None:
+    status = started(job(command="make", state=pb.JOB_STATE_RUNNING, pid=4242))
+    status.run_as.uid = status.run_as.gid = 70012
+    status.run_as.transient = True
+    status.namespaces.extend(["pid", "mount", "ipc", "uts", "cgroup", "net"])
+    status.network = pb.NETWORK_NONE
+    status.limit_caveats.append("io write limit: buffered writes are not throttled")
+    status.cgroups, status.limits.pids = "v1", 64
+    lines = format_status(status, now=T0, tz=UTC).splitlines()
+    assert lines[-4:] == [
+        "User:        transient uid 70012 (gid 70012, no account)",
+        "Isolation:   namespaces pid, mount, ipc, uts, cgroup, net; network none (loopback only)",
+        "Limits:      pids 64 (cgroup v1)",
+        "Note:        io write limit: buffered writes are not throttled",
+    ]
+    status.run_as.Clear()
+    status.run_as.user, status.run_as.uid, status.run_as.gid = "alice", 1000, 100
+    del status.namespaces[:]
+    assert format_status(status, now=T0, tz=UTC).splitlines()[-4:-2] == [
+        "User:        alice (uid 1000, gid 100)",
+        "Isolation:   none (the server runs jobs unisolated, in its own namespaces)",
+    ]
+
+
+def test_survivors_are_named_in_the_reason() -> None:
+    status = started(job(command="sh", state=pb.JOB_STATE_STOPPED, exit_code=137), ran_s=1)
+    status.survivors.extend([311, 312])
+    status.stop_requested_by = "alice"
+    reason = "Reason:      stopped by alice; processes 311, 312 left its cgroups and could not"
+    assert f"{reason} be killed\n" in format_status(status, tz=UTC)
