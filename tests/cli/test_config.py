@@ -70,12 +70,12 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         (
             {"run-as": "alice"},
             "config: run-as: expected a table such as alice = \"alice\", got 'alice'",
-        ),  # fmt: skip
+        ),
         ({"network": "wifi"}, "config: network: expected one of host, none, got 'wifi'"),
         (
             {"allow-host-network": "no"},
             "config: allow-host-network: expected true or false, got 'no'",
-        ),  # fmt: skip
+        ),
         (
             {"network": "host", "allow-host-network": False},
             "network: the default network cannot be host when host networking is refused",
