@@ -8,6 +8,7 @@ linked statically: it runs as root with a job on the way, and no dynamic loader,
 or preload should have a say in what it does.
 """
 
+import hashlib
 import os
 
 from setuptools import Extension, setup
@@ -22,9 +23,13 @@ class BuildPrograms(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         target = self.get_ext_fullpath(ext.name)
+        # The program can say which source it was built from (--source-sha256): a test checks
+        # that the binary in use is the current cage.c, not one left from an older install.
+        digest = hashlib.sha256(b"".join(open(s, "rb").read() for s in ext.sources)).hexdigest()
         objects = self.compiler.compile(
             ext.sources,
             output_dir=self.build_temp,
+            macros=[("SOURCE_SHA256", f'"{digest}"')],
             extra_postargs=["-O2", "-Wall", "-Wextra", "-Werror", "-D_FORTIFY_SOURCE=2"],
         )
         self.compiler.link_executable(

@@ -82,6 +82,11 @@ def main() -> int:
             alice, bob, carol = user("alice"), user("bob"), user("carol")
             run([jobctl, "run", "--", "sh", "-c", "echo hello from a job; echo to stderr >&2"],
                 env=alice, who="alice")  # fmt: skip
+            # What a job is kept from: it runs as a transient user of its own, sees only its own
+            # processes, and can neither signal the server nor read its key.
+            attack = (f"id; ps -e -o pid,comm; kill -9 {server.pid}; "
+                      f"cat {tls / 'server.key'}; echo still here")  # fmt: skip
+            run([jobctl, "run", "--", "sh", "-c", attack], env=bob, who="bob")
             job = run([jobctl, "start", "--memory", "64M", "--", "sh", "-c",
                        "for i in 1 2 3 4 5 6 7 8 9; do echo tick $i; sleep 0.3; done"],
                       env=alice, who="alice")  # fmt: skip

@@ -7,7 +7,8 @@ Absolute times on a shared 2-core machine are noise: every figure runs its peers
 1. Start latency of /bin/true, p50 and p99 over --starts rounds, in two phases: "running" (the
    call returned and the process runs in its groups) and "ended" (exited and reaped, and for
    jobworker and the by-hand peers: groups removed).
-   - jobworker: `await sup.start()`, then `await job.wait()`;
+   - jobworker: `await sup.start()`, then `await job.wait()`, isolated (the cage: namespaces,
+     a transient user, a private /tmp) and unisolated, two Supervisors side by side;
    - bare: `subprocess.Popen(...).wait()`, and trio's `open_process()` + `wait()` (the fair
      in-trio baseline: trio spawns from a worker thread);
    - by hand (cgroup v1 layouts): the job's groups made under this process's own groups, one per
@@ -23,10 +24,12 @@ Absolute times on a shared 2-core machine are noise: every figure runs its peers
    → last reader done); also this process's CPU seconds per GB. The job's output goes pump →
    on-disk log (page cache) → readers (memory tail or pread); retention is raised to hold the
    whole output so no follower is dropped.
-3. Memory: VmRSS growth of a fresh process that starts --rss-jobs `/bin/sleep` jobs, vs. a bare
-   trio program holding as many `open_process` children (each awaited by a task); then the
-   time to stop them all (leaving the Supervisor; for the bare program SIGTERM + reap). Each
-   measure runs in a child process of its own (this script, re-invoked).
+3. Memory: VmRSS growth of a fresh process that starts --rss-jobs `/bin/sleep` jobs, isolated
+   and unisolated, vs. a bare trio program holding as many `open_process` children (each
+   awaited by a task); for isolated jobs also the Rss and Pss of the processes the cage adds
+   per job (its keeper and its init); then the time to stop them all (leaving the Supervisor;
+   for the bare program SIGTERM + reap). Each measure runs in a child process of its own (this
+   script, re-invoked).
 
 Leaves nothing behind (checked at the end): no processes, no cgroups, no temporary files. Needs
 root (or a delegated cgroup) for the cgroup peers.
@@ -55,6 +58,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 # Run the checkout this file is in, whatever the environment has installed (an editable install
@@ -272,7 +276,8 @@ class Phases:
 
 
 START_PEERS = {
-    "jobworker": "jobworker: start() / wait()",
+    "jobworker": "jobworker isolated: start() / wait()",
+    "jobworker_plain": "jobworker unisolated: start() / wait()",
     "popen": "bare: Popen / wait()",
     "trio": "bare: trio open_process / wait()",
     "hand_popen": "by hand: groups + limits, Popen(preexec_fn), rmdir",
@@ -285,20 +290,29 @@ async def bench_start(args: argparse.Namespace, rng: random.Random) -> dict[str,
     results = {name: Phases() for name in START_PEERS}
     counter = 0
 
-    async with open_supervisor(limits=LIMITS, grace_period_s=5.0) as sup:
+    async with (
+        open_supervisor(limits=LIMITS, grace_period_s=5.0, isolation=True) as sup,
+        open_supervisor(limits=LIMITS, grace_period_s=5.0, isolation=False) as plain,
+    ):
         backend = sup.cgroups
         hand = HandCgroups(LIMITS, os.getcwd()) if backend == "v1" else None
         try:
 
-            async def jobworker_peer() -> tuple[float, float]:
+            async def start_and_wait(supervisor: jobworker.Supervisor) -> tuple[float, float]:
                 t0 = now()
-                job = await sup.start(true, owner="bench")
+                job = await supervisor.start(true, owner="bench")
                 t1 = now()
                 status = await job.wait()
                 t2 = now()
                 if status.state is not jobworker.JobState.FINISHED:
                     raise BenchError(f"jobworker: /bin/true ended {status}")
                 return t1 - t0, t2 - t0
+
+            async def jobworker_peer() -> tuple[float, float]:
+                return await start_and_wait(sup)
+
+            async def jobworker_plain_peer() -> tuple[float, float]:
+                return await start_and_wait(plain)
 
             async def popen_peer() -> tuple[float, float]:
                 t0 = now()
@@ -341,6 +355,7 @@ async def bench_start(args: argparse.Namespace, rng: random.Random) -> dict[str,
 
             peers: dict[str, Callable[[], Awaitable[tuple[float, float]]]] = {
                 "jobworker": jobworker_peer,
+                "jobworker_plain": jobworker_plain_peer,
                 "popen": popen_peer,
                 "trio": trio_peer,
             }
@@ -512,9 +527,47 @@ async def bench_output(args: argparse.Namespace, rng: random.Random) -> dict[str
 # --- 3. memory per job (in child processes) -------------------------------------------------------
 
 
-async def child_rss_jobworker(n: int, sleep_arg: str) -> dict[str, object]:
+def cage_processes() -> list[int]:
+    """This process's cage keepers and their inits: the processes isolation adds per job."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+            names[int(entry)] = name
+    keepers = [p for p in children.get(os.getpid(), []) if names[p] == "jobworker-cage"]
+    inits = [c for k in keepers for c in children.get(k, []) if names[c] == "jobworker-cage"]
+    return keepers + inits
+
+
+def rss_and_pss(pids: Sequence[int]) -> tuple[int, int]:
+    """Summed Rss and Pss (shared pages split between their users), bytes."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key == "Rss":
+                rss += int(value.split()[0]) * 1024
+            elif key == "Pss":
+                pss += int(value.split()[0]) * 1024
+    return rss, pss
+
+
+async def child_rss_jobworker(
+    n: int, sleep_arg: str, *, isolation: bool = True
+) -> dict[str, object]:
     raise_nofile(n * 8 + 256)
-    async with open_supervisor(grace_period_s=5.0) as sup:
+    async with open_supervisor(grace_period_s=5.0, isolation=isolation) as sup:
         gc.collect()
         before, fds_before = vmrss_bytes(), len(os.listdir("/proc/self/fd"))
         t0 = now()
@@ -526,6 +579,8 @@ async def child_rss_jobworker(n: int, sleep_arg: str) -> dict[str, object]:
         await trio.testing.wait_all_tasks_blocked(0.2)
         gc.collect()
         after, fds_after = vmrss_bytes(), len(os.listdir("/proc/self/fd"))
+        cages = cage_processes()
+        cage_rss, cage_pss = rss_and_pss(cages)
         t_stop = now()
     stop_s = now() - t_stop
     states = {j.status().state.value for j in jobs}
@@ -537,6 +592,9 @@ async def child_rss_jobworker(n: int, sleep_arg: str) -> dict[str, object]:
         "stop_s": stop_s,
         "states": sorted(states),
         "data_dir": str(sup.data_dir),
+        "cage_processes": len(cages),
+        "cage_rss": cage_rss,
+        "cage_pss": cage_pss,
     }
 
 
@@ -646,9 +704,13 @@ def run_rss_child(kind: str, n: int, sleep_arg: str) -> dict[str, object]:
 def bench_rss(args: argparse.Namespace) -> dict[str, list[dict[str, object]]]:
     # Unique, so this run's sleeps can be told from anybody else's.
     sleep_arg = f"3600.{os.getpid():07d}"
-    runs: dict[str, list[dict[str, object]]] = {"rss-jobworker": [], "rss-bare": []}
+    runs: dict[str, list[dict[str, object]]] = {
+        "rss-jobworker": [],
+        "rss-jobworker-plain": [],
+        "rss-bare": [],
+    }
     for rnd in range(args.rss_rounds):
-        order = ["rss-bare", "rss-jobworker"]
+        order = ["rss-bare", "rss-jobworker-plain", "rss-jobworker"]
         if rnd % 2:
             order.reverse()
         for kind in order:
@@ -729,6 +791,7 @@ def report_start(data: dict[str, object], args: argparse.Namespace) -> list[str]
     lines += ["", "| ratio (p50 / p99) | running | ended |", "|---|---:|---:|"]
     jw = stats["jobworker"]
     for name, label in (
+        ("jobworker_plain", "isolated ÷ unisolated (goal: running p50 at most 1.5x)"),
         ("popen", "jobworker ÷ Popen"),
         ("trio", "jobworker ÷ trio open_process"),
         ("hand_popen", "jobworker ÷ by hand (Popen)"),
@@ -794,32 +857,56 @@ def report_rss(runs: dict[str, list[dict[str, object]]], args: argparse.Namespac
             for r in runs[kind]  # type: ignore[arg-type]
         )
 
-    jw, bare = "rss-jobworker", "rss-bare"
+    jw, plain, bare = "rss-jobworker", "rss-jobworker-plain", "rss-bare"
+    kinds = (jw, plain, bare)
+
+    def per_job(kind: str, key: str) -> float:
+        return med(kind, key) / n / 1024 if kind != bare else 0.0
+
     rows = [
-        ("RSS before, MiB", med(jw, "before") / MiB, med(bare, "before") / MiB, "{:.1f}"),
-        (f"RSS with {n} sleeping, MiB", med(jw, "after") / MiB, med(bare, "after") / MiB, "{:.1f}"),
-        ("RSS growth per job, KiB", growth(jw) / n / 1024, growth(bare) / n / 1024, "{:.1f}"),
-        ("fds per job", med(jw, "fds") / n, med(bare, "fds") / n, "{:.2f}"),
-        (f"starting {n}, s", med(jw, "start_s"), med(bare, "start_s"), "{:.2f}"),
+        ("supervisor RSS before, MiB", [med(k, "before") / MiB for k in kinds], "{:.1f}"),
         (
-            f"stopping {n} (SIGTERM → all reaped), s",
-            med(jw, "stop_s"),
-            med(bare, "stop_s"),
-            "{:.2f}",
+            f"supervisor RSS with {n} sleeping, MiB",
+            [med(k, "after") / MiB for k in kinds],
+            "{:.1f}",
         ),
+        ("supervisor RSS growth per job, KiB", [growth(k) / n / 1024 for k in kinds], "{:.1f}"),
+        ("cage processes per job", [med(jw, "cage_processes") / n, 0.0, 0.0], "{:.2f}"),
+        ("cage RSS per job, KiB", [per_job(jw, "cage_rss"), 0.0, 0.0], "{:.1f}"),
+        (
+            "cage PSS per job (shared pages split), KiB",
+            [per_job(jw, "cage_pss"), 0.0, 0.0],
+            "{:.1f}",
+        ),
+        ("fds per job", [med(k, "fds") / n for k in kinds], "{:.2f}"),
+        (f"starting {n}, s", [med(k, "start_s") for k in kinds], "{:.2f}"),
+        (f"stopping {n} (SIGTERM → all reaped), s", [med(k, "stop_s") for k in kinds], "{:.2f}"),
     ]
     lines = [
         f"## 3. Memory: {n} x /bin/sleep, each peer in a fresh process, median of"
         f" {args.rss_rounds} round(s)",
         "",
-        "| figure | jobworker | bare trio | ratio |",
-        "|---|---:|---:|---:|",
+        "| figure | jobworker isolated | jobworker unisolated | bare trio |"
+        " isolated ÷ unisolated |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for label, a, b, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio(a, b)} |")
-    states = sorted({s for r in runs[jw] for s in r["states"]})  # type: ignore[attr-defined]
-    bare_states = sorted({s for r in runs[bare] for s in r["states"]})  # type: ignore[attr-defined]
-    lines += ["", f"Final states: jobworker {', '.join(states)}; bare {', '.join(bare_states)}."]
+    for label, (a, b, c), fmt in rows:
+        lines.append(
+            f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {fmt.format(c)} | {ratio(a, b)} |"
+        )
+    total_a = growth(jw) / n / 1024 + per_job(jw, "cage_rss")
+    total_b = growth(plain) / n / 1024
+    lines.append(
+        f"| everything per job (supervisor growth + cage RSS), KiB | {total_a:.1f} |"
+        f" {total_b:.1f} | - | {ratio(total_a, total_b)} |"
+    )
+    states = {k: sorted({s for r in runs[k] for s in r["states"]}) for k in kinds}  # type: ignore[attr-defined]
+    lines += [
+        "",
+        "Final states: "
+        + "; ".join(f"{k.removeprefix('rss-')} {', '.join(v)}" for k, v in states.items())
+        + ".",
+    ]
     return lines
 
 
@@ -850,7 +937,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-jobs", type=int, default=1000, help="sleeping jobs / children")
     p.add_argument("--rss-rounds", type=int, default=2, help="memory rounds (median)")
     p.add_argument("--seed", type=int, default=20240601, help="shuffle and producer seed")
-    p.add_argument("--child", choices=("rss-jobworker", "rss-bare"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--child",
+        choices=("rss-jobworker", "rss-jobworker-plain", "rss-bare"),
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--sleep-arg", default="3600", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -865,8 +956,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def child_main(args: argparse.Namespace) -> int:
-    run = child_rss_jobworker if args.child == "rss-jobworker" else child_rss_bare
-    result = trio.run(run, args.rss_jobs, args.sleep_arg)
+    runs = {
+        "rss-jobworker": child_rss_jobworker,
+        "rss-jobworker-plain": partial(child_rss_jobworker, isolation=False),
+        "rss-bare": child_rss_bare,
+    }
+    result = trio.run(runs[args.child], args.rss_jobs, args.sleep_arg)
     print(json.dumps(result))
     return 0
 

@@ -79,6 +79,9 @@ struct mount_attr {
 #endif
 
 #define MAX_ITEMS 64
+#ifndef SOURCE_SHA256
+#define SOURCE_SHA256 "unknown"
+#endif
 
 /* The plan, from the command line. Paths are absolute (the planner checks). */
 struct plan {
@@ -513,6 +516,10 @@ static _Noreturn void relay(int status) {
 }
 
 int main(int argc, char **argv) {
+  if (argc == 2 && !strcmp(argv[1], "--source-sha256")) {
+    puts(SOURCE_SHA256);
+    return 0;
+  }
   /* argv strings are contiguous: everything after the program's name is the plan. */
   args_start = argv[0] + strlen(argv[0]) + 1;
   args_end = argv[argc - 1] + strlen(argv[argc - 1]) + 1;
