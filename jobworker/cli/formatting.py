@@ -113,7 +113,7 @@ def describe_reason(status: pb.JobStatus) -> str:
         parts.append("reached its pids limit (a fork failed)")
     if status.survivors:
         pids = ", ".join(map(str, status.survivors))
-        parts.append(f"processes {pids} left its cgroups and could not be killed")
+        parts.append(f"processes {pids} outlived its kill and were given up on")
     return "; ".join(parts)
 
 

@@ -105,6 +105,9 @@ class Job:
         self._escalation: Escalation | None = None
         self._exited = trio.Event()  # the leader has exited
         self._ended = trio.Event()  # everything is done: output complete, group removed
+        # Processes outlived SIGKILL: the group and what the job held wait for them to go.
+        self._lingering = False
+        self._released = trio.Event()  # run() has returned: nothing of the job is left
 
     @property
     def owner(self) -> str:
@@ -183,6 +186,11 @@ class Job:
         await self._ended.wait()
         return self.status()
 
+    async def released(self) -> None:
+        """Wait until nothing of the job is left: after it ended, the processes that outlived
+        its kill (see `JobStatus.survivors`), if any, are gone and its group removed."""
+        await self._released.wait()
+
     # --- what the Supervisor uses ------------------------------------------------------------
 
     def fail_creation(self, reason: str) -> None:
@@ -192,6 +200,7 @@ class Job:
         self._ended_at = self._created_at
         self._log.close()
         self._ended.set()
+        self._released.set()
         log.warning("job %s: could not be created: %s", self.id, reason)
 
     def started(self, spawned: Spawned, group: JobGroup) -> None:
@@ -217,16 +226,38 @@ class Job:
             await self._supervise(spawned, group, escalation)
         finally:
             with trio.CancelScope(shield=True):
-                if not self._drained:
+                if not self._drained and not self._exited.is_set():
                     # Cancelled mid-job (the Supervisor is going down hard). Stop the job the
                     # usual way and keep pumping meanwhile — a job whose pipe stops being read
                     # would block, or die of SIGPIPE, in its own SIGTERM handler. Bounded.
-                    if not self._exited.is_set():
-                        self._stop_requested_by = self._stop_requested_by or "cancellation"
-                        escalation.request(self._default_grace_s)
+                    self._stop_requested_by = self._stop_requested_by or "cancellation"
+                    escalation.request(self._default_grace_s)
                     with trio.move_on_after(self._default_grace_s + _KILL_WAIT_S):
                         await self._supervise(spawned, group, escalation)
                 await self._finish(spawned, group)
+        try:
+            if self._lingering:
+                await self._linger(spawned, group)
+        finally:
+            self._released.set()
+
+    async def _linger(self, spawned: Spawned, group: JobGroup) -> None:
+        """The job was reported ended without processes that outlived SIGKILL (uninterruptible
+        sleep, a frozen cgroup): reap them when they go, then remove the group and release the
+        job's uid, which until then is still in use. The Supervisor cancels this on closing."""
+        try:
+            await spawned.process.wait()  # for a caged job: its whole PID namespace is gone
+            await group.wait_empty()
+            await group.remove()
+            await self._release_held()
+        except BaseException:
+            log.error(
+                "job %s: processes that outlived SIGKILL (%s) still hold its cgroup and user",
+                self.id,
+                ", ".join(map(str, self._survivors)) or "unknown pids",
+            )
+            raise
+        log.warning("job %s: what outlived its kill has gone; its group is removed", self.id)
 
     async def _supervise(self, spawned: Spawned, group: JobGroup, escalation: Escalation) -> None:
         """Pump output until EOF; wait for the leader, with the stop watchdog beside it.
@@ -240,10 +271,12 @@ class Job:
             pumps.start_soon(self._pump, spawned.stderr, OutputStream.STDERR, drained)
             if not self._exited.is_set():
                 async with trio.open_nursery() as life:
-                    life.start_soon(escalation.run, self._exited)
+                    life.start_soon(self._escalate, escalation, life.cancel_scope)
                     await spawned.process.wait()
                     self._leader_exited(spawned)
                     life.cancel_scope.cancel()
+                if not self._exited.is_set():
+                    self._give_up_on_leader(spawned)
             # The leader is gone; so must be everything it left behind, or a straggler
             # holding a pipe would keep the job "running" forever.
             await self._kill_group(group)
@@ -257,6 +290,23 @@ class Job:
         if pumps.cancel_scope.cancelled_caught:
             self._give_up_on_survivors(spawned)
         self._drained = True
+
+    async def _escalate(self, escalation: Escalation, life: trio.CancelScope) -> None:
+        await escalation.run(self._exited)  # returns once it has sent SIGKILL
+        # A killed process is normally reaped within milliseconds; one that is not (it sleeps
+        # uninterruptibly, or sits in a frozen cgroup) must not hold the stop forever.
+        life.deadline = trio.current_time() + _KILL_WAIT_S
+
+    def _give_up_on_leader(self, spawned: Spawned) -> None:
+        log.error(
+            "job %s: its leader %d outlived SIGKILL by %g s; reporting the job ended without it",
+            self.id,
+            spawned.pid,
+            _KILL_WAIT_S,
+        )
+        self._ended_at = _now()
+        self._exited.set()
+        self._survivors = (spawned.pid,)
 
     async def _kill_group(self, group: JobGroup) -> None:
         """SIGKILL the whole group. Should the cgroup refuse (removed behind our back, say),
@@ -307,7 +357,7 @@ class Job:
                 pass
 
     def _give_up_on_survivors(self, spawned: Spawned) -> None:
-        self._survivors = tuple(_pipe_holders(spawned))
+        self._survivors = tuple(sorted({*self._survivors, *_pipe_holders(spawned)}))
         log.error(
             "job %s: giving up on processes that left its cgroups and outlived SIGKILL (%s); "
             "its output may be incomplete",
@@ -342,19 +392,20 @@ class Job:
             await stream.aclose()
         try:
             await self._kill_group(group)
-            with trio.move_on_after(_KILL_WAIT_S):
+            with trio.move_on_after(_KILL_WAIT_S) as waited:
                 await group.wait_empty()
             self._oom_killed = group.oom_kills() > 0
             self._pids_limit_hit = group.pids_limit_hits() > 0
             self._usage = group.usage()
-            await group.remove()
+            # A group still holding processes cannot be removed, nor may the job's uid go to
+            # another job while they live: both wait for them (run() lingers).
+            self._lingering = waited.cancelled_caught or spawned.process.returncode is None
+            if not self._lingering:
+                await group.remove()
         except (CgroupError, OSError) as exc:
             log.error("job %s: cgroup cleanup failed: %s", self.id, exc)
-        if self._release is not None:
-            try:
-                await self._release()
-            except OSError as exc:
-                log.error("job %s: cleanup failed: %s", self.id, exc)
+        if not self._lingering:
+            await self._release_held()
         self._state = self._final_state()
         self._log.close()
         self._ended.set()
@@ -368,6 +419,13 @@ class Job:
             ", OOM-killed" if status.oom_killed else "",
             ", escalated to SIGKILL" if status.escalated else "",
         )
+
+    async def _release_held(self) -> None:
+        if self._release is not None:
+            try:
+                await self._release()
+            except OSError as exc:
+                log.error("job %s: cleanup failed: %s", self.id, exc)
 
     def _final_state(self) -> JobState:
         if self._returncode is None:

@@ -93,8 +93,9 @@ class JobStatus:
     run_as: RunAs | None = None
     namespaces: tuple[str, ...] = ()
     network: str = "host"
-    # Processes of the job that could not be killed because they had left its cgroups (only
-    # possible without isolation): the job's end is reported, but these pids outlived it.
+    # Processes of the job that outlived its kill: moved out of its cgroups (only possible for
+    # a root job without isolation), or unkillable (uninterruptible sleep). The job's end is
+    # reported without them.
     survivors: tuple[int, ...] = ()
 
     @property

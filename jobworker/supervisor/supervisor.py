@@ -43,6 +43,8 @@ log = logging.getLogger("jobworker.supervisor")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_GRACE_PERIOD_S = 10.0
 DEFAULT_RETENTION_BYTES = 256 * 2**20
+# How long leaving a Supervisor waits for the processes of ended jobs that outlived SIGKILL.
+_LINGER_S = 1.0
 
 
 class Supervisor:
@@ -152,6 +154,13 @@ class Supervisor:
             # period), whatever brought us here. Bounded: grace period plus the kill wait.
             with trio.CancelScope(shield=True):
                 await self._stop_all()
+                # Every job has ended. A job whose processes outlived SIGKILL still waits for
+                # them (to remove its group): a moment more, then that must not keep us here.
+                with trio.move_on_after(_LINGER_S):
+                    for job in list(self._jobs.values()):
+                        await job.released()
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
         except BaseException as interrupted:
             # Ctrl-C while stopping: the nursery below must still be unwound, which cancels the
             # job trees, and each stops its job in its own bounded, shielded cleanup.

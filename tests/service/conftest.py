@@ -32,6 +32,7 @@ from jobworker.supervisor import LimitOverrides, LimitPolicy, Limits, Supervisor
 from jobworker.supervisor.limits import MiB
 
 from ..purgatory.certs import CA, Leaf, _write, make_ca
+from ..supervisor.helpers import PYTHON  # noqa: F401  (for the tests here: jobs can run it)
 
 CALL_TIMEOUT_S = 20.0  # a backstop against hangs, never expected to fire
 MAX_RUNNING_JOBS = 3

@@ -31,6 +31,7 @@ from jobworker.supervisor import (
     Supervisor,
     TransientUsersExhausted,
 )
+from jobworker.supervisor.cgroups import fs
 from jobworker.supervisor.cgroups.discover import V1_CONTROLLERS, current_layout
 
 from .helpers import IN_V2_VM, PYTHON, planned_groups, read_all, wait_for_output
@@ -498,3 +499,44 @@ def _remove_dead_supervisors_groups(subtree: str) -> None:
                 if group.is_dir():
                     group.rmdir()  # empty: its processes are dead
             base.rmdir()
+
+
+@pytest.mark.skipif(IN_V2_VM, reason="the v1 freezer holds SIGKILL back until the thaw")
+@pytest.mark.parametrize("isolation", [True, False], ids=["isolated", "unisolated"])
+async def test_a_leader_that_outlives_sigkill_does_not_hold_the_stop(
+    tmp_path, monkeypatch, isolation
+):
+    # A process frozen by the v1 freezer cannot act on SIGKILL until it is thawed: as one in
+    # uninterruptible sleep, it outlives every kill. The stop must still return, bounded, and
+    # say which process it gave up on; the process is reaped once it does go.
+    from jobworker.supervisor import job as job_module
+
+    monkeypatch.setattr(job_module, "_KILL_WAIT_S", 1.0)
+    freezer = current_layout().v1["freezer"] / f"jobworker-test-freeze-{os.getpid()}"
+    async with Supervisor(data_dir=tmp_path / "data", isolation=isolation) as sup:
+        job = await sup.start("sleep", ["600"])
+        leader = job.status().pid
+        freezer.mkdir()
+        try:
+            (freezer / "cgroup.procs").write_text(str(leader))
+            (freezer / "freezer.state").write_text("FROZEN")
+            # The kernel has no notification for this state: poll, as the v1 kill path does.
+            backoff = fs.Backoff()
+            while (freezer / "freezer.state").read_text().strip() != "FROZEN":
+                await backoff.wait()
+            with trio.fail_after(30):  # a backstop against the hang this test is about
+                status = await job.stop(0)
+            assert status.state is JobState.FAILED and status.escalated
+            assert leader in status.survivors
+            assert Path(f"/proc/{leader}").exists()  # still there: given up on, not killed
+        finally:
+            (freezer / "freezer.state").write_text("THAWED")  # the pending SIGKILL lands
+        pidfd = os.pidfd_open(leader)
+        try:
+            with trio.fail_after(30):
+                await trio.lowlevel.wait_readable(pidfd)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+    freezer.rmdir()

@@ -9,6 +9,7 @@ Groups are never reused: a killed job's orphans may still be counted for a secon
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from . import fs
 from .discover import V1_CONTROLLERS, V2_CONTROLLERS, Layout, disks_for, physical_disks
 from .group import CgroupGroup, JobGroup, ProcessGroup, V1Group, V2Group
 from .plan import v1_settings, v2_settings
+
+log = logging.getLogger("jobworker.supervisor")
 
 _FIX = (
     "run jobworker as root, or give it a delegated cgroup (systemd: Delegate=yes, e.g. "
@@ -81,8 +84,17 @@ class _CgroupBackend:
             raise
 
     async def aclose(self) -> None:
+        """Remove the subtrees. One still holding a job's group (processes that outlived
+        SIGKILL, which their job has logged) is left in place, and said so; the rest go."""
         for path in reversed(self._subtrees):
-            await fs.rmdir(path)
+            left = [p.name for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+            if left:
+                log.error("cgroup %s left in place: it still holds %s", path, ", ".join(left))
+                continue
+            try:
+                await fs.rmdir(path)
+            except CgroupError as exc:
+                log.error("cgroup subtree left in place: %s", exc)
         self._subtrees.clear()
 
 
