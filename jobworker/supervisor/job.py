@@ -48,6 +48,9 @@ _READ_CHUNK_BYTES = 256 * 2**10
 # After the kill, how long the pipes may stay open before we look for who holds them. A dying
 # process closes its files within milliseconds; the wait is for processes the kill missed.
 _PIPE_EOF_WAIT_S = 1.0
+# After a stop's SIGKILL to a caged job's group: how long its init gets to report the job's end
+# before the whole PID namespace is killed (which would lose that report).
+_NAMESPACE_KILL_DELAY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +274,7 @@ class Job:
             pumps.start_soon(self._pump, spawned.stderr, OutputStream.STDERR, drained)
             if not self._exited.is_set():
                 async with trio.open_nursery() as life:
-                    life.start_soon(self._escalate, escalation, life.cancel_scope)
+                    life.start_soon(self._escalate, escalation, life.cancel_scope, spawned)
                     await spawned.process.wait()
                     self._leader_exited(spawned)
                     life.cancel_scope.cancel()
@@ -291,8 +294,17 @@ class Job:
             self._give_up_on_survivors(spawned)
         self._drained = True
 
-    async def _escalate(self, escalation: Escalation, life: trio.CancelScope) -> None:
-        await escalation.run(self._exited)  # returns once it has sent SIGKILL
+    async def _escalate(
+        self, escalation: Escalation, life: trio.CancelScope, spawned: Spawned
+    ) -> None:
+        await escalation.run(self._exited)  # returns once it has sent SIGKILL to the group
+        if spawned.caged:
+            # The group's SIGKILL leaves the cage's init alive to report how the job ended
+            # (killed by the stop's SIGTERM, maybe, before the SIGKILL). Only what the group
+            # missed (a root job's process that left it) needs the whole namespace killed.
+            with trio.move_on_after(_NAMESPACE_KILL_DELAY_S):
+                await self._exited.wait()
+            self._kill_outside_group()
         # A killed process is normally reaped within milliseconds; one that is not (it sleeps
         # uninterruptibly, or sits in a frozen cgroup) must not hold the stop forever.
         life.deadline = trio.current_time() + _KILL_WAIT_S
@@ -308,10 +320,11 @@ class Job:
         self._exited.set()
         self._survivors = (spawned.pid,)
 
-    async def _kill_group(self, group: JobGroup) -> None:
+    async def _kill_group(self, group: JobGroup, *, whole_cage: bool = True) -> None:
         """SIGKILL the whole group. Should the cgroup refuse (removed behind our back, say),
         signal every process it still lists instead, and say so: killing is best effort, and
-        a failure here must not stop the job's cleanup."""
+        a failure here must not stop the job's cleanup. With `whole_cage`, a caged job's PID
+        namespace goes too (the stop's escalation waits a moment before that: `_escalate`)."""
         try:
             await group.kill()
         except (CgroupError, OSError) as exc:
@@ -324,7 +337,8 @@ class Job:
                 group.signal(signal.SIGKILL)
             except OSError:
                 pass
-        self._kill_outside_group()
+        if whole_cage or not (self._spawned and self._spawned.caged):
+            self._kill_outside_group()
 
     def _kill_outside_group(self) -> None:
         """Kill what the group may not hold: for a caged job, its whole PID namespace (through
@@ -467,7 +481,7 @@ class _KillTarget:
             log.error("job %s: cannot signal its processes: %s", self._job.id, exc)
 
     async def kill(self) -> None:
-        await self._job._kill_group(self._group)
+        await self._job._kill_group(self._group, whole_cage=False)
 
 
 def _now() -> datetime:

@@ -9,8 +9,9 @@ A Supervisor that isolates (the default as root) runs each job
   with only a loopback interface;
 - with a private /tmp, /var/tmp and /dev/shm, the Supervisor's data directory and the paths it
   was told to hide (the server's TLS and configuration files) covered, the cgroup filesystems
-  read-only, and for a transient user the whole filesystem read-only except its working
-  directory and those private directories (systemd's ProtectSystem=strict).
+  mounted afresh and read-only (showing its own group as their root, and no other job), and
+  for a transient user the whole filesystem read-only except its own working directory and
+  those private directories (systemd's ProtectSystem=strict).
 
 This module plans; `cage/cage.c` (the `jobworker-cage` program, built with the package) carries
 the plan out in the child, in order, and fails closed. Planning is pure: `cage_argv` turns a
@@ -221,7 +222,9 @@ class CagePlan:
     run_as: RunAs
     network: Network
     cgroup_procs: Sequence[Path] = ()  # the files the job writes itself into, before exec
-    readonly: Sequence[Path] = ()  # mounts made read-only for the job (the cgroup filesystems)
+    # The cgroup filesystems as (mount point, type, options): the job mounts each afresh,
+    # read-only, from inside its cgroup namespace (its own group is then their root).
+    cgroupfs: Sequence[tuple[Path, str, str]] = ()
     hide: Sequence[str] = ()  # paths covered (the data directory, the server's secrets)
     bind: Sequence[str] = ()  # directories kept visible and writable (its own working directory)
     mqueue: str | None = None
@@ -260,8 +263,8 @@ def cage_argv(plan: CagePlan, *, report_fd: int, env_fd: int, lifeline_fd: int) 
         argv += ["--bind", path]
     for procs in plan.cgroup_procs:
         argv += ["--cgroup", os.fspath(procs)]
-    for mount in plan.readonly:
-        argv += ["--readonly", os.fspath(mount)]
+    for point, fstype, options in plan.cgroupfs:
+        argv += ["--cgroupfs", f"{fstype}:{options}:{os.fspath(point)}"]
     return [*argv, "--", *plan.argv]
 
 

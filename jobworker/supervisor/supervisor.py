@@ -17,7 +17,7 @@ from types import TracebackType
 import trio
 
 from .cgroups import Backend, CgroupMode, JobGroup, open_backend
-from .cgroups.discover import cgroup_mount_points
+from .cgroups.discover import cgroup_filesystems
 from .errors import CgroupError, InvalidJobSpec, JobEnded, JobNotFound
 from .job import Job, JobSpec
 from .limits import LimitOverrides, LimitPolicy, Limits
@@ -106,7 +106,7 @@ class Supervisor:
         self._uids: UidPool | None = None
         self._lifeline: tuple[int, int] | None = None  # (read end for the cages, our end)
         self._hide: list[str] = []
-        self._readonly: list[Path] = []
+        self._cgroupfs: list[tuple[Path, str, str]] = []
         self._mqueue: str | None = None
         self._jobs: dict[str, Job] = {}
         self._backend: Backend | None = None
@@ -204,7 +204,7 @@ class Supervisor:
         self._lifeline = os.pipe2(os.O_CLOEXEC)
         assert self._data_dir is not None
         self._hide = paths_to_hide(self._data_dir, isolation.hide)
-        self._readonly = cgroup_mount_points()
+        self._cgroupfs = cgroup_filesystems()
         self._mqueue = mqueue_mount()
         return isolation
 
@@ -363,7 +363,7 @@ class Supervisor:
             run_as=spec.run_as,
             network=spec.network,  # type: ignore[arg-type]
             cgroup_procs=group.procs_files,
-            readonly=self._readonly,
+            cgroupfs=self._cgroupfs if group.procs_files else (),
             hide=self._hide,
             # Its own working directory lies in the covered data directory: bring it back.
             bind=[spec.cwd] if own_workdir else [],

@@ -70,3 +70,12 @@ def planned_groups(sup: Supervisor, job_id: str) -> list[Path]:
     if sup.cgroups == "v2":
         return [backend.subtree / job_id]
     return [base / job_id for base in backend._bases.values()]
+
+
+def seen_from_inside(group: Path) -> Path:
+    """Where an isolated job sees its own `group`: at the mount point of its hierarchy, which
+    the cage mounts afresh from the job's cgroup namespace, rooted at that group."""
+    from jobworker.supervisor.cgroups.discover import cgroup_filesystems
+
+    points = [point for point, _, _ in cgroup_filesystems()]
+    return max((p for p in points if group.is_relative_to(p)), key=lambda p: len(p.parts))

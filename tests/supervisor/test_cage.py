@@ -31,7 +31,7 @@ def plan(**changes) -> CagePlan:
         run_as=TRANSIENT,
         network="host",
         cgroup_procs=(Path("/cg/memory/j/cgroup.procs"),),
-        readonly=(Path("/sys/fs/cgroup/memory"),),
+        cgroupfs=((Path("/sys/fs/cgroup/memory"), "cgroup", "memory"),),
         hide=("/data",),
         bind=("/data/work/j",),
         private_dirs=("/tmp", "/no/such/private/dir"),
@@ -53,7 +53,8 @@ def test_a_transient_user_gets_its_ids_no_groups_and_a_read_only_root() -> None:
         "--report-fd", "3", "--env-fd", "4", "--lifeline-fd", "5", "--chdir", "/data/work/j",
         "--uid", "70001", "--gid", "70001", "--groups", "", "--readonly-root",
         "--tmpfs", "/tmp", "--hide", "/data", "--bind", "/data/work/j",
-        "--cgroup", "/cg/memory/j/cgroup.procs", "--readonly", "/sys/fs/cgroup/memory",
+        "--cgroup", "/cg/memory/j/cgroup.procs",
+        "--cgroupfs", "cgroup:memory:/sys/fs/cgroup/memory",
     ]  # fmt: skip
 
 

@@ -27,14 +27,23 @@ from jobworker.supervisor import (
     InvalidJobSpec,
     Isolation,
     JobState,
+    LimitOverrides,
     OutputStream,
     Supervisor,
     TransientUsersExhausted,
 )
 from jobworker.supervisor.cgroups import fs
 from jobworker.supervisor.cgroups.discover import V1_CONTROLLERS, current_layout
+from jobworker.supervisor.limits import MiB
 
-from .helpers import IN_V2_VM, PYTHON, planned_groups, read_all, wait_for_output
+from .helpers import (
+    IN_V2_VM,
+    PYTHON,
+    planned_groups,
+    read_all,
+    seen_from_inside,
+    wait_for_output,
+)
 
 pytestmark = pytest.mark.cgroups
 
@@ -291,38 +300,65 @@ async def test_the_cgroup_filesystem_is_read_only_even_for_root(iso):
         assert all(line.endswith(":/") for line in out.splitlines()[1:])
 
 
-def _cgroup_mount_points() -> list[str]:
-    from jobworker.supervisor.cgroups.discover import cgroup_mount_points
+async def test_the_cgroup_filesystems_show_a_job_its_own_group_and_no_other(iso):
+    # Its cgroup namespace and fresh read-only mounts: its own group is the root of each
+    # hierarchy, so it reads its own limits where a container does, and no other job's id.
+    other = await iso.start("sleep", ["600"])
+    assert _job_groups(other.id)  # the other job's groups are there, on the host
+    limits = LimitOverrides(memory_bytes=64 * MiB)
+    out, err, status = await run(
+        iso,
+        f"""
+        echo ran
+        find /sys/fs/cgroup -name {other.id} | wc -l
+        cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max
+        """,
+        limits=limits,
+    )
+    assert status.state is JobState.FINISHED, err
+    assert out.split() == ["ran", "0", str(64 * MiB)]
+    await other.stop(0)
 
-    return [str(p) for p in cgroup_mount_points()]
+
+def _cgroup_mount_points() -> list[str]:
+    from jobworker.supervisor.cgroups.discover import cgroup_filesystems
+
+    return [str(point) for point, _, _ in cgroup_filesystems()]
 
 
 @pytest.mark.parametrize("user", [None, 0], ids=["transient", "root"])
 async def test_a_job_cannot_leave_its_cgroups_or_lift_its_limits(iso, user, monkeypatch):
-    # The job's id is chosen here, so the attack can name its own groups' files.
+    # The job's id is chosen here, so the test knows its groups before it runs. The job tries
+    # what it can name: its own groups (the root of each hierarchy as it sees them) and their
+    # limit files, and the supervisor's groups by their paths on the host.
     job_id = uuid.uuid4()
     monkeypatch.setattr(uuid, "uuid4", lambda: job_id)
     groups = planned_groups(iso, str(job_id))
-    limit_files = [g / name for g in groups for name in _LIMIT_FILES if (g.parent / name).exists()]
-    attempts = [f"echo $$ > {procs}" for procs in _own_cgroup_files()]  # out, to our groups
-    attempts += [f"echo {_LIMIT_FILES[f.name]} > {f}" for f in limit_files]  # limits lifted
-    job = await iso.start(
-        "sh", ["-c", "echo ran; " + "; ".join(attempts) + "; exec sleep 600"], user=user
-    )
-    await wait_for_output(job, b"ran")
-    before = {f: f.read_text() for f in limit_files}
+    views = [seen_from_inside(g) for g in groups]
+    limits = [(g / n, v / n) for g, v in zip(groups, views, strict=True) for n in _LIMIT_FILES]
+    limits = [(host, seen) for host, seen in limits if (host.parent.parent / host.name).exists()]
+    attempts = [f"echo $$ > {v}/cgroup.procs" for v in views]  # "into" its own root
+    attempts += [f"echo {_LIMIT_FILES[seen.name]} > {seen}" for _, seen in limits]
+    attempts += [f"echo $$ > {procs}" for procs in _own_cgroup_files()]  # out, to ours
+    script = "echo ran; " + "; ".join(attempts) + "; echo tried >&2; exec sleep 600"
+    job = await iso.start("sh", ["-c", script], user=user)
     err = b""
-    async for chunk in job.output():
+    async for chunk in job.output(follow=True):
         if chunk.stream is OutputStream.STDERR:
             err += chunk.data
-        if err.count(b"\n") == len(attempts):
+        if err.endswith(b"tried\n"):
             break
-    # Every attempt was refused by the read-only mount, and nothing moved or changed.
-    assert err.count(b"Read-only file system") == len(attempts), err
+    # Every attempt failed: read-only wherever the path exists in its view, and the paths
+    # that lead out of its group do not exist in it. Nothing moved, nothing changed.
+    assert err.count(b"cannot create") == len(attempts), err
+    assert err.count(b"Read-only file system") >= len(views) + len(limits), err
     for group in groups:
         assert str(job.status().pid) in (group / "cgroup.procs").read_text().split(), group
-    assert {f: f.read_text() for f in limit_files} == before
-    assert len(limit_files) >= 3  # memory, cpu and pids limits were there to lift
+    assert len(limits) >= 3  # memory, cpu and pids limits were there to lift
+    applied = {"memory.limit_in_bytes", "memory.max", "pids.max"}
+    for host, _ in limits:
+        if host.name in applied:
+            assert host.read_text().strip() not in ("max", "-1", "9223372036854771712"), host
     await job.stop(0)
 
 
@@ -540,3 +576,14 @@ async def test_a_leader_that_outlives_sigkill_does_not_hold_the_stop(
         finally:
             os.close(pidfd)
     freezer.rmdir()
+
+
+async def test_groups_a_root_job_makes_beneath_its_own_are_removed_with_it(iso):
+    # Root may make groups in its own (it sees only that one); they must not keep the job's
+    # group from being removed, nor leave anything behind.
+    point = seen_from_inside(planned_groups(iso, "x")[0].parent / "x")
+    out, err, status = await run(
+        iso, f"mount -o remount,bind,rw {point} && mkdir -p {point}/mine/deeper && echo made", user=0
+    )
+    assert out == "made\n", err
+    assert _job_groups(status.id) == []

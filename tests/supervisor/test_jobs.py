@@ -35,6 +35,7 @@ from .helpers import (
     job_cgroup_dirs,
     planned_groups,
     read_all,
+    seen_from_inside,
     wait_for_output,
 )
 
@@ -52,15 +53,20 @@ async def test_process_is_in_its_cgroups_from_its_first_instruction(
 ):
     # cat opens its arguments first thing: the cgroup.procs files of the job's own groups. Had
     # placement happened after exec (the racy way), some of these runs would find cat missing.
-    # (Asked from inside: an isolated job's /proc/self/cgroup is relative to its cgroup
-    # namespace, so it says "/" either way.)
     assert sup.cgroups == expected_backend
     new_id = uuid.uuid4
     for _ in range(30):
         job_id = new_id()
         monkeypatch.setattr(uuid, "uuid4", lambda job_id=job_id: job_id)
         groups = planned_groups(sup, str(job_id))
-        job = await sup.start("/bin/cat", [str(g / "cgroup.procs") for g in groups])
+        if sup.isolation:
+            # An isolated job sees each hierarchy from its cgroup namespace, whose root is the
+            # group it was in when the namespace was made: its own group only if it was
+            # placed before (else the supervisor's, and cat would be missing or not alone).
+            paths = [seen_from_inside(g) / "cgroup.procs" for g in groups]
+        else:
+            paths = [g / "cgroup.procs" for g in groups]
+        job = await sup.start("/bin/cat", [str(p) for p in paths])
         out = (await read_all(job))[OutputStream.STDOUT].decode().split()
         status = await job.wait()
         assert status.state is JobState.FINISHED

@@ -19,7 +19,8 @@
  *           reports its wait status to the keeper and exits; the kernel then kills whatever is
  *           left in the namespace before the keeper can reap the init.
  *   job     PID 2. It places itself in its cgroups (before its first instruction of its own),
- *           takes a cgroup namespace, makes the cgroup filesystems read-only, drops to its user
+ *           takes a cgroup namespace and mounts the cgroup filesystems afresh, read-only, so
+ *           that it sees its own group as their root and no other job's; it drops to its user
  *           (supplementary groups, then gid, then uid, then no_new_privs and no capabilities),
  *           changes directory as that user, and execs the command.
  *
@@ -105,8 +106,10 @@ struct plan {
   int nhide;
   const char *bind[MAX_ITEMS];      /* kept visible and writable at the same path */
   int nbind;
-  const char *readonly[MAX_ITEMS];  /* made read-only with every mount beneath (by the job) */
-  int nreadonly;
+  /* The cgroup filesystems, each "TYPE:OPTIONS:MOUNT POINT", mounted afresh (read-only) by the
+     job in its cgroup namespace: it sees its own group as the root, and no other job's. */
+  const char *cgroupfs[MAX_ITEMS];
+  int ncgroupfs;
   char **argv;
   char **envp;
 };
@@ -161,6 +164,14 @@ static void add(const char **list, int *count, const char *path) {
   list[(*count)++] = path;
 }
 
+static void add_cgroupfs(const char *spec) {
+  const char *first = strchr(spec, ':');
+  const char *second = first ? strchr(first + 1, ':') : NULL;
+  if (!second || second[1] != '/') usage("not TYPE:OPTIONS:/PATH:", spec);
+  if (P.ncgroupfs == MAX_ITEMS) usage("too many cgroup filesystems at", spec);
+  P.cgroupfs[P.ncgroupfs++] = spec;
+}
+
 static void parse_groups(const char *text) {
   P.ngroups = 0;
   if (!*text) return;
@@ -204,7 +215,7 @@ static void parse(int argc, char **argv) {
     else if (!strcmp(opt, "--mqueue")) P.mqueue = val;
     else if (!strcmp(opt, "--hide")) add(P.hide, &P.nhide, val);
     else if (!strcmp(opt, "--bind")) add(P.bind, &P.nbind, val);
-    else if (!strcmp(opt, "--readonly")) add(P.readonly, &P.nreadonly, val);
+    else if (!strcmp(opt, "--cgroupfs")) add_cgroupfs(val);
     else usage("unknown option", opt);
   }
   if (P.report_fd < 0) usage("--report-fd is required", NULL);
@@ -368,6 +379,20 @@ static void drop_privileges(void) {
   if (setuid(0) == 0) fail("identity", EPERM, "still able to become root");
 }
 
+/* The job's own view of the cgroup filesystems, from inside its cgroup namespace, read-only. */
+static void mount_cgroupfs(void) {
+  for (int k = 0; k < P.ncgroupfs; k++) {
+    char type[32], options[256];
+    const char *spec = P.cgroupfs[k], *first = strchr(spec, ':'), *second = strchr(first + 1, ':');
+    snprintf(type, sizeof type, "%.*s", (int)(first - spec), spec);
+    snprintf(options, sizeof options, "%.*s", (int)(second - first - 1), first + 1);
+    /* The kernel refuses a filesystem mounted on itself (EBUSY): the old mount goes first. */
+    if (umount2(second + 1, MNT_DETACH) < 0) fail("mount", errno, second + 1);
+    mount_or_fail(type, second + 1, type, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  options[0] ? options : NULL);
+  }
+}
+
 /* Read-only comes last, after the job entered its cgroups: a mount cannot turn read-only while
    a file on it is open for writing, and cgroup.procs must be written before. */
 static void make_readonly(void) {
@@ -379,8 +404,6 @@ static void make_readonly(void) {
     if (P.mqueue) set_attributes(P.mqueue, 0, MOUNT_ATTR_RDONLY, 0);
     for (int k = 0; k < P.nbind; k++) set_attributes(P.bind[k], 0, MOUNT_ATTR_RDONLY, 0);
   }
-  for (int k = 0; k < P.nreadonly; k++)
-    set_attributes(P.readonly[k], MOUNT_ATTR_RDONLY, 0, AT_RECURSIVE);
 }
 
 /* The job's own PATH, searched as Python's subprocess does (and unlike execvp, which runs a
@@ -422,6 +445,7 @@ static _Noreturn void run_job(int status_w) {
   close(status_w);
   enter_cgroups();
   if (P.ncgroups && unshare(CLONE_NEWCGROUP) < 0) fail("unshare", errno, "cgroup namespace");
+  mount_cgroupfs();
   make_readonly();
   drop_privileges();
   if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) fail("identity", errno, "no_new_privs");

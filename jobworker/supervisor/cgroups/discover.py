@@ -119,15 +119,24 @@ def read_layout(mountinfo: str, proc_cgroup: str) -> Layout:
     return Layout(v1=v1, unified=unified)
 
 
-def cgroup_mount_points(mountinfo: str | None = None) -> list[Path]:
-    """Every mounted cgroup and cgroup2 hierarchy: what an isolated job gets read-only."""
+def cgroup_filesystems(mountinfo: str | None = None) -> list[tuple[Path, str, str]]:
+    """Every mounted cgroup hierarchy as (mount point, type, options): what an isolated job
+    mounts afresh from its cgroup namespace. A v1 hierarchy is named by its super options (its
+    controllers, or name=...), less the ones a second mount must not repeat."""
     if mountinfo is None:
         mountinfo = Path("/proc/self/mountinfo").read_text()
-    points: list[Path] = []
+    found: list[tuple[Path, str, str]] = []
     for mount in parse_mountinfo(mountinfo):
-        if mount.mount_point not in points:
-            points.append(mount.mount_point)
-    return points
+        if any(point == mount.mount_point for point, _, _ in found):
+            continue
+        if mount.version == 2:
+            found.append((mount.mount_point, "cgroup2", ""))
+        else:
+            kept = sorted(
+                o for o in mount.controllers if o not in ("rw", "ro") and "release_agent" not in o
+            )
+            found.append((mount.mount_point, "cgroup", ",".join(kept)))
+    return found
 
 
 def current_layout() -> Layout:

@@ -54,6 +54,14 @@ def pids(procs_file: Path) -> list[int]:
         return []
 
 
+def subgroups(directory: Path) -> list[Path]:
+    """Every group beneath `directory` (not itself); none if it is gone."""
+    found = []
+    for top, dirs, _ in os.walk(directory):
+        found.extend(Path(top) / name for name in dirs)
+    return found
+
+
 class Backoff:
     """Ever longer waits, for kernel states nobody notifies us about."""
 

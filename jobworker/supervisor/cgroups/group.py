@@ -106,6 +106,10 @@ class CgroupGroup:
         first_error = None
         for directory in self.dirs.values():
             try:
+                # A job run as root may have made groups of its own beneath its group: they
+                # go first, deepest first (cgroupfs removes only empty groups).
+                for child in sorted(fs.subgroups(directory), key=lambda p: -len(p.parts)):
+                    await fs.rmdir(child)
                 await fs.rmdir(directory)
             except Exception as exc:  # try every directory, report the first failure
                 first_error = first_error or exc
