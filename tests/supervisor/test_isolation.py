@@ -582,8 +582,7 @@ async def test_groups_a_root_job_makes_beneath_its_own_are_removed_with_it(iso):
     # Root may make groups in its own (it sees only that one); they must not keep the job's
     # group from being removed, nor leave anything behind.
     point = seen_from_inside(planned_groups(iso, "x")[0].parent / "x")
-    out, err, status = await run(
-        iso, f"mount -o remount,bind,rw {point} && mkdir -p {point}/mine/deeper && echo made", user=0
-    )
+    script = f"mount -o remount,bind,rw {point} && mkdir -p {point}/mine/deeper && echo made"
+    out, err, status = await run(iso, script, user=0)
     assert out == "made\n", err
     assert _job_groups(status.id) == []
