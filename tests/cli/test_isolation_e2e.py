@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ..supervisor.helpers import PYTHON
+from ..supervisor.helpers import ESCAPE, PYTHON
 from .conftest import JOBWORKER, USERS, Jobctl, Server, run, start_server, tls_flags
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="isolation needs root")
@@ -133,14 +133,6 @@ def test_isolation_settings_that_cannot_work_are_refused_at_startup(certs_dir: P
 
 
 # --- no hang, ever: a root job that left its cgroups ----------------------------------------
-
-ESCAPE = """
-for f in {procs}; do echo $$ > $f; done
-setsid sh -c 'trap "" TERM; exec sleep 600' &
-trap '' TERM
-echo escaped
-wait
-"""
 
 
 def _own_cgroup_procs(pid: int) -> str:

@@ -41,6 +41,18 @@ def job_cgroup_dirs(job_id: str) -> list[Path]:
     return [Path(top) / job_id for top, dirs, _ in os.walk("/sys/fs/cgroup") if job_id in dirs]
 
 
+# A root job without isolation leaving its cgroups: it moves itself into the groups named by
+# {procs}, starts a process that ignores SIGTERM in a session of its own (still holding the
+# job's output), ignores SIGTERM itself, and says so.
+ESCAPE = """
+for f in {procs}; do echo $$ > $f; done
+setsid sh -c 'trap "" TERM; exec sleep 600' &
+trap '' TERM
+echo escaped
+wait
+"""
+
+
 def host_pid(job: Job, pid_in_job: int) -> int:
     """The pid this process sees for a process the job sees as `pid_in_job` (an isolated job
     has a PID namespace of its own; the job's leader must still run)."""

@@ -37,6 +37,7 @@ from jobworker.supervisor.cgroups.discover import V1_CONTROLLERS, current_layout
 from jobworker.supervisor.limits import MiB
 
 from .helpers import (
+    ESCAPE,
     IN_V2_VM,
     PYTHON,
     planned_groups,
@@ -47,8 +48,10 @@ from .helpers import (
 
 pytestmark = pytest.mark.cgroups
 
-# A range of its own, so a test that counts uids is not disturbed by other tests' jobs.
-SMALL_RANGE = range(79990, 79992)
+# A range of its own, outside the default one, so a test that counts uids is disturbed neither
+# by other tests' jobs nor by a suite running beside this one (another pid, another range).
+_SMALL_BASE = 90000 + 2 * (os.getpid() % 4000)
+SMALL_RANGE = range(_SMALL_BASE, _SMALL_BASE + 2)
 
 
 @pytest.fixture
@@ -105,7 +108,7 @@ async def test_live_jobs_never_share_a_transient_uid_and_uids_come_back(tmp_path
         second = await sup.start("sleep", ["600"])
         uids = {first.status().run_as.uid, second.status().run_as.uid}
         assert uids == set(SMALL_RANGE)  # two live jobs, two uids
-        with pytest.raises(TransientUsersExhausted, match="79990-79991"):
+        with pytest.raises(TransientUsersExhausted, match=f"{_SMALL_BASE}-{_SMALL_BASE + 1}"):
             await sup.start("true")
         assert len(sup.jobs()) == 2  # the refused start left no job behind
         ended = await first.stop(0)
@@ -438,15 +441,6 @@ async def test_hostname_and_ipc_changes_stay_inside_the_job(iso):
 # --- 6. no hang, ever --------------------------------------------------------------------------
 
 
-ESCAPE = """
-for f in {procs}; do echo $$ > $f; done
-setsid sh -c 'trap "" TERM; exec sleep 600' &
-trap '' TERM
-echo escaped
-wait
-"""
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can leave its cgroups")
 async def test_an_unisolated_root_job_that_left_its_cgroups_is_still_stopped(tmp_path):
     # Without isolation a root job can move itself and its children out of every group: the
@@ -549,33 +543,31 @@ async def test_a_leader_that_outlives_sigkill_does_not_hold_the_stop(
 
     monkeypatch.setattr(job_module, "_KILL_WAIT_S", 1.0)
     freezer = current_layout().v1["freezer"] / f"jobworker-test-freeze-{os.getpid()}"
-    async with Supervisor(data_dir=tmp_path / "data", isolation=isolation) as sup:
-        job = await sup.start("sleep", ["600"])
-        leader = job.status().pid
-        freezer.mkdir()
-        try:
-            (freezer / "cgroup.procs").write_text(str(leader))
-            (freezer / "freezer.state").write_text("FROZEN")
-            # The kernel has no notification for this state: poll, as the v1 kill path does.
-            backoff = fs.Backoff()
-            while (freezer / "freezer.state").read_text().strip() != "FROZEN":
-                await backoff.wait()
-            with trio.fail_after(30):  # a backstop against the hang this test is about
-                status = await job.stop(0)
-            assert status.state is JobState.FAILED and status.escalated
-            assert leader in status.survivors
-            assert Path(f"/proc/{leader}").exists()  # still there: given up on, not killed
-        finally:
-            (freezer / "freezer.state").write_text("THAWED")  # the pending SIGKILL lands
-        pidfd = os.pidfd_open(leader)
-        try:
+    freezer.mkdir()
+    try:
+        async with Supervisor(data_dir=tmp_path / "data", isolation=isolation) as sup:
+            job = await sup.start("sleep", ["600"])
+            leader = job.status().pid
+            try:
+                (freezer / "cgroup.procs").write_text(str(leader))
+                (freezer / "freezer.state").write_text("FROZEN")
+                # No notification for this state: poll, as the v1 kill path does.
+                backoff = fs.Backoff()
+                while (freezer / "freezer.state").read_text().strip() != "FROZEN":
+                    await backoff.wait()
+                with trio.fail_after(30):  # a backstop against the hang this test is about
+                    status = await job.stop(0)
+                assert status.state is JobState.FAILED and status.escalated
+                assert leader in status.survivors
+                assert Path(f"/proc/{leader}").exists()  # still there: given up on, not killed
+            finally:
+                (freezer / "freezer.state").write_text("THAWED")  # the pending SIGKILL lands
             with trio.fail_after(30):
-                await trio.lowlevel.wait_readable(pidfd)
-        except ProcessLookupError:
-            pass
-        finally:
-            os.close(pidfd)
-    freezer.rmdir()
+                await job.released()  # reaped at last, its group removed
+            assert not Path(f"/proc/{leader}").exists()
+            assert _job_groups(job.id) == []
+    finally:
+        freezer.rmdir()
 
 
 async def test_groups_a_root_job_makes_beneath_its_own_are_removed_with_it(iso):
