@@ -111,6 +111,19 @@ async def test_stop_sends_sigterm_to_every_process(sup):
     assert status.stop_requested_by == "alice"
 
 
+async def test_a_plain_sleep_stops_on_sigterm_at_once(sup):
+    # Isolated, the leader is PID 2 behind the cage's init, not PID 1 (which would ignore a
+    # SIGTERM it has no handler for): the grace period is never needed.
+    job = await sup.start("sleep", ["300"])
+    status = await job.stop(300)
+    assert (status.state, status.exit_code, status.signal, status.escalated) == (
+        JobState.STOPPED,
+        143,
+        signal.SIGTERM,
+        False,
+    )
+
+
 async def test_a_job_that_exits_0_on_sigterm_reports_0(sup):
     job = await sup.start(
         PYTHON,
@@ -537,6 +550,42 @@ def test_without_cgroup_access_the_supervisor_refuses_and_names_the_fix():
     assert "Permission denied" in message
     assert "run jobworker as root" in message and "Delegate=yes" in message
     assert "cgroups='off'" in message
+
+
+def test_without_root_the_library_runs_jobs_unisolated_and_says_so(shared_path):
+    # As a user without privileges (a forked child dropped to nobody), with cgroups="off":
+    # jobs run, as that user, in its namespaces, and their status says so.
+    data = shared_path / "nobody-data"
+    data.mkdir()
+    os.chown(data, 65534, 65534)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+
+            async def run_one() -> str:
+                async with Supervisor(data_dir=data, cgroups="off") as sup:
+                    assert sup.isolation is None
+                    status = await (await sup.start("id", ["-u"])).wait()
+                    out = (await read_all(sup.get(status.id)))[OutputStream.STDOUT].decode()
+                    return f"{status.state.value} {status.namespaces} {status.run_as.uid} {out}"
+
+            try:
+                message = trio.run(run_one)
+            except BaseException as exc:
+                message = f"other: {exc!r}"
+            os.write(write_end, message.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    assert message == "finished () 65534 65534\n"
 
 
 async def test_a_failure_inside_one_job_tree_ends_that_job_not_the_supervisor(
