@@ -509,26 +509,32 @@ async def test_jobs_die_with_a_supervisor_that_was_killed(tmp_path):
         while not line.endswith(b"\n"):
             line += await process.stdout.receive_some(1000)
         pid, _, subtree = line.decode().split()
-        job = os.pidfd_open(int(pid))
         try:
-            assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\x00600")
-            process.kill()
-            with trio.fail_after(30):  # a backstop: the kill is immediate
-                await trio.lowlevel.wait_readable(job)  # a pidfd is readable once it exited
+            job = os.pidfd_open(int(pid))
+            try:
+                # The job's leader (its shell, or already the sleep it execs): alive.
+                assert b"sleep\x00600" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(
+                    b" ", b"\x00"
+                )
+                process.kill()
+                with trio.fail_after(30):  # a backstop: the kill is immediate
+                    await trio.lowlevel.wait_readable(job)  # readable once it has exited
+            finally:
+                os.close(job)
+            assert not Path(f"/proc/{pid}").exists()
         finally:
-            os.close(job)
-    assert not Path(f"/proc/{pid}").exists()
-    _remove_dead_supervisors_groups(subtree)
+            process.kill()
+            await _remove_dead_supervisors_groups(subtree)
 
 
-def _remove_dead_supervisors_groups(subtree: str) -> None:
+async def _remove_dead_supervisors_groups(subtree: str) -> None:
+    # Its groups outlive it (nobody removed them); empty once its jobs' processes are gone.
     for top, dirs, _ in os.walk("/sys/fs/cgroup"):
         if subtree in dirs:
             base = Path(top) / subtree
-            for group in base.iterdir():
-                if group.is_dir():
-                    group.rmdir()  # empty: its processes are dead
-            base.rmdir()
+            for group in [p for p in base.iterdir() if p.is_dir()]:
+                await fs.rmdir(group)  # retries while the kernel still counts exiting tasks
+            await fs.rmdir(base)
 
 
 @pytest.mark.skipif(IN_V2_VM, reason="the v1 freezer holds SIGKILL back until the thaw")
