@@ -389,8 +389,13 @@ async def bench_start(args: argparse.Namespace, rng: random.Random) -> dict[str,
 # --- 2. output pass-through ----------------------------------------------------------------------
 
 
+# The producer's interpreter, for both peers: an isolated job runs as a transient user, which
+# cannot run one kept under root's home (pyenv's, a venv's); the system's it can.
+PRODUCER_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
 def producer_argv(blocks: int, seed: int) -> list[str]:
-    return [sys.executable, "-I", "-S", "-c", PRODUCER, str(blocks), str(seed)]
+    return [PRODUCER_PYTHON, "-I", "-S", "-c", PRODUCER, str(blocks), str(seed)]
 
 
 def expected_digest(blocks: int, seed: int) -> str:
@@ -894,10 +899,12 @@ def report_rss(runs: dict[str, list[dict[str, object]]], args: argparse.Namespac
         lines.append(
             f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {fmt.format(c)} | {ratio(a, b)} |"
         )
-    total_a = growth(jw) / n / 1024 + per_job(jw, "cage_rss")
+    # The cage's processes share their text pages (one static program): RSS counts them once
+    # per process, PSS splits them, so PSS is what a thousand cages cost together.
+    total_a = growth(jw) / n / 1024 + per_job(jw, "cage_pss")
     total_b = growth(plain) / n / 1024
     lines.append(
-        f"| everything per job (supervisor growth + cage RSS), KiB | {total_a:.1f} |"
+        f"| everything per job (supervisor growth + cage PSS), KiB | {total_a:.1f} |"
         f" {total_b:.1f} | - | {ratio(total_a, total_b)} |"
     )
     states = {k: sorted({s for r in runs[k] for s in r["states"]}) for k in kinds}  # type: ignore[attr-defined]
