@@ -5,11 +5,14 @@
 
 Three jobs run side by side in their own cgroups: one prints and finishes, one ignores SIGTERM
 and is stopped (escalated to SIGKILL after a one-second grace period), one runs out of memory.
-Every line of their output is followed live, tagged with the stream it came from.
+Every line of their output is followed live, tagged with the stream it came from. As root each
+runs isolated, as a transient user of its own: which is why the hungry one runs the system's
+Python, not this virtualenv's, which lives in root's home where that user may not go.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import trio
@@ -17,7 +20,7 @@ import trio
 import jobworker
 from jobworker import LimitOverrides, OutputStream
 
-PYTHON = sys.executable
+PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
 async def follow(job: jobworker.Job, name: str) -> None:
@@ -41,6 +44,9 @@ def show(status: jobworker.JobStatus) -> None:
     ]
     if any(causes):
         print(f"Reason:      {', '.join(c for c in causes if c)}")
+    if status.run_as is not None:
+        print(f"User:        {status.run_as.describe()}")
+    print(f"Isolation:   {', '.join(status.namespaces) or 'none'}")
     usage = status.usage
     if usage.cpu_s is not None:
         print(f"Usage:       cpu {usage.cpu_s:.2f}s, peak memory {usage.memory_peak_bytes} bytes")
