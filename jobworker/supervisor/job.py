@@ -229,12 +229,13 @@ class Job:
             await self._supervise(spawned, group, escalation)
         finally:
             with trio.CancelScope(shield=True):
-                if not self._drained and not self._exited.is_set():
+                if not self._drained:
                     # Cancelled mid-job (the Supervisor is going down hard). Stop the job the
                     # usual way and keep pumping meanwhile — a job whose pipe stops being read
                     # would block, or die of SIGPIPE, in its own SIGTERM handler. Bounded.
-                    self._stop_requested_by = self._stop_requested_by or "cancellation"
-                    escalation.request(self._default_grace_s)
+                    if not self._exited.is_set():
+                        self._stop_requested_by = self._stop_requested_by or "cancellation"
+                        escalation.request(self._default_grace_s)
                     with trio.move_on_after(self._default_grace_s + _KILL_WAIT_S):
                         await self._supervise(spawned, group, escalation)
                 await self._finish(spawned, group)
@@ -373,7 +374,7 @@ class Job:
     def _give_up_on_survivors(self, spawned: Spawned) -> None:
         self._survivors = tuple(sorted({*self._survivors, *_pipe_holders(spawned)}))
         log.error(
-            "job %s: giving up on processes that left its cgroups and outlived SIGKILL (%s); "
+            "job %s: giving up on processes that outlived SIGKILL outside its cgroups (%s); "
             "its output may be incomplete",
             self.id,
             ", ".join(map(str, self._survivors)) or "unknown pids",

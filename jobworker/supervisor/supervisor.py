@@ -327,7 +327,7 @@ class Supervisor:
         run_as = spec.run_as
         if self._isolation is not None and run_as.transient:
             assert self._uids is not None
-            uid = self._uids.acquire()  # IsolationUnavailable when every uid is taken
+            uid = self._uids.acquire()  # TransientUsersExhausted when every uid is taken
             held.uid = uid
             run_as = RunAs(uid=uid, gid=uid, transient=True)
         cwd = spec.cwd
@@ -446,6 +446,7 @@ class Supervisor:
                 )
             run_as = this_process()
         else:
+            # A transient user's uid is taken from the pool only once the spec is valid.
             run_as = RunAs(uid=-1, gid=-1, transient=True) if user is None else account(user)
             wanted = {"pid", "mount", "ipc", "uts"}
             if self.cgroups != "off":
