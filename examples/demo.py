@@ -55,8 +55,11 @@ def main() -> int:
         tls = Path(tmp) / "tls"
         run([jobworker, "certs", "init", str(tls), "--user", "alice", "--user", "bob",
              "--user", "carol:admin"])  # fmt: skip
+        # A temporary data directory: the demo leaves nothing behind (by default a server keeps
+        # its jobs in /var/lib/jobworker, across restarts).
         serve = [jobworker, "serve", "--listen", "127.0.0.1:0", "--cert", str(tls / "server.crt"),
-                 "--key", str(tls / "server.key"), "--ca", str(tls / "ca.crt")]  # fmt: skip
+                 "--key", str(tls / "server.key"), "--ca", str(tls / "ca.crt"),
+                 "--data-dir", str(Path(tmp) / "data")]  # fmt: skip
         server = subprocess.Popen(
             serve,
             stdout=subprocess.PIPE,

@@ -9,6 +9,9 @@ Every flag is also a config key, spelled like the flag without its dashes::
     max-jobs = 100
     memory = "512M"             # sizes: "512M", "1G", or a number of bytes
     max-memory = "4G"
+    keep = "7d"                 # ended jobs: how long, how many, and all output's budget
+    keep-jobs = 10000
+    output-budget = "10G"
     isolation = "auto"          # auto (on as root), on, off
     transient-uids = "70000-79999"
     network = "host"            # jobs' default: host or none
@@ -24,13 +27,14 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobworker.service.policy import JobPolicy
+from jobworker.service.policy import JobPolicy, Retention
 from jobworker.supervisor import InvalidJobSpec, LimitOverrides, LimitPolicy, Limits
 from jobworker.supervisor.sandbox import DEFAULT_TRANSIENT_UIDS, NETWORKS
 from jobworker.supervisor.supervisor import DEFAULT_GRACE_PERIOD_S
@@ -38,6 +42,8 @@ from jobworker.supervisor.supervisor import DEFAULT_GRACE_PERIOD_S
 from .parsing import DEFAULT_PORT, Address, parse_address, parse_duration, parse_size
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+# Where a server keeps its state when not told: the FHS place as root, else the user's own.
+DEFAULT_DATA_DIR = Path("/var/lib/jobworker")
 DEFAULT_TLS_DIR = Path("/etc/jobworker")
 DEFAULT_MAX_JOBS = 100
 CGROUP_MODES = ("auto", "v2", "v1", "off")
@@ -54,7 +60,7 @@ class ServeSettings:
     cert_file: Path
     key_file: Path
     ca_file: Path
-    data_dir: Path | None  # None: a private temporary directory, removed at exit
+    data_dir: Path | None  # None: the default (see default_data_dir)
     limits: LimitPolicy
     grace_period_s: float
     max_jobs: int
@@ -62,6 +68,7 @@ class ServeSettings:
     isolation: str  # auto (on as root), on, off
     transient_uids: range
     policy: JobPolicy
+    retention: Retention
 
 
 def _size(value: Any) -> int:
@@ -199,6 +206,9 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "run-as": _accounts,
     "network": _network,
     "allow-host-network": _flag,
+    "keep": _duration,
+    "keep-jobs": _count,
+    "output-budget": _size,
     **{key: parser for key, (_, parser) in _LIMIT_KEYS.items()},
     **{f"max-{key}": parser for key, (_, parser) in _LIMIT_KEYS.items()},
 }
@@ -269,6 +279,15 @@ def resolve(
         )
     except ValueError as exc:
         raise ConfigError(f"network: {exc}") from None
+    try:
+        defaults = Retention()
+        retention = Retention(
+            keep_s=values.get("keep", defaults.keep_s),
+            keep_jobs=values.get("keep-jobs", defaults.keep_jobs),
+            output_budget_bytes=values.get("output-budget", defaults.output_budget_bytes),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"retention: {exc}") from None
     if isolation == "off" and job_policy.needs_isolation:
         raise ConfigError(
             "run-as accounts and network none need isolation, which is off (isolation = off)"
@@ -286,6 +305,7 @@ def resolve(
         isolation=isolation,
         transient_uids=values.get("transient-uids", DEFAULT_TRANSIENT_UIDS),
         policy=job_policy,
+        retention=retention,
     )
 
 
@@ -294,3 +314,11 @@ def _parse(key: str, raw: Any, where: str) -> Any:
         return _KEYS[key](raw)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def default_data_dir(euid: int, environ: Mapping[str, str]) -> Path:
+    """/var/lib/jobworker as root; else $XDG_STATE_HOME/jobworker (~/.local/state/jobworker)."""
+    if euid == 0:
+        return DEFAULT_DATA_DIR
+    state = environ.get("XDG_STATE_HOME") or os.path.join(environ.get("HOME", "/"), ".local/state")
+    return Path(state) / "jobworker"

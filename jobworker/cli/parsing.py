@@ -22,12 +22,12 @@ __all__ = [
     "parse_size",
 ]
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
-_DURATION_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h|d)")
+_DURATION_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from ``5s``, ``500ms``, ``1m``, ``1m30s``, ``2h`` or a bare number of seconds."""
+    """Seconds from ``5s``, ``500ms``, ``1m``, ``1m30s``, ``2h``, ``7d`` or a bare number."""
     spelled = text.strip().lower()
     try:
         seconds = float(spelled)
@@ -55,8 +55,11 @@ def format_duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.3g}s" if seconds < 10 else f"{seconds:.0f}s"
     whole = round(seconds)
-    hours, rest = divmod(whole, 3600)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h" if hours else f"{days}d"
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s"

@@ -20,6 +20,7 @@ code is 128 + the signal's number.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -45,7 +46,14 @@ from jobworker.supervisor import (
 )
 
 from . import certs as certs_lib
-from .config import DEFAULT_TLS_DIR, ConfigError, ServeSettings, load_config_file, resolve
+from .config import (
+    DEFAULT_TLS_DIR,
+    ConfigError,
+    ServeSettings,
+    default_data_dir,
+    load_config_file,
+    resolve,
+)
 from .errors import CliError, run_cli
 from .parsing import Address, format_duration
 
@@ -75,6 +83,7 @@ app.command(certs_app)
 LIMITS = "Default limits (for jobs that ask for none)"
 MAXIMUMS = "Maximum limits (what a job may ask for; none by default)"
 ISOLATION = "Isolation (who jobs run as, what they see)"
+RETENTION = "Retention (ended jobs, and the output kept on disk)"
 
 
 @app.command
@@ -100,7 +109,10 @@ def serve(
     ] = None,
     data_dir: Annotated[
         str | None,
-        Parameter(help="Where job output is kept. Default: a private temporary directory."),
+        Parameter(
+            help="Where job records and output are kept. Default: /var/lib/jobworker as root, "
+            "else ~/.local/state/jobworker."
+        ),
     ] = None,
     cpu: Annotated[float | None, Parameter(group=LIMITS, help="CPU cores (default 0.5).")] = None,
     memory: Annotated[str | None, Parameter(group=LIMITS, help="Memory (default 1G).")] = None,
@@ -159,6 +171,21 @@ def serve(
         bool | None,
         Parameter(group=ISOLATION, help="Whether jobs may use the host's network (default yes)."),
     ] = None,
+    keep: Annotated[
+        str | None,
+        Parameter(group=RETENTION, help="How long ended jobs are kept, e.g. 24h (default 7d)."),
+    ] = None,
+    keep_jobs: Annotated[
+        int | None,
+        Parameter(group=RETENTION, help="How many ended jobs are kept at most (default 10000)."),
+    ] = None,
+    output_budget: Annotated[
+        str | None,
+        Parameter(
+            group=RETENTION,
+            help="All jobs' output on disk together, e.g. 2G (default 10G); the oldest goes first.",
+        ),
+    ] = None,
     verbose: Annotated[
         bool, Parameter(name=["--verbose", "-v"], negative="", help="Log the supervisor too.")
     ] = False,
@@ -188,6 +215,9 @@ def serve(
         "run-as": run_as,
         "network": network,
         "allow-host-network": allow_host_network,
+        "keep": keep,
+        "keep-jobs": keep_jobs,
+        "output-budget": output_budget,
     }
     try:
         table = load_config_file(config) if config is not None else None
@@ -224,7 +254,7 @@ def configure_logging(*, verbose: bool = False) -> None:
 
 async def _serve(settings: ServeSettings, config_file: Path | None = None) -> int:
     # Imported here: the service package is the layer above; `jobworker certs` needs none of it.
-    from jobworker.service import identify, open_job_service
+    from jobworker.service import StoreUnavailable, open_store, recover
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
@@ -240,36 +270,96 @@ async def _serve(settings: ServeSettings, config_file: Path | None = None) -> in
                 sandbox.account(account)
             except InvalidJobSpec as exc:
                 raise CliError(f"run-as: {exc}") from None
-        supervisor = Supervisor(
-            data_dir=settings.data_dir,
-            limits=settings.limits,
-            cgroups=settings.cgroups,
-            grace_period_s=settings.grace_period_s,
-            isolation=_isolation(settings, config_file),
-        )
-        entered = False
+        data_dir = settings.data_dir or default_data_dir(os.geteuid(), os.environ)
         try:
-            async with supervisor:
-                entered = True
-                async with open_job_service(
-                    supervisor, max_running_jobs=settings.max_jobs, policy=settings.policy
-                ) as service:
-                    server = Server(service.methods(), tls=tls, identify=identify)
-                    run = _Run(settings, supervisor, service, server)
-                    return await run.serve(signals)
-        except CgroupError as exc:  # CgroupsUnavailable included: its message names the fix
-            if entered:
-                raise
-            raise CliError(f"cannot use cgroups: {exc}") from None
-        except IsolationUnavailable as exc:
-            if entered:
-                raise
-            raise CliError(f"cannot isolate jobs: {exc}") from None
+            lock = _lock_data_dir(data_dir)
         except OSError as exc:
-            if entered:
-                raise
-            where = f" {exc.filename}" if exc.filename else ""
-            raise CliError(f"cannot use the data directory{where}: {exc.strerror}") from None
+            raise CliError(f"cannot use the data directory {data_dir}: {exc.strerror}") from None
+        try:
+            store = await open_store(data_dir / "jobworker.db")
+        except StoreUnavailable as exc:
+            os.close(lock)
+            raise CliError(str(exc)) from None
+        try:
+            # Before anything runs: what a crashed run left is ended, and said so.
+            plan = await recover(store, data_dir)
+            if plan.lost:
+                log.warning(
+                    "recovered after a crash: %d job(s) lost, %d cgroup(s) removed",
+                    len(plan.lost),
+                    len(plan.groups) + len(plan.subtrees),
+                )
+            return await _serve_with(settings, config_file, tls, signals, data_dir, store)
+        except StoreUnavailable as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+            os.close(lock)
+
+
+async def _serve_with(
+    settings: ServeSettings,
+    config_file: Path | None,
+    tls: TLSConfig,
+    signals: Any,
+    data_dir: Path,
+    store: Any,
+) -> int:
+    from jobworker.service import identify, open_job_service
+
+    supervisor = Supervisor(
+        data_dir=data_dir,
+        limits=settings.limits,
+        cgroups=settings.cgroups,
+        grace_period_s=settings.grace_period_s,
+        isolation=_isolation(settings, config_file),
+    )
+    entered = False
+    try:
+        async with supervisor:
+            entered = True
+            async with open_job_service(
+                supervisor,
+                store=store,
+                max_running_jobs=settings.max_jobs,
+                policy=settings.policy,
+                retention=settings.retention,
+            ) as service:
+                server = Server(service.methods(), tls=tls, identify=identify)
+                run = _Run(settings, supervisor, service, server)
+                return await run.serve(signals)
+    except CgroupError as exc:  # CgroupsUnavailable included: its message names the fix
+        if entered:
+            raise
+        raise CliError(f"cannot use cgroups: {exc}") from None
+    except IsolationUnavailable as exc:
+        if entered:
+            raise
+        raise CliError(f"cannot isolate jobs: {exc}") from None
+    except OSError as exc:
+        if entered:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        raise CliError(f"cannot use the data directory{where}: {exc.strerror}") from None
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold `data_dir` for this server alone (one store, one set of job records): an fd with
+    an exclusive lock, released when it is closed or the process dies."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(data_dir / "jobworker.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise CliError(
+            f"the data directory {data_dir} is in use by another jobworker serve (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _isolation(settings: ServeSettings, config_file: Path | None) -> Isolation | bool:
@@ -336,7 +426,7 @@ class _Run:
             ", ".join(f"{k}={_show(k, v)}" for k, v in maximums.items()) or "none",
             format_duration(s.grace_period_s),
             s.max_jobs,
-            s.data_dir or f"{self.supervisor.data_dir} (removed at exit)",
+            self.supervisor.data_dir,
         )
 
     def _isolation_summary(self) -> str:

@@ -16,7 +16,9 @@ from .authz import Action, Decision, authorize
 from .errors import STATUS_OF, InvalidRequest, PermissionDenied, TooManyJobs, as_grpc_error
 from .handlers import SERVICE_NAME, JobService
 from .identity import Identity, Role, identify
-from .policy import JobPolicy
+from .policy import JobPolicy, Retention
+from .recovery import recover
+from .store import JobStore, StoreUnavailable, open_store
 
 __all__ = [
     "SERVICE_NAME",
@@ -27,6 +29,9 @@ __all__ = [
     "InvalidRequest",
     "JobPolicy",
     "JobService",
+    "JobStore",
+    "Retention",
+    "StoreUnavailable",
     "PermissionDenied",
     "Role",
     "TooManyJobs",
@@ -34,4 +39,6 @@ __all__ = [
     "authorize",
     "identify",
     "open_job_service",
+    "open_store",
+    "recover",
 ]

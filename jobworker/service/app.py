@@ -1,8 +1,9 @@
-"""`open_job_service`: the JobService over a Supervisor, as a resource with a lifetime."""
+"""`open_job_service`: the JobService over a Supervisor and a store, with a lifetime."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,16 +13,19 @@ from jobworker.supervisor import Supervisor
 
 from .convert import MAX_GRACE_PERIOD_S
 from .handlers import JobService
-from .policy import JobPolicy
+from .policy import JobPolicy, Retention
+from .store import JobStore, open_store
 
 
 @asynccontextmanager
 async def open_job_service(
     supervisor: Supervisor,
     *,
+    store: JobStore | None = None,
     max_running_jobs: int | None = None,
     max_grace_period_s: float = MAX_GRACE_PERIOD_S,
     policy: JobPolicy | None = None,
+    retention: Retention | None = None,
 ) -> AsyncIterator[JobService]:
     """The service, ready for `Server(service.methods(), identify=identify, ...)`.
 
@@ -29,17 +33,21 @@ async def open_job_service(
             async with open_job_service(supervisor, max_running_jobs=100) as service:
                 ...serve; on shutdown: service.set_serving(False), then server.shutdown(...)
 
+    - store: where job records live (`open_store`); None: a store in memory, gone with the
+      service (a server passes the one in its data directory, after `recover`).
     - max_running_jobs: StartJob answers RESOURCE_EXHAUSTED while this many jobs it started
       are running (None: no limit).
     - max_grace_period_s: the longest grace period StopJob accepts (INVALID_ARGUMENT above).
     - policy: the accounts identities' jobs run as, and their network (`JobPolicy`); mapping
       accounts or a network other than the host's needs a Supervisor that isolates jobs.
+    - retention: how long ended jobs are kept, and the output budget (`Retention`).
 
-    The service owns a nursery that watches every job it started, to log its end. Leaving the
-    block (normally or by exception) says NOT_SERVING, refuses new jobs (UNAVAILABLE), stops
-    every job still running with the usual escalation ("stop requested by server shutdown") and
-    waits until each has ended, so every end is logged. A cancellation skips that wait: the
-    Supervisor's own exit then stops the jobs.
+    The service owns a nursery that watches every job it started, to record and log its end,
+    and enforces retention. Leaving the block (normally or by exception) says NOT_SERVING,
+    refuses new jobs (UNAVAILABLE), stops every job still running with the usual escalation
+    ("stop requested by server shutdown") and waits until each has ended, so every end is
+    recorded and logged. A cancellation skips that wait: the Supervisor's own exit then stops
+    the jobs.
     """
     if max_running_jobs is not None and max_running_jobs < 1:
         raise ValueError(f"max_running_jobs must be at least 1, got {max_running_jobs}")
@@ -47,15 +55,38 @@ async def open_job_service(
         raise ValueError(f"max_grace_period_s must be finite and >= 0, got {max_grace_period_s}")
     if policy is not None and policy.needs_isolation and supervisor.isolation is None:
         raise ValueError("run-as accounts and network none need a Supervisor that isolates jobs")
-    async with trio.open_nursery() as nursery:
-        service = JobService(
-            supervisor,
-            nursery,
-            max_running_jobs=max_running_jobs,
-            max_grace_period_s=max_grace_period_s,
-            policy=policy,
-        )
-        try:
-            yield service
-        finally:
-            await service.close()
+    own_store = store is None
+    if store is None:
+        store = await open_store(":memory:")
+    try:
+        subtrees = [str(p) for p in supervisor.cgroup_subtrees]
+        run_id = await store.begin_run(os.getpid(), subtrees)
+        async with trio.open_nursery() as nursery:
+            service = JobService(
+                supervisor,
+                nursery,
+                store=store,
+                run_id=run_id,
+                max_running_jobs=max_running_jobs,
+                max_grace_period_s=max_grace_period_s,
+                policy=policy,
+                retention=retention,
+            )
+            janitor = trio.CancelScope()
+
+            async def run_janitor(task_status: trio.TaskStatus[None]) -> None:
+                with janitor:
+                    await service.run_janitor(task_status=task_status)
+
+            await nursery.start(run_janitor)
+            try:
+                yield service
+            finally:
+                await service.close()
+                janitor.cancel()
+        with trio.CancelScope(shield=True):
+            await store.end_run(run_id)
+    finally:
+        if own_store:
+            with trio.CancelScope(shield=True):
+                await store.aclose()

@@ -17,6 +17,8 @@ Decisions where the issue is silent:
   decision. LIST with ``is_owner=True`` lists the caller's own jobs, ``is_owner=False`` every job.
 * A viewer that owns a job (a CN that was a plain user before) still stops nothing: "stops
   nothing" is the role's promise.
+* DELETE (issue 12: `jobctl rm` and `prune`) is the owner's or an admin's, like STOP; a prune
+  of every user's jobs asks for it with ``is_owner=False``: admin only.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Action(enum.Enum):
     READ_STATUS = "status"
     READ_LOGS = "logs"
     LIST = "list"
+    DELETE = "delete"
 
 
 class Decision(enum.Enum):
@@ -60,6 +63,8 @@ _TABLE: dict[tuple[Action, bool], tuple[Decision, Decision, Decision]] = {
     (Action.READ_LOGS,   False):   (_H,   _A,    _A),
     (Action.LIST,        True):    (_A,   _A,    _A),
     (Action.LIST,        False):   (_D,   _A,    _A),
+    (Action.DELETE,      True):    (_A,   _D,    _A),
+    (Action.DELETE,      False):   (_H,   _D,    _A),
 }
 # fmt: on
 _USER = None  # the column of a caller with no role at all

@@ -120,6 +120,49 @@ def network_to_proto(network: str) -> pb.Network.ValueType:
     return _NETWORK_TO_PROTO[network]
 
 
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+_ORDERS = {"": False, "created_at": False, "created_at asc": False, "created_at desc": True}
+
+
+def page_size_of(request: pb.ListJobsRequest) -> int:
+    if request.page_size < 0:
+        raise InvalidRequest(f"page_size must not be negative, got {request.page_size}")
+    return min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def newest_first_of(request: pb.ListJobsRequest) -> bool:
+    order = " ".join(request.order_by.split()).lower()
+    if order not in _ORDERS:
+        raise InvalidRequest(
+            f'order_by must be "created_at" or "created_at desc", not {_shown(request.order_by)}'
+        )
+    return _ORDERS[order]
+
+
+def states_of(request: pb.ListJobsRequest) -> tuple[int, ...]:
+    for value in request.states:
+        if value not in _STATE_FROM_PROTO:
+            raise InvalidRequest(f"states: unknown job state {value}")
+    return tuple(sorted(set(request.states)))
+
+
+def created_after_of(request: pb.ListJobsRequest) -> float | None:
+    if not request.HasField("created_after"):
+        return None
+    return timestamp_from_proto(request.created_after).timestamp()
+
+
+def older_than_of(request: pb.PruneJobsRequest) -> float:
+    """Seconds; 0 when unset (every ended job)."""
+    if not request.HasField("older_than"):
+        return 0.0
+    seconds = request.older_than.seconds + request.older_than.nanos / 1e9
+    if seconds < 0:
+        raise InvalidRequest(f"older_than must not be negative, got {seconds:g}s")
+    return seconds
+
+
 def grace_period_of(
     request: pb.StopJobRequest, maximum_s: float = MAX_GRACE_PERIOD_S
 ) -> float | None:
@@ -246,6 +289,7 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
         network=network_to_proto(status.network),
         limit_caveats=status.limit_caveats,
         survivors=status.survivors,
+        output_lost_bytes=status.output_lost_bytes,
     )
     if status.run_as is not None:
         message.run_as.CopyFrom(
@@ -306,11 +350,14 @@ def status_from_proto(message: pb.JobStatus) -> JobStatus:
         network=_NETWORK_FROM_PROTO.get(message.network, "host"),
         limit_caveats=tuple(message.limit_caveats),
         survivors=tuple(message.survivors),
+        output_lost_bytes=message.output_lost_bytes,
     )
 
 
 def chunk_to_proto(chunk: OutputChunk) -> pb.LogChunk:
-    return pb.LogChunk(data=chunk.data, stream=_STREAM_TO_PROTO[chunk.stream], offset=chunk.offset)
+    return pb.LogChunk(
+        data=chunk.data, stream=_STREAM_TO_PROTO[chunk.stream], offset=chunk.offset, lost=chunk.lost
+    )
 
 
 def chunk_from_proto(message: pb.LogChunk) -> OutputChunk:
@@ -318,7 +365,7 @@ def chunk_from_proto(message: pb.LogChunk) -> OutputChunk:
         stream = _STREAM_FROM_PROTO[message.stream]
     except KeyError:
         raise ValueError(f"unknown output stream {message.stream}") from None
-    return OutputChunk(stream, message.offset, message.data)
+    return OutputChunk(stream, message.offset, message.data, message.lost)
 
 
 def duration_to_proto(seconds: float) -> Duration:

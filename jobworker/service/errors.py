@@ -13,10 +13,13 @@ from jobworker.purgatory.wire.status import GrpcError, Status
 from jobworker.supervisor import (
     InvalidJobSpec,
     JobEnded,
+    JobNotEnded,
     JobNotFound,
     OutputDropped,
     TransientUsersExhausted,
 )
+
+from .store import StoreUnavailable
 
 RETAINED_START_KEY = "jobworker-retained-start"
 
@@ -47,6 +50,10 @@ class ShuttingDown(ServiceError):
     """The service is closing and starts nothing more."""
 
 
+class Unavailable(ServiceError):
+    """The server cannot do this now (it cannot record the job, say): try again later."""
+
+
 # The one mapping. Order matters only for subclasses (none of these is a subclass of another).
 STATUS_OF: dict[type[Exception], Status] = {
     InvalidRequest: Status.INVALID_ARGUMENT,
@@ -58,6 +65,9 @@ STATUS_OF: dict[type[Exception], Status] = {
     OutputDropped: Status.OUT_OF_RANGE,
     ShuttingDown: Status.UNAVAILABLE,
     TransientUsersExhausted: Status.RESOURCE_EXHAUSTED,
+    JobNotEnded: Status.FAILED_PRECONDITION,
+    Unavailable: Status.UNAVAILABLE,
+    StoreUnavailable: Status.UNAVAILABLE,
 }
 
 # The supervisor names two limits differently from the API (schema/jobworker/v1/jobworker.proto).
@@ -83,6 +93,8 @@ def _message(exc: Exception) -> str:
         return not_found_message(exc.job_id)
     if isinstance(exc, JobEnded):
         return f"job {exc.job_id} has already ended ({exc.state}): there is nothing to stop"
+    if isinstance(exc, JobNotEnded):
+        return f"job {exc.job_id} is still running: stop it first (or force the removal)"
     if isinstance(exc, OutputDropped):
         return (
             f"the output before offset {exc.retained_start} is no longer kept (retention limit);"

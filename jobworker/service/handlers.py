@@ -1,4 +1,4 @@
-"""The JobService handlers: identity in, authorization, the supervisor, conversions out.
+"""The JobService handlers: identity in, authorization, the supervisor and the store, statuses out.
 
 Each handler takes the caller's `Identity` (built once per connection by `identify`), checks
 the request, asks `authz.authorize` before touching a job, and calls the supervisor. Domain
@@ -7,33 +7,68 @@ errors leave through `errors.as_grpc_error`; events go to the ``jobworker.events
 Looking a job up is always: validate the id → find it (NOT_FOUND) → authorize (HIDE becomes
 the very same NOT_FOUND) → act. So a caller learns nothing about jobs it may not see, not even
 whether an id is in use.
+
+Where jobs live: a running job (and one that ended a moment ago) in the Supervisor, every job
+in the store (store.py). The record is written before the job starts — a job the store cannot
+record does not start — and again when it starts, when a stop is asked for and when it ends;
+then the Supervisor forgets it, and the store alone answers for it: memory holds running jobs
+only, however many ended ones a server keeps.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
+import json
+import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import trio
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory.server import RpcMethod, ServerCall
-from jobworker.supervisor import Job, JobEnded, JobNotFound, Supervisor
+from jobworker.supervisor import (
+    Job,
+    JobEnded,
+    JobNotEnded,
+    JobNotFound,
+    JobStatus,
+    OutputDropped,
+    Supervisor,
+)
 
 from . import convert
 from .authz import Action, Decision, authorize
-from .errors import PermissionDenied, ShuttingDown, TooManyJobs, as_grpc_error
+from .errors import (
+    InvalidRequest,
+    PermissionDenied,
+    ShuttingDown,
+    TooManyJobs,
+    Unavailable,
+    as_grpc_error,
+)
 from .events import events, exit_cause, fields
 from .health import Health
 from .identity import Identity, identify
-from .policy import JobPolicy
+from .policy import JobPolicy, Retention
+from .store import JobStore, Query, Record, StoreUnavailable
+
+log = logging.getLogger("jobworker.service")
 
 SERVICE_NAME = "jobworker.v1.JobService"
 # Output chunks per LogChunk message: far below every client's 4 MiB message limit, large
 # enough that a fast reader is not held back by per-message costs.
 LOG_CHUNK_BYTES = 64 * 2**10
 SHUTDOWN_REQUESTER = "server shutdown"
+# How often retention and the output budget are enforced, besides after each job's end.
+JANITOR_INTERVAL_S = 60.0
+# Ended jobs removed per store transaction when retention catches up.
+_BATCH = 500
 
 _WHAT = {
     Action.START: "start jobs",
@@ -41,6 +76,7 @@ _WHAT = {
     Action.READ_STATUS: "read the status of this job",
     Action.READ_LOGS: "read the logs of this job",
     Action.LIST: "list every job (that needs the viewer or admin role)",
+    Action.DELETE: "remove jobs",
 }
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
@@ -63,24 +99,31 @@ def _answers_errors(handler: H) -> H:
 
 
 class JobService:
-    """JobService and Health over one Supervisor. Made by `open_job_service`."""
+    """JobService and Health over one Supervisor and one store. Made by `open_job_service`."""
 
     def __init__(
         self,
         supervisor: Supervisor,
         nursery: trio.Nursery,
         *,
+        store: JobStore,
+        run_id: int,
         max_running_jobs: int | None,
         max_grace_period_s: float,
         policy: JobPolicy | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._supervisor = supervisor
         self._nursery = nursery
-        self._policy = policy or JobPolicy()
+        self._store = store
+        self._run_id = run_id
         self._max_running_jobs = max_running_jobs
         self._max_grace_period_s = max_grace_period_s
+        self._policy = policy or JobPolicy()
+        self._retention = retention or Retention()
         self._active = 0  # jobs started here that have not ended yet (or are being started)
         self._closing = False
+        self._tidy = trio.Event()  # set when a job ended: retention and budget are due
         self.health = Health([SERVICE_NAME])
 
     # --- what the server uses ------------------------------------------------------------------
@@ -103,6 +146,8 @@ class JobService:
                 server_streaming=True,
             ),
             rpc("ListJobs", pb.ListJobsRequest, pb.ListJobsResponse, self.list_jobs),
+            rpc("DeleteJob", pb.DeleteJobRequest, pb.DeleteJobResponse, self.delete_job),
+            rpc("PruneJobs", pb.PruneJobsRequest, pb.PruneJobsResponse, self.prune_jobs),
             *self.health.methods(),
         ]
 
@@ -134,21 +179,46 @@ class JobService:
         if self._max_running_jobs is not None and self._active >= self._max_running_jobs:
             raise TooManyJobs(self._max_running_jobs)
         self._active += 1  # before the first checkpoint: concurrent starts count each other
+        job_id = str(uuid.uuid4())
         try:
-            job = await self._supervisor.start(
-                request.command,
-                list(request.args),
+            # The record first: a job the server could not account for must not run.
+            created = pb.JobStatus(
+                job_id=job_id,
                 owner=who.name,
-                limits=limits,
-                env=env,
-                cwd=cwd,
-                user=self._policy.account_for(who.name),
-                network=network,
+                command=request.command,
+                args=request.args,
+                state=pb.JOB_STATE_RUNNING,
+                created_at=convert.timestamp_to_proto(datetime.now(UTC)),
             )
+            try:
+                await self._store.insert(self._record(created))
+            except StoreUnavailable as exc:
+                log.error("cannot record a new job, so it is not started: %s", exc)
+                raise Unavailable(
+                    "the server cannot record the job (its data directory refuses writes), so "
+                    "it does not start it; try again later"
+                ) from None
+            try:
+                job = await self._supervisor.start(
+                    request.command,
+                    list(request.args),
+                    owner=who.name,
+                    limits=limits,
+                    env=env,
+                    cwd=cwd,
+                    user=self._policy.account_for(who.name),
+                    network=network,
+                    job_id=job_id,
+                )
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._forget_record(job_id)
+                raise
         except BaseException:
             self._active -= 1
             raise
         status = job.status()
+        await self._save(status)
         events.info(
             "job created %s",
             fields(
@@ -169,8 +239,13 @@ class JobService:
     @_answers_errors
     async def stop_job(self, request: pb.StopJobRequest, call: ServerCall) -> pb.StopJobResponse:
         who = _caller(call)
-        job = self._find(who, Action.STOP, request.job_id)
+        job_id = convert.job_id_of(request.job_id)
         grace_s = convert.grace_period_of(request, self._max_grace_period_s)
+        job = self._live(job_id)
+        if job is None:
+            record = await self._stored(who, Action.STOP, job_id)
+            raise JobEnded(job_id, convert.state_from_proto(record.state).value)
+        self._authorize(who, Action.STOP, is_owner=job.owner == who.name, job_id=job_id)
         state = job.status().state
         if state.ended:
             raise JobEnded(job.id, state.value)
@@ -178,15 +253,21 @@ class JobService:
             "stop requested %s",
             fields(job=job.id, owner=job.owner, by=who.name, roles=who.role_names, grace_s=grace_s),
         )
-        status = await job.stop(grace_s, requested_by=who.name)
+        status = await self._stop(job, grace_s, requested_by=who.name)
         return pb.StopJobResponse(status=convert.status_to_proto(status))
 
     @_answers_errors
     async def get_job_status(
         self, request: pb.GetJobStatusRequest, call: ServerCall
     ) -> pb.JobStatus:
-        job = self._find(_caller(call), Action.READ_STATUS, request.job_id)
-        return convert.status_to_proto(job.status())
+        who = _caller(call)
+        job_id = convert.job_id_of(request.job_id)
+        job = self._live(job_id)
+        if job is not None:
+            self._authorize(who, Action.READ_STATUS, is_owner=job.owner == who.name, job_id=job_id)
+            return convert.status_to_proto(job.status())
+        record = await self._stored(who, Action.READ_STATUS, job_id)
+        return _status_of(record)
 
     @_answers_errors
     async def get_job_logs(self, request: pb.GetJobLogsRequest, call: ServerCall) -> None:
@@ -199,25 +280,107 @@ class JobService:
         the stream is empty, with follow it begins once the output reaches that offset (and is
         empty if the job ends first) — `tail -c +N -f`.
         """
-        job = self._find(_caller(call), Action.READ_LOGS, request.job_id)
-        chunks = job.output(request.offset, follow=request.follow, max_chunk_bytes=LOG_CHUNK_BYTES)
+        who = _caller(call)
+        job_id = convert.job_id_of(request.job_id)
+        job = self._live(job_id)
+        if job is not None:
+            self._authorize(who, Action.READ_LOGS, is_owner=job.owner == who.name, job_id=job_id)
+            chunks = job.output(
+                request.offset, follow=request.follow, max_chunk_bytes=LOG_CHUNK_BYTES
+            )
+        else:
+            record = await self._stored(who, Action.READ_LOGS, job_id)
+            try:
+                stored = await trio.to_thread.run_sync(self._supervisor.stored_output, job_id)
+            except FileNotFoundError:
+                # Removed by the output budget: everything before its end is dropped.
+                raise OutputDropped(request.offset, record.output_end) from None
+            chunks = stored.reader(request.offset, max_chunk_bytes=LOG_CHUNK_BYTES)
         async for chunk in chunks:
             await call.send(convert.chunk_to_proto(chunk))  # waits while the client is slow
 
     @_answers_errors
     async def list_jobs(self, request: pb.ListJobsRequest, call: ServerCall) -> pb.ListJobsResponse:
         who = _caller(call)
+        if request.owner and not request.all:
+            raise InvalidRequest("owner filters every user's jobs: set all as well")
         self._authorize(who, Action.LIST, is_owner=not request.all, job_id=None)
-        jobs = self._supervisor.jobs() if request.all else self._supervisor.jobs(owner=who.name)
-        return pb.ListJobsResponse(jobs=[convert.status_to_proto(job.status()) for job in jobs])
+        query = Query(
+            owner=(request.owner or None) if request.all else who.name,
+            states=convert.states_of(request),
+            created_after=convert.created_after_of(request),
+            newest_first=convert.newest_first_of(request),
+        )
+        after = _token_seq(request.page_token, query)
+        records, more = await self._store.page(
+            query, after_seq=after, limit=convert.page_size_of(request)
+        )
+        jobs = []
+        for record in records:
+            job = self._live(record.job_id)
+            jobs.append(convert.status_to_proto(job.status()) if job else _status_of(record))
+        token = _token(more, query) if more is not None else ""
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
-    # --- helpers ---------------------------------------------------------------------------------
+    @_answers_errors
+    async def delete_job(
+        self, request: pb.DeleteJobRequest, call: ServerCall
+    ) -> pb.DeleteJobResponse:
+        who = _caller(call)
+        job_id = convert.job_id_of(request.job_id)
+        job = self._live(job_id)
+        if job is not None:
+            self._authorize(who, Action.DELETE, is_owner=job.owner == who.name, job_id=job_id)
+            if not job.status().state.ended:
+                if not request.force:
+                    raise JobNotEnded(job_id)
+                events.info(
+                    "stop requested %s",
+                    fields(job=job_id, owner=job.owner, by=who.name, roles=who.role_names),
+                )
+                try:
+                    await self._stop(job, None, requested_by=who.name)
+                except JobEnded:
+                    pass  # ended meanwhile
+        else:
+            await self._stored(who, Action.DELETE, job_id)
+        await self._delete([job_id], who)
+        return pb.DeleteJobResponse()
 
-    def _find(self, who: Identity, action: Action, job_id_text: str) -> Job:
-        job_id = convert.job_id_of(job_id_text)
-        job = self._supervisor.get(job_id)  # JobNotFound
-        self._authorize(who, action, is_owner=job.owner == who.name, job_id=job_id)
-        return job
+    @_answers_errors
+    async def prune_jobs(
+        self, request: pb.PruneJobsRequest, call: ServerCall
+    ) -> pb.PruneJobsResponse:
+        who = _caller(call)
+        self._authorize(who, Action.DELETE, is_owner=not request.all, job_id=None)
+        older_than_s = convert.older_than_of(request)
+        records = await self._store.expired(
+            ended_before=time.time() - older_than_s,
+            keep=None,
+            owner=None if request.all else who.name,
+        )
+        ids = [r.job_id for r in records if self._releasable(r.job_id)]
+        await self._delete(ids, who)
+        return pb.PruneJobsResponse(job_ids=ids)
+
+    # --- lookups ---------------------------------------------------------------------------------
+
+    def _live(self, job_id: str) -> Job | None:
+        try:
+            return self._supervisor.get(job_id)
+        except JobNotFound:
+            return None
+
+    def _releasable(self, job_id: str) -> bool:
+        job = self._live(job_id)
+        return job is None or job.status().state.ended
+
+    async def _stored(self, who: Identity, action: Action, job_id: str) -> Record:
+        record = await self._store.get(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        self._authorize(who, action, is_owner=record.owner == who.name, job_id=job_id)
+        return record
 
     def _authorize(
         self, who: Identity, action: Action, *, is_owner: bool, job_id: str | None
@@ -240,6 +403,54 @@ class JobService:
             raise JobNotFound(job_id)  # word for word what an unknown id gets
         raise PermissionDenied(f"{who.name} (role {who.role_names}) may not {_WHAT[action]}")
 
+    # --- records ---------------------------------------------------------------------------------
+
+    def _record(self, message: pb.JobStatus, job: Job | None = None) -> Record:
+        ended = message.HasField("ended_at") and message.state != pb.JOB_STATE_RUNNING
+        return Record(
+            job_id=message.job_id,
+            owner=message.owner,
+            state=message.state,
+            created_at=convert.timestamp_from_proto(message.created_at).timestamp(),
+            status=message.SerializeToString(),
+            ended_at=convert.timestamp_from_proto(message.ended_at).timestamp() if ended else None,
+            output_bytes=job.output_stored_bytes if job else 0,
+            output_end=job.output_end if job else 0,
+            run_id=self._run_id,
+        )
+
+    async def _stop(self, job: Job, grace_s: float | None, *, requested_by: str) -> JobStatus:
+        """Request the stop, record the request, wait for the end."""
+        job.request_stop(grace_s, requested_by=requested_by)
+        await self._save(job.status())
+        return await job.wait()
+
+    async def _save(self, status: JobStatus) -> bool:
+        """Write what the job is now; False (logged) when the store refuses."""
+        job = self._live(status.id)
+        try:
+            await self._store.update(self._record(convert.status_to_proto(status), job))
+        except StoreUnavailable as exc:
+            log.error("job %s: cannot record its status: %s", status.id, exc)
+            return False
+        return True
+
+    async def _forget_record(self, job_id: str) -> None:
+        try:
+            await self._store.delete([job_id])
+        except StoreUnavailable as exc:
+            log.error("job %s: cannot remove its record: %s", job_id, exc)
+
+    async def _delete(self, job_ids: list[str], who: Identity) -> None:
+        for start in range(0, len(job_ids), _BATCH):
+            batch = job_ids[start : start + _BATCH]
+            await self._store.delete(batch)
+            for job_id in batch:
+                if self._live(job_id) is not None:
+                    self._supervisor.forget(job_id)
+                await trio.to_thread.run_sync(self._supervisor.remove_output, job_id)
+                events.info("job removed %s", fields(job=job_id, by=who.name))
+
     async def _watch(self, job: Job) -> None:
         try:
             status = await job.wait()
@@ -257,6 +468,93 @@ class JobService:
                 error=status.error,
             ),
         )
+        if await self._save(status):
+            # Recorded: the store answers for it from now on, and memory holds nothing of it.
+            self._supervisor.forget(job.id)
+        self._tidy.set()
+
+    # --- retention and the output budget -----------------------------------------------------
+
+    async def run_janitor(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+        """Enforce retention and the output budget now, after every job's end, and every
+        JANITOR_INTERVAL_S. Runs until cancelled."""
+        task_status.started()
+        while True:
+            try:
+                await self.tidy()
+            except StoreUnavailable as exc:
+                log.error("retention: %s", exc)
+            with trio.move_on_after(JANITOR_INTERVAL_S):
+                await self._tidy.wait()
+            self._tidy = trio.Event()
+
+    async def tidy(self) -> None:
+        """Remove ended jobs past the retention time or count, then keep the output within
+        the budget (see `Retention`)."""
+        retention = self._retention
+        while True:
+            expired = await self._store.expired(
+                ended_before=time.time() - retention.keep_s, keep=retention.keep_jobs
+            )
+            ids = [r.job_id for r in expired[:_BATCH] if self._releasable(r.job_id)]
+            if not ids:
+                break
+            await self._delete(ids, _RETENTION)
+            if len(expired) <= _BATCH:
+                break
+        await self._keep_output_within_budget()
+
+    async def _keep_output_within_budget(self) -> None:
+        budget = self._retention.output_budget_bytes
+        running = [j for j in self._supervisor.jobs() if not j.status().state.ended]
+        over = (
+            await self._store.ended_output_bytes()
+            + sum(j.output_stored_bytes for j in running)
+            - budget
+        )
+        while over > 0:
+            oldest = await self._store.oldest_output(_BATCH)
+            if not oldest:
+                break
+            for record in oldest:
+                if over <= 0:
+                    break
+                if not self._releasable(record.job_id):
+                    continue
+                await trio.to_thread.run_sync(self._supervisor.remove_output, record.job_id)
+                await self._store.update(
+                    Record(
+                        job_id=record.job_id,
+                        owner=record.owner,
+                        state=record.state,
+                        created_at=record.created_at,
+                        status=record.status,
+                        ended_at=record.ended_at,
+                        output_bytes=0,
+                        output_end=record.output_end,
+                        output_removed=True,
+                    )
+                )
+                over -= record.output_bytes
+                removed = fields(
+                    job=record.job_id,
+                    owner=record.owner,
+                    bytes=record.output_bytes,
+                    cause="output budget",
+                )
+                events.warning("output removed %s", removed)
+        for job in sorted(running, key=lambda j: j.status().created_at):
+            if over <= 0:
+                break
+            freed = job.trim_output(over)
+            if freed:
+                over -= freed
+                events.warning(
+                    "output dropped %s",
+                    fields(job=job.id, owner=job.owner, bytes=freed, cause="output budget"),
+                )
+
+    # --- closing ---------------------------------------------------------------------------------
 
     async def stop_all_jobs(
         self, grace_period_s: float | None = None, *, requested_by: str = SHUTDOWN_REQUESTER
@@ -272,7 +570,7 @@ class JobService:
                 fields(job=job.id, owner=job.owner, by=requested_by, grace_s=grace_period_s),
             )
             try:
-                await job.stop(grace_period_s, requested_by=requested_by)
+                await self._stop(job, grace_period_s, requested_by=requested_by)
             except JobEnded:
                 pass  # ended meanwhile
 
@@ -289,9 +587,50 @@ class JobService:
         await self.stop_all_jobs()
 
 
+_RETENTION = Identity("retention")
+
+
 def _caller(call: ServerCall) -> Identity:
     identity = call.identity
     if isinstance(identity, Identity):
         return identity
     # A Server made without identify=identify: identify each call instead of trusting nothing.
     return identify(call.peer_certificate)
+
+
+def _status_of(record: Record) -> pb.JobStatus:
+    status = pb.JobStatus.FromString(record.status)
+    status.output_removed = record.output_removed
+    return status
+
+
+# --- page tokens: opaque to clients, bound to the query they were made for (AIP-158) ---------
+
+
+def _query_key(query: Query) -> str:
+    fields_ = [query.owner, query.states, query.created_after, query.newest_first]
+    return hashlib.sha256(json.dumps(fields_).encode()).hexdigest()[:16]
+
+
+def _token(after_seq: int, query: Query) -> str:
+    raw = json.dumps({"after": after_seq, "query": _query_key(query)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _token_seq(token: str, query: Query) -> int | None:
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        decoded = json.loads(raw)
+        after, key = decoded["after"], decoded["query"]
+        if not isinstance(after, int) or not isinstance(key, str):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise InvalidRequest("page_token is not one this server gave out") from None
+    if key != _query_key(query):
+        raise InvalidRequest("page_token was made for a different query: keep the other fields")
+    return after
+
+
+__all__ = ["LOG_CHUNK_BYTES", "SERVICE_NAME", "JobService"]

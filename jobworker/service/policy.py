@@ -45,3 +45,26 @@ class JobPolicy:
     def account_for(self, identity: str) -> str | None:
         """The local account `identity`'s jobs run as; None: a transient user of their own."""
         return self.run_as.get(identity)
+
+
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long a server keeps ended jobs, and how much output it keeps on disk.
+
+    - keep_s, keep_jobs: an ended job's record and output go once it ended more than `keep_s`
+      ago, or once `keep_jobs` newer ended jobs exist (oldest first).
+    - output_budget_bytes: the output of every job together; above it, the oldest ended jobs'
+      output goes first (their records stay, saying so), then running jobs' oldest output
+      (readers are told, as with a job's own retention).
+    """
+
+    keep_s: float = 7 * DAY_S
+    keep_jobs: int = 10_000
+    output_budget_bytes: int = 10 * 2**30
+
+    def __post_init__(self) -> None:
+        if not self.keep_s > 0 or self.keep_jobs < 1 or self.output_budget_bytes < 1:
+            raise ValueError(f"retention values must be positive: {self}")

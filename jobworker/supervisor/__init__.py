@@ -12,6 +12,7 @@ from .errors import (
     InvalidJobSpec,
     IsolationUnavailable,
     JobEnded,
+    JobNotEnded,
     JobNotFound,
     OutputDropped,
     SupervisorError,
@@ -19,7 +20,7 @@ from .errors import (
 )
 from .job import Job
 from .limits import LimitOverrides, LimitPolicy, Limits, format_bytes, parse_bytes
-from .output import OutputChunk, OutputStream
+from .output import OutputChunk, OutputLog, OutputStream
 from .sandbox import Isolation
 from .status import JobState, JobStatus, RunAs, Usage
 from .supervisor import Supervisor
@@ -32,6 +33,7 @@ __all__ = [
     "IsolationUnavailable",
     "Job",
     "JobEnded",
+    "JobNotEnded",
     "JobNotFound",
     "JobState",
     "JobStatus",
@@ -39,6 +41,7 @@ __all__ = [
     "LimitPolicy",
     "Limits",
     "OutputChunk",
+    "OutputLog",
     "OutputDropped",
     "OutputStream",
     "RunAs",

@@ -33,6 +33,14 @@ class JobEnded(SupervisorError):
         self.state = state
 
 
+class JobNotEnded(SupervisorError):
+    """The job is still running, and what was asked needs it ended."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} is still running")
+        self.job_id = job_id
+
+
 class CgroupError(SupervisorError):
     """A cgroup could not be created, configured, or removed."""
 

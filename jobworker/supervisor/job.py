@@ -150,6 +150,7 @@ class Job:
             cgroups=self._cgroups,
             usage=usage,
             limit_caveats=self._caveats,
+            output_lost_bytes=self._log.lost_bytes,
             run_as=self.spec.run_as,
             namespaces=self.spec.namespaces,
             network=self.spec.network,
@@ -172,6 +173,14 @@ class Job:
         Safe to call concurrently: the first call signals; a later one with a shorter grace
         period brings the SIGKILL closer. Raises JobEnded if the job had already ended.
         """
+        self.request_stop(grace_period_s, requested_by=requested_by)
+        return await self.wait()
+
+    def request_stop(
+        self, grace_period_s: float | None = None, *, requested_by: str | None = None
+    ) -> None:
+        """What `stop` does before it waits: SIGTERM now, SIGKILL after the grace period.
+        For a caller that records the request before it waits for the end."""
         if grace_period_s is None:
             grace_period_s = self._default_grace_s
         if grace_period_s < 0:
@@ -182,12 +191,25 @@ class Job:
             self._stop_requested_by = requested_by
             log.info("job %s: stop requested by %s", self.id, requested_by or "(library)")
         self._escalation.request(grace_period_s)
-        return await self.wait()
 
     async def wait(self) -> JobStatus:
         """Wait until the job has ended (output complete, group removed); its final status."""
         await self._ended.wait()
         return self.status()
+
+    @property
+    def output_stored_bytes(self) -> int:
+        """Output this job keeps on disk (what a data directory's budget counts)."""
+        return self._log.stored_bytes
+
+    @property
+    def output_end(self) -> int:
+        """The offset just past the job's output so far."""
+        return self._log.end_offset
+
+    def trim_output(self, bytes_to_free: int) -> int:
+        """Drop the job's oldest output (whole segments, as retention does); bytes freed."""
+        return self._log.trim(bytes_to_free)
 
     async def released(self) -> None:
         """Wait until nothing of the job is left: after it ended, the processes that outlived
@@ -385,14 +407,11 @@ class Job:
     ) -> None:
         # Does not close the stream: after a cancellation, _supervise resumes reading it.
         while data := await stream.receive_some(_READ_CHUNK_BYTES):
-            try:
-                self._log.append(which, data)
-            except OSError as exc:
-                # Disk full or the like. Keep draining so the job is never blocked on a
-                # full pipe; say once, loudly, that output is being lost.
-                if not self._output_lost:
-                    log.error("job %s: output lost: %s", self.id, exc)
-                    self._output_lost = True
+            if not self._log.append(which, data) and not self._output_lost:
+                # Disk full or the like: the log records the loss as a gap, and we keep
+                # draining, so the job is never blocked on a full pipe. Said once per job.
+                self._output_lost = True
+                log.error("job %s: output incomplete: %s", self.id, self._log.loss_error)
         drained.count_down()
 
     def _leader_exited(self, spawned: Spawned) -> None:

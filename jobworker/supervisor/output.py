@@ -10,7 +10,19 @@ output (offsets count every byte ever appended, from 0).
 log's directory. A record is a 5-byte header — the stream tag (1 = stdout, 2 = stderr) and the
 data length as a big-endian u32 — followed by the data; nothing else is in the file. A segment is
 sealed when it holds exactly ``segment_bytes`` of output: an append that crosses the boundary is
-split into two records, so every sealed segment starts at a multiple of ``segment_bytes``.
+split into two records, so every sealed segment starts at a multiple of ``segment_bytes`` (as
+long as nothing was lost).
+
+**Losses.** Output that cannot be written (a full disk) is never dropped silently: the log
+records a *gap*, a header with tag 3 (stdout) or 4 (stderr) whose length is the number of bytes
+lost and which has no data. Offsets jump over it, and a reader gets a chunk with ``lost`` set
+instead of data. A gap is written before anything that follows it, once the disk takes writes
+again: no data is ever on disk after a loss that is not. If it cannot be written by the time the
+log closes, it is kept in memory (readers of this log still see it; the log on disk ends there).
+
+**Reopening.** ``OutputLog.reopen(directory)`` rebuilds a closed, read-only log from its segment
+files (after a restart): it scans the headers, ignoring a partial record at the very end (a crash
+mid-write), and keeps only the index in memory.
 
 **Retention.** After each append, while more than ``retention_bytes`` are held, the oldest segment
 is deleted. Segments are whole ``segment_bytes`` and the active one is never dropped (it is
@@ -79,6 +91,13 @@ class OutputChunk:
     stream: OutputStream
     offset: int  # offset of data[0] in the job's combined output
     data: bytes
+    # Bytes of `stream` lost at `offset` (the disk was full): then `data` is empty, and the next
+    # chunk starts at offset + lost.
+    lost: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.offset + (self.lost or len(self.data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +114,8 @@ _HEADER: Final = struct.Struct(">BI")  # stream tag, data length
 _HEADER_BYTES: Final = _HEADER.size
 _MAX_RECORD_BYTES: Final = 2**32 - 1
 _STREAM_BY_TAG: Final = {s.value: s for s in OutputStream}
+# A gap's tag: the stream's, plus this.
+_GAP_TAG: Final = 2
 
 # File bytes between two index checkpoints (not Final: tests shrink it to exercise seeking).
 _CHECKPOINT_INTERVAL_BYTES = 64 * 2**10
@@ -118,34 +139,70 @@ class _Segment:
         "path",
         "fd",
         "data_bytes",
+        "span",
         "file_bytes",
         "cp_offsets",
         "cp_positions",
     )
 
-    def __init__(self, directory: str, start_offset: int) -> None:
+    def __init__(self, directory: str, start_offset: int, *, create: bool = True) -> None:
         self.start_offset = start_offset
         self.path = os.path.join(directory, f"{start_offset:020d}.seg")
-        self.fd = os.open(self.path, _OPEN_FLAGS, 0o600)
-        self.data_bytes = 0
+        self.fd = os.open(self.path, _OPEN_FLAGS, 0o600) if create else -1
+        self.data_bytes = 0  # output stored in the file
+        self.span = 0  # offsets covered: stored output and gaps
         self.file_bytes = 0
         # Checkpoints: record boundaries as (output offset, file position); always (start, 0).
         self.cp_offsets = [start_offset]
         self.cp_positions = [0]
 
     def write_record(self, stream: OutputStream, data: memoryview | bytes) -> None:
+        self._write(_HEADER.pack(stream.value, len(data)), data)
+        self.data_bytes += len(data)
+        self.span += len(data)
+
+    def write_gap(self, stream: OutputStream, lost: int) -> None:
+        self._write(_HEADER.pack(stream.value + _GAP_TAG, lost), b"")
+        self.span += lost
+
+    def _write(self, header: bytes, data: memoryview | bytes) -> None:
         pos = self.file_bytes
         if pos - self.cp_positions[-1] >= _CHECKPOINT_INTERVAL_BYTES:
-            self.cp_offsets.append(self.start_offset + self.data_bytes)
+            self.cp_offsets.append(self.start_offset + self.span)
             self.cp_positions.append(pos)
         try:
-            _pwrite_all(self.fd, [_HEADER.pack(stream.value, len(data)), data], pos)
+            _pwrite_all(self.fd, [header, data] if data else [header], pos)
         except BaseException:
             # Keep the file a sequence of whole records (e.g. after ENOSPC), then re-raise.
             os.ftruncate(self.fd, pos)
             raise
         self.file_bytes = pos + _HEADER_BYTES + len(data)
-        self.data_bytes += len(data)
+
+    @classmethod
+    def scan(cls, directory: str, name: str) -> _Segment:
+        """An existing segment file, read back: its index and sizes (see OutputLog.reopen).
+        A partial record at its end (a crash mid-write) is left out."""
+        seg = cls(directory, int(name.removesuffix(".seg")), create=False)
+        fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            pos = 0
+            while pos + _HEADER_BYTES <= size:
+                tag, length = _HEADER.unpack(os.pread(fd, _HEADER_BYTES, pos))
+                _, gap = _parse_tag(tag)
+                stored = 0 if gap else length
+                if pos + _HEADER_BYTES + stored > size:
+                    break  # the partial last record
+                if pos - seg.cp_positions[-1] >= _CHECKPOINT_INTERVAL_BYTES:
+                    seg.cp_offsets.append(seg.start_offset + seg.span)
+                    seg.cp_positions.append(pos)
+                pos += _HEADER_BYTES + stored
+                seg.data_bytes += stored
+                seg.span += length
+            seg.file_bytes = pos
+        finally:
+            os.close(fd)
+        return seg
 
     @contextlib.contextmanager
     def readable(self) -> Iterator[int]:
@@ -161,13 +218,9 @@ class _Segment:
         finally:
             os.close(fd)
 
-    def locate(self, fd: int, offset: int) -> tuple[int, int, OutputStream | None]:
-        """Find ``offset`` (which this segment holds) in the file.
-
-        Returns ``(position, record bytes left, stream)``: the position of the header of the
-        record starting at ``offset`` with ``(pos, 0, None)``, or of the byte at ``offset``
-        inside a record, with how many of that record's bytes are left from there.
-        """
+    def locate(self, fd: int, offset: int) -> _Cursor:
+        """Find ``offset`` (which this segment holds) in the file: at the header of the record
+        starting there, or inside a record (of data, or a gap) with what is left of it."""
         i = bisect.bisect_right(self.cp_offsets, offset) - 1
         rec_offset, pos = self.cp_offsets[i], self.cp_positions[i]
         while True:
@@ -177,13 +230,16 @@ class _Segment:
             i = 0
             while i + _HEADER_BYTES <= len(block):
                 tag, length = _HEADER.unpack_from(block, i)
+                stream, gap = _parse_tag(tag)
                 if rec_offset + length > offset:
                     skip = offset - rec_offset
                     if skip == 0:
-                        return pos + i, 0, None
-                    return pos + i + _HEADER_BYTES + skip, length - skip, _stream(tag)
+                        return _Cursor(pos + i)
+                    if gap:
+                        return _Cursor(pos + i + _HEADER_BYTES, length - skip, stream, gap=True)
+                    return _Cursor(pos + i + _HEADER_BYTES + skip, length - skip, stream)
                 rec_offset += length
-                i += _HEADER_BYTES + length
+                i += _HEADER_BYTES + (0 if gap else length)
             pos += i  # the next header, possibly beyond this block
 
     def close(self) -> None:
@@ -192,11 +248,24 @@ class _Segment:
             os.close(fd)
 
 
-def _stream(tag: int) -> OutputStream:
+def _parse_tag(tag: int) -> tuple[OutputStream, bool]:
+    """(stream, whether the record is a gap)."""
+    gap = tag > _GAP_TAG
     try:
-        return _STREAM_BY_TAG[tag]
+        return _STREAM_BY_TAG[tag - _GAP_TAG if gap else tag], gap
     except KeyError:
         raise RuntimeError(f"corrupt output segment: unknown stream tag {tag}") from None
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """Where a reader is in a segment file: at a header (``left == 0``), or inside a record
+    of ``stream`` with ``left`` bytes of it to go (for a gap, ``pos`` is after its header)."""
+
+    pos: int
+    left: int = 0
+    stream: OutputStream | None = None
+    gap: bool = False
 
 
 def _pwrite_all(fd: int, buffers: list[bytes | memoryview], pos: int) -> None:
@@ -214,15 +283,17 @@ def _pwrite_all(fd: int, buffers: list[bytes | memoryview], pos: int) -> None:
 
 
 def _read_records(
-    fd: int, pos: int, end_pos: int, rec_left: int, stream: OutputStream | None, max_bytes: int
-) -> tuple[bytes, int, int, OutputStream | None]:
-    """Read up to ``max_bytes`` of data of one stream from the records at ``pos`` on.
+    fd: int, at: _Cursor, end_pos: int, max_bytes: int
+) -> tuple[bytes, int, OutputStream | None, _Cursor]:
+    """Read up to ``max_bytes`` of data of one stream from ``at`` on, or the gap there.
 
-    ``pos`` is a header if ``rec_left`` is 0, else inside a record of ``stream`` with
-    ``rec_left`` bytes left. Returns the data and the same three facts for what follows it.
+    Returns the data (or b""), the bytes lost (a gap), their stream, and where that leaves the
+    reader. A chunk never mixes streams, nor data with a gap.
     """
-    if rec_left == 0:
-        stream = None  # at a header: the next record sets the chunk's stream
+    if at.gap:  # inside a gap: the rest of it
+        return b"", at.left, at.stream, _Cursor(at.pos)
+    pos, rec_left = at.pos, at.left
+    stream = at.stream if rec_left else None  # at a header: the next record sets the stream
     parts: list[memoryview] = []
     size = 0
     while size < max_bytes and pos < end_pos:
@@ -234,15 +305,20 @@ def _read_records(
             break
         view = memoryview(block)
         i = 0
-        stream_changed = False
+        stop = False
         while size < max_bytes:
             if rec_left == 0:
                 if i + _HEADER_BYTES > len(block):
                     break  # the header straddles the block: read on from it
                 tag, length = _HEADER.unpack_from(block, i)
-                record_stream = _stream(tag)
+                record_stream, gap = _parse_tag(tag)
+                if gap:
+                    if not parts:  # the gap is the chunk
+                        return b"", length, record_stream, _Cursor(pos + i + _HEADER_BYTES)
+                    stop = True
+                    break
                 if stream is not None and record_stream is not stream:
-                    stream_changed = True
+                    stop = True
                     break
                 stream, rec_left = record_stream, length
                 i += _HEADER_BYTES
@@ -254,10 +330,10 @@ def _read_records(
             size += take
             rec_left -= take
         pos += i
-        if stream_changed:
+        if stop:
             break
     data = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
-    return data, pos, rec_left, stream
+    return data, 0, stream, _Cursor(pos, rec_left, stream if rec_left else None)
 
 
 def _close_segments(segments: list[_Segment]) -> None:
@@ -284,6 +360,7 @@ class OutputLog:
         retention_bytes: int = 256 * 2**20,
         tail_bytes: int = 256 * 2**10,
         segment_bytes: int | None = None,
+        _reopen: bool = False,
     ) -> None:
         if retention_bytes < 1:
             raise ValueError(f"retention_bytes must be positive, not {retention_bytes}")
@@ -311,21 +388,53 @@ class OutputLog:
 
         self._start_offset = 0
         self._end_offset = 0
+        self._stored_bytes = 0  # output in the retained segment files (gaps are not stored)
         self._closed = False
         self._removed = False
         self._changed = trio.Event()
-        # Tail: (offset, stream, data) records in order; entries before _tail_head are
-        # evicted (compacted away in batches, so eviction is O(1) amortised).
-        self._tail: list[tuple[int, OutputStream, bytes]] = []
+        # Losses: bytes per stream not yet recorded as a gap (the disk refused it too), and
+        # every byte ever lost, with the error that lost the first.
+        self._pending_loss = dict.fromkeys(OutputStream, 0)
+        self._lost_bytes = 0
+        self.loss_error: OSError | None = None
+        # Tail: (offset, stream, data or bytes lost) records in order; entries before
+        # _tail_head are evicted (compacted away in batches, so eviction is O(1) amortised).
+        self._tail: list[tuple[int, OutputStream, bytes | int]] = []
         self._tail_head = 0
         self._tail_data_bytes = 0
 
-        os.makedirs(self._directory, mode=0o700, exist_ok=True)
         # Segments, oldest first; the last one is the active one. Mutated in place only, so
         # the finalizer (a safety net for a log dropped without remove()) sees the live list.
-        self._segments: list[_Segment] = [_Segment(self._directory, 0)]
-        self._segment_starts: list[int] = [0]
+        self._segments: list[_Segment] = []
+        self._segment_starts: list[int] = []
         self._finalizer = weakref.finalize(self, _close_segments, self._segments)
+        if _reopen:
+            self._load()
+        else:
+            os.makedirs(self._directory, mode=0o700, exist_ok=True)
+            self._segments.append(_Segment(self._directory, 0))
+            self._segment_starts.append(0)
+
+    @classmethod
+    def reopen(cls, directory: os.PathLike[str] | str) -> OutputLog:
+        """The log a previous process left in ``directory``, closed and read-only: what it had
+        retained, from its files (retention and losses as they were written)."""
+        return cls(directory, _reopen=True)
+
+    def _load(self) -> None:
+        names = sorted(n for n in os.listdir(self._directory) if n.endswith(".seg"))
+        for name in names:
+            seg = _Segment.scan(self._directory, name)
+            if self._segments and seg.start_offset < self._end_offset:
+                raise RuntimeError(f"output segment {seg.path} overlaps the one before it")
+            self._segments.append(seg)
+            self._segment_starts.append(seg.start_offset)
+            self._end_offset = seg.start_offset + seg.span
+            self._stored_bytes += seg.data_bytes
+        if not self._segments:
+            raise FileNotFoundError(f"no output segments in {self._directory}")
+        self._start_offset = self._segments[0].start_offset
+        self._closed = True
 
     # -- properties ---------------------------------------------------------------------
 
@@ -342,6 +451,16 @@ class OutputLog:
     @property
     def retained_bytes(self) -> int:
         return self._end_offset - self._start_offset
+
+    @property
+    def stored_bytes(self) -> int:
+        """Output held in the segment files (what retention and budgets count)."""
+        return self._stored_bytes
+
+    @property
+    def lost_bytes(self) -> int:
+        """Output that could not be written (the disk refused it), over both streams."""
+        return self._lost_bytes
 
     @property
     def closed(self) -> bool:
@@ -362,11 +481,12 @@ class OutputLog:
 
     # -- writing ------------------------------------------------------------------------
 
-    def append(self, stream: OutputStream, data: bytes) -> None:
+    def append(self, stream: OutputStream, data: bytes) -> bool:
         """Add ``data`` from ``stream`` at ``end_offset``. Never awaits nor waits for readers.
 
-        Raises :class:`RuntimeError` once closed; ``OSError`` if the disk write fails (the
-        output appended before the failing record stays; the failing record is not kept).
+        Returns False if some of it could not be written (a full disk): that output is then
+        recorded as a gap, never dropped silently (see the module's "Losses"), and
+        ``lost_bytes`` and ``loss_error`` say so. Raises RuntimeError once closed.
         """
         if self._closed:
             raise RuntimeError("append to a closed OutputLog")
@@ -374,10 +494,12 @@ class OutputLog:
             raise TypeError(f"stream must be an OutputStream, not {stream!r}")
         data = bytes(data)  # no copy for bytes; a snapshot of a bytearray/memoryview
         if not data:
-            return
+            return True
+        done = 0
         try:
+            # Nothing may be written after a loss that is not on disk yet.
+            self._write_pending_gaps()
             view = memoryview(data)
-            done = 0
             while done < len(data):
                 seg = self._segments[-1]
                 if seg.data_bytes >= self._segment_bytes:
@@ -388,13 +510,44 @@ class OutputLog:
                     self._end_offset, stream, data if n == len(data) else data[done : done + n]
                 )
                 self._end_offset += n
+                self._stored_bytes += n
                 done += n
+            return True
+        except OSError as exc:
+            self._pending_loss[stream] += len(data) - done
+            self._lost_bytes += len(data) - done
+            self.loss_error = self.loss_error or exc
+            return False
         finally:
             self._drop_over_retention()
             self._wake()
 
+    def _write_pending_gaps(self) -> None:
+        for stream, lost in self._pending_loss.items():
+            if lost:
+                seg = self._segments[-1]
+                if seg.data_bytes >= self._segment_bytes:
+                    seg = self._roll()
+                seg.write_gap(stream, lost)
+                self._record_gap(stream, lost)
+
+    def _record_gap(self, stream: OutputStream, lost: int) -> None:
+        self._pending_loss[stream] = 0
+        self._tail_append(self._end_offset, stream, lost)
+        self._end_offset += lost
+
     def close(self) -> None:
-        """No more appends; followers deliver what exists, then end. Idempotent."""
+        """No more appends; followers deliver what exists, then end. Idempotent.
+
+        A loss not yet on disk is written now if the disk takes it, else kept in memory only:
+        this log's readers still see it; the files end where the loss began."""
+        if not self._closed and any(self._pending_loss.values()):
+            try:
+                self._write_pending_gaps()
+            except OSError:
+                for stream, lost in self._pending_loss.items():
+                    if lost:
+                        self._record_gap(stream, lost)
         self._closed = True
         for seg in self._segments:
             seg.close()  # reads reopen per call from now on (see _Segment.readable)
@@ -433,15 +586,19 @@ class OutputLog:
         self._segment_starts.append(seg.start_offset)
         return seg
 
-    def _tail_append(self, offset: int, stream: OutputStream, data: bytes) -> None:
+    def _tail_append(self, offset: int, stream: OutputStream, data: bytes | int) -> None:
+        # An int is a gap of that many bytes: it holds no memory to speak of. The newest gap
+        # always stays: one kept in memory only (no file has it) must not be evicted.
         tail = self._tail
         tail.append((offset, stream, data))
-        self._tail_data_bytes += len(data)
+        self._tail_data_bytes += _held(data)
         head = self._tail_head
-        while head < len(tail) and (
-            self._tail_data_bytes > self._tail_bytes or len(tail) - head > _TAIL_MAX_RECORDS
+        while (
+            head < len(tail)
+            and (self._tail_data_bytes > self._tail_bytes or len(tail) - head > _TAIL_MAX_RECORDS)
+            and not (head == len(tail) - 1 and isinstance(tail[head][2], int))
         ):
-            self._tail_data_bytes -= len(tail[head][2])
+            self._tail_data_bytes -= _held(tail[head][2])
             tail[head] = None  # type: ignore[call-overload]  # release the bytes now
             head += 1
         if head > 64 and head * 2 > len(tail):
@@ -451,13 +608,29 @@ class OutputLog:
 
     def _drop_over_retention(self) -> None:
         # The active segment never holds more than segment_bytes <= retention_bytes, so
-        # this never drops it.
-        while self._end_offset - self._start_offset > self._retention_bytes:
-            seg = self._segments.pop(0)
-            del self._segment_starts[0]
-            seg.close()
-            _unlink_missing_ok(seg.path)
-            self._start_offset = self._segments[0].start_offset
+        # this never drops it. Gaps take no room: they do not count.
+        while self._stored_bytes > self._retention_bytes and len(self._segments) > 1:
+            self._drop_oldest_segment()
+
+    def _drop_oldest_segment(self) -> None:
+        seg = self._segments.pop(0)
+        del self._segment_starts[0]
+        seg.close()
+        _unlink_missing_ok(seg.path)
+        self._stored_bytes -= seg.data_bytes
+        self._start_offset = self._segments[0].start_offset
+
+    def trim(self, bytes_to_free: int) -> int:
+        """Drop the oldest whole segments (never the active one) until at least
+        ``bytes_to_free`` of stored output are gone, or only the active one is left: as
+        retention does, and readers are told as they are by it. Returns the bytes freed."""
+        freed = 0
+        while freed < bytes_to_free and len(self._segments) > 1:
+            freed += self._segments[0].data_bytes
+            self._drop_oldest_segment()
+        if freed:
+            self._wake()
+        return freed
 
     def _wake(self) -> None:
         self._changed.set()
@@ -491,7 +664,7 @@ class OutputLog:
             chunk = self._read_tail(offset, reader._max_chunk_bytes)
         else:
             chunk = self._read_disk(reader, offset)
-        reader._offset = offset + len(chunk.data)
+        reader._offset = chunk.end
         return chunk
 
     def _read_tail(self, offset: int, max_bytes: int) -> OutputChunk:
@@ -499,6 +672,8 @@ class OutputLog:
         i = bisect.bisect_right(tail, offset, lo=self._tail_head, key=_tail_offset) - 1
         rec_offset, stream, data = tail[i]
         skip = offset - rec_offset
+        if isinstance(data, int):
+            return OutputChunk(stream, offset, b"", lost=data - skip)
         if skip == 0 and len(data) <= max_bytes:
             first = data  # the common case: no copy at all
         else:
@@ -508,6 +683,8 @@ class OutputLog:
         i += 1
         while size < max_bytes and i < len(tail) and tail[i][1] is stream:
             more = tail[i][2]
+            if isinstance(more, int):
+                break  # a gap is a chunk of its own
             if len(more) > max_bytes - size:
                 more = more[: max_bytes - size]
             if parts is None:
@@ -521,30 +698,31 @@ class OutputLog:
         seg = self._segments[bisect.bisect_right(self._segment_starts, offset) - 1]
         with seg.readable() as fd:
             if reader._disk_segment is seg and reader._disk_offset == offset:
-                pos, rec_left = reader._disk_pos, reader._disk_rec_left
-                stream = reader._disk_stream
+                at = reader._disk_cursor
             else:
-                pos, rec_left, stream = seg.locate(fd, offset)
+                at = seg.locate(fd, offset)
             max_bytes = reader._max_chunk_bytes
-            if rec_left >= max_bytes:
+            if not at.gap and at.left >= max_bytes:
                 # A whole chunk inside the current record: read exactly it.
-                data = os.pread(fd, max_bytes, pos)
-                pos += len(data)
-                rec_left -= len(data)
+                data = os.pread(fd, max_bytes, at.pos)
+                lost, stream = 0, at.stream
+                at = _Cursor(at.pos + len(data), at.left - len(data), stream)
             else:
-                # Read the rest of this record and any following records of the same stream.
-                data, pos, rec_left, stream = _read_records(
-                    fd, pos, seg.file_bytes, rec_left, stream, max_bytes
-                )
-        if not data or stream is None:
+                data, lost, stream, at = _read_records(fd, at, seg.file_bytes, max_bytes)
+        if not (data or lost) or stream is None:
             raise RuntimeError(f"output segment {seg.path} is shorter than its index")
+        chunk = OutputChunk(stream, offset, data, lost)
         reader._disk_segment = seg
-        reader._disk_offset = offset + len(data)
-        reader._disk_pos, reader._disk_rec_left, reader._disk_stream = pos, rec_left, stream
-        return OutputChunk(stream, offset, data)
+        reader._disk_offset = chunk.end
+        reader._disk_cursor = at
+        return chunk
 
 
-def _tail_offset(record: tuple[int, OutputStream, bytes]) -> int:
+def _held(data: bytes | int) -> int:
+    return 0 if isinstance(data, int) else len(data)
+
+
+def _tail_offset(record: tuple[int, OutputStream, bytes | int]) -> int:
     return record[0]
 
 
@@ -576,9 +754,7 @@ class OutputReader:
         "_done",
         "_disk_segment",
         "_disk_offset",
-        "_disk_pos",
-        "_disk_rec_left",
-        "_disk_stream",
+        "_disk_cursor",
     )
 
     def __init__(self, log: OutputLog, offset: int, *, follow: bool, max_chunk_bytes: int) -> None:
@@ -591,9 +767,7 @@ class OutputReader:
         # _disk_segment is still in the log: saves a scan from a checkpoint per chunk.
         self._disk_segment: _Segment | None = None
         self._disk_offset = -1
-        self._disk_pos = 0
-        self._disk_rec_left = 0
-        self._disk_stream: OutputStream | None = None
+        self._disk_cursor = _Cursor(0)
 
     @property
     def offset(self) -> int:

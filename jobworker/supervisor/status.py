@@ -88,6 +88,8 @@ class JobStatus:
     cgroups: str = "off"  # the backend that applied them: "v2", "v1" or "off"
     usage: Usage = field(default_factory=Usage)
     limit_caveats: tuple[str, ...] = ()  # what of the limits the kernel applies only in part
+    # Output that could not be written (a full disk): the log has a gap there (OutputChunk.lost).
+    output_lost_bytes: int = 0
     # Who the job ran as, and what it was kept from: the namespaces of its own (empty: none,
     # the Supervisor does not isolate) and its network ("host", or "none": loopback only).
     run_as: RunAs | None = None

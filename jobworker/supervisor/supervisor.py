@@ -18,7 +18,7 @@ import trio
 
 from .cgroups import Backend, CgroupMode, JobGroup, open_backend
 from .cgroups.discover import cgroup_filesystems
-from .errors import CgroupError, InvalidJobSpec, JobEnded, JobNotFound
+from .errors import CgroupError, InvalidJobSpec, JobEnded, JobNotEnded, JobNotFound
 from .job import Job, JobSpec
 from .limits import LimitOverrides, LimitPolicy, Limits
 from .output import OutputLog
@@ -252,6 +252,7 @@ class Supervisor:
         cwd: str | os.PathLike[str] | None = None,
         user: str | int | None = None,
         network: Network = "host",
+        job_id: str | None = None,
     ) -> Job:
         """Start `command` with `args` as a new job, and return it once it runs in its group.
 
@@ -259,6 +260,8 @@ class Supervisor:
           None: a transient user of its own. Unisolated jobs run as this process's user.
         - network: "host" (this machine's network) or "none" (a loopback of its own; isolated
           jobs only).
+        - job_id: the id to give the job (a canonical UUID no job of this Supervisor has; one
+          that a store recorded before the job started); None: a new random UUID.
 
         A job that cannot be created (command not found or not executable, a bad working
         directory, cgroup or cage setup failing) is returned in state ERROR with the reason in
@@ -267,7 +270,7 @@ class Supervisor:
         if self._nursery is None or self._backend is None or self._closing:
             raise RuntimeError("the Supervisor is not running (use `async with Supervisor()`)")
         spec = self._spec(command, args, owner, limits, env, cwd, user, network)
-        job_id = str(uuid.uuid4())
+        job_id = self._new_id(job_id)
         held = _Held(self._uids)
         try:
             spec = self._give_identity(spec, job_id, held)
@@ -379,6 +382,47 @@ class Supervisor:
             await job.run(spawned)
         except Exception:
             log.exception("job %s: supervision failed", job.id)
+
+    def _new_id(self, job_id: str | None) -> str:
+        if job_id is None:
+            return str(uuid.uuid4())
+        try:
+            canonical = str(uuid.UUID(job_id))
+        except (ValueError, TypeError, AttributeError):
+            raise InvalidJobSpec(f"job_id must be a UUID, not {job_id!r}") from None
+        if canonical != job_id:
+            raise InvalidJobSpec(f"job_id must be a canonical UUID, not {job_id!r}")
+        if job_id in self._jobs or (self.data_dir / "jobs" / job_id).exists():
+            raise InvalidJobSpec(f"job_id {job_id} is in use")
+        return job_id
+
+    def forget(self, job_id: str) -> None:
+        """Drop an ended job from this Supervisor's memory (`get` and `jobs` no longer know
+        it). Its output stays on disk: `stored_output` reads it, `remove_output` deletes it.
+        For a caller that keeps its own records of ended jobs (a server's store)."""
+        job = self.get(job_id)
+        if not job.status().state.ended:
+            raise JobNotEnded(job_id)
+        del self._jobs[job_id]
+
+    def stored_output(self, job_id: str) -> OutputLog:
+        """The output of a job this Supervisor's data directory holds, forgotten or from an
+        earlier run, read from its files (closed). FileNotFoundError if none is kept."""
+        return OutputLog.reopen(self.data_dir / "jobs" / job_id)
+
+    def remove_output(self, job_id: str) -> None:
+        """Delete what a job left in the data directory: its output, and its working directory
+        if any. The job must not be running here."""
+        if job_id in self._jobs and not self._jobs[job_id].status().state.ended:
+            raise JobNotEnded(job_id)
+        for directory in (self.data_dir / "jobs" / job_id, self.data_dir / "work" / job_id):
+            shutil.rmtree(directory, ignore_errors=True)
+
+    @property
+    def cgroup_subtrees(self) -> list[Path]:
+        """The cgroup directories this Supervisor made, one per hierarchy: every job's group
+        is ``<subtree>/<job id>``. What a server records to clean up after a crash."""
+        return list(getattr(self._backend, "_subtrees", []))
 
     def get(self, job_id: str) -> Job:
         try:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,6 +66,8 @@ class Server:
     process: subprocess.Popen
     host: str = ""
     port: int = 0
+    # A data directory made for this server alone (None: the test gave one), removed with it.
+    own_data_dir: str | None = None
     _lines: list[str] = field(default_factory=list)
     _changed: threading.Condition = field(default_factory=threading.Condition)
     _reader: threading.Thread | None = None
@@ -142,16 +146,22 @@ class Server:
             self._reader.join(5)
         if self.process.stdout is not None:
             self.process.stdout.close()
+        if self.own_data_dir is not None:
+            shutil.rmtree(self.own_data_dir, ignore_errors=True)
         return self.process.returncode
 
 
 def start_server(certs: Path, *extra: str) -> Server:
+    # Each server its own data directory unless the test names one: several run at once, and
+    # the default (/var/lib/jobworker) is one server's alone.
+    own = None if "--data-dir" in extra else tempfile.mkdtemp(prefix="jobworker-cli-")
+    data = ["--data-dir", own] if own else []
     process = subprocess.Popen(
-        [*JOBWORKER, "serve", "--listen", "127.0.0.1:0", *tls_flags(certs), *extra],
+        [*JOBWORKER, "serve", "--listen", "127.0.0.1:0", *tls_flags(certs), *data, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    server = Server(process)
+    server = Server(process, own_data_dir=own)
     server.start_reading_stderr()
     assert process.stdout is not None
     line = process.stdout.readline().rstrip(b"\n")  # blocks until it listens (or dies)

@@ -57,6 +57,8 @@ RESPONSES = {
     "StopJob": pb.StopJobResponse,
     "GetJobStatus": pb.JobStatus,
     "ListJobs": pb.ListJobsResponse,
+    "DeleteJob": pb.DeleteJobResponse,
+    "PruneJobs": pb.PruneJobsResponse,
 }
 
 
@@ -122,8 +124,14 @@ class Client:
         response = await self.call("StopJob", pb.StopJobRequest(job_id=job_id, **fields))
         return response.status
 
-    async def list(self, *, all: bool = False) -> list[pb.JobStatus]:
-        return list((await self.call("ListJobs", pb.ListJobsRequest(all=all))).jobs)
+    async def list(self, *, all: bool = False, **fields) -> list[pb.JobStatus]:
+        return list((await self.call("ListJobs", pb.ListJobsRequest(all=all, **fields))).jobs)
+
+    async def wait_ended(self, job_id: str) -> pb.JobStatus:
+        """The job's final status, once it has ended: a follower from an offset its output
+        never reaches ends exactly then (and reads nothing, so retention does not matter)."""
+        await self.logs(job_id, follow=True, offset=2**62)
+        return await self.status(job_id)
 
     async def logs(
         self, job_id: str, *, follow: bool = False, offset: int = 0

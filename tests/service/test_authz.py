@@ -20,8 +20,9 @@ def expected(roles: frozenset[Role], action: Action, is_owner: bool) -> Decision
     if Role.ADMIN in roles:
         return Decision.ALLOW
     # "viewer: lists and reads the status and logs of every job; starts and stops nothing."
+    # Issue 12: removing a job (rm, prune) is the owner's or an admin's, as stopping it is.
     if Role.VIEWER in roles:
-        if action in (Action.START, Action.STOP):
+        if action in (Action.START, Action.STOP, Action.DELETE):
             return Decision.DENY
         return Decision.ALLOW
     # "user: starts jobs; sees, stops and reads only the jobs it started." Listing every job

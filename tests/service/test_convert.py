@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory.wire.status import Status
 from jobworker.service import STATUS_OF, InvalidRequest, PermissionDenied, as_grpc_error, convert
-from jobworker.service.errors import ShuttingDown, TooManyJobs
+from jobworker.service.errors import ShuttingDown, TooManyJobs, Unavailable
+from jobworker.service.store import StoreUnavailable
 from jobworker.supervisor import (
     InvalidJobSpec,
     JobEnded,
+    JobNotEnded,
     JobNotFound,
     JobState,
     JobStatus,
@@ -197,6 +199,9 @@ CASES = [
     (OutputDropped(0, 4096), Status.OUT_OF_RANGE),
     (ShuttingDown("going"), Status.UNAVAILABLE),
     (TransientUsersExhausted("every transient uid is in use"), Status.RESOURCE_EXHAUSTED),
+    (JobNotEnded("5c1b7f1e-3a9d-4f6e-9b2a-0d4c8e7f6a51"), Status.FAILED_PRECONDITION),
+    (Unavailable("the disk is full"), Status.UNAVAILABLE),
+    (StoreUnavailable("job store: disk I/O error"), Status.UNAVAILABLE),
 ]
 
 

@@ -16,7 +16,6 @@ from google.protobuf.duration_pb2 import Duration
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory.wire.status import GrpcError, Status
-from jobworker.supervisor import JobState
 
 from .conftest import MAX_RUNNING_JOBS, PYTHON, RETENTION_BYTES, Served, fifo, release
 
@@ -46,7 +45,7 @@ def events(caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:
 async def test_a_job_runs_and_its_status_says_how_it_ended(served: Served) -> None:
     alice = served.client("alice")
     job_id = await alice.start("sh", "-c", "exit 3")
-    await served.supervisor.get(job_id).wait()
+    await alice.wait_ended(job_id)
     status = await alice.status(job_id)
     assert (status.job_id, status.owner, status.command) == (job_id, "alice", "sh")
     assert list(status.args) == ["-c", "exit 3"]
@@ -86,7 +85,7 @@ async def test_env_and_working_dir_reach_the_job(served: Served, shared_path: Pa
         env={"GREETING": "hi there"},
         working_dir=str(shared_path / "here"),
     )
-    await served.supervisor.get(job_id).wait()
+    await alice.wait_ended(job_id)
     chunks = await alice.logs(job_id)
     assert b"".join(c.data for c in chunks) == f"hi there:{shared_path / 'here'}".encode()
 
@@ -96,8 +95,8 @@ async def test_without_a_working_dir_a_job_gets_a_new_one_of_its_own(served: Ser
     job_ids = [await alice.start("sh", "-c", "pwd; ls -A; touch mine") for _ in range(2)]
     places = set()
     for job_id in job_ids:
-        status = await served.supervisor.get(job_id).wait()
-        assert status.state is JobState.FINISHED
+        status = await alice.wait_ended(job_id)
+        assert status.state == pb.JOB_STATE_FINISHED
         output = b"".join(c.data for c in await alice.logs(job_id))
         place = output.decode().strip()  # it was empty: nothing but its path was printed
         assert place.startswith(str(served.supervisor.data_dir / "work"))
@@ -360,7 +359,7 @@ async def test_follow_delivers_live_output_and_ends_with_the_job(
 async def test_an_offset_beyond_the_end_gives_an_empty_stream(served: Served) -> None:
     alice = served.client("alice")
     job_id = await alice.start("echo", "12345")
-    await served.supervisor.get(job_id).wait()
+    await alice.wait_ended(job_id)
     assert await alice.logs(job_id, offset=6) == []  # the end: nothing more
     assert await alice.logs(job_id, offset=1000) == []
     assert await alice.logs(job_id, offset=1000, follow=True) == []  # ended: nothing to wait for
@@ -371,7 +370,7 @@ async def test_output_dropped_by_retention_is_out_of_range_naming_where_to_resum
 ) -> None:
     alice = served.client("alice")
     job_id = await alice.start("head", "-c", str(4 * RETENTION_BYTES), "/dev/zero")
-    await served.supervisor.get(job_id).wait()
+    await alice.wait_ended(job_id)
     error = await raises(Status.OUT_OF_RANGE, alice.logs(job_id))
     [(key, retained)] = error.trailers
     assert key == "jobworker-retained-start"
@@ -393,7 +392,7 @@ async def test_a_follower_that_falls_behind_retention_gets_out_of_range(
         async with alice.logs_stream(job_id, follow=True) as stream:
             assert (await stream.__anext__()).data == b"first\n"
             await release(go)
-            await served.supervisor.get(job_id).wait()  # all written while we did not read
+            await alice.wait_ended(job_id)  # all written while we did not read
             async for chunk in stream:
                 assert chunk.offset == 6 + received
                 received += len(chunk.data)

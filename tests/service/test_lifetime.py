@@ -13,8 +13,8 @@ import trio
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory.wire.status import GrpcError, Status
-from jobworker.service import Identity, open_job_service
-from jobworker.supervisor import JobState, Supervisor
+from jobworker.service import Identity, open_job_service, open_store
+from jobworker.supervisor import Supervisor
 
 pytestmark = pytest.mark.cgroups
 
@@ -36,18 +36,22 @@ async def test_leaving_stops_every_job_logs_each_end_and_refuses_new_ones(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="jobworker.events")
+    store = await open_store(tmp_path / "jobs.db")
     async with Supervisor(data_dir=tmp_path, grace_period_s=5) as supervisor:
-        async with open_job_service(supervisor) as service:
+        async with open_job_service(supervisor, store=store) as service:
             job_id = (await service.start_job(SLEEP, ALICE)).job_id
             assert service.running_jobs == 1
-        status = supervisor.get(job_id).status()
-        assert status.state is JobState.STOPPED
+        # Every end was recorded before the service was left.
+        record = await store.get(job_id)
+        status = pb.JobStatus.FromString(record.status)
+        assert status.state == pb.JOB_STATE_STOPPED
         assert status.stop_requested_by == "server shutdown"
         assert service.running_jobs == 0
         assert not service.health.serving
         with pytest.raises(GrpcError) as caught:
             await service.start_job(SLEEP, ALICE)
         assert caught.value.status is Status.UNAVAILABLE
+    await store.aclose()
     lines = [r.getMessage() for r in caplog.records if r.name == "jobworker.events"]
     assert any(
         line.startswith("stop requested ") and 'by="server shutdown"' in line for line in lines
@@ -108,8 +112,11 @@ async def test_stop_all_jobs_uses_the_given_grace_period_and_logs_each_request(
         async for _ in supervisor.get(trapping).output(follow=True):
             break  # "ready": the trap is set
         await service.stop_all_jobs(0, requested_by="ops")  # 0: SIGKILL right after SIGTERM
-        statuses = {job_id: supervisor.get(job_id).status() for job_id in (plain, trapping)}
-        assert {s.state for s in statuses.values()} == {JobState.STOPPED}
+        statuses = {
+            job_id: await service.get_job_status(pb.GetJobStatusRequest(job_id=job_id), ALICE)
+            for job_id in (plain, trapping)
+        }
+        assert {s.state for s in statuses.values()} == {pb.JOB_STATE_STOPPED}
         assert {s.stop_requested_by for s in statuses.values()} == {"ops"}
         assert (statuses[plain].signal, statuses[trapping].signal) == (15, 9)
         assert statuses[trapping].escalated

@@ -269,13 +269,15 @@ async def test_hidden_paths_and_their_directories_are_covered(tmp_path, shared_p
 
 
 async def test_tmp_is_private_and_gone_with_the_job(iso):
+    note = f"jobworker-test-note-{uuid.uuid4().hex}"  # a name nobody else on the host uses
     first = await iso.start(
-        "sh", ["-c", "echo private > /tmp/note; echo x > /var/tmp/n; ls /tmp; exec sleep 600"]
+        "sh", ["-c", f"echo private > /tmp/{note}; echo x > /var/tmp/{note}; ls /tmp; sleep 600"]
     )
-    assert b"note" in await wait_for_output(first, b"note")
-    out, _, _ = await run(iso, "echo ran; ls -A /tmp /var/tmp /dev/shm; cat /tmp/note")
+    assert note.encode() in await wait_for_output(first, note.encode())
+    out, _, _ = await run(iso, f"echo ran; ls -A /tmp /var/tmp /dev/shm; cat /tmp/{note}")
     assert out.split() == ["ran", "/dev/shm:", "/tmp:", "/var/tmp:"]  # three empty listings
-    assert not Path("/tmp/note").exists()  # the host's /tmp never saw it
+    assert not Path(f"/tmp/{note}").exists()  # the host's /tmp never saw it
+    assert not Path(f"/var/tmp/{note}").exists()
     await first.stop(0)
 
 

@@ -474,7 +474,9 @@ async def test_append_rules(tmp_path):
     log.remove()
 
 
-async def test_a_failed_disk_write_keeps_the_log_consistent(tmp_path, monkeypatch):
+async def test_output_the_disk_refuses_is_an_explicit_gap_never_a_silent_hole(
+    tmp_path, monkeypatch
+):
     log = OutputLog(tmp_path / "log", tail_bytes=0)
     log.append(OUT, b"before")
     real_pwritev = os.pwritev
@@ -484,18 +486,103 @@ async def test_a_failed_disk_write_keeps_the_log_consistent(tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwritev", header_then_enospc)
-    with pytest.raises(OSError):
-        log.append(ERR, b"lost")
-    monkeypatch.setattr(os, "pwritev", real_pwritev)
-    assert log.end_offset == 6
+    assert log.append(ERR, b"lost") is False
+    assert log.append(OUT, b"also lost") is False  # nothing lands after an unrecorded loss
+    assert (log.end_offset, log.lost_bytes, log.loss_error.errno) == (6, 13, errno.ENOSPC)
     # The file is still a sequence of whole records: header (5 bytes) + b"before".
     assert [p.stat().st_size for p in (tmp_path / "log").iterdir()] == [5 + 6]
-    log.append(ERR, b"after")
-
-    assert await read_all(log.reader()) == [
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
+    assert log.append(ERR, b"after") is True  # the gaps go first, then this
+    log.close()
+    expected = [
         OutputChunk(OUT, 0, b"before"),
-        OutputChunk(ERR, 6, b"after"),
+        OutputChunk(OUT, 6, b"", lost=9),
+        OutputChunk(ERR, 15, b"", lost=4),
+        OutputChunk(ERR, 19, b"after"),
     ]
+    assert await read_all(log.reader()) == expected
+    # ...on disk as well: a reader of the reopened log is told the same.
+    assert await read_all(OutputLog.reopen(tmp_path / "log").reader()) == expected
+    # A reader that resumes inside a gap gets the rest of it.
+    assert (await read_all(log.reader(10)))[0] == OutputChunk(OUT, 10, b"", lost=5)
+    log.remove()
+
+
+async def test_a_loss_the_disk_never_takes_is_kept_in_memory_and_the_files_end_before_it(
+    tmp_path, monkeypatch
+):
+    log = OutputLog(tmp_path / "log")
+    log.append(OUT, b"kept")
+
+    def enospc(fd, buffers, pos):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", enospc)
+    assert log.append(OUT, b"x" * 100) is False
+    log.close()  # the gap cannot be written either
+    assert await read_all(log.reader()) == [
+        OutputChunk(OUT, 0, b"kept"),
+        OutputChunk(OUT, 4, b"", lost=100),
+    ]
+    monkeypatch.undo()
+    reopened = OutputLog.reopen(tmp_path / "log")
+    assert reopened.end_offset == 4  # no hole in the middle: the files just end
+    assert await read_all(reopened.reader()) == [OutputChunk(OUT, 0, b"kept")]
+    log.remove()
+
+
+@DISK_AND_TAIL
+async def test_a_reopened_log_is_byte_exact_with_its_offsets_and_retention(tmp_path, tail_bytes):
+    log = OutputLog(
+        tmp_path / "log", retention_bytes=256 * KiB, segment_bytes=64 * KiB, tail_bytes=tail_bytes
+    )
+    model = Model()
+    rng = random.Random(7)
+    for _ in range(300):
+        model.append(log, rng.choice([OUT, ERR]), rng.randbytes(rng.randrange(1, 3000)))
+    log.close()
+    reopened = OutputLog.reopen(tmp_path / "log")
+    assert (reopened.start_offset, reopened.end_offset, reopened.closed) == (
+        log.start_offset,
+        log.end_offset,
+        True,
+    )
+    # The same bytes of the same streams at the same offsets (chunk boundaries may differ:
+    # the live log serves its newest records from memory).
+    again = await read_all(reopened.reader(log.start_offset))
+    check_chunks(again, log.start_offset, 64 * KiB)
+    retained = log.end_offset - log.start_offset
+    assert b"".join(c.data for c in again) == bytes(model.data[-retained:])
+    assert tags_of(again) == model.tags[-retained:]
+    with pytest.raises(OutputDropped):
+        await reopened.reader(0).__anext__()  # retention's drops survive too
+    assert reopened.footprint().segments == log.footprint().segments
+    log.remove()
+
+
+async def test_a_reopened_log_ignores_a_record_cut_short_by_a_crash(tmp_path):
+    log = OutputLog(tmp_path / "log")
+    log.append(OUT, b"whole")
+    log.close()
+    [segment] = (tmp_path / "log").iterdir()
+    with open(segment, "ab") as f:
+        f.write(b"\x02\x00\x00\x01\x00par")  # a header for 256 bytes, and 3 of them
+    reopened = OutputLog.reopen(tmp_path / "log")
+    assert reopened.end_offset == 5
+    assert await read_all(reopened.reader()) == [OutputChunk(OUT, 0, b"whole")]
+
+
+async def test_trim_drops_the_oldest_segments_as_retention_does(tmp_path):
+    log = OutputLog(tmp_path / "log", retention_bytes=1 * MiB, segment_bytes=64 * KiB)
+    for _ in range(8):
+        log.append(OUT, b"z" * (64 * KiB))
+    behind = log.reader(0)
+    assert log.trim(100 * KiB) == 128 * KiB  # whole segments only
+    assert (log.start_offset, log.stored_bytes) == (128 * KiB, 6 * 64 * KiB)
+    with pytest.raises(OutputDropped):
+        await behind.__anext__()
+    assert log.trim(10 * MiB) == 5 * 64 * KiB  # never the active segment
+    log.remove()
 
 
 def test_directory_is_created_private_and_stale_logs_are_not_clobbered(tmp_path):
@@ -667,3 +754,91 @@ async def test_a_closed_log_holds_no_descriptors_and_stays_readable(tmp_path):
     assert b"".join(c.data for c in chunks) == data[1000:]
     assert {c.stream for c in chunks} == {OutputStream.STDERR}
     assert _fds_into(tmp_path) == 0
+
+
+def events_of(chunks: list[OutputChunk]) -> list[tuple[OutputStream, int | None]]:
+    """One event per offset: (stream, byte), or (stream, None) for a byte lost."""
+    events: list[tuple[OutputStream, int | None]] = []
+    for chunk in chunks:
+        if chunk.lost:
+            assert not chunk.data
+            events += [(chunk.stream, None)] * chunk.lost
+        else:
+            events += [(chunk.stream, b) for b in chunk.data]
+    return events
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    appends=st.lists(
+        st.tuples(st.sampled_from([OUT, ERR]), st.binary(min_size=1, max_size=40), st.booleans()),
+        max_size=30,
+    ),
+    segment_bytes=st.integers(1, 48),
+    tail_bytes=st.integers(0, 100),
+    max_chunk_bytes=st.integers(1, 50),
+    disk_full_at_close=st.booleans(),
+)
+def test_losses_read_back_as_gaps_live_and_after_reopening(
+    appends, segment_bytes, tail_bytes, max_chunk_bytes, disk_full_at_close
+):
+    # Each append may meet a full disk. Whatever happens, a reader sees every offset either
+    # as the byte appended there or as lost, in order, live; the reopened log shows the same
+    # up to where its files end (and nothing beyond a loss that never reached them).
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch.object(output, "_CHECKPOINT_INTERVAL_BYTES", 16),
+    ):
+        log = OutputLog(
+            os.path.join(tmp, "log"),
+            retention_bytes=segment_bytes * 64,
+            tail_bytes=tail_bytes,
+            segment_bytes=segment_bytes,
+        )
+        real_pwritev = os.pwritev
+        real_open = os.open
+        disk_full = False
+
+        def pwritev(fd, buffers, pos):
+            if disk_full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_pwritev(fd, buffers, pos)
+
+        def open_(path, flags, mode=0o777, **kw):
+            if disk_full and flags & os.O_CREAT:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_open(path, flags, mode, **kw)
+
+        expected: list[tuple[OutputStream, int | None]] = []
+        pending = dict.fromkeys(OutputStream, 0)
+        with mock.patch.object(os, "pwritev", pwritev), mock.patch.object(os, "open", open_):
+            for stream, chunk, full in appends:
+                disk_full = full
+                written = log.append(stream, chunk)
+                assert written is not full
+                if full:
+                    pending[stream] += len(chunk)
+                else:
+                    for s in OutputStream:  # the gaps, then the data
+                        expected += [(s, None)] * pending[s]
+                        pending[s] = 0
+                    expected += [(stream, b) for b in chunk]
+            disk_full = disk_full_at_close
+            log.close()
+        on_disk = list(expected)
+        for s in OutputStream:
+            expected += [(s, None)] * pending[s]
+            if not disk_full_at_close:
+                on_disk += [(s, None)] * pending[s]
+
+        async def main():
+            live = await read_all(log.reader(max_chunk_bytes=max_chunk_bytes))
+            assert events_of(live) == expected
+            assert log.lost_bytes == sum(1 for _, b in expected if b is None)
+            reopened = await read_all(
+                OutputLog.reopen(log.directory).reader(max_chunk_bytes=max_chunk_bytes)
+            )
+            assert events_of(reopened) == on_disk
+
+        trio.run(main)
+        log.remove()

@@ -122,7 +122,7 @@ class GetJobLogsRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LogChunk(_message.Message):
-    __slots__ = ("data", "stream", "offset")
+    __slots__ = ("data", "stream", "offset", "lost")
     class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STREAM_UNSPECIFIED: _ClassVar[LogChunk.Stream]
@@ -134,22 +134,64 @@ class LogChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     stream: LogChunk.Stream
     offset: int
-    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[LogChunk.Stream, str]] = ..., offset: _Optional[int] = ...) -> None: ...
+    lost: int
+    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[LogChunk.Stream, str]] = ..., offset: _Optional[int] = ..., lost: _Optional[int] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("all",)
+    __slots__ = ("all", "page_size", "page_token", "states", "created_after", "owner", "order_by")
     ALL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    ORDER_BY_FIELD_NUMBER: _ClassVar[int]
     all: bool
-    def __init__(self, all: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    states: _containers.RepeatedScalarFieldContainer[JobState]
+    created_after: _timestamp_pb2.Timestamp
+    owner: str
+    order_by: str
+    def __init__(self, all: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[JobState, str]]] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., order_by: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id", "force")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    force: bool
+    def __init__(self, job_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PruneJobsRequest(_message.Message):
+    __slots__ = ("older_than", "all")
+    OLDER_THAN_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    older_than: _duration_pb2.Duration
+    all: bool
+    def __init__(self, older_than: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class PruneJobsResponse(_message.Message):
+    __slots__ = ("job_ids",)
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("cpu_seconds", "cpu_throttled_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_bytes")
@@ -166,7 +208,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_seconds: _Optional[float] = ..., cpu_throttled_seconds: _Optional[float] = ..., memory_peak_bytes: _Optional[int] = ..., io_read_bytes: _Optional[int] = ..., io_write_bytes: _Optional[int] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "stop_requested_by", "escalated", "oom_killed", "pids_limit_hit", "created_at", "started_at", "ended_at", "limits", "cgroups", "usage", "run_as", "namespaces", "network", "limit_caveats", "survivors")
+    __slots__ = ("job_id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "stop_requested_by", "escalated", "oom_killed", "pids_limit_hit", "created_at", "started_at", "ended_at", "limits", "cgroups", "usage", "run_as", "namespaces", "network", "limit_caveats", "survivors", "output_lost_bytes", "output_removed")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +233,8 @@ class JobStatus(_message.Message):
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     LIMIT_CAVEATS_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REMOVED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     owner: str
     command: str
@@ -215,4 +259,6 @@ class JobStatus(_message.Message):
     network: Network
     limit_caveats: _containers.RepeatedScalarFieldContainer[str]
     survivors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., stop_requested_by: _Optional[str] = ..., escalated: _Optional[bool] = ..., oom_killed: _Optional[bool] = ..., pids_limit_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cgroups: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., run_as: _Optional[_Union[RunAs, _Mapping]] = ..., namespaces: _Optional[_Iterable[str]] = ..., network: _Optional[_Union[Network, str]] = ..., limit_caveats: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[int]] = ...) -> None: ...
+    output_lost_bytes: int
+    output_removed: bool
+    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., stop_requested_by: _Optional[str] = ..., escalated: _Optional[bool] = ..., oom_killed: _Optional[bool] = ..., pids_limit_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cgroups: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., run_as: _Optional[_Union[RunAs, _Mapping]] = ..., namespaces: _Optional[_Iterable[str]] = ..., network: _Optional[_Union[Network, str]] = ..., limit_caveats: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[int]] = ..., output_lost_bytes: _Optional[int] = ..., output_removed: _Optional[bool] = ...) -> None: ...
