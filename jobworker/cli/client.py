@@ -148,8 +148,11 @@ def _socket_problem(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
+LIST_PAGE_SIZE = 500
+
+
 class JobClient:
-    """The five JobService calls, each with a deadline, each failing as a CliError."""
+    """The JobService calls, each with a deadline, each failing as a CliError."""
 
     def __init__(self, channel: Channel, server: str) -> None:
         self._channel = channel
@@ -174,9 +177,32 @@ class JobClient:
             "GetJobStatus", pb.GetJobStatusRequest(job_id=job_id), pb.JobStatus
         )
 
-    async def list(self, *, all_jobs: bool = False) -> list[pb.JobStatus]:
-        reply = await self._unary("ListJobs", pb.ListJobsRequest(all=all_jobs), pb.ListJobsResponse)
-        return list(reply.jobs)
+    async def list(
+        self, request: pb.ListJobsRequest, *, limit: int | None = None
+    ) -> list[pb.JobStatus]:
+        """Every job the request matches, page after page (at most `limit` of them)."""
+        jobs: list[pb.JobStatus] = []
+        while True:
+            left = LIST_PAGE_SIZE if limit is None else limit - len(jobs)
+            request.page_size = min(left, LIST_PAGE_SIZE)
+            reply = await self._unary("ListJobs", request, pb.ListJobsResponse)
+            jobs.extend(reply.jobs)
+            if not reply.next_page_token or (limit is not None and len(jobs) >= limit):
+                return jobs
+            request.page_token = reply.next_page_token
+
+    async def delete(self, job_id: str, *, force: bool) -> None:
+        # A forced removal waits for the job's stop: the server's grace period, unknown here.
+        timeout_s = STOP_UNKNOWN_GRACE_S + STOP_MARGIN_S if force else CALL_TIMEOUT_S
+        request = pb.DeleteJobRequest(job_id=job_id, force=force)
+        await self._unary("DeleteJob", request, pb.DeleteJobResponse, timeout_s=timeout_s)
+
+    async def prune(self, *, older_than_s: float | None, all_jobs: bool) -> list[str]:
+        request = pb.PruneJobsRequest(all=all_jobs)
+        if older_than_s is not None:
+            request.older_than.CopyFrom(duration_to_proto(older_than_s))
+        reply = await self._unary("PruneJobs", request, pb.PruneJobsResponse)
+        return list(reply.job_ids)
 
     async def logs(
         self, job_id: str, on_chunk: Callable[[pb.LogChunk], None], *, follow: bool

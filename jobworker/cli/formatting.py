@@ -101,8 +101,8 @@ def format_status(
 def describe_reason(status: pb.JobStatus) -> str:
     """Why the job is in its state, beyond the exit code; "" when there is nothing to add."""
     parts: list[str] = []
-    if status.state == pb.JOB_STATE_ERROR and status.error:
-        parts.append(status.error)
+    if status.error and status.state in (pb.JOB_STATE_ERROR, pb.JOB_STATE_FAILED):
+        parts.append(status.error)  # could not be created, or lost with its server
     if status.stop_requested_by:
         parts.append(f"stopped by {status.stop_requested_by}")
     if status.escalated:
@@ -111,6 +111,11 @@ def describe_reason(status: pb.JobStatus) -> str:
         parts.append("out of memory (killed by the kernel's OOM killer)")
     if status.pids_limit_hit:
         parts.append("reached its pids limit (a fork failed)")
+    if status.output_lost_bytes:
+        lost = _bytes(status.output_lost_bytes)
+        parts.append(f"output incomplete: disk full ({lost} lost)")
+    if status.output_removed:
+        parts.append("output removed (the server's output budget)")
     if status.survivors:
         pids = ", ".join(map(str, status.survivors))
         parts.append(f"processes {pids} outlived its kill and were given up on")

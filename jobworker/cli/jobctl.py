@@ -6,7 +6,9 @@
     jobctl stop ID [--grace 5s]
     jobctl status ID [--json]
     jobctl logs ID [-f]          stdout chunks to stdout, stderr chunks to stderr, byte-exact
-    jobctl list [--all] [--json]
+    jobctl list [--all] [--state S]... [-n N] [-q] [--json]
+    jobctl rm ID... [--force]    remove ended jobs (record, output, working directory)
+    jobctl prune [--older-than 24h] [--all]
     jobctl run [limits] -- CMD [ARGS...]     start, follow, exit with the job's exit code
 
 The connection options (--server, --cert, --key, --ca; JOBCTL_* variables; files in
@@ -37,7 +39,7 @@ from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 
 from .client import Connection, JobClient, connect
 from .errors import EXIT_INTERRUPTED, EXIT_RPC, CliError, run_cli, say
-from .formatting import format_list, format_status, to_json
+from .formatting import STATE_NAMES, format_list, format_status, to_json
 from .parsing import parse_duration, parse_env, parse_size
 
 EXIT_NOT_CREATED = 127  # as a shell reports a command it could not run
@@ -211,21 +213,107 @@ def logs(
     return _with_client(conn, body)
 
 
-@app.command(name="list")
+StateName = Literal["running", "finished", "failed", "stopped", "error"]
+_STATE_VALUES = {name: value for value, name in STATE_NAMES.items()}
+
+
+@app.command(name="list", alias=["ls", "ps"])
 def list_jobs(
     *,
     all_jobs: Annotated[
         bool,
         Parameter(name="--all", negative="", help="Every user's jobs (viewer and admin only)."),
     ] = False,
+    state: Annotated[
+        tuple[StateName, ...],
+        Parameter(negative="", help="Only jobs in this state (repeatable)."),
+    ] = (),
+    last: Annotated[
+        int | None, Parameter(name=["--last", "-n"], help="Only the N jobs created last.")
+    ] = None,
+    quiet: Annotated[
+        bool, Parameter(name=["--quiet", "-q"], negative="", help="Only the job ids.")
+    ] = False,
     json: Annotated[bool, Parameter(negative="", help="The ListJobsResponse as JSON.")] = False,
     conn: ConnectionParameter = None,
 ) -> int:
-    """List your jobs, oldest first (with --all, everyone's)."""
+    """List your jobs, oldest first (with --all, everyone's), page after page."""
+    if last is not None and last < 1:
+        raise CliError(f"--last: must be at least 1, got {last}")
+    request = pb.ListJobsRequest(all=all_jobs, states=[_STATE_VALUES[s] for s in state])
+    if last is not None:
+        request.order_by = "created_at desc"
 
     async def body(client: JobClient) -> int:
-        jobs = await client.list(all_jobs=all_jobs)
-        _write_text(to_json(pb.ListJobsResponse(jobs=jobs)) if json else format_list(jobs))
+        jobs = await client.list(request, limit=last)
+        if last is not None:
+            jobs.reverse()  # the newest N, shown oldest first like every listing
+        if json:
+            _write_text(to_json(pb.ListJobsResponse(jobs=jobs)))
+        elif quiet:
+            _write_text("".join(f"{job.job_id}\n" for job in jobs))
+        else:
+            _write_text(format_list(jobs))
+        return 0
+
+    return _with_client(conn, body)
+
+
+@app.command(name="rm")
+def remove(
+    job_ids: Annotated[tuple[str, ...], Parameter(name="ID")],
+    /,
+    *,
+    force: Annotated[
+        bool,
+        Parameter(
+            name=["--force", "-f"], negative="", help="Stop a running job first, then remove it."
+        ),
+    ] = False,
+    conn: ConnectionParameter = None,
+) -> int:
+    """Remove ended jobs: their records, output and working directories."""
+    if not job_ids:
+        raise CliError("rm: name at least one job id")
+
+    async def body(client: JobClient) -> int:
+        failed = 0
+        for job_id in job_ids:
+            try:
+                await client.delete(job_id, force=force)
+            except CliError as exc:
+                if exc.exit_code != EXIT_RPC:
+                    raise
+                _say(exc.message)
+                failed += 1
+            else:
+                _write_text(f"{job_id}\n")
+        return EXIT_RPC if failed else 0
+
+    return _with_client(conn, body)
+
+
+@app.command
+def prune(
+    *,
+    older_than: Annotated[
+        str | None,
+        Parameter(help="Only jobs that ended longer ago than this, e.g. 24h. Default: all."),
+    ] = None,
+    all_jobs: Annotated[
+        bool, Parameter(name="--all", negative="", help="Every user's ended jobs (admin only).")
+    ] = False,
+    conn: ConnectionParameter = None,
+) -> int:
+    """Remove your ended jobs (with --all, everyone's), printing the ids removed."""
+    try:
+        older_than_s = parse_duration(older_than) if older_than is not None else None
+    except ValueError as exc:
+        raise CliError(f"--older-than: {exc}") from None
+
+    async def body(client: JobClient) -> int:
+        removed = await client.prune(older_than_s=older_than_s, all_jobs=all_jobs)
+        _write_text("".join(f"{job_id}\n" for job_id in removed))
         return 0
 
     return _with_client(conn, body)
@@ -353,6 +441,12 @@ def _write_chunk(chunk: pb.LogChunk) -> None:
     # Blocking writes: this process does nothing else meanwhile, and a slow reader of our
     # stdout slows the server's stream down through HTTP/2 flow control, as it should.
     target = sys.stderr if chunk.stream == pb.LogChunk.STREAM_STDERR else sys.stdout
+    if chunk.lost:
+        # Never silent: the output the server could not keep is said where it was, on stderr
+        # (the output's own streams stay byte-exact otherwise).
+        name = "stderr" if chunk.stream == pb.LogChunk.STREAM_STDERR else "stdout"
+        _say(f"{chunk.lost} bytes of the job's {name} lost here (the server's disk was full)")
+        return
     try:
         target.buffer.write(chunk.data)
         target.buffer.flush()

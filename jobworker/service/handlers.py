@@ -468,8 +468,9 @@ class JobService:
                 error=status.error,
             ),
         )
-        if await self._save(status):
+        if await self._save(status) and self._live(job.id) is not None:
             # Recorded: the store answers for it from now on, and memory holds nothing of it.
+            # (A DeleteJob may have removed it meanwhile: then there is nothing to forget.)
             self._supervisor.forget(job.id)
         self._tidy.set()
 

@@ -49,7 +49,7 @@ class RecoveryPlan:
     lost: tuple[Record, ...]  # records to end as lost
     groups: tuple[Path, ...]  # their cgroup directories still present: kill, then remove
     subtrees: tuple[Path, ...]  # the crashed runs' subtrees still present: remove once empty
-    runs: tuple[int, ...]  # runs to forget once no record refers to them
+    runs: tuple[int, ...]  # runs to mark over (and forget, once no record refers to them)
 
 
 def plan_recovery(
@@ -92,7 +92,7 @@ async def recover(store: JobStore, data_dir: Path) -> RecoveryPlan:
         kept = await trio.to_thread.run_sync(_tidy_job_files, data_dir, record.job_id)
         await store.update(lost(record, now, kept))
         log.warning("recovery: job %s of %s %s", record.job_id, record.owner, LOST)
-    await store.forget_runs(plan.runs)
+    await store.end_runs(plan.runs)
     return plan
 
 

@@ -184,17 +184,23 @@ class JobStore:
 
         return await self._call(read)
 
-    async def forget_runs(self, run_ids: Sequence[int]) -> None:
-        """Drop runs that no job refers to any more (their subtrees are gone)."""
+    async def end_runs(self, run_ids: Sequence[int]) -> None:
+        """Mark runs over (a crashed one never said so), and drop those no record refers to."""
 
-        def delete(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "DELETE FROM runs WHERE run_id = ? AND NOT EXISTS "
-                "(SELECT 1 FROM jobs WHERE jobs.run_id = runs.run_id)",
-                [(r,) for r in run_ids],
-            )
+        def update(db: sqlite3.Connection) -> None:
+            now = time.time()
+            for run_id in run_ids:
+                db.execute(
+                    "UPDATE runs SET ended_at = ? WHERE run_id = ? AND ended_at IS NULL",
+                    (now, run_id),
+                )
+                db.execute(
+                    "DELETE FROM runs WHERE run_id = ? AND NOT EXISTS "
+                    "(SELECT 1 FROM jobs WHERE jobs.run_id = runs.run_id)",
+                    (run_id,),
+                )
 
-        await self._write(delete)
+        await self._write(update)
 
     # --- jobs --------------------------------------------------------------------------------
 
