@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -26,6 +27,7 @@ async def open_job_service(
     max_grace_period_s: float = MAX_GRACE_PERIOD_S,
     policy: JobPolicy | None = None,
     retention: Retention | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[JobService]:
     """The service, ready for `Server(service.methods(), identify=identify, ...)`.
 
@@ -41,6 +43,7 @@ async def open_job_service(
     - policy: the accounts identities' jobs run as, and their network (`JobPolicy`); mapping
       accounts or a network other than the host's needs a Supervisor that isolates jobs.
     - retention: how long ended jobs are kept, and the output budget (`Retention`).
+    - clock: seconds since the epoch, for when jobs ended and retention (tests pass their own).
 
     The service owns a nursery that watches every job it started, to record and log its end,
     and enforces retention. Leaving the block (normally or by exception) says NOT_SERVING,
@@ -71,6 +74,7 @@ async def open_job_service(
                 max_grace_period_s=max_grace_period_s,
                 policy=policy,
                 retention=retention,
+                clock=clock,
             )
             janitor = trio.CancelScope()
 

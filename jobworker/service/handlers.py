@@ -112,6 +112,7 @@ class JobService:
         max_grace_period_s: float,
         policy: JobPolicy | None = None,
         retention: Retention | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._supervisor = supervisor
         self._nursery = nursery
@@ -121,9 +122,13 @@ class JobService:
         self._max_grace_period_s = max_grace_period_s
         self._policy = policy or JobPolicy()
         self._retention = retention or Retention()
+        # Seconds since the epoch: when the store saw each job end, and what retention
+        # compares that with (tests pass their own).
+        self._clock = clock
         self._active = 0  # jobs started here that have not ended yet (or are being started)
         self._closing = False
         self._tidy = trio.Event()  # set when a job ended: retention and budget are due
+        self._recording: dict[str, trio.Event] = {}  # running jobs: set once the end is stored
         self.health = Health([SERVICE_NAME])
 
     # --- what the server uses ------------------------------------------------------------------
@@ -210,9 +215,15 @@ class JobService:
                     network=network,
                     job_id=job_id,
                 )
-            except BaseException:
+            except BaseException as exc:
                 with trio.CancelScope(shield=True):
                     await self._forget_record(job_id)
+                if isinstance(exc, OSError):  # its output or working directory: a full disk
+                    log.error("cannot prepare a new job, so it is not started: %s", exc)
+                    raise Unavailable(
+                        "the server cannot write the job's files (its data directory refuses "
+                        f"writes: {exc.strerror}), so it does not start it; try again later"
+                    ) from None
                 raise
         except BaseException:
             self._active -= 1
@@ -233,6 +244,7 @@ class JobService:
                 error=status.error,
             ),
         )
+        self._recording[job.id] = trio.Event()
         self._nursery.start_soon(self._watch, job)  # no checkpoint since start: never orphaned
         return pb.StartJobResponse(job_id=job.id)
 
@@ -355,7 +367,7 @@ class JobService:
         self._authorize(who, Action.DELETE, is_owner=not request.all, job_id=None)
         older_than_s = convert.older_than_of(request)
         records = await self._store.expired(
-            ended_before=time.time() - older_than_s,
+            ended_before=self._clock() - older_than_s,
             keep=None,
             owner=None if request.all else who.name,
         )
@@ -406,14 +418,14 @@ class JobService:
     # --- records ---------------------------------------------------------------------------------
 
     def _record(self, message: pb.JobStatus, job: Job | None = None) -> Record:
-        ended = message.HasField("ended_at") and message.state != pb.JOB_STATE_RUNNING
+        ended = message.state != pb.JOB_STATE_RUNNING
         return Record(
             job_id=message.job_id,
             owner=message.owner,
             state=message.state,
             created_at=convert.timestamp_from_proto(message.created_at).timestamp(),
             status=message.SerializeToString(),
-            ended_at=convert.timestamp_from_proto(message.ended_at).timestamp() if ended else None,
+            ended_at=self._clock() if ended else None,
             output_bytes=job.output_stored_bytes if job else 0,
             output_end=job.output_end if job else 0,
             run_id=self._run_id,
@@ -451,7 +463,20 @@ class JobService:
                 await trio.to_thread.run_sync(self._supervisor.remove_output, job_id)
                 events.info("job removed %s", fields(job=job_id, by=who.name))
 
+    async def recorded(self, job_id: str) -> None:
+        """Return once the end of a job started here is in the store (at once for a job that
+        is not running here)."""
+        recording = self._recording.get(job_id)
+        if recording is not None:
+            await recording.wait()
+
     async def _watch(self, job: Job) -> None:
+        try:
+            await self._record_end(job)
+        finally:
+            self._recording.pop(job.id).set()
+
+    async def _record_end(self, job: Job) -> None:
         try:
             status = await job.wait()
         finally:
@@ -495,7 +520,7 @@ class JobService:
         retention = self._retention
         while True:
             expired = await self._store.expired(
-                ended_before=time.time() - retention.keep_s, keep=retention.keep_jobs
+                ended_before=self._clock() - retention.keep_s, keep=retention.keep_jobs
             )
             ids = [r.job_id for r in expired[:_BATCH] if self._releasable(r.job_id)]
             if not ids:
