@@ -229,7 +229,6 @@ class JobService:
             self._active -= 1
             raise
         status = job.status()
-        await self._save(status)
         events.info(
             "job created %s",
             fields(
@@ -478,6 +477,9 @@ class JobService:
 
     async def _record_end(self, job: Job) -> None:
         try:
+            # Its start (pid, time), off StartJob's path: the record written before it started
+            # already accounts for it, should the server die right now.
+            await self._save(job.status())
             status = await job.wait()
         finally:
             self._active -= 1

@@ -343,3 +343,47 @@ def test_grpcio_sees_paging_rm_and_prune(certs_dir: Path, tmp_path: Path) -> Non
         assert jobctl.ok("list", "-q") == ""
     finally:
         assert server.terminate() == 0, server.stderr()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A filesystem of 8 MiB, for a data directory that fills up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(mount)],
+                   check=True)  # fmt: skip
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_never_silent(certs_dir: Path, small_disk: Path) -> None:
+    data = small_disk / "data"
+    server = start_server(certs_dir, "--data-dir", str(data))
+    try:
+        jobctl = Jobctl(certs_dir, server.address)
+        # 20 MiB into an 8 MiB disk: the job runs on and ends; its output has a gap, said.
+        writer = jobctl.start("sh", "-c", "head -c 20971520 /dev/zero; echo; echo end")
+        jobctl.wait_ended(writer)
+        status = json.loads(jobctl.ok("status", writer, "--json"))
+        assert status["state"] == "JOB_STATE_FINISHED"  # the job itself never noticed
+        assert int(status["output_lost_bytes"]) > 10 * 2**20
+        assert "output incomplete: disk full" in jobctl.ok("status", writer)
+        done = jobctl("logs", writer)
+        assert done.returncode == 0
+        assert b"bytes of the job's stdout lost here (the server's disk was full)" in done.stderr
+        assert len(done.stdout) + int(status["output_lost_bytes"]) == 20 * 2**20 + 5
+        losses = [line for line in server.stderr().splitlines() if "output incomplete" in line]
+        assert len(losses) == 1 and writer in losses[0]  # once per job, not per chunk
+
+        # Completely full: a job the server cannot record or prepare is refused, not started.
+        filler = small_disk / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+        refused = jobctl("run", "--", "echo", "x")
+        assert refused.returncode == 2 and refused.stdout == b""
+        assert b"so it does not start it; try again later" in refused.stderr
+        filler.unlink()
+        assert jobctl("run", "--", "echo", "x").stdout == b"x\n"  # room again: it works
+    finally:
+        assert server.terminate() == 0, server.stderr()
