@@ -399,6 +399,9 @@ class JobService:
         decision = authorize(who.roles, action, is_owner)
         if decision is Decision.ALLOW:
             return
+        # Hiding is about one job's existence; an action on every user's jobs (prune --all)
+        # names none, so the caller is told plainly that its role does not allow it.
+        hidden = decision is Decision.HIDE and job_id is not None
         events.warning(
             "authorization failure %s",
             fields(
@@ -406,13 +409,15 @@ class JobService:
                 roles=who.role_names,
                 action=action.value,
                 job=job_id,
-                answer="not found" if decision is Decision.HIDE else "permission denied",
+                answer="not found" if hidden else "permission denied",
             ),
         )
-        if decision is Decision.HIDE:
-            assert job_id is not None
+        if hidden:
             raise JobNotFound(job_id)  # word for word what an unknown id gets
-        raise PermissionDenied(f"{who.name} (role {who.role_names}) may not {_WHAT[action]}")
+        what = _WHAT[action]
+        if decision is Decision.HIDE:
+            what += " of other users (that needs the admin role)"
+        raise PermissionDenied(f"{who.name} (role {who.role_names}) may not {what}")
 
     # --- records ---------------------------------------------------------------------------------
 

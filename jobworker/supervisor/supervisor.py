@@ -422,7 +422,7 @@ class Supervisor:
     def cgroup_subtrees(self) -> list[Path]:
         """The cgroup directories this Supervisor made, one per hierarchy: every job's group
         is ``<subtree>/<job id>``. What a server records to clean up after a crash."""
-        return list(getattr(self._backend, "_subtrees", []))
+        return list(self._backend.subtrees) if self._backend is not None else []
 
     def get(self, job_id: str) -> Job:
         try:

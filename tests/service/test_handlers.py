@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import trio
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.supervisor import JobState
 
 from .conftest import MAX_RUNNING_JOBS, PYTHON, RETENTION_BYTES, Served, fifo, release
 
@@ -400,6 +402,123 @@ async def test_a_follower_that_falls_behind_retention_gets_out_of_range(
     retained = int(dict(caught.value.trailers)["jobworker-retained-start"])
     assert 6 + received < retained <= 6 + total  # it was behind what is kept
     assert f"read from offset {retained}" in caught.value.message
+
+
+# --- removing jobs, listing pages -----------------------------------------------------------------
+
+
+async def test_rm_is_the_owners_or_an_admins_and_takes_record_and_output(
+    served: Served,
+) -> None:
+    alice, bob, vera, adam = (served.client(n) for n in ("alice", "bob", "vera", "adam"))
+    mine, other = [await alice.start("sh", "-c", "echo out") for _ in range(2)]
+    for job_id in (mine, other):
+        await alice.wait_ended(job_id)
+        await served.service.recorded(job_id)
+    output_dir = served.supervisor.data_dir / "jobs" / mine
+    assert output_dir.is_dir()
+
+    await raises(Status.NOT_FOUND, bob.call("DeleteJob", pb.DeleteJobRequest(job_id=mine)))
+    denied = await raises(
+        Status.PERMISSION_DENIED, vera.call("DeleteJob", pb.DeleteJobRequest(job_id=mine))
+    )
+    assert "remove jobs" in denied.message
+    assert (await alice.status(mine)).state == pb.JOB_STATE_FINISHED  # still there
+
+    await alice.call("DeleteJob", pb.DeleteJobRequest(job_id=mine))
+    await adam.call("DeleteJob", pb.DeleteJobRequest(job_id=other))
+    for job_id in (mine, other):
+        await raises(Status.NOT_FOUND, alice.status(job_id))
+        await raises(Status.NOT_FOUND, alice.logs(job_id))
+    assert not output_dir.exists()
+    assert await alice.list() == []
+
+
+async def test_rm_refuses_a_running_job_unless_forced_which_stops_it_first(
+    served: Served,
+) -> None:
+    alice = served.client("alice")
+    job_id = await alice.start(*SLEEP)
+    refused = await raises(
+        Status.FAILED_PRECONDITION, alice.call("DeleteJob", pb.DeleteJobRequest(job_id=job_id))
+    )
+    assert "still running" in refused.message
+    assert (await alice.status(job_id)).state == pb.JOB_STATE_RUNNING
+    job = served.supervisor.get(job_id)
+    await alice.call("DeleteJob", pb.DeleteJobRequest(job_id=job_id, force=True))
+    assert job.status().state is JobState.STOPPED  # stopped (SIGTERM), not abandoned
+    await raises(Status.NOT_FOUND, alice.status(job_id))
+
+
+async def test_prune_takes_the_callers_ended_jobs_and_all_only_for_an_admin(
+    served: Served,
+) -> None:
+    alice, bob, vera, adam = (served.client(n) for n in ("alice", "bob", "vera", "adam"))
+    ended = [await alice.start("true") for _ in range(2)]
+    bobs = await bob.start("true")
+    for job_id in ended:
+        await alice.wait_ended(job_id)
+    await bob.wait_ended(bobs)
+    for job_id in (*ended, bobs):
+        await served.service.recorded(job_id)
+    running = await alice.start(*SLEEP)
+
+    prune = pb.PruneJobsRequest
+    # Not older than an hour: nothing goes.
+    recent = Duration(seconds=3600)
+    assert list((await alice.call("PruneJobs", prune(older_than=recent))).job_ids) == []
+    # Everyone's: the attempt is refused for a user and a viewer, and changes nothing.
+    denied = await raises(Status.PERMISSION_DENIED, alice.call("PruneJobs", prune(all=True)))
+    assert "admin role" in denied.message
+    await raises(Status.PERMISSION_DENIED, vera.call("PruneJobs", prune(all=True)))
+    await raises(Status.PERMISSION_DENIED, vera.call("PruneJobs", prune()))
+    assert len(await adam.list(all=True)) == 4
+
+    assert sorted((await alice.call("PruneJobs", prune())).job_ids) == sorted(ended)
+    # Neither bob's nor a running job went.
+    assert [j.job_id for j in await adam.list(all=True)] == [bobs, running]
+    assert list((await adam.call("PruneJobs", prune(all=True))).job_ids) == [bobs]
+    assert [j.job_id for j in await adam.list(all=True)] == [running]
+
+
+async def test_list_pages_filters_and_refuses_a_token_of_another_query(served: Served) -> None:
+    alice, bob, adam = (served.client(n) for n in ("alice", "bob", "adam"))
+    alices = []
+    for _ in range(5):  # one at a time: the server runs at most MAX_RUNNING_JOBS
+        alices.append(await alice.start("true"))
+        await alice.wait_ended(alices[-1])
+    bobs = await bob.start(*SLEEP)
+
+    async def pages(client, **fields) -> list[list[str]]:
+        """The ids on each page, following next_page_token to the end."""
+        result, token = [], ""
+        while True:
+            reply = await client.call("ListJobs", pb.ListJobsRequest(page_token=token, **fields))
+            result.append([j.job_id for j in reply.jobs])
+            if not (token := reply.next_page_token):
+                return result
+
+    assert await pages(alice, page_size=2) == [alices[0:2], alices[2:4], alices[4:]]
+    newest = await pages(alice, page_size=3, order_by="created_at desc")
+    assert newest == [alices[:1:-1], alices[1::-1]]
+    everyone = await pages(adam, all=True, page_size=4)
+    assert [j for page in everyone for j in page] == [*alices, bobs]
+    assert await pages(adam, all=True, owner="bob") == [[bobs]]
+    assert await pages(adam, all=True, states=[pb.JOB_STATE_RUNNING]) == [[bobs]]
+    # Between the creations of the third and fourth jobs (milliseconds apart).
+    third, fourth = [(await alice.status(j)).created_at.ToNanoseconds() for j in alices[2:4]]
+    since = Timestamp()
+    since.FromNanoseconds((third + fourth) // 2)
+    assert await pages(alice, created_after=since) == [alices[3:]]
+
+    first = await alice.call("ListJobs", pb.ListJobsRequest(page_size=2))
+    other_query = pb.ListJobsRequest(page_size=2, page_token=first.next_page_token, all=True)
+    await raises(Status.INVALID_ARGUMENT, adam.call("ListJobs", other_query))
+    garbage = pb.ListJobsRequest(page_token="not-a-token")
+    await raises(Status.INVALID_ARGUMENT, alice.call("ListJobs", garbage))
+    owner_alone = await raises(Status.INVALID_ARGUMENT, adam.list(owner="bob"))
+    assert "set all" in owner_alone.message
+    await raises(Status.INVALID_ARGUMENT, alice.list(order_by="owner"))
 
 
 # --- events ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Protocol
 
 from ..errors import CgroupsUnavailable
@@ -16,6 +17,12 @@ CgroupMode = Literal["auto", "v2", "v1", "off"]
 class Backend(Protocol):
     kind: str  # "v2", "v1" or "off"
     caveats: tuple[str, ...]  # limits the kernel applies only in part, in words
+
+    @property
+    def subtrees(self) -> tuple[Path, ...]:
+        """The directories made for this Supervisor, one per hierarchy (none without cgroups);
+        every job's group is ``<subtree>/<job id>``."""
+        ...
 
     def create(self, job_id: str, limits: Limits, cwd: str) -> JobGroup: ...
     async def aclose(self) -> None: ...

@@ -37,6 +37,10 @@ class _CgroupBackend:
     def __init__(self) -> None:
         self._subtrees: list[Path] = []
 
+    @property
+    def subtrees(self) -> tuple[Path, ...]:
+        return tuple(self._subtrees)
+
     def _undo(self) -> None:
         """Remove the (still empty) subtrees made by a constructor that then failed."""
         for path in reversed(self._subtrees):
@@ -239,6 +243,7 @@ class NoCgroups:
 
     kind = "off"
     caveats: tuple[str, ...] = ()
+    subtrees: tuple[Path, ...] = ()
 
     def create(self, job_id: str, limits: Limits | None, cwd: str) -> JobGroup:
         return ProcessGroup()
