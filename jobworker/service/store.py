@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import trio
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Statements that take a file from version N-1 to version N, in order.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -61,6 +61,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX jobs_owner ON jobs (owner, seq)",
         "CREATE INDEX jobs_state ON jobs (state, seq)",
         "CREATE INDEX jobs_ended ON jobs (ended_at) WHERE ended_at IS NOT NULL",
+    ),
+    # Retention runs after job ends: its questions ("the 10,000th newest ended job", "all
+    # ended output together") must not scan every record and its status blob each time.
+    2: (
+        "CREATE INDEX jobs_ended_seq ON jobs (seq) WHERE ended_at IS NOT NULL",
+        "CREATE INDEX jobs_output ON jobs (seq, output_bytes)"
+        " WHERE ended_at IS NOT NULL AND output_removed = 0",
     ),
 }
 
@@ -306,16 +313,21 @@ class JobStore:
         def read(db: sqlite3.Connection) -> list[Record]:
             owned = "AND owner = ?" if owner is not None else ""
             args: tuple = (owner,) if owner is not None else ()
-            sql = f"SELECT {_COLUMNS} FROM jobs WHERE ended_at IS NOT NULL {owned}"
-            sql += " AND (ended_at < ?"
-            params: tuple = (*args, ended_before)
+            ended = f"FROM jobs WHERE ended_at IS NOT NULL {owned}"
+            # The newest `keep` ended jobs are those after the (keep+1)-th newest: found by
+            # walking `keep` index entries, not by listing them all.
+            cutoff = None
             if keep is not None:
-                sql += (
-                    " OR seq NOT IN (SELECT seq FROM jobs WHERE ended_at IS NOT NULL"
-                    f" {owned} ORDER BY seq DESC LIMIT ?)"
-                )
-                params += (*args, keep)
-            rows = db.execute(sql + ") ORDER BY seq", params)
+                row = db.execute(
+                    f"SELECT seq {ended} ORDER BY seq DESC LIMIT 1 OFFSET ?", (*args, keep)
+                ).fetchone()
+                cutoff = row[0] if row else None
+            sql = f"SELECT {_COLUMNS} {ended} AND ended_at < ?"
+            params: tuple = (*args, ended_before)
+            if cutoff is not None:
+                sql += f" UNION SELECT {_COLUMNS} {ended} AND seq <= ?"
+                params += (*args, cutoff)
+            rows = db.execute(sql + " ORDER BY seq", params)
             return [_record(r) for r in rows]
 
         return await self._call(read)
@@ -325,8 +337,9 @@ class JobStore:
 
         def read(db: sqlite3.Connection) -> list[Record]:
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE ended_at IS NOT NULL AND output_removed = 0"
-                " AND output_bytes > 0 ORDER BY seq LIMIT ?",
+                f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_output"
+                " WHERE ended_at IS NOT NULL AND output_removed = 0 AND output_bytes > 0"
+                " ORDER BY seq LIMIT ?",
                 (limit,),
             )
             return [_record(r) for r in rows]
@@ -336,7 +349,9 @@ class JobStore:
     async def ended_output_bytes(self) -> int:
         def read(db: sqlite3.Connection) -> int:
             row = db.execute(
-                "SELECT COALESCE(SUM(output_bytes), 0) FROM jobs"
+                # Named: without statistics the planner takes jobs_ended and reads every row;
+                # this index alone answers (its entries carry output_bytes).
+                "SELECT COALESCE(SUM(output_bytes), 0) FROM jobs INDEXED BY jobs_output"
                 " WHERE ended_at IS NOT NULL AND output_removed = 0"
             ).fetchone()
             return int(row[0])

@@ -10,7 +10,14 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobworker.service.store import SCHEMA_VERSION, Query, Record, StoreUnavailable, open_store
+from jobworker.service.store import (
+    _MIGRATIONS,
+    SCHEMA_VERSION,
+    Query,
+    Record,
+    StoreUnavailable,
+    open_store,
+)
 
 STATES = (1, 2, 3, 4, 5)  # jobworker.v1.JobState values
 
@@ -62,6 +69,61 @@ async def test_a_broken_file_is_refused_with_its_name(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreUnavailable, match=str(path)):
         await open_store(path)
+
+
+def write_version_1(path: Path) -> None:
+    """A file as the jobworker that wrote schema version 1 left it, with one ended job."""
+    db = sqlite3.connect(path)
+    for statement in _MIGRATIONS[1]:
+        db.execute(statement)
+    db.execute("INSERT INTO runs (pid, started_at) VALUES (1, 1000.0)")
+    db.execute(
+        "INSERT INTO jobs (job_id, run_id, owner, state, created_at, ended_at, output_bytes,"
+        " status) VALUES ('00000000-0000-4000-8000-000000000001', 1, 'alice', 2, 1001.0,"
+        " 1002.0, 77, x'0a01')"
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+
+
+def indexes(path: Path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    finally:
+        db.close()
+
+
+async def test_an_older_schema_is_migrated_keeping_every_record(tmp_path: Path) -> None:
+    path = tmp_path / "jobworker.db"
+    write_version_1(path)
+    store = await open_store(path)
+    got = await store.get("00000000-0000-4000-8000-000000000001")
+    assert got is not None and (got.owner, got.ended_at, got.status) == ("alice", 1002.0, b"\n\x01")
+    assert await store.ended_output_bytes() == 77  # answered through version 2's index
+    await store.aclose()
+    assert {"jobs_ended_seq", "jobs_output"} <= indexes(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db.close()
+
+
+async def test_a_migration_that_fails_leaves_the_file_at_the_version_before(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobworker.db"
+    write_version_1(path)
+    db = sqlite3.connect(path)  # something in the way of version 2's second statement
+    db.execute("CREATE TABLE jobs_output (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreUnavailable, match="jobs_output"):
+        await open_store(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.close()
+    assert "jobs_ended_seq" not in indexes(path)  # the first statement was rolled back too
 
 
 async def store_with_a_run():
@@ -132,6 +194,42 @@ def test_paging_yields_exactly_the_matching_records_once_in_order(jobs, query, p
             if after is None:
                 break
         assert got == expected
+        await store.aclose()
+
+    trio.run(main)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    # Per job: its owner, and when it ended (None: still running); ends in any order.
+    jobs=st.lists(
+        st.tuples(st.sampled_from(["alice", "bob"]), st.none() | st.integers(0, 20)), max_size=30
+    ),
+    ended_before=st.integers(0, 21),
+    keep=st.none() | st.integers(0, 12),
+    owner=st.sampled_from([None, "alice", "bob"]),
+)
+def test_expired_is_exactly_what_is_too_old_or_beyond_the_newest_kept(
+    jobs, ended_before, keep, owner
+) -> None:
+    async def main() -> None:
+        store = await store_with_a_run()
+        for n, (who, ended) in enumerate(jobs):
+            await store.insert(
+                record(n, owner=who, ended=None if ended is None else 2000.0 + ended)
+            )
+        ended_ones = [
+            n for n, (who, ended) in enumerate(jobs)
+            if ended is not None and (owner is None or who == owner)
+        ]  # fmt: skip
+        kept = set() if keep is None or keep == 0 else set(ended_ones[-keep:])
+        expected = [
+            record(n).job_id
+            for n in ended_ones
+            if 2000.0 + jobs[n][1] < 2000.0 + ended_before or (keep is not None and n not in kept)
+        ]
+        got = await store.expired(ended_before=2000.0 + ended_before, keep=keep, owner=owner)
+        assert [r.job_id for r in got] == expected
         await store.aclose()
 
     trio.run(main)
