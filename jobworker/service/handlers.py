@@ -254,11 +254,9 @@ class JobService:
         who = _caller(call)
         job_id = convert.job_id_of(request.job_id)
         grace_s = convert.grace_period_of(request, self._max_grace_period_s)
-        job = self._live(job_id)
-        if job is None:
-            record = await self._stored(who, Action.STOP, job_id)
-            raise JobEnded(job_id, convert.state_from_proto(record.state).value)
-        self._authorize(who, Action.STOP, is_owner=job.owner == who.name, job_id=job_id)
+        job = await self._find(who, Action.STOP, job_id)
+        if isinstance(job, Record):
+            raise JobEnded(job_id, convert.state_from_proto(job.state).value)
         state = job.status().state
         if state.ended:
             raise JobEnded(job.id, state.value)
@@ -275,12 +273,10 @@ class JobService:
     ) -> pb.JobStatus:
         who = _caller(call)
         job_id = convert.job_id_of(request.job_id)
-        job = self._live(job_id)
-        if job is not None:
-            self._authorize(who, Action.READ_STATUS, is_owner=job.owner == who.name, job_id=job_id)
-            return convert.status_to_proto(job.status())
-        record = await self._stored(who, Action.READ_STATUS, job_id)
-        return _status_of(record)
+        job = await self._find(who, Action.READ_STATUS, job_id)
+        if isinstance(job, Record):
+            return _status_of(job)
+        return convert.status_to_proto(job.status())
 
     @_answers_errors
     async def get_job_logs(self, request: pb.GetJobLogsRequest, call: ServerCall) -> None:
@@ -295,20 +291,18 @@ class JobService:
         """
         who = _caller(call)
         job_id = convert.job_id_of(request.job_id)
-        job = self._live(job_id)
-        if job is not None:
-            self._authorize(who, Action.READ_LOGS, is_owner=job.owner == who.name, job_id=job_id)
-            chunks = job.output(
-                request.offset, follow=request.follow, max_chunk_bytes=LOG_CHUNK_BYTES
-            )
-        else:
-            record = await self._stored(who, Action.READ_LOGS, job_id)
+        job = await self._find(who, Action.READ_LOGS, job_id)
+        if isinstance(job, Record):
             try:
                 stored = await trio.to_thread.run_sync(self._supervisor.stored_output, job_id)
             except FileNotFoundError:
                 # Removed by the output budget: everything before its end is dropped.
-                raise OutputDropped(request.offset, record.output_end) from None
+                raise OutputDropped(request.offset, job.output_end) from None
             chunks = stored.reader(request.offset, max_chunk_bytes=LOG_CHUNK_BYTES)
+        else:
+            chunks = job.output(
+                request.offset, follow=request.follow, max_chunk_bytes=LOG_CHUNK_BYTES
+            )
         async for chunk in chunks:
             await call.send(convert.chunk_to_proto(chunk))  # waits while the client is slow
 
@@ -341,22 +335,18 @@ class JobService:
     ) -> pb.DeleteJobResponse:
         who = _caller(call)
         job_id = convert.job_id_of(request.job_id)
-        job = self._live(job_id)
-        if job is not None:
-            self._authorize(who, Action.DELETE, is_owner=job.owner == who.name, job_id=job_id)
-            if not job.status().state.ended:
-                if not request.force:
-                    raise JobNotEnded(job_id)
-                events.info(
-                    "stop requested %s",
-                    fields(job=job_id, owner=job.owner, by=who.name, roles=who.role_names),
-                )
-                try:
-                    await self._stop(job, None, requested_by=who.name)
-                except JobEnded:
-                    pass  # ended meanwhile
-        else:
-            await self._stored(who, Action.DELETE, job_id)
+        job = await self._find(who, Action.DELETE, job_id)
+        if isinstance(job, Job) and not job.status().state.ended:
+            if not request.force:
+                raise JobNotEnded(job_id)
+            events.info(
+                "stop requested %s",
+                fields(job=job_id, owner=job.owner, by=who.name, roles=who.role_names),
+            )
+            try:
+                await self._stop(job, None, requested_by=who.name)
+            except JobEnded:
+                pass  # ended meanwhile
         await self._delete([job_id], who)
         return pb.DeleteJobResponse()
 
@@ -388,12 +378,16 @@ class JobService:
         job = self._live(job_id)
         return job is None or job.status().state.ended
 
-    async def _stored(self, who: Identity, action: Action, job_id: str) -> Record:
-        record = await self._store.get(job_id)
-        if record is None:
-            raise JobNotFound(job_id)
-        self._authorize(who, action, is_owner=record.owner == who.name, job_id=job_id)
-        return record
+    async def _find(self, who: Identity, action: Action, job_id: str) -> Job | Record:
+        """The job, if `who` may do `action` to it: running here (or ended, not yet only in
+        the store), else its record."""
+        found: Job | Record | None = self._live(job_id)
+        if found is None:
+            found = await self._store.get(job_id)
+            if found is None:
+                raise JobNotFound(job_id)
+        self._authorize(who, action, is_owner=found.owner == who.name, job_id=job_id)
+        return found
 
     def _authorize(
         self, who: Identity, action: Action, *, is_owner: bool, job_id: str | None

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -515,26 +516,22 @@ async def test_ctrl_c_during_shutdown_still_cleans_up():
     assert job_cgroup_dirs(job_id) == []
 
 
-def test_without_cgroup_access_the_supervisor_refuses_and_names_the_fix():
-    # A forked child (jobworker already imported) drops to nobody: cgroupfs is not writable.
+NOBODY = 65534
+
+
+def as_nobody(main: Callable[[], Awaitable[str]]) -> str:
+    """What trio.run(main) returns in a forked child (jobworker already imported) that dropped
+    to nobody first; an exception's repr, prefixed "other: ", if it raised."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
             os.close(read_end)
             os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-
-            async def enter():
-                async with Supervisor():  # its private data dir is removed on refusal
-                    pass
-
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
             try:
-                trio.run(enter)
-                message = "entered"
-            except CgroupsUnavailable as exc:
-                message = f"refused: {exc}"
+                message = trio.run(main)
             except BaseException as exc:
                 message = f"other: {exc!r}"
             os.write(write_end, message.encode())
@@ -544,6 +541,20 @@ def test_without_cgroup_access_the_supervisor_refuses_and_names_the_fix():
     with os.fdopen(read_end, "rb") as f:
         message = f.read().decode()
     os.waitpid(pid, 0)
+    return message
+
+
+def test_without_cgroup_access_the_supervisor_refuses_and_names_the_fix():
+    # As nobody, cgroupfs is not writable.
+    async def enter() -> str:
+        try:
+            async with Supervisor():  # its private data dir is removed on refusal
+                pass
+        except CgroupsUnavailable as exc:
+            return f"refused: {exc}"
+        return "entered"
+
+    message = as_nobody(enter)
     # The wording names the file that failed (v1: a group dir; v2: subtree_control); the fix
     # must be there either way.
     assert message.startswith("refused: cannot "), message
@@ -553,39 +564,20 @@ def test_without_cgroup_access_the_supervisor_refuses_and_names_the_fix():
 
 
 def test_without_root_the_library_runs_jobs_unisolated_and_says_so(shared_path):
-    # As a user without privileges (a forked child dropped to nobody), with cgroups="off":
-    # jobs run, as that user, in its namespaces, and their status says so.
+    # As a user without privileges, with cgroups="off": jobs run, as that user, in its
+    # namespaces, and their status says so.
     data = shared_path / "nobody-data"
     data.mkdir()
-    os.chown(data, 65534, 65534)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
+    os.chown(data, NOBODY, NOBODY)
 
-            async def run_one() -> str:
-                async with Supervisor(data_dir=data, cgroups="off") as sup:
-                    assert sup.isolation is None
-                    status = await (await sup.start("id", ["-u"])).wait()
-                    out = (await read_all(sup.get(status.id)))[OutputStream.STDOUT].decode()
-                    return f"{status.state.value} {status.namespaces} {status.run_as.uid} {out}"
+    async def run_one() -> str:
+        async with Supervisor(data_dir=data, cgroups="off") as sup:
+            assert sup.isolation is None
+            status = await (await sup.start("id", ["-u"])).wait()
+            out = (await read_all(sup.get(status.id)))[OutputStream.STDOUT].decode()
+            return f"{status.state.value} {status.namespaces} {status.run_as.uid} {out}"
 
-            try:
-                message = trio.run(run_one)
-            except BaseException as exc:
-                message = f"other: {exc!r}"
-            os.write(write_end, message.encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        message = f.read().decode()
-    os.waitpid(pid, 0)
-    assert message == "finished () 65534 65534\n"
+    assert as_nobody(run_one) == "finished () 65534 65534\n"
 
 
 async def test_a_failure_inside_one_job_tree_ends_that_job_not_the_supervisor(
