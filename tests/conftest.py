@@ -4,8 +4,8 @@ fails, even when every test passed.
 What counts as ours: any cgroup directory named ``jobworker-*`` (every Supervisor's subtree is),
 any process sitting in such a cgroup, any child of this pytest process, any ``jobworker-*``
 entry in the temporary directory (a Supervisor's private data_dir), and any
-``jobworker-tests-*`` directory that `shared_path` makes. Everything present before the session
-started is ignored.
+``jobworker-tests-*`` directory that `shared_path` makes, and the server's default data directory.
+Everything present before the session started is ignored.
 
 Also here: `shared_path`, a directory a test shares with its jobs. Jobs run isolated by default
 (as root): their /tmp, /var/tmp and /dev/shm are private, so pytest's tmp_path (in /tmp) is out
@@ -80,11 +80,17 @@ def _shared_dirs() -> set[str]:
         return set()
 
 
+# `jobworker serve`'s default data directory as root: a real server's, never the suite's (every
+# server a test starts names a directory of its own).
+DEFAULT_DATA_DIR = Path("/var/lib/jobworker")
+
+
 def _snapshot() -> dict[str, set[str]]:
     return {
         "cgroups": _cgroups(),
         "processes": _processes(),
         "temporary dirs": _temp_dirs() | _shared_dirs(),
+        "state": {str(DEFAULT_DATA_DIR)} if DEFAULT_DATA_DIR.exists() else set(),
     }
 
 

@@ -418,7 +418,7 @@ class _Run:
         }
         log.info(
             "serving on %s: cgroups %s; %s; job defaults %s; maximums %s; grace period %s; "
-            "at most %d jobs running; output in %s",
+            "at most %d jobs running; data in %s",
             ", ".join(str(Address(h, p)) for h, p in addresses),
             self.supervisor.cgroups,
             self._isolation_summary(),

@@ -24,6 +24,7 @@ next; a file newer than this code is refused, never downgraded.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -371,8 +372,12 @@ async def open_store(path: str | Path) -> JobStore:
 
     def connect() -> sqlite3.Connection:
         try:
+            if path != ":memory:":
+                # Records hold commands and their arguments: the owner's alone, whatever the
+                # umask (SQLite gives its -wal and -shm files the database file's mode).
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open job store {path}: {exc}") from exc
         try:
             # isolation_level=None: autocommit, except inside `with db` (a transaction).

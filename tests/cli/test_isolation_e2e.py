@@ -120,14 +120,18 @@ def test_network_none_by_default_and_host_refused(server_factory, certs_dir: Pat
     )
 
 
-def test_isolation_settings_that_cannot_work_are_refused_at_startup(certs_dir: Path) -> None:
+def test_isolation_settings_that_cannot_work_are_refused_at_startup(
+    certs_dir: Path, tmp_path: Path
+) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
     for flags, message in [
         (["--isolation", "off", "--network", "none"], "need isolation, which is off"),
         (["--run-as", "alice=no-such-account"], "run-as: no local account 'no-such-account'"),
         (["--network", "host", "--no-allow-host-network"], "network: the default network"),
         (["--transient-uids", "5-1"], "--transient-uids: expected a range"),
     ]:
-        done = run([*JOBWORKER, "serve", "--listen", "127.0.0.1:0", *tls_flags(certs_dir), *flags])
+        done = run([*JOBWORKER, "serve", "--listen", "127.0.0.1:0", *tls_flags(certs_dir), *data,
+                    *flags])  # fmt: skip
         assert done.returncode == 2, (flags, done.stderr)
         assert message in done.stderr.decode(), (flags, done.stderr)
 

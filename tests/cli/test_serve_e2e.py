@@ -84,12 +84,13 @@ def test_a_second_signal_kills_every_job_at_once(server_factory, certs_dir: Path
     server.terminate()
 
 
-def test_startup_port_in_use(certs_dir: Path) -> None:
+def test_startup_port_in_use(certs_dir: Path, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = run([*JOBWORKER, "serve", "--listen", f"127.0.0.1:{port}", *tls_flags(certs_dir)])
+        done = run([*JOBWORKER, "serve", "--listen", f"127.0.0.1:{port}", *tls_flags(certs_dir),
+                    "--data-dir", str(tmp_path / "data")])  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.endswith(
         f"jobworker: cannot listen on 127.0.0.1:{port}: address already in use\n".encode()
@@ -163,14 +164,14 @@ def _unavailable_cgroup_mode() -> str | None:
     return None
 
 
-def test_startup_without_usable_cgroups(certs_dir: Path) -> None:
+def test_startup_without_usable_cgroups(certs_dir: Path, tmp_path: Path) -> None:
     # As root, cgroup access cannot be taken away here; asking for a hierarchy the machine
     # lacks takes the same path (the Supervisor refuses to start) to the same one line.
     mode = _unavailable_cgroup_mode()
     if mode is None:
         pytest.skip("both cgroup versions are usable here")
     done = run([*JOBWORKER, "serve", "--listen", "127.0.0.1:0", "--cgroups", mode,
-                *tls_flags(certs_dir)])  # fmt: skip
+                *tls_flags(certs_dir), "--data-dir", str(tmp_path / "data")])  # fmt: skip
     assert done.returncode == 2
     said = done.stderr.decode()
     assert said.count("\n") == 1 and said.startswith("jobworker: cannot use cgroups: "), said

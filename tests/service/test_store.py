@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -36,9 +37,18 @@ def record(n: int, *, owner: str = "alice", state: int = 1, ended: float | None 
 
 async def test_records_survive_reopening_the_file(tmp_path: Path) -> None:
     path = tmp_path / "jobworker.db"
-    store = await open_store(path)
+    umask = os.umask(0o022)
+    try:
+        store = await open_store(path)
+    finally:
+        os.umask(umask)
     run = await store.begin_run(123, ["/sys/fs/cgroup/pids/jobworker-x"])
     await store.insert(record(1))
+    # The owner's alone (records hold command lines), though the umask would allow more.
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {
+        name: 0o600 for name in ("jobworker.db", "jobworker.db-wal", "jobworker.db-shm")
+    }
     await store.update(record(1, state=2, ended=1005.0))
     await store.aclose()
     store = await open_store(path)
