@@ -23,6 +23,9 @@ from .test_grpcio_e2e import SERVICE, channel_as
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real cgroups need root")
 
 TICKS = "i=0; while :; do i=$((i+1)); echo tick $i; echo tock $i >&2; sleep 0.05; done"
+# The same, outliving its output's reader: a job writing to a dead server's pipes would die of
+# SIGPIPE on its next tick (50 ms), racing a test that wants it to be an orphan.
+DEAF_TICKS = "trap '' PIPE; " + TICKS
 
 
 # One chunk of a job's output: (stream, offset, data, bytes lost).
@@ -138,7 +141,7 @@ def test_unisolated_orphans_of_a_crash_are_killed_at_restart(
     data = tmp_path / "data"
     server = start_server(certs_dir, "--data-dir", str(data), "--isolation", "off")
     jobctl = Jobctl(certs_dir, server.address)
-    job_id = jobctl.start("sh", "-c", TICKS)
+    job_id = jobctl.start("sh", "-c", DEAF_TICKS)
     first_line(jobctl, job_id)
     pid = json.loads(jobctl.ok("status", job_id, "--json"))["pid"]
     subtree = subtree_of_job(jobctl, job_id)
