@@ -119,7 +119,8 @@ _GAP_TAG: Final = 2
 
 # File bytes between two index checkpoints (not Final: tests shrink it to exercise seeking).
 _CHECKPOINT_INTERVAL_BYTES = 64 * 2**10
-_SCAN_BLOCK_BYTES: Final = 64 * 2**10  # pread size when scanning forward from a checkpoint
+_SCAN_BLOCK_BYTES: Final = 64 * 2**10  # pread size when walking records (see _walk)
+_HEADERS_BLOCK_BYTES: Final = 4 * 2**10  # the same, when only the headers are wanted
 _MIN_READ_BYTES: Final = 4 * 2**10  # smallest pread when reading records
 _MIN_DEFAULT_SEGMENT_BYTES: Final = 64 * 2**10
 # Bounds the open fds per log (one per retained segment): retention_bytes / segment_bytes.
@@ -186,20 +187,20 @@ class _Segment:
         fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            pos = 0
-            while pos + _HEADER_BYTES <= size:
-                tag, length = _HEADER.unpack(os.pread(fd, _HEADER_BYTES, pos))
-                _, gap = _parse_tag(tag)
+            end = 0
+            # Small blocks: a scan wants the headers, and long records' data would be read
+            # for nothing.
+            for pos, _, gap, length in _walk(fd, 0, _HEADERS_BLOCK_BYTES):
                 stored = 0 if gap else length
                 if pos + _HEADER_BYTES + stored > size:
                     break  # the partial last record
                 if pos - seg.cp_positions[-1] >= _CHECKPOINT_INTERVAL_BYTES:
                     seg.cp_offsets.append(seg.start_offset + seg.span)
                     seg.cp_positions.append(pos)
-                pos += _HEADER_BYTES + stored
+                end = pos + _HEADER_BYTES + stored
                 seg.data_bytes += stored
                 seg.span += length
-            seg.file_bytes = pos
+            seg.file_bytes = end
         finally:
             os.close(fd)
         return seg
@@ -222,30 +223,43 @@ class _Segment:
         """Find ``offset`` (which this segment holds) in the file: at the header of the record
         starting there, or inside a record (of data, or a gap) with what is left of it."""
         i = bisect.bisect_right(self.cp_offsets, offset) - 1
-        rec_offset, pos = self.cp_offsets[i], self.cp_positions[i]
-        while True:
-            block = os.pread(fd, _SCAN_BLOCK_BYTES, pos)
-            if not block:
-                raise RuntimeError(f"output segment {self.path} is shorter than its index")
-            i = 0
-            while i + _HEADER_BYTES <= len(block):
-                tag, length = _HEADER.unpack_from(block, i)
-                stream, gap = _parse_tag(tag)
-                if rec_offset + length > offset:
-                    skip = offset - rec_offset
-                    if skip == 0:
-                        return _Cursor(pos + i)
-                    if gap:
-                        return _Cursor(pos + i + _HEADER_BYTES, length - skip, stream, gap=True)
-                    return _Cursor(pos + i + _HEADER_BYTES + skip, length - skip, stream)
-                rec_offset += length
-                i += _HEADER_BYTES + (0 if gap else length)
-            pos += i  # the next header, possibly beyond this block
+        rec_offset = self.cp_offsets[i]
+        for pos, stream, gap, length in _walk(fd, self.cp_positions[i]):
+            if rec_offset + length > offset:
+                skip = offset - rec_offset
+                if skip == 0:
+                    return _Cursor(pos)
+                if gap:
+                    return _Cursor(pos + _HEADER_BYTES, length - skip, stream, gap=True)
+                return _Cursor(pos + _HEADER_BYTES + skip, length - skip, stream)
+            rec_offset += length
+        raise RuntimeError(f"output segment {self.path} is shorter than its index")
 
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+
+def _walk(
+    fd: int, pos: int, block_bytes: int = _SCAN_BLOCK_BYTES
+) -> Iterator[tuple[int, OutputStream, bool, int]]:
+    """The records of a segment file from the header at ``pos`` on, as (position, stream,
+    whether a gap, length), to the end of the file. One pread serves every header in a block
+    (a header per pread costs a syscall per record: seconds for a log of short lines), and a
+    record longer than the block costs one more. The last record may be cut short by the
+    file's end: callers that care check."""
+    while True:
+        block = os.pread(fd, block_bytes, pos)
+        if len(block) < _HEADER_BYTES:
+            return  # the end, or a header a crash cut short
+        i = 0
+        while i + _HEADER_BYTES <= len(block):
+            tag, length = _HEADER.unpack_from(block, i)
+            stream, gap = _parse_tag(tag)
+            yield pos + i, stream, gap, length
+            i += _HEADER_BYTES + (0 if gap else length)
+        pos += i  # the next header, possibly beyond this block
 
 
 def _parse_tag(tag: int) -> tuple[OutputStream, bool]:

@@ -560,13 +560,21 @@ async def test_a_reopened_log_is_byte_exact_with_its_offsets_and_retention(tmp_p
     log.remove()
 
 
-async def test_a_reopened_log_ignores_a_record_cut_short_by_a_crash(tmp_path):
+@pytest.mark.parametrize(
+    "torn",
+    [
+        b"\x02\x00\x00\x01\x00par",  # a header for 256 bytes, and 3 of them
+        b"\x02\x00",  # half a header
+    ],
+    ids=["data", "header"],
+)
+async def test_a_reopened_log_ignores_a_record_cut_short_by_a_crash(tmp_path, torn):
     log = OutputLog(tmp_path / "log")
     log.append(OUT, b"whole")
     log.close()
     [segment] = (tmp_path / "log").iterdir()
     with open(segment, "ab") as f:
-        f.write(b"\x02\x00\x00\x01\x00par")  # a header for 256 bytes, and 3 of them
+        f.write(torn)
     reopened = OutputLog.reopen(tmp_path / "log")
     assert reopened.end_offset == 5
     assert await read_all(reopened.reader()) == [OutputChunk(OUT, 0, b"whole")]
