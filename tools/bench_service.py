@@ -54,7 +54,6 @@ class Call:
 
 
 ALICE = Call(Identity("alice"))
-ADMIN = Call(Identity("carol", frozenset()))
 
 
 def vmrss_bytes() -> int:

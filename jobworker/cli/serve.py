@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import trio
 from cyclopts import App, Parameter
@@ -56,6 +56,9 @@ from .config import (
 )
 from .errors import CliError, run_cli
 from .parsing import Address, format_duration
+
+if TYPE_CHECKING:  # the service package is imported when serving, not for `certs`
+    from jobworker.service import JobStore
 
 log = logging.getLogger("jobworker.serve")
 
@@ -304,7 +307,7 @@ async def _serve_with(
     tls: TLSConfig,
     signals: Any,
     data_dir: Path,
-    store: Any,
+    store: JobStore,
 ) -> int:
     from jobworker.service import identify, open_job_service
 

@@ -18,6 +18,7 @@ only, however many ended ones a server keeps.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
@@ -69,7 +70,8 @@ SHUTDOWN_REQUESTER = "server shutdown"
 # once per JANITOR_SPACING_S, and every JANITOR_INTERVAL_S whatever happens.
 JANITOR_INTERVAL_S = 60.0
 JANITOR_SPACING_S = 1.0
-# Ended jobs removed per store transaction when retention catches up.
+# Records per store transaction when many jobs go at once (retention catching up, a prune),
+# and per query of the oldest output.
 _BATCH = 500
 
 _WHAT = {
@@ -524,16 +526,10 @@ class JobService:
         """Remove ended jobs past the retention time or count, then keep the output within
         the budget (see `Retention`)."""
         retention = self._retention
-        while True:
-            expired = await self._store.expired(
-                ended_before=self._clock() - retention.keep_s, keep=retention.keep_jobs
-            )
-            ids = [r.job_id for r in expired[:_BATCH] if self._releasable(r.job_id)]
-            if not ids:
-                break
-            await self._delete(ids, _RETENTION)
-            if len(expired) <= _BATCH:
-                break
+        expired = await self._store.expired(
+            ended_before=self._clock() - retention.keep_s, keep=retention.keep_jobs
+        )
+        await self._delete([r.job_id for r in expired if self._releasable(r.job_id)], _RETENTION)
         await self._keep_output_within_budget()
 
     async def _keep_output_within_budget(self) -> None:
@@ -555,17 +551,7 @@ class JobService:
                     continue
                 await trio.to_thread.run_sync(self._supervisor.remove_output, record.job_id)
                 await self._store.update(
-                    Record(
-                        job_id=record.job_id,
-                        owner=record.owner,
-                        state=record.state,
-                        created_at=record.created_at,
-                        status=record.status,
-                        ended_at=record.ended_at,
-                        output_bytes=0,
-                        output_end=record.output_end,
-                        output_removed=True,
-                    )
+                    dataclasses.replace(record, output_bytes=0, output_removed=True)
                 )
                 over -= record.output_bytes
                 removed = fields(

@@ -376,12 +376,12 @@ async def open_store(path: str | Path) -> JobStore:
                 # Records hold commands and their arguments: the owner's alone, whatever the
                 # umask (SQLite gives its -wal and -shm files the database file's mode).
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            # Reads autocommit; Python begins a transaction before a write, and `with db`
+            # (JobStore._write) commits it or rolls it back.
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open job store {path}: {exc}") from exc
         try:
-            # isolation_level=None: autocommit, except inside `with db` (a transaction).
-            db.isolation_level = "DEFERRED"
             db.execute("PRAGMA journal_mode = WAL")
             # With WAL, NORMAL loses no committed transaction to a crash of this process, only
             # (at worst, the last ones) to a crash of the machine: and costs no fsync per write.
