@@ -20,9 +20,7 @@ never be known for real (its parent, the old server, is gone).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import trio
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.supervisor import OutputLog
 from jobworker.supervisor.cgroups import fs
+from jobworker.supervisor.cgroups.group import CgroupGroup, left_behind
 from jobworker.supervisor.errors import CgroupError
 
 from .store import JobStore, Record, Run
@@ -76,8 +75,10 @@ def plan_recovery(
 async def recover(store: JobStore, data_dir: Path) -> RecoveryPlan:
     """Carry out `plan_recovery` for the store of `data_dir`; the plan, for the caller's log."""
     plan = plan_recovery(await store.unfinished(), await store.runs(), lambda p: p.exists())
-    for group in plan.groups:
-        await _kill_and_remove(group)
+    for record in plan.lost:
+        dirs = [group for group in plan.groups if group.name == record.job_id]
+        if dirs:
+            await _kill_and_remove(left_behind(dirs))
     for subtree in plan.subtrees:
         left = fs.subgroups(subtree)
         if left:
@@ -130,36 +131,17 @@ def lost(record: Record, now: float, kept: tuple[int, int] = (0, 0)) -> Record:
     )
 
 
-async def _kill_and_remove(group: Path) -> None:
-    """SIGKILL everything in one cgroup directory (all at once where cgroup.kill exists, else a
-    loop over its processes), wait until it is empty (bounded), remove it and its children."""
-    kill = group / "cgroup.kill"
-    procs = group / "cgroup.procs"
-    backoff = fs.Backoff()
-    with trio.move_on_after(_KILL_WAIT_S):
-        while True:
-            pids = [p for d in (group, *fs.subgroups(group)) for p in fs.pids(d / "cgroup.procs")]
-            if not pids:
-                break
-            if kill.exists():
-                try:
-                    fs.write(kill, "1")
-                except CgroupError as exc:
-                    log.error("recovery: %s", exc)
-            else:
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            await backoff.wait()
-    left = fs.pids(procs)
-    if left:
-        log.error("recovery: processes %s of %s outlived SIGKILL; its group stays", left, group)
-        return
+async def _kill_and_remove(group: CgroupGroup) -> None:
+    """Kill what a lost job left in its group, the way a live job's group is killed (the
+    kernel's cgroup.kill, or the v1 freezer), wait until it is empty (bounded), remove it."""
     try:
-        for child in sorted(fs.subgroups(group), key=lambda p: -len(p.parts)):
-            await fs.rmdir(child)
-        await fs.rmdir(group)
-    except CgroupError as exc:
+        await group.kill()
+        with trio.move_on_after(_KILL_WAIT_S) as waited:
+            await group.wait_empty()
+        if waited.cancelled_caught:
+            left = sorted({p for f in group.procs_files for p in fs.pids(f)})
+            log.error("recovery: processes %s outlived SIGKILL; %s stays", left, group.dirs)
+            return
+        await group.remove()
+    except (CgroupError, OSError) as exc:
         log.error("recovery: %s", exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -63,8 +64,12 @@ class CgroupGroup:
         if self._notify_dir is not None:
             # Atomic against fork: the kernel kills the whole group, new children included.
             fs.write(self._notify_dir / "cgroup.kill", "1")
-        else:
+        elif "freezer" in self.dirs:
             await self._freeze_and_kill()
+        else:
+            # Only a group found half removed after a crash lacks both (a backend never makes
+            # one): whatever is left in it gets a plain kill loop.
+            self.signal(signal.SIGKILL)
 
     async def _freeze_and_kill(self) -> None:
         # v1 without cgroup.kill: a kill loop over cgroup.procs races with fork (measured: three
@@ -162,6 +167,15 @@ class V1Group(CgroupGroup):
 
     def pids_limit_hits(self) -> int:
         return parse_flat_keyed(fs.read(self.dirs["pids"] / "pids.events")).get("max", 0)
+
+
+def left_behind(dirs: Sequence[Path]) -> CgroupGroup:
+    """The group of a job whose Supervisor is gone, from the directories it left (one per
+    hierarchy): to kill what is still in it, wait, and remove it, as for a live job. The
+    directories say which one offers cgroup.kill and which one is the v1 freezer."""
+    notify = next((d for d in dirs if (d / "cgroup.kill").exists()), None)
+    keyed = {("freezer" if (d / "freezer.state").exists() else os.fspath(d)): d for d in dirs}
+    return CgroupGroup(keyed, notify_dir=notify)
 
 
 class ProcessGroup:
