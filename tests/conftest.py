@@ -21,6 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# The suite must give the same answer every run: property tests draw the same examples each
+# time. To search wider for new failures: HYPOTHESIS_PROFILE=explore (random, more examples).
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # On cgroup v2 the supervisor moves itself into this leaf, and it stays there while it lives.
