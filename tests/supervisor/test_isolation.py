@@ -199,9 +199,9 @@ async def test_a_job_cannot_see_or_signal_the_supervisor(iso, user):
 
 
 async def test_a_job_sees_neither_other_jobs_processes_nor_their_environment(iso):
-    secret = await iso.start(
-        "sh", ["-c", "echo started; exec sleep 600"], env={"SECRET": "hunter2"}
-    )
+    # The shell stays the job's leader (no exec): /proc/PID/environ read while the leader
+    # is mid-exec returns nothing, which would make the "it is there" check race.
+    secret = await iso.start("sh", ["-c", "echo started; sleep 600"], env={"SECRET": "hunter2"})
     await wait_for_output(secret, b"started")
     victim = secret.status().pid
     assert b"SECRET=hunter2" in Path(f"/proc/{victim}/environ").read_bytes()  # it is there
