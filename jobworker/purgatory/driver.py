@@ -58,6 +58,7 @@ class Driver:
         self._drained: dict[int, trio.Event] = {}
         self._backlog_bytes = 0  # queued by senders, not yet written
         self.closed = trio.Event()  # the byte stream is finished, either way
+        self.received_bytes = 0  # from the peer, in all (the server's preface timeout looks)
         self.broken: BaseException | None = None
         self._scope = trio.CancelScope()
 
@@ -124,6 +125,16 @@ class Driver:
     def forget(self, stream_id: int) -> None:
         self._drained.pop(stream_id, None)
 
+    def dispose(self) -> None:
+        """Once the connection has ended: let go of the wire object, the stream and any bytes
+        still held, so none of it waits for the cyclic collector (a reference from a frame or a
+        traceback that outlives us then keeps only this small object)."""
+        self._carry = None
+        self._drained.clear()
+        self.connection = None
+        self.stream = None
+        self._send_nowait = None
+
     # --- the two tasks -------------------------------------------------------------------------
 
     async def run(self, on_event) -> None:
@@ -149,6 +160,7 @@ class Driver:
                 return
             if not data:
                 return
+            self.received_bytes += len(data)
             try:
                 events: list[Event] = self.connection.receive_data(data)
             except ConnectionBroken as exc:

@@ -6,6 +6,17 @@ client's RST_STREAM cancels it at once. Handlers raise `GrpcError` for a status 
 choosing; any other exception is logged here and answered INTERNAL with a generic message —
 never a traceback on the wire. Cancellation is never converted into a status.
 
+Connections are admitted and timed (see limits.py for the caps): the TLS handshake is bounded by
+the TLS config; then the client has `preface_timeout_s` to send its HTTP/2 preface,
+`first_request_timeout_s` to start a call, and once no call has been open for `idle_timeout_s`
+the connection is closed gracefully (GOAWAY, then close: grpc-go's MaxConnectionIdle). A
+connection beyond its identity's cap answers every call RESOURCE_EXHAUSTED, naming the cap, and
+closes after the first answer: the client learns why, which a bare close or a GOAWAY before any
+stream would not tell it (clients retry those transparently, reconnecting in a loop).
+
+A call whose stream is gone (the client reset it, even in the same read as the request) ends
+quietly: its handler is cancelled, or never started, and nothing is logged for it.
+
 Graceful shutdown is a ladder (`Server.shutdown`): stop accepting; GOAWAY(2^31-1) and a PING to
 every connection; once the PING is answered (the client has seen the GOAWAY) the second GOAWAY
 with the real last stream id; then in-flight calls have until the grace deadline to finish;
@@ -16,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +36,7 @@ from cryptography import x509
 from google.protobuf.message import DecodeError, Message
 
 from .driver import Driver
+from .limits import Admission, RateLimitedLog, default_max_connections
 from .tls import TLSConfig, TLSError, TLSStream
 from .wire.connection import (
     SHUTDOWN_PING,
@@ -40,6 +52,17 @@ from .wire.metadata import Metadata
 from .wire.status import GrpcError, Status
 
 log = logging.getLogger("jobworker.purgatory")
+
+# The client's connection preface (24 bytes) and the header of its first frame, SETTINGS: once
+# this much has arrived (and h2 did not reject it) the client speaks HTTP/2.
+_PREFACE_BYTES = 24 + 9
+# An idle connection's GOAWAY is answered by a PING's acknowledgement within this time, or the
+# connection is closed without waiting further.
+_IDLE_GOAWAY_S = 10.0
+
+
+class _StreamGone(trio.BrokenResourceError):
+    """The call's stream can carry nothing more: reset by the client, or the connection ended."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,17 +116,39 @@ class ServerCall:
         return self.connection.identity
 
     def send_initial_metadata(self, metadata: Metadata) -> None:
+        """Send the response headers now. On a stream the client has reset this does nothing:
+        the handler is being cancelled, and its next checkpoint says so."""
+        if not self._connection.stream_open(self.stream_id):
+            if self._failed is not None:
+                return
+            raise _StreamGone(f"stream {self.stream_id} is closed")
         self._connection.send_headers(self.stream_id, metadata)
         self._driver.push()
 
     async def send(self, message: Message) -> None:
-        """Send one response message; waits while the client is not reading (flow control)."""
+        """Send one response message; waits while the client is not reading (flow control).
+
+        The message is serialized at once and not kept: a handler that passes it as a
+        temporary (``await call.send(make())``) holds no copy of it while the client stalls.
+        """
         if not isinstance(message, self.method.response_type):
             raise TypeError(
                 f"{self.method.path} sends {self.method.response_type.__name__}, "
                 f"not {type(message).__name__}"
             )
-        await self._driver.send_message(self.stream_id, message.SerializeToString())
+        payload = message.SerializeToString()
+        del message  # while we wait on flow control, only the payload is held (see above)
+        await self.send_serialized(payload)
+
+    async def send_serialized(self, payload: bytes) -> None:
+        """`send` for a message the handler has serialized itself (`SerializeToString()` of
+        the method's response type): the payload is queued as it is, never copied."""
+        if not self._connection.stream_open(self.stream_id):
+            # Reset by the client: the scope is cancelled and this checkpoint raises. Otherwise
+            # the connection is gone or the wire ended the stream: nobody is listening.
+            await trio.lowlevel.checkpoint()
+            raise _StreamGone(f"stream {self.stream_id} is closed")
+        await self._driver.send_message(self.stream_id, payload)
 
     # -- driven by the connection task --
 
@@ -131,8 +176,11 @@ class ServerCall:
         self._driver.push()
         try:
             return self.method.request_type.FromString(payload)
-        except DecodeError:
-            raise GrpcError(Status.INTERNAL, "could not parse the request message") from None
+        except DecodeError as exc:
+            # The client's bytes, not our fault: e.g. a string field that is not UTF-8.
+            raise GrpcError(
+                Status.INVALID_ARGUMENT, f"could not parse the request message: {exc}"
+            ) from None
 
 
 @dataclass(slots=True)
@@ -153,13 +201,43 @@ class Server:
         identify: Callable[[x509.Certificate | None], Any] | None = None,
         max_concurrent_streams: int = 100,
         max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        preface_timeout_s: float = 10.0,
+        first_request_timeout_s: float = 30.0,
+        idle_timeout_s: float = 300.0,
+        max_connections: int | None = None,
+        max_connections_per_identity: int | None = None,
+        max_handshakes: int | None = None,
+        max_handshakes_per_address: int = 32,
     ) -> None:
         """`tls=None` serves plaintext h2c: for tests over memory streams only.
 
         `identify` runs once per connection with the verified client certificate; its result
         is `call.identity` for every call on that connection. If it raises GrpcError, every
-        call on the connection gets that status.
+        call on the connection gets that status. Its result, if hashable (and not None), is
+        what `max_connections_per_identity` counts; otherwise the certificate's subject is.
+
+        Timeouts (seconds; `math.inf` turns one off), counted once the TLS handshake is done:
+        `preface_timeout_s` for the client's HTTP/2 preface, `first_request_timeout_s` for its
+        first call, `idle_timeout_s` without any open call before a graceful close.
+
+        Caps (see limits.py): `max_connections` in all (default: from the descriptor limit,
+        `limits.default_max_connections`), `max_connections_per_identity` (default an eighth
+        of that, at least 4), connections still in their TLS handshake in all
+        (`max_handshakes`, default a quarter of `max_connections`, at least 8) and per peer
+        address (`max_handshakes_per_address`). They apply to connections `serve` accepts;
+        the per-identity cap applies to `serve_stream` as well.
         """
+        # INTEGRATION POINT (wire budgets): when wire.connection.ServerConnection grows its
+        # per-connection budgets (header list, control frames, resets, refused streams, unary
+        # extra messages), they become keyword arguments here, passed through in
+        # _ServerConnection.__init__ with the wire's own defaults.
+        for name, value in (
+            ("preface_timeout_s", preface_timeout_s),
+            ("first_request_timeout_s", first_request_timeout_s),
+            ("idle_timeout_s", idle_timeout_s),
+        ):
+            if not value > 0:  # also refuses NaN
+                raise ValueError(f"{name} must be positive, got {value!r}")
         self._methods: dict[str, RpcMethod] = {}
         for method in methods:
             self.add(method)
@@ -167,6 +245,24 @@ class Server:
         self._identify = identify
         self._max_concurrent_streams = max_concurrent_streams
         self._max_receive_message_bytes = max_receive_message_bytes
+        self._preface_timeout_s = preface_timeout_s
+        self._first_request_timeout_s = first_request_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        if max_connections is None:
+            max_connections = default_max_connections()
+        self.admission = Admission(
+            max_connections=max_connections,
+            max_handshakes=(
+                max_handshakes if max_handshakes is not None else max(8, max_connections // 4)
+            ),
+            max_handshakes_per_address=max_handshakes_per_address,
+            max_connections_per_identity=(
+                max_connections_per_identity
+                if max_connections_per_identity is not None
+                else max(4, max_connections // 8)
+            ),
+        )
+        self._log = RateLimitedLog(log)
         self._connections: set[_ServerConnection] = set()
         self._accepting: trio.CancelScope | None = None
         self._connections_scope: trio.CancelScope | None = None
@@ -200,28 +296,60 @@ class Server:
                 await listener.aclose()
 
     async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        admission = self.admission
         while True:
             try:
                 stream = await listener.accept()
-            except OSError as exc:  # EMFILE and friends: say so, keep serving
-                log.error("accept failed: %s", exc)
+            except OSError as exc:  # EMFILE and friends: say so (once a burst), keep serving
+                self._log(logging.ERROR, "accept", "accept failed: %s", exc)
                 await trio.sleep(0.1)  # back off while descriptors are exhausted
                 continue
-            connections.start_soon(self.serve_stream, stream)
+            host = _peer_host(stream)
+            refused = admission.admit(host)
+            if refused is not None:
+                # Closed at once: the peer sees its connection end, and costs us nothing more.
+                stream.socket.close()
+                self._log(
+                    logging.WARNING,
+                    refused,
+                    "refusing connections (%s from %s): %s=%d reached",
+                    _peer_address(stream),
+                    host,
+                    refused,
+                    getattr(admission, refused),
+                )
+                continue
+            connections.start_soon(self._serve_admitted, stream, host)
+
+    async def _serve_admitted(self, stream: trio.SocketStream, host: str) -> None:
+        try:
+            await self._serve(stream, host)
+        finally:
+            self.admission.release()
 
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection on an accepted byte stream, until it ends."""
+        await self._serve(stream, None)
+
+    async def _serve(self, stream: trio.abc.Stream, admitted_host: str | None) -> None:
+        """`admitted_host`: the connection holds a handshake slot of this peer host."""
         peer = _peer_address(stream)
         certificate = None
-        if self._tls is not None:
-            tls_stream = TLSStream(stream, self._tls)
-            try:
-                await tls_stream.do_handshake()  # bounded by the config's handshake timeout
-            except TLSError as exc:
-                log.info("TLS handshake with %s failed: %s", peer, exc)
-                await trio.aclose_forcefully(stream)
-                return
-            certificate, stream = tls_stream.peer_certificate, tls_stream
+        try:
+            if self._tls is not None:
+                tls_stream = TLSStream(stream, self._tls)
+                try:
+                    await tls_stream.do_handshake()  # bounded by the config's handshake timeout
+                except TLSError as exc:
+                    self._log(
+                        logging.INFO, "handshake", "TLS handshake with %s failed: %s", peer, exc
+                    )
+                    await trio.aclose_forcefully(stream)
+                    return
+                certificate, stream = tls_stream.peer_certificate, tls_stream
+        finally:
+            if admitted_host is not None:
+                self.admission.handshake_ended(admitted_host)
         info = ConnectionInfo(peer, certificate)
         refusal = None
         if self._identify is not None:
@@ -229,7 +357,25 @@ class Server:
                 info.identity = self._identify(certificate)
             except GrpcError as exc:
                 refusal = exc
-        connection = _ServerConnection(self, stream, info, refusal)
+        key = _identity_key(info, certificate, refusal is None and self._identify is not None)
+        over_cap = False
+        if key is not None and not self.admission.claim_identity(key):
+            cap = self.admission.max_connections_per_identity
+            refusal = GrpcError(
+                Status.RESOURCE_EXHAUSTED,
+                f"too many connections from this client identity (max_connections_per_identity"
+                f" is {cap}): close some, or reuse one connection for many calls",
+            )
+            self._log(
+                logging.WARNING,
+                "identity",
+                "refusing a connection from %s: its identity holds %d connections "
+                "(max_connections_per_identity)",
+                peer,
+                cap,
+            )
+            key, over_cap = None, True
+        connection = _ServerConnection(self, stream, info, refusal, over_cap=over_cap)
         self._connections.add(connection)
         try:
             await connection.run()
@@ -239,7 +385,12 @@ class Server:
             log.exception("connection from %s failed", peer)
         finally:
             self._connections.discard(connection)
-            await trio.aclose_forcefully(stream)
+            if key is not None:
+                self.admission.release_identity(key)
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:
+                connection.dispose()
 
     async def shutdown(self, grace_period_s: float) -> None:
         """The graceful ladder (see the module docstring). Returns when every connection is
@@ -254,6 +405,23 @@ class Server:
             self._connections_scope.cancel()
 
 
+def _identity_key(
+    info: ConnectionInfo, certificate: x509.Certificate | None, identified: bool
+) -> Hashable | None:
+    """What max_connections_per_identity counts: `identify`'s result when it is a hashable
+    value, else the certificate's subject; None (not counted) without a certificate."""
+    if identified and info.identity is not None:
+        try:
+            hash(info.identity)
+        except TypeError:
+            pass
+        else:
+            return ("identity", info.identity)
+    if certificate is not None:
+        return ("subject", certificate.subject)
+    return None
+
+
 class _ServerConnection:
     def __init__(
         self,
@@ -261,10 +429,14 @@ class _ServerConnection:
         stream: trio.abc.Stream,
         info: ConnectionInfo,
         refusal: GrpcError | None,
+        *,
+        over_cap: bool = False,
     ) -> None:
         self._server = server
         self._info = info
         self._refusal = refusal
+        # Beyond its identity's cap: the first refused call is answered, then we close.
+        self._over_cap = over_cap
         self._wire = ServerConnection(
             max_message_bytes=server._max_receive_message_bytes,
             max_concurrent_streams=server._max_concurrent_streams,
@@ -274,18 +446,81 @@ class _ServerConnection:
         self._nursery: trio.Nursery | None = None
         self._ping_answered = trio.Event()
         self._idle = trio.Event()
+        self._draining = False
+        self._requests_seen = False
+        self._quiet_since = 0.0  # when the last call ended (or the connection began)
 
     async def run(self) -> None:
         self._wire.initiate()
         self._driver.push()
+        self._quiet_since = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._watch)
             await self._driver.run(self._on_event)
             nursery.cancel_scope.cancel()  # the peer is gone: so are its calls
 
-    async def drain(self, deadline: float) -> None:
-        """The graceful ladder for this connection; returns early if the client leaves."""
+    def dispose(self) -> None:
+        """Drop what this connection refers to, once it has ended: the calls, the driver and
+        the wire (h2 keeps reference cycles), so that its memory goes back at once rather than
+        at the cyclic collector's next pass."""
+        self._calls.clear()
+        self._nursery = None
+        self._driver.dispose()
+        # INTEGRATION POINT: wire.connection's dispose() (breaks h2's own cycles), when the
+        # wire layer has it.
+        dispose = getattr(self._wire, "dispose", None)
+        if dispose is not None:
+            dispose()
+
+    async def _watch(self) -> None:
+        """The connection's timeouts: preface, first request, idle (see the module docstring).
+        Sleeps until the next deadline and looks; costs the call path nothing but a clock
+        read when the last call ends."""
+        server = self._server
+        await trio.sleep_until(self._quiet_since + server._preface_timeout_s)
+        if self._driver.received_bytes < _PREFACE_BYTES:
+            server._log(
+                logging.INFO,
+                "preface",
+                "closing the connection from %s: no HTTP/2 preface within %g s",
+                self._info.peer_address,
+                server._preface_timeout_s,
+            )
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+            return
+        first_request_s = server._first_request_timeout_s
+        if self._over_cap:
+            first_request_s = min(first_request_s, server._preface_timeout_s)
+        while True:
+            if self._calls:
+                await self._idle.wait()
+                continue
+            timeout = server._idle_timeout_s if self._requests_seen else first_request_s
+            deadline = self._quiet_since + timeout
+            if trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                continue
+            break
+        log.debug(
+            "closing the connection from %s: no call for %g s", self._info.peer_address, timeout
+        )
+        # Calls that started while the GOAWAY was on its way have their own deadlines.
+        await self.drain(trio.current_time() + _IDLE_GOAWAY_S, calls_deadline=math.inf)
+
+    async def drain(self, deadline: float, *, calls_deadline: float | None = None) -> None:
+        """The graceful ladder for this connection; returns early if the client leaves. The
+        calls left after the second GOAWAY have until `calls_deadline` (default `deadline`)."""
         closed = self._driver.closed
+        if self._draining:
+            # Already draining (idle, or a refused connection): the earlier deadline wins.
+            with trio.move_on_at(deadline):
+                await closed.wait()
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+            return
+        self._draining = True
         if not closed.is_set():
             self._wire.start_graceful_shutdown()
             self._driver.wake()
@@ -294,7 +529,7 @@ class _ServerConnection:
         if not closed.is_set():
             self._wire.finish_graceful_shutdown()
             self._driver.wake()
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(deadline if calls_deadline is None else calls_deadline):
                 if self._calls:
                     await _first_of(self._idle, closed)
             with trio.move_on_after(1):  # let the last frames out; bounded
@@ -329,14 +564,21 @@ class _ServerConnection:
 
     def _start_call(self, request: RequestReceived) -> None:
         stream_id = request.stream_id
+        if not self._requests_seen:
+            self._requests_seen = True
         if self._refusal is not None:
             self._wire.send_trailers(stream_id, self._refusal.status, self._refusal.message)
+            self._quiet_since = trio.current_time()
+            if self._over_cap and not self._draining:
+                assert self._nursery is not None
+                self._nursery.start_soon(self.drain, trio.current_time() + _IDLE_GOAWAY_S)
             return
         method = self._server._methods.get(request.method)
         if method is None:
             self._wire.send_trailers(
                 stream_id, Status.UNIMPLEMENTED, f"method {request.method} is not implemented"
             )
+            self._quiet_since = trio.current_time()
             return
         call = ServerCall(self._driver, stream_id, method, request, self._info)
         self._calls[stream_id] = call
@@ -349,6 +591,10 @@ class _ServerConnection:
         wire, stream_id = self._wire, call.stream_id
         status, message, trailers = Status.OK, "", ()
         try:
+            if call._failed is not None:
+                # Reset in the very read that opened it (HEADERS, DATA, RST_STREAM at once):
+                # there is no one to answer, so the handler never runs.
+                return
             with call._scope:
                 try:
                     request = await call._receive_request()
@@ -359,14 +605,15 @@ class _ServerConnection:
                                 f"{call.method.path} returned {type(response).__name__}, "
                                 f"not {call.method.response_type.__name__}"
                             )
-                        # One message: queued with the trailers below, one write for both.
-                        wire.send_message(stream_id, response.SerializeToString())
+                        if wire.stream_open(stream_id):
+                            # One message: queued with the trailers below, one write for both.
+                            wire.send_message(stream_id, response.SerializeToString())
                     trailers = call.trailing_metadata
                 except Exception as exc:  # the one place errors become statuses
                     status, message, trailers = _status_of(exc, call)
+            if call._failed is not None:
+                return  # the client reset the stream, or the wire failed it: already said
             if call._scope.cancelled_caught:
-                if call._failed is not None:
-                    return  # the client reset the stream, or the wire failed it: already said
                 status, message, trailers = Status.DEADLINE_EXCEEDED, "deadline exceeded", ()
             if wire.stream_open(stream_id):
                 wire.send_trailers(stream_id, status, message, trailers)
@@ -380,6 +627,7 @@ class _ServerConnection:
             self._calls.pop(stream_id, None)
             self._driver.forget(stream_id)
             if not self._calls:
+                self._quiet_since = trio.current_time()
                 self._idle.set()
 
 
@@ -405,6 +653,15 @@ def _status_of(exc: Exception, call: ServerCall) -> tuple[Status, str, Metadata]
         return Status.UNAVAILABLE, "connection lost", ()
     log.exception("%s failed on stream %d", call.method.path, call.stream_id, exc_info=exc)
     return Status.INTERNAL, "internal error", ()
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    """The peer's host, what max_handshakes_per_address counts (a Unix socket: one key)."""
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "(unknown)"
+    return address[0] if isinstance(address, tuple) else "(unix socket)"
 
 
 def _peer_address(stream: trio.abc.Stream) -> str:
