@@ -131,6 +131,8 @@ class Driver:
         traceback that outlives us then keeps only this small object)."""
         self._carry = None
         self._drained.clear()
+        # The exception's traceback holds the reader's frame, which holds us: a cycle.
+        self.broken = None
         self.connection = None
         self.stream = None
         self._send_nowait = None

@@ -296,7 +296,6 @@ class Server:
                 await listener.aclose()
 
     async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
-        admission = self.admission
         while True:
             try:
                 stream = await listener.accept()
@@ -304,22 +303,29 @@ class Server:
                 self._log(logging.ERROR, "accept", "accept failed: %s", exc)
                 await trio.sleep(0.1)  # back off while descriptors are exhausted
                 continue
-            host = _peer_host(stream)
-            refused = admission.admit(host)
-            if refused is not None:
-                # Closed at once: the peer sees its connection end, and costs us nothing more.
-                stream.socket.close()
-                self._log(
-                    logging.WARNING,
-                    refused,
-                    "refusing connections (%s from %s): %s=%d reached",
-                    _peer_address(stream),
-                    host,
-                    refused,
-                    getattr(admission, refused),
-                )
-                continue
+            self._admit(stream, connections)
+            # No local keeps the connection once its own task has it: its memory goes when it
+            # ends, not when the next client arrives.
+            del stream
+
+    def _admit(self, stream: trio.SocketStream, connections: trio.Nursery) -> None:
+        admission = self.admission
+        host = _peer_host(stream)
+        refused = admission.admit(host)
+        if refused is None:
             connections.start_soon(self._serve_admitted, stream, host)
+            return
+        # Closed at once: the peer sees its connection end, and costs us nothing more.
+        stream.socket.close()
+        self._log(
+            logging.WARNING,
+            refused,
+            "refusing connections (%s from %s): %s=%d reached",
+            _peer_address(stream),
+            host,
+            refused,
+            getattr(admission, refused),
+        )
 
     async def _serve_admitted(self, stream: trio.SocketStream, host: str) -> None:
         try:
