@@ -4,7 +4,9 @@ goes back the moment the connection ends — without Python's cyclic collector."
 from __future__ import annotations
 
 import gc
+import tracemalloc
 import weakref
+from typing import ClassVar
 
 import pytest
 import trio
@@ -15,7 +17,7 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame
 from jobworker.purgatory.client import open_channel
 from jobworker.purgatory.server import RpcMethod, Server
 
-from .attack import RawPeer, raw_connection
+from .attack import RawPeer, raw_connection, unary_request_frames
 from .certs import CertSet, client_config, make_cert_set, server_config
 
 
@@ -135,3 +137,80 @@ async def test_a_connection_after_a_continuation_flood_is_freed_without_the_coll
             await peer.read_until_closed(answer=False)
 
     check_freed(await serve_one(nursery, certs, client))
+
+
+# --- row 9: a stalled stream holds one chunk, no copies -------------------------------------------
+
+CHUNK_BYTES = 64 * 2**10
+
+
+class Chunk:
+    """A response message the test can watch (upb messages take no weak references)."""
+
+    made: ClassVar[list[weakref.ref]] = []
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        Chunk.made.append(weakref.ref(self))
+
+    def SerializeToString(self) -> bytes:
+        return b"\n" + _varint(len(self.data)) + self.data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+async def test_a_stream_stalled_by_flow_control_holds_one_chunk(nursery, certs):
+    streams = 20
+    sent = Chunk.made
+    sent.clear()
+
+    async def logs(request: StringValue, call) -> None:
+        # As the log handler does: a fresh chunk per message, handed over as a temporary.
+        for _ in range(3):
+            await call.send(Chunk(bytes(CHUNK_BYTES)))
+
+    server = Server(
+        [RpcMethod("/t.T/Logs", StringValue, Chunk, logs, server_streaming=True)],  # type: ignore[arg-type]
+        tls=server_config(certs),
+    )
+    (address,) = await nursery.start(server.serve, "127.0.0.1", 0)
+    async with (
+        raw_connection(address[1], client_config(certs)) as tls,
+        trio.open_nursery() as reading,
+    ):
+        peer = RawPeer(tls, initial_window_bytes=0)  # the attack: no window, ever
+        await peer.flush()
+
+        async def read() -> None:
+            while data := await tls.receive_some():
+                peer.receive(data)
+                await peer.flush()
+
+        reading.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(streams):
+                unary_request_frames(peer, "/t.T/Logs", b"", reset=False)
+            await peer.flush()
+            with trio.fail_after(30):
+                while len(sent) < streams:
+                    await trio.testing.wait_all_tasks_blocked()
+            await trio.testing.wait_all_tasks_blocked()
+            held = (tracemalloc.get_traced_memory()[0] - before) / streams
+        finally:
+            tracemalloc.stop()
+        assert len(sent) == streams  # each handler sent its first chunk, and waits
+        # The handlers' own messages are gone: only the serialized payload is queued...
+        assert [ref for ref in sent if ref() is not None] == []
+        # ...and it is the only copy: one chunk, plus the stream's bookkeeping.
+        assert CHUNK_BYTES <= held < CHUNK_BYTES + 16 * 2**10
+        reading.cancel_scope.cancel()
