@@ -1216,6 +1216,20 @@ def minimize(path: Path, args: argparse.Namespace) -> int:
                 frame.payload = saved[:cut]
                 if not still(control + stream.serialize()):
                     frame.payload = saved
+    # Then bytes, for what is no frame (a broken preface, a torn tail) or is too small to split.
+    raw = stream.serialize()
+    if len(raw) <= 4096:
+        chunk = max(1, len(raw) // 2)
+        while chunk >= 1:
+            i = 0
+            while i < len(raw):
+                trial = raw[:i] + raw[i + chunk :]
+                if trial and still(control + trial):
+                    raw = trial
+                else:
+                    i += chunk
+            chunk //= 2
+        stream = split_frames(raw)
     # Simpler harness settings, where the finding allows: one read, drain, no tricks.
     for simpler in (bytes(4), bytes([0, control[1], 0, 0])):
         if still(simpler + stream.serialize()):
