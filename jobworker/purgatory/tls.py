@@ -108,9 +108,12 @@ __all__ = [
     "CLOSE_NOTIFY_TIMEOUT_S",
     "RECEIVE_BYTES",
     "TLSConfig",
+    "TLSCertificateRejected",
     "TLSConfigError",
     "TLSError",
     "TLSHandshakeTimeout",
+    "TLSNegotiationFailed",
+    "TLSPeerClosed",
     "TLSStream",
 ]
 
@@ -143,12 +146,31 @@ class TLSError(trio.BrokenResourceError):
     """The TLS layer failed: handshake refused, peer certificate rejected, a fatal alert.
 
     A `trio.BrokenResourceError`: the stream is unusable afterwards, and code that already treats a
-    broken stream as "connection lost" needs no extra clause.
+    broken stream as "connection lost" needs no extra clause. The subclass says what kind of
+    failure it was, so callers branch on the type, not on the message's words.
     """
 
 
 class TLSHandshakeTimeout(TLSError):
     """The handshake did not complete within the configured ``handshake_timeout_s``."""
+
+
+class TLSCertificateRejected(TLSError):
+    """A certificate was not accepted: the peer's by us (`by_peer` False), or ours by the peer
+    (`by_peer` True, learned from its alert)."""
+
+    def __init__(self, message: str, *, by_peer: bool) -> None:
+        super().__init__(message)
+        self.by_peer = by_peer
+
+
+class TLSNegotiationFailed(TLSError):
+    """Nothing in common with the peer: no TLS 1.3, no ALPN "h2", no usable signature
+    algorithm."""
+
+
+class TLSPeerClosed(TLSError):
+    """The peer closed the connection (during the handshake, or without close_notify)."""
 
 
 class TLSConfigError(ValueError):
@@ -617,9 +639,11 @@ class TLSStream(trio.abc.Stream):
         alpn = self._conn.get_alpn_proto_negotiated()
         if alpn != ALPN_PROTOCOL:
             if self._config.server_side:
-                raise TLSError("no ALPN protocol h2 negotiated: the client offered no ALPN")
+                raise TLSNegotiationFailed(
+                    "no ALPN protocol h2 negotiated: the client offered no ALPN"
+                )
             got = f"the server chose {alpn.decode('ascii', 'replace')!r}" if alpn else "none"
-            raise TLSError(f"no ALPN protocol h2 negotiated ({got})")
+            raise TLSNegotiationFailed(f"no ALPN protocol h2 negotiated ({got})")
 
     # -- Stream
 
@@ -684,7 +708,7 @@ class TLSStream(trio.abc.Stream):
             pass  # the socket is full (or OpenSSL must read first): the rest waits
         except SSL.Error as exc:
             self._mark_broken()
-            raise TLSError(self._describe(exc)) from exc
+            raise self._error(exc) from exc
         finally:
             if cork:
                 self._cork(False)
@@ -923,7 +947,7 @@ class TLSStream(trio.abc.Stream):
     async def _fail(self, exc: BaseException) -> NoReturn:
         """Mark broken, flush any alert OpenSSL queued (bounded, best effort), raise TLSError."""
         self._mark_broken()
-        error = TLSError(self._describe(exc))
+        error = self._error(exc)
         alert = self._drain()
         if alert and not self._send_lock.locked():
             with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT_S):
@@ -934,26 +958,38 @@ class TLSStream(trio.abc.Stream):
                     pass
         raise error from exc
 
-    def _describe(self, exc: BaseException) -> str:
+    def _error(self, exc: BaseException) -> TLSError:
+        """The TLSError for an OpenSSL failure: its kind as the type, its story as the text."""
+        kind, message = self._describe(exc)
+        if kind is TLSCertificateRejected:
+            return TLSCertificateRejected(message, by_peer=" by " in message.split(":", 1)[0])
+        return kind(message)
+
+    def _describe(self, exc: BaseException) -> tuple[type[TLSError], str]:
         findings = self._findings
         if isinstance(exc, _NoH2Offered):
             offered = ", ".join(p.decode("ascii", "replace") for p in findings.alpn_offered or [])
-            return f"no ALPN protocol h2 negotiated: the client offered {offered or 'none'}"
+            return TLSNegotiationFailed, (
+                f"no ALPN protocol h2 negotiated: the client offered {offered or 'none'}"
+            )
         if isinstance(exc, SSL.ZeroReturnError | SSL.SysCallError):
             during = "" if self._handshake_done else " during the TLS handshake"
-            return f"the peer closed the connection{during}"
+            return TLSPeerClosed, f"the peer closed the connection{during}"
         reasons = _reasons(exc)
         peer = "client" if self._config.server_side else "server"
         if "certificate verify failed" in reasons:
             detail = f": {findings.verify_error}" if findings.verify_error else ""
-            return f"{peer} certificate not accepted: certificate verify failed{detail}"
+            message = f"{peer} certificate not accepted: certificate verify failed{detail}"
+            return TLSCertificateRejected, message
         if "peer did not return a certificate" in reasons:
-            return "client certificate not accepted: the client sent none"
+            return TLSCertificateRejected, "client certificate not accepted: the client sent none"
         if "unsupported protocol" in reasons:
-            return "no TLS version in common: jobworker speaks TLS 1.3 only (unsupported protocol)"
+            return TLSNegotiationFailed, (
+                "no TLS version in common: jobworker speaks TLS 1.3 only (unsupported protocol)"
+            )
         stage = "TLS error" if self._handshake_done else "TLS handshake failed"
         if "no suitable signature algorithm" in reasons:
-            return (
+            return TLSNegotiationFailed, (
                 f"{stage}: no suitable signature algorithm: the peer cannot use this key type "
                 "(grpcio/BoringSSL cannot do Ed25519; ECDSA P-256 works everywhere)"
             )
@@ -961,13 +997,15 @@ class TLSStream(trio.abc.Stream):
         if alert is not None:
             alert = alert.split(" alert ", 1)[1]  # "tlsv1 alert unknown ca" -> "unknown ca"
             if alert in _CERTIFICATE_ALERTS:
-                return f"certificate not accepted by {peer}: {alert}"
+                return TLSCertificateRejected, f"certificate not accepted by {peer}: {alert}"
             if alert == "no application protocol":
-                return "no ALPN protocol h2 negotiated: the peer refused h2"
+                return TLSNegotiationFailed, "no ALPN protocol h2 negotiated: the peer refused h2"
             if alert == "protocol version":
-                return "no TLS version in common: jobworker speaks TLS 1.3 only (protocol version)"
-            return f"{stage}: the peer sent the fatal alert {alert!r}"
-        return f"{stage}: {'; '.join(reasons) or type(exc).__name__}"
+                return TLSNegotiationFailed, (
+                    "no TLS version in common: jobworker speaks TLS 1.3 only (protocol version)"
+                )
+            return TLSError, f"{stage}: the peer sent the fatal alert {alert!r}"
+        return TLSError, f"{stage}: {'; '.join(reasons) or type(exc).__name__}"
 
 
 _CERTIFICATE_ALERTS = frozenset(

@@ -25,10 +25,12 @@ from OpenSSL import SSL
 
 from jobworker.purgatory.tls import (
     RECEIVE_BYTES,
+    TLSCertificateRejected,
     TLSConfig,
     TLSConfigError,
     TLSError,
     TLSHandshakeTimeout,
+    TLSNegotiationFailed,
     TLSStream,
     _dns_name_matches,
 )
@@ -306,13 +308,16 @@ async def test_client_certificate_from_another_ca_is_refused(certs: CertSet) -> 
     client_error, server_error = await handshake(client, server)
     # TLS 1.3: the client's handshake is over before the server has judged its certificate ...
     assert client_error is None
-    assert isinstance(server_error, TLSError)
+    assert isinstance(server_error, TLSCertificateRejected) and not server_error.by_peer
     assert "client certificate not accepted: certificate verify failed" in str(server_error)
     assert "unable to get local issuer certificate" in str(server_error)
     assert "CN=mallory" in str(server_error)
     # ... so the verdict reaches the client on its first read.
-    with pytest.raises(TLSError, match="certificate not accepted by server: unknown ca"):
+    with pytest.raises(
+        TLSCertificateRejected, match="certificate not accepted by server: unknown ca"
+    ) as caught:
         await client.receive_some()
+    assert caught.value.by_peer  # the type and the attribute, for a CLI to branch on
     with pytest.raises(trio.BrokenResourceError):
         await client.receive_some()
     with pytest.raises(trio.BrokenResourceError):
@@ -405,7 +410,7 @@ async def test_client_without_h2_is_refused(
 ) -> None:
     client, server = tls_pair(raw_client_config(certs, alpn=alpn), server_config(certs))
     client_error, server_error = await handshake(client, server)
-    assert isinstance(server_error, TLSError)
+    assert isinstance(server_error, TLSNegotiationFailed)
     assert f"no ALPN protocol h2 negotiated: {server_says}" in str(server_error)
     # With an offer, the server refuses inside the handshake (alert no_application_protocol);
     # without one there is nothing to refuse, so the server hangs up after its check (and the
