@@ -56,7 +56,8 @@ def test_every_seed_is_a_clean_client_stream(fuzz):
     for data in seeds:
         result = harness.run(data)
         assert result.findings == [], (fuzz.describe(data[4:]), result.findings)
-        assert "ev:RequestReceived" in result.features, fuzz.describe(data[4:])
+        if not fuzz.Control.parse(data[:4]).small_limits:  # else a window may be overrun
+            assert "ev:RequestReceived" in result.features, fuzz.describe(data[4:])
 
 
 def _run(fuzz, corpus: Path, crashes: Path, inputs: int):
