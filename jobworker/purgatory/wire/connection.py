@@ -28,7 +28,7 @@ import collections
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import h2.config
 import h2.connection
@@ -42,7 +42,7 @@ from hyperframe.frame import GoAwayFrame
 
 from .compression import SUPPORTED_ENCODINGS, accept_encoding_header, decode_message
 from .errors import MessageTooLarge, ProtocolError, UnsupportedEncoding, WireError
-from .fields import Block, RepeatDecoder, block_problem, encode_block
+from .fields import Block, RepeatDecoder, block_problem, encode_block, header_list_size
 from .framing import DEFAULT_MAX_MESSAGE_BYTES, PREFIX_BYTES, MessageDecoder, encode_message_parts
 from .metadata import Metadata, decode_metadata, encode_metadata
 from .status import (
@@ -62,7 +62,42 @@ DEFAULT_STREAM_WINDOW_BYTES = 1 * 2**20
 DEFAULT_CONNECTION_WINDOW_BYTES = 8 * 2**20
 DEFAULT_MAX_FRAME_BYTES = 1 * 2**20
 DEFAULT_MAX_CONCURRENT_STREAMS = 100
-MAX_HEADER_LIST_BYTES = 16 * 2**10
+
+# --- budgets: what one peer can make us hold or do (RFC 9113 §10.5) ---------------------------
+# Header lists, as SETTINGS_MAX_HEADER_LIST_SIZE announces them (decoded: names, values and 32
+# bytes per field, RFC 9113 §6.5.2). A block over it that decodes within the hard budget below
+# costs only its stream (trailers-only RESOURCE_EXHAUSTED): HPACK state stays in sync.
+DEFAULT_MAX_HEADER_LIST_BYTES = 16 * 2**10
+MAX_HEADER_LIST_BYTES = DEFAULT_MAX_HEADER_LIST_BYTES  # the name older callers import
+# The encoded block (HEADERS or PUSH_PROMISE plus its CONTINUATIONs), counted on the frame
+# headers as they arrive, before a byte of it is decoded. A sane encoder never needs more than
+# the decoded size (a literal's overhead is a few bytes, a field counts 32); twice that is the
+# slack Go's net/http2 allows (its CVE-2023-45288 fix). Over it: GOAWAY COMPRESSION_ERROR, since
+# a block we will not decompress leaves HPACK out of sync (RFC 9113 §4.3).
+DEFAULT_MAX_HEADER_BLOCK_BYTES = 2 * DEFAULT_MAX_HEADER_LIST_BYTES
+# Where hpack stops decoding (it checks as it goes): also a connection error, COMPRESSION_ERROR.
+DEFAULT_MAX_HEADER_DECODE_BYTES = 4 * DEFAULT_MAX_HEADER_LIST_BYTES
+# CONTINUATION frames per block: a legitimate peer needs one or two at our block budget; h2
+# would buffer 64 before refusing. Beyond: GOAWAY ENHANCE_YOUR_CALM.
+DEFAULT_MAX_CONTINUATION_FRAMES = 16
+# PING and SETTINGS each make h2 queue an acknowledgement. Acknowledgements queued and not yet
+# taken by data_to_send() (see receive_data for the transport's side) are bounded like Go's
+# net/http2 (maxQueuedControlFrames); beyond: GOAWAY ENHANCE_YOUR_CALM.
+DEFAULT_MAX_PENDING_ACKS = 10_000
+# Stream resets by the peer, streams we refuse (over MAX_CONCURRENT_STREAMS) and requests we
+# reset as malformed draw from a token bucket (CVE-2023-44487, rapid reset): nghttp2's figures,
+# a burst of 1000 refilled at 33 per second of the transport's clock. Empty: GOAWAY
+# ENHANCE_YOUR_CALM. Without a clock (`now` never given) the burst is the connection's lifetime
+# allowance.
+DEFAULT_MAX_RESET_BURST = 1000
+DEFAULT_RESET_REFILL_PER_S = 33.0
+# grpc-go's keepalive.EnforcementPolicy defaults: a PING sooner than MinTime after the last one
+# is a strike (sooner than 2 h when no call is open: PermitWithoutStream false); sending HEADERS
+# or DATA forgives them; the third strike is GOAWAY ENHANCE_YOUR_CALM "too_many_pings". Needs
+# the transport's clock (`now`).
+DEFAULT_MIN_PING_INTERVAL_S = 300.0
+DEFAULT_IDLE_PING_INTERVAL_S = 7200.0
+DEFAULT_MAX_PING_STRIKES = 2
 
 # h2 formats repr(frame) for every frame it receives, logging on or off (h2 4.1-4.4,
 # H2Connection._receive_frame). hyperframe's repr formats the flags and the body, and a DATA
@@ -97,9 +132,16 @@ _STREAM_GONE = (
     h2.exceptions.StreamIDTooLowError,
     h2.exceptions.NoSuchStreamError,
 )
-_GOAWAY_TYPE = 0x7
+_DATA_TYPE = 0x0
 _HEADERS_TYPE = 0x1
+_RST_STREAM_TYPE = 0x3
+_SETTINGS_TYPE = 0x4
+_PUSH_PROMISE_TYPE = 0x5
+_PING_TYPE = 0x6
+_GOAWAY_TYPE = 0x7
+_CONTINUATION_TYPE = 0x9
 _END_STREAM = 0x1
+_ACK = 0x1
 _END_HEADERS = 0x4
 
 # DATA frames carrying messages are serialized here, not by h2 (see _send_data_frames): h2's path
@@ -113,6 +155,7 @@ _DATA_CONNECTION_STATES = frozenset(
 _DATA_STREAM_STATES = frozenset(
     {h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE}
 )
+_HALF_CLOSED_LOCAL = h2.stream.StreamState.HALF_CLOSED_LOCAL
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -239,6 +282,7 @@ class _Stream:
         "partial_held",
         "unconsumed",
         "done",
+        "messages_left",
     )
 
     def __init__(self, max_message_bytes: int) -> None:
@@ -252,6 +296,15 @@ class _Stream:
         self.partial_held = 0
         self.unconsumed = 0  # messages delivered and not yet acknowledged by the consumer
         self.done = False  # locally finished: trailers queued or stream reset
+        self.messages_left: int | None = None  # inbound messages still allowed (None: any)
+
+
+class _Refusal(Exception):
+    """The peer broke a budget or HTTP/2 itself at a frame header: a connection error."""
+
+    def __init__(self, error_code: int, message: str) -> None:
+        super().__init__(message)
+        self.error_code = error_code
 
 
 class _GrpcConnection:
@@ -264,6 +317,14 @@ class _GrpcConnection:
         stream_window_bytes: int = DEFAULT_STREAM_WINDOW_BYTES,
         connection_window_bytes: int = DEFAULT_CONNECTION_WINDOW_BYTES,
         max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_header_list_bytes: int = DEFAULT_MAX_HEADER_LIST_BYTES,
+        max_header_block_bytes: int = DEFAULT_MAX_HEADER_BLOCK_BYTES,
+        max_header_decode_bytes: int = DEFAULT_MAX_HEADER_DECODE_BYTES,
+        max_continuation_frames: int = DEFAULT_MAX_CONTINUATION_FRAMES,
+        max_pending_acks: int = DEFAULT_MAX_PENDING_ACKS,
+        max_reset_burst: int = DEFAULT_MAX_RESET_BURST,
+        reset_refill_per_s: float = DEFAULT_RESET_REFILL_PER_S,
     ) -> None:
         # Inbound headers are checked by fields.block_problem, faster than h2 and as stream
         # errors (see fields.py); our own outbound ones are constants plus encode_metadata's
@@ -278,28 +339,61 @@ class _GrpcConnection:
             normalize_outbound_headers=False,
         )
         self._h2 = h2.connection.H2Connection(config=config)
-        self._h2.decoder = RepeatDecoder(self._h2.decoder.max_header_list_size)
+        # hpack checks the decoded size as it decodes and stops at the hard budget; the decoder
+        # tells blocks over the announced limit apart (see _oversized).
+        self._h2.decoder = RepeatDecoder(max_header_decode_bytes, list_limit=max_header_list_bytes)
+        settings = {
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window_bytes,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: max_frame_bytes,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_bytes,
+        }
         self._h2.local_settings = h2.settings.Settings(
+            client=self.client_side, initial_values=settings
+        )
+        # The stream limit h2 enforces after initiate(): ours is enforced first, by refusing
+        # the stream alone (see _scan); h2's, twice as high, is a backstop that never fires
+        # while the two agree.
+        self._h2_settings = h2.settings.Settings(
             client=self.client_side,
             initial_values={
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window_bytes,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: DEFAULT_MAX_FRAME_BYTES,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
+                **settings,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2 * max_concurrent_streams + 1,
             },
         )
         # h2 sizes its frame parser from the settings it was constructed with, and treats
         # initial_values as already acknowledged, so the larger frame size we announce would
         # never reach the parser: set it directly (accepting large frames early is harmless).
-        self._h2.max_inbound_frame_size = DEFAULT_MAX_FRAME_BYTES
+        self._h2.max_inbound_frame_size = max_frame_bytes
         self._connection_window_bytes = connection_window_bytes
         self.max_message_bytes = max_message_bytes
+        self.max_concurrent_streams = max_concurrent_streams
+        self.max_header_list_bytes = max_header_list_bytes
+        self._max_frame_bytes = max_frame_bytes
+        self._max_block_bytes = max_header_block_bytes
+        self._max_continuations = max_continuation_frames
+        self._max_pending_acks = max_pending_acks
+        self._reset_burst = max_reset_burst
+        self._reset_refill_per_s = reset_refill_per_s
         self._streams: dict[int, _Stream] = {}
         self._terminated = False
+        self._disposed = False
         # Output serialized past h2 (DATA, graceful GOAWAY), with h2's own output moved in
         # ahead of each of our frames, so the wire order is the order of the commands.
         self._out: list[bytes | memoryview] = []
+        # The frame scanner's state (see _scan).
+        self._carry = b""  # unfed bytes: a split frame header, or a frame held whole
+        self._skip = 24 if not self.client_side else 0  # preface, then the current frame's body
+        self._frame_bytes = self._skip  # the size of what _skip counts down
+        self._block_stream = 0  # the stream of a header block still open, else 0
+        self._block_bytes = 0
+        self._block_frames = 0
+        self._highest_opened = 0
+        self._pending_acks = 0  # ACKs h2 queued since the last data_to_send()
+        self._reset_tokens = float(max_reset_burst)
+        self._now: float | None = None
+        self._ping_forgiven = False  # we sent HEADERS or DATA since the last PING
 
     # --- the I/O boundary ----------------------------------------------------------------------
 
@@ -307,11 +401,21 @@ class _GrpcConnection:
         """Queue the connection preface: SETTINGS, then the connection window raised above
         HTTP/2's 64 KiB default (it has no setting of its own)."""
         self._h2.initiate_connection()
+        # The SETTINGS frame is out: from now on h2 reads the same values but a looser stream
+        # limit (public attribute; acknowledging our SETTINGS changes nothing, nothing pends).
+        self._h2.local_settings = self._h2_settings
         increment = self._connection_window_bytes - self._h2.inbound_flow_control_window
         if increment > 0:
             self._h2.increment_flow_control_window(increment)
 
     def data_to_send(self) -> bytes:
+        """Everything queued for the peer. Handing bytes out is taken to mean they are being
+        written: the transport calls this only once the previous batch has left (or is the
+        one batch in flight), which is what bounds the acknowledgements a peer that does not
+        read can make us queue (DEFAULT_MAX_PENDING_ACKS)."""
+        if self._disposed:
+            return b""
+        self._pending_acks = 0
         pending = self._h2.data_to_send()
         out = self._out
         if not out:
@@ -327,23 +431,203 @@ class _GrpcConnection:
         if pending:
             self._out.append(pending)
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Process bytes from the peer. Raises ConnectionBroken when the peer broke HTTP/2
-        (the GOAWAY is then queued in data_to_send())."""
+    @property
+    def buffered_input_bytes(self) -> int:
+        """Received bytes held inside the connection and not yet turned into events, at most:
+        a split frame header or a held frame, the part of a frame received so far, the frames
+        of an unfinished header block."""
+        partial = self._frame_bytes - self._skip if self._skip else 0
+        return len(self._carry) + partial + self._block_bytes + 9 * self._block_frames
+
+    def receive_data(self, data: bytes, *, now: float | None = None) -> list[Event]:
+        """Process bytes from the peer. Raises ConnectionBroken when the peer broke HTTP/2 or
+        a budget (the GOAWAY is then queued in data_to_send()).
+
+        `now`, the transport's clock in seconds, enables the budgets that need one (the
+        reset bucket's refill, the PING policy); without it they count without time."""
         if self._terminated:
             return []
+        if now is not None:
+            self._tick(now)
         events: list[Event] = []
-        self._feed_h2(data, events)
+        try:
+            self._scan(data, events)
+        except _Refusal as refusal:
+            self._terminated = True
+            self._h2.close_connection(
+                error_code=refusal.error_code, additional_data=str(refusal).encode()
+            )
+            code = h2.errors.ErrorCodes(refusal.error_code).name
+            raise ConnectionBroken(f"{code}: {refusal}") from None
         return events
 
+    def _tick(self, now: float) -> None:
+        if self._now is not None and now > self._now:
+            refilled = self._reset_tokens + (now - self._now) * self._reset_refill_per_s
+            self._reset_tokens = min(float(self._reset_burst), refilled)
+        self._now = now
+
+    def _scan(self, data: bytes, events: list[Event]) -> None:
+        """Read the frame headers before h2 parses anything, and feed h2 what passes.
+
+        Every budget that a frame header can decide is decided here, on its 9 bytes, before
+        its body is buffered or a header block decoded: frame size, header block size and
+        CONTINUATION count, acknowledgements owed, resets, the stream limit. Bodies pass
+        through untouched, and h2 gets the whole read in one call unless a decision needs
+        the events of the frames before it (a new stream at the stream limit), or a frame
+        must be taken out (the client's graceful GOAWAY, see _intercept)."""
+        if self._carry:
+            data = self._carry + data
+            self._carry = b""
+        view = memoryview(data)
+        end = len(view)
+        pos = start = 0
+        if self._skip:
+            pos = min(self._skip, end)
+            self._skip -= pos
+        opened = 0
+        while end - pos >= 9:
+            word, flags, stream_id = _FRAME_HEADER.unpack_from(view, pos)
+            length = word >> 8
+            frame_type = word & 0xFF
+            if length > self._max_frame_bytes:
+                raise _Refusal(
+                    h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
+                    f"frame of {length} bytes exceeds the limit of {self._max_frame_bytes}",
+                )
+            if frame_type != _DATA_TYPE:
+                stream_id &= 0x7FFFFFFF
+                if frame_type == _HEADERS_TYPE or frame_type == _PUSH_PROMISE_TYPE:
+                    self._open_block(stream_id, flags, length)
+                    if stream_id > self._highest_opened and not self.client_side:
+                        self._highest_opened = stream_id
+                        opened += 1
+                        if len(self._streams) + opened > self.max_concurrent_streams:
+                            # Let the streams before it open and close first, then count.
+                            self._feed_h2(view[start:pos], events)
+                            start = pos
+                            opened = 1
+                            if len(self._streams) + 1 > self.max_concurrent_streams:
+                                self._refuse_stream(stream_id)
+                                opened = 0
+                elif frame_type == _CONTINUATION_TYPE:
+                    if stream_id == self._block_stream:
+                        self._continue_block(flags, length)
+                elif frame_type == _PING_TYPE or frame_type == _SETTINGS_TYPE:
+                    if not flags & _ACK:
+                        self._owe_ack()
+                        if frame_type == _PING_TYPE and self._now is not None:
+                            self._judge_ping(self._now)
+                elif frame_type == _RST_STREAM_TYPE:
+                    self._spend_reset()
+                elif frame_type == _GOAWAY_TYPE and self.client_side:
+                    if end - pos < 9 + length:
+                        break  # held until whole: it may have to be taken out
+                    if self._intercept(view[pos : pos + 9 + length], events, view[start:pos]):
+                        pos = start = pos + 9 + length
+                        continue
+            pos += 9 + length
+        if pos > end:
+            self._skip = pos - end
+            self._frame_bytes = 9 + length
+            pos = end
+        elif pos < end:
+            self._carry = bytes(view[pos:])  # a split header (< 9 bytes) or a held GOAWAY
+        self._feed_h2(view[start:pos], events)
+
+    def _open_block(self, stream_id: int, flags: int, length: int) -> None:
+        if length > self._max_block_bytes:
+            raise _Refusal(
+                h2.errors.ErrorCodes.COMPRESSION_ERROR,
+                f"header block of {length} bytes exceeds the limit of {self._max_block_bytes}",
+            )
+        if not flags & _END_HEADERS and not self._block_stream:
+            self._block_stream = stream_id
+            self._block_bytes = length
+            self._block_frames = 1
+
+    def _continue_block(self, flags: int, length: int) -> None:
+        self._block_bytes += length
+        self._block_frames += 1
+        if self._block_bytes > self._max_block_bytes:
+            raise _Refusal(
+                h2.errors.ErrorCodes.COMPRESSION_ERROR,
+                f"header block of {self._block_bytes} bytes or more exceeds the limit of "
+                f"{self._max_block_bytes}",
+            )
+        if self._block_frames > 1 + self._max_continuations:
+            raise _Refusal(
+                h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                f"header block in more than {self._max_continuations} CONTINUATION frames",
+            )
+        if flags & _END_HEADERS:
+            self._block_stream = self._block_bytes = self._block_frames = 0
+
+    def _owe_ack(self) -> None:
+        self._pending_acks += 1
+        if self._pending_acks > self._max_pending_acks:
+            raise _Refusal(
+                h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                f"more than {self._max_pending_acks} PING and SETTINGS acknowledgements "
+                "queued and not read",
+            )
+
+    def _spend_reset(self) -> None:
+        """A stream reset by the peer, or one we refused or reset because of it."""
+        self._reset_tokens -= 1
+        if self._reset_tokens < 0:
+            raise _Refusal(
+                h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many reset or refused streams"
+            )
+
+    def _refuse_stream(self, stream_id: int) -> None:
+        raise NotImplementedError
+
+    def _judge_ping(self, now: float) -> None:
+        """The server's PING policy (grpc-go's); the client judges no pings."""
+
+    def _intercept(self, frame: memoryview, events: list[Event], before: memoryview) -> bool:
+        raise NotImplementedError
+
     def _feed_h2(self, data: bytes | memoryview, events: list[Event]) -> None:
+        if not data:
+            return
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._terminated = True
             raise ConnectionBroken(f"HTTP/2 protocol error from peer: {exc}") from exc
-        for event in h2_events:
-            self._dispatch(event, events)
+        decoder = self._h2.decoder
+        try:
+            for event in h2_events:
+                self._dispatch(event, events)
+        finally:
+            decoder.oversized = 0
+
+    def _oversized(self, headers: list[tuple[bytes, bytes]] | None) -> int:
+        """The decoded size of a header list over the announced limit, else 0. Free unless
+        the decoder saw such a block in this batch."""
+        if not self._h2.decoder.oversized or not headers:
+            return 0
+        size = header_list_size(headers)
+        return size if size > self.max_header_list_bytes else 0
+
+    def dispose(self) -> None:
+        """Drop everything this connection holds, breaking the reference cycles of h2's
+        objects (bound methods in dispatch tables, streams and state machines), so that the
+        memory of a finished connection returns by reference counting alone, without waiting
+        for the cyclic collector. Call once the connection is over; afterwards commands find
+        no stream, receive_data() returns nothing and data_to_send() returns b""."""
+        if self._disposed:
+            return
+        self._disposed = self._terminated = True
+        for stream in self._streams.values():
+            stream.outbox.clear()
+        self._streams.clear()
+        self._out.clear()
+        self._carry = b""
+        _break_cycles(self._h2)
+        self._h2_settings = None  # type: ignore[assignment]
 
     # --- commands shared by both sides ---------------------------------------------------------
 
@@ -458,6 +742,7 @@ class _GrpcConnection:
                 else:
                     self._send_header_block(stream_id, item.headers, end_stream=True)
                     self._streams.pop(stream_id, None)
+                    self._stop_input(stream_id)
                 break
             window = min(
                 self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size
@@ -489,6 +774,14 @@ class _GrpcConnection:
                 self._h2.send_data(stream_id, parts[0] if len(parts) == 1 else b"".join(parts))
             stream.outbox_bytes -= size
         return True
+
+    def _stop_input(self, stream_id: int) -> None:
+        """The server answered in full while the client may still send: ask it to stop,
+        without error (RFC 9113 §8.1), as grpc-go does; the stream then no longer counts
+        against the stream limit."""
+        h2_stream = self._h2.streams.get(stream_id)
+        if h2_stream is not None and h2_stream.state_machine.state is _HALF_CLOSED_LOCAL:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
 
     def _send_whole(self, stream_id: int, payload: bytes) -> bool:
         """The common case, fast: a message that fits the windows goes out at once, as one
@@ -542,6 +835,7 @@ class _GrpcConnection:
         frame it still sends and every WINDOW_UPDATE it receives. Nothing is copied here;
         data_to_send() joins it all once."""
         self._take_h2_output()
+        self._ping_forgiven = True
         self._out += pieces
         self._h2.outbound_flow_control_window -= size
         h2_stream.outbound_flow_control_window -= size
@@ -569,6 +863,7 @@ class _GrpcConnection:
             h2_stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
             flags |= _END_STREAM
         self._take_h2_output()
+        self._ping_forgiven = True
         self._out.append(
             _FRAME_HEADER.pack(len(block) << 8 | _HEADERS_TYPE, flags, stream_id) + block
         )
@@ -619,6 +914,12 @@ class _GrpcConnection:
             self._ack(stream_id, flow_bytes + stream.partial_held)
             self._fail_stream(stream_id, exc, events)
             return
+        if stream.messages_left is not None:
+            stream.messages_left -= len(messages)
+            if stream.messages_left < 0:
+                self._ack(stream_id, flow_bytes + stream.partial_held)
+                self._on_too_many_messages(stream_id, events)
+                return
         partial_after = stream.decoder.partial_message_bytes
         # Attribute the frame's bytes: each complete message's share is acknowledged when its
         # consumer takes it; the unfinished message's share is held (see _release_partial).
@@ -638,6 +939,9 @@ class _GrpcConnection:
     def _fail_stream(self, stream_id: int, exc: WireError, events: list[Event]) -> None:
         raise NotImplementedError
 
+    def _on_too_many_messages(self, stream_id: int, events: list[Event]) -> None:
+        raise NotImplementedError
+
 
 def _failure(exc: WireError) -> tuple[Status, str]:
     """The status a broken inbound message gives its call (the spec's mapping)."""
@@ -647,7 +951,13 @@ def _failure(exc: WireError) -> tuple[Status, str]:
         )
     if isinstance(exc, UnsupportedEncoding):
         return Status.UNIMPLEMENTED, str(exc)
+    if isinstance(exc, _HeadersTooLarge):
+        return Status.RESOURCE_EXHAUSTED, str(exc)
     return Status.INTERNAL, str(exc)
+
+
+class _HeadersTooLarge(WireError):
+    """A header list over the announced limit, decoded whole: only its stream fails."""
 
 
 # --- server side -------------------------------------------------------------------------------
@@ -658,9 +968,62 @@ class ServerConnection(_GrpcConnection):
 
     client_side = False
 
-    def __init__(self, **kwargs: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_request_messages: int | None = None,
+        min_ping_interval_s: float = DEFAULT_MIN_PING_INTERVAL_S,
+        idle_ping_interval_s: float = DEFAULT_IDLE_PING_INTERVAL_S,
+        max_ping_strikes: int = DEFAULT_MAX_PING_STRIKES,
+        **kwargs: Any,
+    ) -> None:
+        """`max_request_messages`: how many messages a call's request may hold (None: any);
+        the next one ends the call with INTERNAL (a unary method takes exactly one). The other
+        budgets are the module's DEFAULT_* constants, under the same names in lowercase."""
         super().__init__(**kwargs)
         self._draining_last_stream_id: int | None = None
+        self.max_request_messages = max_request_messages
+        self._refused: set[int] = set()  # streams refused at the stream limit, not yet reset
+        self._min_ping_interval_s = min_ping_interval_s
+        self._idle_ping_interval_s = idle_ping_interval_s
+        self._max_ping_strikes = max_ping_strikes
+        self._last_ping_at: float | None = None
+        self._ping_strikes = 0
+
+    def limit_request_messages(self, stream_id: int, count: int | None) -> None:
+        """Change how many more request messages the call may receive (None: any). Messages
+        that came in the same read as the request were already counted against the
+        connection's `max_request_messages`."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.messages_left = count
+
+    def _refuse_stream(self, stream_id: int) -> None:
+        """A stream over our MAX_CONCURRENT_STREAMS: refused alone (RFC 9113 §5.1.2), once h2
+        has decoded its headers (the HPACK state must follow every block)."""
+        self._spend_reset()
+        self._refused.add(stream_id)
+
+    def _refuse(self, stream_id: int) -> None:
+        try:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        except _STREAM_GONE:
+            pass  # the peer reset it in the same read
+
+    def _judge_ping(self, now: float) -> None:
+        # grpc-go's enforcement (http2_server.go handlePing), on the transport's clock.
+        last, self._last_ping_at = self._last_ping_at, now
+        if self._ping_forgiven:
+            self._ping_forgiven = False
+            self._ping_strikes = 0
+            return
+        if last is None:
+            return
+        interval = self._min_ping_interval_s if self._streams else self._idle_ping_interval_s
+        if now - last < interval:
+            self._ping_strikes += 1
+            if self._ping_strikes > self._max_ping_strikes:
+                raise _Refusal(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too_many_pings")
 
     def _dispatch(self, event: h2.events.Event, events: list[Event]) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -673,7 +1036,12 @@ class ServerConnection(_GrpcConnection):
             # Clients send no trailers in gRPC; the StreamEnded that follows counts. Malformed
             # ones still end the call, as the RFC asks.
             problem = block_problem(event.headers or (), Block.TRAILERS)
-            if problem is not None and self._streams.get(event.stream_id) is not None:
+            oversized = self._oversized(event.headers)
+            if oversized and self._streams.get(event.stream_id) is not None:
+                self._spend_reset()
+                message = f"trailers of {oversized} bytes exceed the limit"
+                self._fail_stream(event.stream_id, _HeadersTooLarge(message), events)
+            elif problem is not None and self._streams.get(event.stream_id) is not None:
                 self._refuse_malformed(event.stream_id, f"malformed trailers: {problem}", events)
         else:
             super()._dispatch(event, events)
@@ -682,19 +1050,35 @@ class ServerConnection(_GrpcConnection):
 
     def _on_request(self, event: h2.events.RequestReceived, events: list[Event]) -> None:
         stream_id = event.stream_id
+        if (stream_id in self._refused) if self._refused else False:
+            self._refused.discard(stream_id)
+            self._refuse(stream_id)
+            return
         if self._draining_last_stream_id is not None and stream_id > self._draining_last_stream_id:
-            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._refuse(stream_id)
+            return
+        oversized = self._oversized(event.headers)
+        if oversized:
+            # Decoded whole, so HPACK is in sync: only this request is refused (as grpc-core
+            # answers metadata over its limit: RESOURCE_EXHAUSTED).
+            message = (
+                f"header list of {oversized} bytes exceeds the limit of "
+                f"{self.max_header_list_bytes} bytes"
+            )
+            self._answer_early(stream_id, Status.RESOURCE_EXHAUSTED, message)
             return
         if block_problem(event.headers or (), Block.REQUEST) is not None:
+            self._spend_reset()
             self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # §8.1.1: stream error
             return
         headers = dict(event.headers or ())
         problem = _request_problem(headers)
         if problem is not None:
-            http_status, message = problem
-            self._answer_early(stream_id, Status.INTERNAL, message, http_status=http_status)
+            http_status, status, message = problem
+            self._answer_early(stream_id, status, message, http_status=http_status)
             return
         stream = _Stream(self.max_message_bytes)
+        stream.messages_left = self.max_request_messages
         self._streams[stream_id] = stream
         encoding = headers.get(b"grpc-encoding", b"identity").decode("ascii", "replace").lower()
         if encoding not in SUPPORTED_ENCODINGS:
@@ -735,8 +1119,21 @@ class ServerConnection(_GrpcConnection):
         events.append(InputEnded(stream_id))
 
     def _refuse_malformed(self, stream_id: int, message: str, events: list[Event]) -> None:
+        self._spend_reset()
         self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         events.append(StreamFailed(stream_id, Status.INTERNAL, message))
+
+    def _on_too_many_messages(self, stream_id: int, events: list[Event]) -> None:
+        # The gRPC spec: a unary call's server that receives a second message answers
+        # INTERNAL. The trailers end our side; the RST_STREAM(NO_ERROR) after them tells the
+        # client to stop sending (_stop_input).
+        self._spend_reset()
+        allowed = self.max_request_messages
+        self._fail_stream(
+            stream_id,
+            ProtocolError(f"more request messages than the {allowed} the call takes"),
+            events,
+        )
 
     def _fail_stream(self, stream_id: int, exc: WireError, events: list[Event]) -> None:
         status, message = _failure(exc)
@@ -826,20 +1223,52 @@ class ServerConnection(_GrpcConnection):
         self._out.append(frame.serialize())
 
 
-def _request_problem(headers: dict[bytes, bytes]) -> tuple[int, str] | None:
-    """Why a request is not gRPC, as (HTTP status, message); None when it is."""
+def _break_cycles(connection: h2.connection.H2Connection) -> None:
+    """Empty h2's objects, so that nothing it built refers back to itself: the connection's
+    dispatch tables hold its bound methods, each stream's state machine and callbacks refer
+    to the stream, the frame buffer holds frames. Emptying every h2 object's attributes
+    breaks each such cycle whatever its shape (h2 4.x keeps its state in instance dicts)."""
+    decoder = connection.decoder
+    if isinstance(decoder, RepeatDecoder):
+        decoder.forget()
+    for stream in list(connection.streams.values()):
+        for part in (stream.state_machine, stream):
+            vars(part).clear()
+    for part in (connection.state_machine, connection.incoming_buffer, connection):
+        vars(part).clear()
+
+
+def _request_problem(headers: dict[bytes, bytes]) -> tuple[int, Status, str] | None:
+    """Why a request is not gRPC, as (HTTP status, gRPC status, message); None when it is."""
     if headers.get(b":method") != b"POST":
-        return 405, f"method {headers.get(b':method', b'').decode(errors='replace')} not allowed"
+        return (
+            405,
+            Status.INTERNAL,
+            f"method {headers.get(b':method', b'').decode(errors='replace')} not allowed",
+        )
     content_type = headers.get(b"content-type", b"")
     if content_type != _CONTENT_TYPE and not content_type.startswith(
         (_CONTENT_TYPE + b"+", _CONTENT_TYPE + b";")
     ):
-        return 415, f"content-type {content_type.decode(errors='replace')!r} is not gRPC"
+        return (
+            415,
+            Status.INTERNAL,
+            f"content-type {content_type.decode(errors='replace')!r} is not gRPC",
+        )
+    subtype = content_type.partition(b";")[0][len(_CONTENT_TYPE) :].strip()
+    if subtype and subtype != b"+proto":
+        # Another message codec (+json...): we speak protobuf only. Like an unsupported
+        # grpc-encoding, which the spec answers UNIMPLEMENTED.
+        return (
+            200,
+            Status.UNIMPLEMENTED,
+            f"content-subtype {subtype[1:].decode(errors='replace')!r} is not supported",
+        )
     if headers.get(b"te") != b"trailers":
-        return 200, "te: trailers is required"
+        return 200, Status.INTERNAL, "te: trailers is required"
     path = headers.get(b":path", b"")
     if not path.startswith(b"/") or path.count(b"/") != 2:
-        return 200, f"malformed method path {path.decode(errors='replace')!r}"
+        return 200, Status.INTERNAL, f"malformed method path {path.decode(errors='replace')!r}"
     return None
 
 
@@ -858,50 +1287,24 @@ class ClientConnection(_GrpcConnection):
 
     client_side = True
 
-    def __init__(self, *, authority: str, user_agent: str = "purgatory", **kwargs: int) -> None:
+    def __init__(self, *, authority: str, user_agent: str = "purgatory", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._authority = authority.encode()
         self._user_agent = user_agent.encode()
         self._response_started: set[int] = set()
         self.goaway_last_stream_id: int | None = None
-        self._partial_frame = bytearray()  # an incomplete frame, at most one frame long
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """As for the server, but graceful GOAWAYs are taken out before h2 sees them."""
-        if self._terminated:
-            return []
-        if self._partial_frame:
-            self._partial_frame += data
-            buffer = memoryview(bytes(self._partial_frame))
-            self._partial_frame.clear()
-        else:
-            buffer = memoryview(data)
-        events: list[Event] = []
-        start = pos = 0
-        oversized = False
-        while len(buffer) - pos >= _FRAME_HEADER.size:
-            word, _flags, _stream_id = _FRAME_HEADER.unpack_from(buffer, pos)
-            length, frame_type = word >> 8, word & 0xFF
-            if length > self._h2.max_inbound_frame_size:
-                oversized = True  # h2 will refuse it, with the right GOAWAY
-                break
-            end = pos + _FRAME_HEADER.size + length
-            if end > len(buffer):
-                break
-            if frame_type == _GOAWAY_TYPE and length >= 8:
-                last_stream_id, error_code = struct.unpack_from(">I I", buffer, pos + 9)
-                if error_code == h2.errors.ErrorCodes.NO_ERROR:
-                    self._feed_h2(buffer[start:pos], events)
-                    debug = bytes(buffer[pos + 17 : end])
-                    self._on_graceful_goaway(last_stream_id & 0x7FFFFFFF, debug, events)
-                    start = end
-            pos = end
-        if pos < len(buffer) and not oversized:
-            self._partial_frame += buffer[pos:]  # at most one frame: bounded
-            self._feed_h2(buffer[start:pos], events)
-        else:
-            self._feed_h2(buffer[start:], events)
-        return events
+    def _intercept(self, frame: memoryview, events: list[Event], before: memoryview) -> bool:
+        """A whole GOAWAY frame: a graceful one (NO_ERROR) is taken out of the byte stream
+        before h2 sees it (see _FRAME_HEADER), after the frames before it; True if so."""
+        if len(frame) < 17:
+            return False  # malformed: h2 says so
+        last_stream_id, error_code = struct.unpack_from(">I I", frame, 9)
+        if error_code != h2.errors.ErrorCodes.NO_ERROR:
+            return False
+        self._feed_h2(before, events)
+        self._on_graceful_goaway(last_stream_id & 0x7FFFFFFF, bytes(frame[17:]), events)
+        return True
 
     def _on_graceful_goaway(self, last_stream_id: int, debug: bytes, events: list[Event]) -> None:
         self.goaway_last_stream_id = last_stream_id
@@ -959,7 +1362,9 @@ class ClientConnection(_GrpcConnection):
             self._on_response(event, events)
         elif isinstance(event, h2.events.TrailersReceived):
             problem = block_problem(event.headers or (), Block.TRAILERS)
-            if problem is None:
+            if self._oversized(event.headers):
+                self._refuse_oversized(event.stream_id, events)
+            elif problem is None:
                 self._on_trailers(event.stream_id, event.headers or (), events)
             else:
                 self._refuse_malformed(event.stream_id, f"malformed trailers: {problem}", events)
@@ -994,6 +1399,9 @@ class ClientConnection(_GrpcConnection):
     def _on_response(self, event: h2.events.ResponseReceived, events: list[Event]) -> None:
         stream_id = event.stream_id
         headers = list(event.headers or ())
+        if self._oversized(headers):
+            self._refuse_oversized(stream_id, events)
+            return
         problem = block_problem(headers, Block.RESPONSE)
         if problem is not None:
             self._refuse_malformed(stream_id, f"malformed response headers: {problem}", events)
@@ -1061,6 +1469,11 @@ class ClientConnection(_GrpcConnection):
     def _refuse_malformed(self, stream_id: int, message: str, events: list[Event]) -> None:
         self._end(stream_id, Status.INTERNAL, message, (), events)
         self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+
+    def _refuse_oversized(self, stream_id: int, events: list[Event]) -> None:
+        message = f"response headers exceed the limit of {self.max_header_list_bytes} bytes"
+        self._end(stream_id, Status.RESOURCE_EXHAUSTED, message, (), events)
+        self.reset(stream_id)
 
     def _fail_stream(self, stream_id: int, exc: WireError, events: list[Event]) -> None:
         status, message = _failure(exc)

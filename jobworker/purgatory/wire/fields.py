@@ -40,7 +40,9 @@ import re
 from collections.abc import Iterable
 from enum import Enum
 
-from hpack import Decoder
+import h2.errors
+import h2.exceptions
+from hpack import Decoder, HPACKError
 
 # §8.2.1: names are lowercase, without controls, space, DEL or non-ASCII; a colon may only open
 # a pseudo-header's name. Values hold no NUL, CR or LF, and neither start nor end with
@@ -130,35 +132,72 @@ _REMEMBERED_BLOCKS = 8
 _REMEMBERED_FIELDS = 32
 
 
+class UndecodableBlock(h2.exceptions.ProtocolError):
+    """A header block hpack could not decode, or stopped decoding at the hard budget: the
+    HPACK state is lost, a connection error of type COMPRESSION_ERROR (RFC 9113 §4.3).
+
+    An h2 ProtocolError, so that h2 answers it with a GOAWAY of this code; h2 itself would
+    say PROTOCOL_ERROR (and ENHANCE_YOUR_CALM for an oversized list)."""
+
+    error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
+
+
+def header_list_size(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """A header list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2)."""
+    size = 0
+    for name, value in headers:
+        size += len(name) + len(value) + 32
+    return size
+
+
 class RepeatDecoder(Decoder):
-    """hpack's decoder, which remembers the header lists of blocks made only of references.
+    """hpack's decoder, which remembers the header lists of blocks made only of references,
+    and counts the blocks whose list exceeds the announced limit.
 
     A reference changes no table, so a remembered list stays right until a block of another
     kind arrives (a literal may add to the dynamic table, a size update may evict from it):
     then everything is forgotten. Limits are part of the key, so a block decoded under looser
     ones is decoded again, with hpack's checks, once they tighten. Only a few short lists are
     kept (see _REMEMBERED_BLOCKS).
+
+    `max_header_list_size` is hpack's own check, made as it decodes: past it, decoding stops
+    (UndecodableBlock). `list_limit`, lower, is the limit announced to the peer: a list over
+    it is decoded whole, so the tables stay in sync, and `oversized` counts it; the
+    connection, which knows the stream, refuses that stream alone and resets the count.
     """
 
-    def __init__(self, max_header_list_size: int) -> None:
+    def __init__(self, max_header_list_size: int, *, list_limit: int | None = None) -> None:
         super().__init__(max_header_list_size=max_header_list_size)
-        self._remembered: dict[tuple[bytes, bool, int, int], list] = {}
+        self.list_limit = max_header_list_size if list_limit is None else list_limit
+        self.oversized = 0
+        self._remembered: dict[tuple[bytes, bool, int, int], tuple[list, int]] = {}
 
     def decode(self, data: bytes, raw: bool = False) -> list:  # type: ignore[override]
         key = (bytes(data), raw, self.max_header_list_size, self.max_allowed_table_size)
-        headers = self._remembered.get(key)
-        if headers is not None:
-            return list(headers)
         remembered = self._remembered
-        if not _ONLY_INDEXED.fullmatch(key[0]):
-            remembered.clear()
-            return super().decode(data, raw)
-        headers = list(super().decode(data, raw))
-        if len(headers) <= _REMEMBERED_FIELDS:
-            if len(remembered) >= _REMEMBERED_BLOCKS:
+        known = remembered.get(key)
+        if known is not None:
+            headers, size = known
+        else:
+            only_indexed = _ONLY_INDEXED.fullmatch(key[0]) is not None
+            if not only_indexed:
                 remembered.clear()
-            remembered[key] = headers
+            try:
+                headers = super().decode(data, raw)
+            except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
+                raise UndecodableBlock(f"header block not decoded: {exc}") from None
+            size = header_list_size(headers)
+            if only_indexed and len(headers) <= _REMEMBERED_FIELDS:
+                if len(remembered) >= _REMEMBERED_BLOCKS:
+                    remembered.clear()
+                remembered[key] = (headers, size)
+        if size > self.list_limit:
+            self.oversized += 1
         return list(headers)
+
+    def forget(self) -> None:
+        """Drop the remembered lists (their memory goes with them)."""
+        self._remembered.clear()
 
 
 def encode_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:

@@ -1,0 +1,455 @@
+"""What one peer can make a server connection hold or do (issue 13): each budget, attacked.
+
+Sans-IO: a raw h2 client (or hand-built frames) talks to a ServerConnection, and the tests read
+the server's answer back frame by frame. Each attack test checks that the attack ran (the
+frames went in) and what it got: the exact frames and codes of the answer, and how much input
+the connection held meanwhile.
+"""
+
+from __future__ import annotations
+
+import gc
+import struct
+import weakref
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import hpack
+import pytest
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+
+from jobworker.purgatory.wire.connection import (
+    DEFAULT_MAX_HEADER_BLOCK_BYTES,
+    DEFAULT_MAX_HEADER_LIST_BYTES,
+    ClientConnection,
+    ConnectionBroken,
+    InputEnded,
+    MessageReceived,
+    RequestReceived,
+    ServerConnection,
+    StreamFailed,
+)
+from jobworker.purgatory.wire.framing import encode_message
+from jobworker.purgatory.wire.status import Status
+
+E = h2.errors.ErrorCodes
+REQUEST = [
+    (b":method", b"POST"),
+    (b":scheme", b"https"),
+    (b":path", b"/test.Echo/Unary"),
+    (b":authority", b"localhost"),
+    (b"te", b"trailers"),
+    (b"content-type", b"application/grpc"),
+]
+
+
+def parse(data: bytes) -> list[Frame]:
+    frames, pos = [], 0
+    while pos < len(data):
+        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
+        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
+        frames.append(frame)
+        pos += 9 + length
+    return frames
+
+
+def answer(server: ServerConnection) -> list[Frame]:
+    return parse(server.data_to_send())
+
+
+def goaway(frames: list[Frame]) -> GoAwayFrame:
+    (frame,) = [f for f in frames if isinstance(f, GoAwayFrame)]
+    return frame
+
+
+def connected(**options) -> tuple[h2.connection.H2Connection, ServerConnection]:
+    """A raw h2 client and our server, past the preface and both SETTINGS acknowledged."""
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    server = ServerConnection(**options)
+    server.initiate()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    server.data_to_send()
+    return client, server
+
+
+def frame_bytes(frame: Frame) -> bytes:
+    return frame.serialize()
+
+
+def headers_frame(stream_id: int, block: bytes, *, end_headers: bool, end_stream=False) -> bytes:
+    frame = HeadersFrame(stream_id, data=block)
+    if end_headers:
+        frame.flags.add("END_HEADERS")
+    if end_stream:
+        frame.flags.add("END_STREAM")
+    return frame.serialize()
+
+
+def continuation(stream_id: int, block: bytes, *, end_headers: bool = False) -> bytes:
+    frame = ContinuationFrame(stream_id, data=block)
+    if end_headers:
+        frame.flags.add("END_HEADERS")
+    return frame.serialize()
+
+
+def request(client, stream_id: int, payload: bytes | None = b"hi", headers=REQUEST) -> bytes:
+    if payload is None:  # by hand: h2 would keep to our stream limit, an attacker does not
+        block = client.encoder.encode(headers)
+        return headers_frame(stream_id, block, end_headers=True, end_stream=True)
+    client.send_headers(stream_id, headers)
+    if payload is not None:
+        client.send_data(stream_id, encode_message(payload), end_stream=True)
+    return client.data_to_send()
+
+
+def trailers_status(frames: list[Frame], stream_id: int) -> int:
+    """The grpc-status of a trailers-only answer on the stream."""
+    (block,) = [f for f in frames if isinstance(f, HeadersFrame) and f.stream_id == stream_id]
+    assert "END_STREAM" in block.flags
+    fields = dict(hpack.Decoder().decode(block.data, raw=True))
+    return int(fields[b"grpc-status"])
+
+
+# --- rows 1 and 7: header blocks ---------------------------------------------------------------
+
+
+def test_a_continuation_flood_is_refused_on_the_frame_headers_before_any_decoding():
+    _client, server = connected()
+    # One Huffman-coded value that never ends: the block of row 1, in 4 KiB fragments.
+    start = b"\x00\x81\x9f" + b"\xff" * 100
+    sent = headers_frame(1, start, end_headers=False)
+    assert server.receive_data(sent) == []
+    with pytest.raises(ConnectionBroken, match="COMPRESSION_ERROR"):
+        for _ in range(1000):  # 4 MiB if it were all taken
+            fragment = continuation(1, b"\xff" * 4096)
+            sent += fragment
+            server.receive_data(fragment)
+            # Never more than the block budget held: the flood cannot grow past it.
+            assert server.buffered_input_bytes <= DEFAULT_MAX_HEADER_BLOCK_BYTES + 9 * 10
+    # Refused at the first frame header that takes the block past the budget.
+    assert len(sent) - 4105 <= DEFAULT_MAX_HEADER_BLOCK_BYTES + 9 * 10 < len(sent)
+    frames = answer(server)
+    assert goaway(frames).error_code == E.COMPRESSION_ERROR
+    assert goaway(frames).last_stream_id == 0  # stream 1 was never processed
+    assert server.receive_data(continuation(1, b"\xff" * 4096)) == []  # nothing more is read
+
+
+def test_a_block_cut_into_many_continuation_frames_is_refused():
+    _client, server = connected(max_continuation_frames=16)
+    server.receive_data(headers_frame(1, b"\x82", end_headers=False))
+    for _ in range(16):
+        server.receive_data(continuation(1, b"\x86"))
+    with pytest.raises(ConnectionBroken, match="ENHANCE_YOUR_CALM"):
+        server.receive_data(continuation(1, b"\x86"))
+    assert goaway(answer(server)).error_code == E.ENHANCE_YOUR_CALM
+
+
+def test_a_header_list_over_the_announced_limit_costs_only_its_stream():
+    client, server = connected()
+    big = [*REQUEST, (b"x-big", b"a" * DEFAULT_MAX_HEADER_LIST_BYTES)]  # 16,385+ decoded
+    events = server.receive_data(request(client, 1, headers=big))
+    assert [e for e in events if isinstance(e, RequestReceived)] == []
+    frames = answer(server)
+    assert trailers_status(frames, 1) == Status.RESOURCE_EXHAUSTED
+    assert not [f for f in frames if isinstance(f, GoAwayFrame)]
+    # HPACK stayed in sync: the next request on the connection is served.
+    events = server.receive_data(request(client, 3))
+    assert [e.stream_id for e in events if isinstance(e, RequestReceived)] == [3]
+
+
+def test_a_list_at_the_announced_limit_is_accepted():
+    client, server = connected()
+    fields = [*REQUEST, (b"x-pad", b"")]
+    size = sum(len(n) + len(v) + 32 for n, v in fields)
+    fields[-1] = (b"x-pad", b"p" * (DEFAULT_MAX_HEADER_LIST_BYTES - size))
+    events = server.receive_data(request(client, 1, headers=fields))
+    assert [e.stream_id for e in events if isinstance(e, RequestReceived)] == [1]
+
+
+def test_a_list_that_only_references_grows_past_the_decoding_budget_and_is_cut():
+    _client, server = connected()
+    encoder = hpack.Encoder()
+    value = b"v" * 4000
+    first = encoder.encode([*REQUEST, (b"x-v", value)])  # indexes x-v in the dynamic table
+    server.receive_data(headers_frame(1, first, end_headers=True, end_stream=True))
+    answer(server)
+    # Twenty references: a few dozen bytes on the wire, 80 KB decoded.
+    block = encoder.encode([(b"x-v", value)] * 20)
+    assert len(block) < 100
+    with pytest.raises(ConnectionBroken, match="protocol error"):
+        server.receive_data(headers_frame(3, block, end_headers=True, end_stream=True))
+    assert goaway(answer(server)).error_code == E.COMPRESSION_ERROR
+
+
+def test_an_undecodable_block_is_a_compression_error():
+    _client, server = connected()
+    with pytest.raises(ConnectionBroken):
+        server.receive_data(headers_frame(1, b"\xff\xff\xff\xff\x0f", end_headers=True))
+    assert goaway(answer(server)).error_code == E.COMPRESSION_ERROR
+
+
+def test_the_client_refuses_oversized_response_headers_alone():
+    client = ClientConnection(authority="localhost")
+    client.initiate()
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    raw.initiate_connection()
+    raw.receive_data(client.data_to_send())
+    client.receive_data(raw.data_to_send())
+    stream_id = client.start_call("/test.Echo/Unary")
+    raw.receive_data(client.data_to_send())
+    raw.send_headers(
+        stream_id,
+        [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"x", b"y" * 20000)],
+    )
+    events = client.receive_data(raw.data_to_send())
+    (ended,) = events
+    assert ended.status is Status.RESOURCE_EXHAUSTED
+    rst = [f for f in parse(client.data_to_send()) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in rst] == [(stream_id, E.CANCEL)]
+
+
+# --- row 8: frame size -------------------------------------------------------------------------
+
+
+def test_an_oversized_frame_is_refused_on_its_header_with_nothing_buffered():
+    _client, server = connected()
+    header = struct.pack(">IBI", (16 * 2**20 - 1) << 8 | 0x0, 0, 1)  # DATA announcing 16 MiB
+    with pytest.raises(ConnectionBroken, match="FRAME_SIZE_ERROR"):
+        server.receive_data(header)
+    assert goaway(answer(server)).error_code == E.FRAME_SIZE_ERROR
+    assert server.buffered_input_bytes == 0
+    assert server.receive_data(b"\0" * 65536) == []  # the body is never taken
+
+
+def test_a_frame_split_across_reads_is_held_only_as_far_as_it_came():
+    client, server = connected()
+    data = request(client, 1, payload=b"x" * 100_000)
+    events = []
+    for cut in range(0, len(data), 7):
+        events += server.receive_data(data[cut : cut + 7])
+        assert server.buffered_input_bytes <= 9 + 100_005 + 9
+    assert [type(e) for e in events] == [RequestReceived, MessageReceived, InputEnded]
+
+
+# --- row 4: acknowledgements owed --------------------------------------------------------------
+
+
+def ping(n: int) -> bytes:
+    return PingFrame(0, opaque_data=n.to_bytes(8, "big")).serialize()
+
+
+def test_a_ping_flood_from_a_peer_that_never_reads_is_cut_off():
+    _client, server = connected(max_pending_acks=100)
+    server.receive_data(b"".join(ping(n) for n in range(100)))
+    with pytest.raises(ConnectionBroken, match="ENHANCE_YOUR_CALM"):
+        server.receive_data(ping(100) + SettingsFrame(0).serialize())
+    frames = answer(server)
+    acks = [f for f in frames if isinstance(f, PingFrame)]
+    assert len(acks) == 100 and all("ACK" in f.flags for f in acks)
+    assert goaway(frames).error_code == E.ENHANCE_YOUR_CALM
+
+
+def test_acknowledgements_taken_by_the_transport_no_longer_count():
+    _client, server = connected(max_pending_acks=100)
+    for _ in range(10):
+        server.receive_data(b"".join(ping(n) for n in range(60)))
+        server.receive_data(SettingsFrame(0).serialize() * 40)
+        frames = answer(server)  # the transport wrote them
+        assert len(frames) == 100 and not any(isinstance(f, GoAwayFrame) for f in frames)
+
+
+def test_pings_faster_than_the_policy_allows_end_in_too_many_pings():
+    _client, server = connected()
+    now = 1000.0
+    server.receive_data(ping(0), now=now)
+    server.receive_data(ping(1), now=now + 1)  # strike 1 (no call open: 2 h expected)
+    server.receive_data(ping(2), now=now + 2)  # strike 2
+    with pytest.raises(ConnectionBroken, match="too_many_pings"):
+        server.receive_data(ping(3), now=now + 3)
+    frames = answer(server)
+    assert goaway(frames).error_code == E.ENHANCE_YOUR_CALM
+    assert goaway(frames).additional_data == b"too_many_pings"
+
+
+def test_pings_after_the_server_sent_data_are_forgiven():
+    client, server = connected()
+    now = 0.0
+    for n in range(20):
+        events = server.receive_data(request(client, 2 * n + 1) + ping(n), now=now + n)
+        (started,) = [e for e in events if isinstance(e, RequestReceived)]
+        server.send_trailers(started.stream_id, Status.OK)  # HEADERS sent: strikes forgiven
+        client.receive_data(server.data_to_send())
+
+
+# --- row 3: rapid reset ------------------------------------------------------------------------
+
+
+def rapid_reset(client, first: int, count: int) -> bytes:
+    out = b""
+    for stream_id in range(first, first + 2 * count, 2):
+        client.send_headers(stream_id, REQUEST)
+        client.reset_stream(stream_id)
+        out += client.data_to_send()
+    return out
+
+
+def test_rapid_reset_is_cut_off_once_the_burst_is_spent():
+    client, server = connected(max_reset_burst=50)
+    events = server.receive_data(rapid_reset(client, 1, 50))
+    assert len([e for e in events if isinstance(e, StreamFailed)]) == 50
+    with pytest.raises(ConnectionBroken, match="ENHANCE_YOUR_CALM"):
+        server.receive_data(rapid_reset(client, 101, 1))
+    frames = answer(server)
+    assert goaway(frames).error_code == E.ENHANCE_YOUR_CALM
+    assert goaway(frames).last_stream_id == 99
+
+
+def test_resets_spread_over_time_refill_the_bucket():
+    client, server = connected(max_reset_burst=10, reset_refill_per_s=1.0)
+    for second in range(100):  # one reset a second, 100 in all: never more than the refill
+        server.receive_data(rapid_reset(client, 2 * second + 1, 1), now=float(second))
+    assert not any(isinstance(f, GoAwayFrame) for f in answer(server))
+
+
+# --- row 6: the stream limit -------------------------------------------------------------------
+
+
+def test_the_stream_over_the_limit_is_refused_alone():
+    client, server = connected()
+    data = b"".join(request(client, 2 * n + 1, payload=None) for n in range(101))
+    events = server.receive_data(data)  # 101 requests in one read
+    started = [e.stream_id for e in events if isinstance(e, RequestReceived)]
+    assert started == [2 * n + 1 for n in range(100)]
+    frames = answer(server)
+    assert not any(isinstance(f, GoAwayFrame) for f in frames)
+    refused = [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)]
+    assert refused == [(201, E.REFUSED_STREAM)]
+    # Once a call ends, a new stream is accepted again.
+    server.send_trailers(1, Status.OK)
+    answer(server)
+    events = server.receive_data(request(client, 203, payload=None))
+    assert [e.stream_id for e in events if isinstance(e, RequestReceived)] == [203]
+
+
+def test_refused_streams_draw_on_the_reset_budget():
+    client, server = connected(max_concurrent_streams=1, max_reset_burst=5)
+    server.receive_data(request(client, 1, payload=None))
+    for n in range(5):
+        server.receive_data(request(client, 3 + 2 * n, payload=None))
+    with pytest.raises(ConnectionBroken, match="ENHANCE_YOUR_CALM"):
+        server.receive_data(request(client, 13, payload=None))
+    frames = answer(server)
+    assert [f.error_code for f in frames if isinstance(f, RstStreamFrame)] == [E.REFUSED_STREAM] * 5
+    assert goaway(frames).error_code == E.ENHANCE_YOUR_CALM
+
+
+# --- row 11: extra messages on a unary call ----------------------------------------------------
+
+
+def test_a_flood_of_extra_messages_ends_the_call_with_internal():
+    client, server = connected(max_request_messages=1)
+    client.send_headers(1, REQUEST)
+    client.send_data(1, encode_message(b"one") + encode_message(b"") * 10_000)
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [RequestReceived, StreamFailed]
+    (failed,) = [e for e in events if isinstance(e, StreamFailed)]
+    assert failed.status is Status.INTERNAL
+    frames = answer(server)
+    assert trailers_status(frames, 1) == Status.INTERNAL
+    rst = [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)]
+    assert rst == [(1, E.NO_ERROR)]  # stop sending (RFC 9113 §8.1)
+    # What still comes is dropped without events, and its window is given back.
+    more = DataFrame(1, data=encode_message(b"") * 1000).serialize()
+    assert server.receive_data(more) == []
+
+
+def test_one_message_is_delivered_when_one_is_allowed():
+    client, server = connected(max_request_messages=1)
+    events = server.receive_data(request(client, 1))
+    assert [type(e) for e in events] == [RequestReceived, MessageReceived, InputEnded]
+
+
+# --- row 12: content-subtype -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [(b"application/grpc+json", Status.UNIMPLEMENTED), (b"application/grpc+proto", None)],
+)
+def test_only_the_protobuf_content_subtype_is_served(content_type, status):
+    client, server = connected()
+    headers = [(n, content_type if n == b"content-type" else v) for n, v in REQUEST]
+    events = server.receive_data(request(client, 1, headers=headers))
+    started = [e for e in events if isinstance(e, RequestReceived)]
+    if status is None:
+        assert len(started) == 1
+    else:
+        assert started == []
+        assert trailers_status(answer(server), 1) == status
+
+
+# --- row 10: memory without the cyclic GC ------------------------------------------------------
+
+
+@pytest.fixture
+def no_gc():
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def test_a_disposed_connection_is_freed_by_reference_counting_alone(no_gc):
+    client, server = connected()
+    for stream_id in (1, 3, 5):
+        server.receive_data(request(client, stream_id))
+        server.send_message(stream_id, b"reply")
+    server.send_trailers(1, Status.OK)
+    server.receive_data(headers_frame(7, b"\x82", end_headers=False))
+    for _ in range(5):
+        server.receive_data(continuation(7, b"\x86" * 1000))
+    h2_connection = weakref.ref(server._h2)
+    connection = weakref.ref(server)
+    server.dispose()
+    assert server.data_to_send() == b"" and server.receive_data(ping(1)) == []
+    del server
+    assert connection() is None
+    assert h2_connection() is None
+
+
+def test_a_disposed_connection_after_a_refusal_is_freed_too(no_gc):
+    _client, server = connected()
+    with pytest.raises(ConnectionBroken):
+        server.receive_data(headers_frame(1, b"\xff\xff\xff\xff\x0f", end_headers=True))
+    h2_connection = weakref.ref(server._h2)
+    server.dispose()
+    del server
+    assert h2_connection() is None
+
+
+def test_without_dispose_h2_holds_cycles(no_gc):
+    """The premise: otherwise dispose() would be pointless, and the test above proves nothing."""
+    _client, server = connected()
+    h2_connection = weakref.ref(server._h2)
+    del server
+    assert h2_connection() is not None
+    gc.collect()
+    assert h2_connection() is None
