@@ -14,12 +14,20 @@ from .errors import (
     JobEnded,
     JobNotEnded,
     JobNotFound,
+    LimitOutOfRange,
     OutputDropped,
     SupervisorError,
     TransientUsersExhausted,
 )
 from .job import Job
-from .limits import LimitOverrides, LimitPolicy, Limits, format_bytes, parse_bytes
+from .limits import (
+    HostCapacity,
+    LimitOverrides,
+    LimitPolicy,
+    Limits,
+    format_bytes,
+    parse_bytes,
+)
 from .output import OutputChunk, OutputLog, OutputStream
 from .sandbox import Isolation
 from .status import JobState, JobStatus, RunAs, Usage
@@ -29,6 +37,7 @@ __all__ = [
     "CgroupError",
     "CgroupsUnavailable",
     "InvalidJobSpec",
+    "HostCapacity",
     "Isolation",
     "IsolationUnavailable",
     "Job",
@@ -37,6 +46,7 @@ __all__ = [
     "JobNotFound",
     "JobState",
     "JobStatus",
+    "LimitOutOfRange",
     "LimitOverrides",
     "LimitPolicy",
     "Limits",

@@ -16,6 +16,20 @@ class InvalidJobSpec(SupervisorError, ValueError):
     non-finite limit, a limit above the Supervisor's maximum, a malformed environment."""
 
 
+class LimitOutOfRange(InvalidJobSpec):
+    """A limit outside what it may be: not a number, below what the kernel enforces, above
+    the Supervisor's maximum or what the host has. Says which limit and the allowed range.
+
+    `what` says whose value it is ("requested", "default", "maximum"; empty for a request),
+    `name` is the `Limits` field, `detail` the rest: ``f"{what} {name} {detail}"``."""
+
+    def __init__(self, name: str, detail: str, *, what: str = "") -> None:
+        super().__init__(f"{what} {name} {detail}" if what else f"{name} {detail}")
+        self.name = name
+        self.detail = detail
+        self.what = what
+
+
 class JobNotFound(SupervisorError, LookupError):
     """No job has this id (in this Supervisor)."""
 

@@ -287,9 +287,11 @@ async def test_invalid_arguments_raise(tmp_path):
             await sup.start("true", cwd="/tmp\0x")  # once left a job "running" forever
         with pytest.raises(InvalidJobSpec, match="memory_bytes 2G is above the maximum 1G"):
             await sup.start("true", limits=LimitOverrides(memory_bytes=2 * 2**30))
-        with pytest.raises(InvalidJobSpec, match=r"cpu 1\.5 is above the maximum 1$"):
+        with pytest.raises(
+            InvalidJobSpec, match=r"cpu 1\.5 is above the maximum 1 \(allowed: 0\.01 to 1\)$"
+        ):
             await sup.start("true", limits=LimitOverrides(cpu=1.5))
-        with pytest.raises(InvalidJobSpec, match="must be at least"):
+        with pytest.raises(InvalidJobSpec, match="pids -1 is below the minimum 2"):
             await sup.start("true", limits=LimitOverrides(pids=-1))
         assert sup.jobs() == []  # nothing was created
 
