@@ -13,7 +13,14 @@ and response conversions live in convert.py. Events are logged on ``jobworker.ev
 
 from .app import open_job_service
 from .authz import Action, Decision, authorize
-from .errors import STATUS_OF, InvalidRequest, PermissionDenied, TooManyJobs, as_grpc_error
+from .errors import (
+    STATUS_OF,
+    InvalidRequest,
+    PermissionDenied,
+    TooManyJobs,
+    TooManyLogStreams,
+    as_grpc_error,
+)
 from .handlers import SERVICE_NAME, JobService
 from .identity import Identity, Role, identify
 from .policy import JobPolicy, Retention
@@ -35,6 +42,7 @@ __all__ = [
     "PermissionDenied",
     "Role",
     "TooManyJobs",
+    "TooManyLogStreams",
     "as_grpc_error",
     "authorize",
     "identify",

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Literal
 
 import trio
 
@@ -14,7 +15,7 @@ from jobworker.supervisor import Supervisor
 
 from .convert import MAX_GRACE_PERIOD_S
 from .handlers import JobService
-from .policy import JobPolicy, Retention
+from .policy import DEFAULT_MAX_LOG_STREAMS, JobPolicy, Retention, per_user_share
 from .store import JobStore, open_store
 
 
@@ -24,6 +25,9 @@ async def open_job_service(
     *,
     store: JobStore | None = None,
     max_running_jobs: int | None = None,
+    max_running_jobs_per_user: int | Literal["half"] | None = "half",
+    max_log_streams: int | None = DEFAULT_MAX_LOG_STREAMS,
+    max_log_streams_per_user: int | Literal["half"] | None = "half",
     max_grace_period_s: float = MAX_GRACE_PERIOD_S,
     policy: JobPolicy | None = None,
     retention: Retention | None = None,
@@ -39,6 +43,11 @@ async def open_job_service(
       service (a server passes the one in its data directory, after `recover`).
     - max_running_jobs: StartJob answers RESOURCE_EXHAUSTED while this many jobs it started
       are running (None: no limit).
+    - max_running_jobs_per_user: likewise while the caller's own jobs are this many, so one
+      identity cannot take every slot; "half": half of max_running_jobs (None: no limit).
+    - max_log_streams, max_log_streams_per_user: GetJobLogs answers RESOURCE_EXHAUSTED while
+      this many streams are open, in all or from the caller ("half": half of the first).
+    The per-user caps apply to every identity, admins included: they protect the others.
     - max_grace_period_s: the longest grace period StopJob accepts (INVALID_ARGUMENT above).
     - policy: the accounts identities' jobs run as, and their network (`JobPolicy`); mapping
       accounts or a network other than the host's needs a Supervisor that isolates jobs.
@@ -52,8 +61,18 @@ async def open_job_service(
     recorded and logged. A cancellation skips that wait: the Supervisor's own exit then stops
     the jobs.
     """
-    if max_running_jobs is not None and max_running_jobs < 1:
-        raise ValueError(f"max_running_jobs must be at least 1, got {max_running_jobs}")
+    if max_running_jobs_per_user == "half":
+        max_running_jobs_per_user = per_user_share(max_running_jobs)
+    if max_log_streams_per_user == "half":
+        max_log_streams_per_user = per_user_share(max_log_streams)
+    for name, cap in (
+        ("max_running_jobs", max_running_jobs),
+        ("max_running_jobs_per_user", max_running_jobs_per_user),
+        ("max_log_streams", max_log_streams),
+        ("max_log_streams_per_user", max_log_streams_per_user),
+    ):
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"{name} must be at least 1, got {cap!r}")
     if not math.isfinite(max_grace_period_s) or max_grace_period_s < 0:
         raise ValueError(f"max_grace_period_s must be finite and >= 0, got {max_grace_period_s}")
     if policy is not None and policy.needs_isolation and supervisor.isolation is None:
@@ -71,6 +90,9 @@ async def open_job_service(
                 store=store,
                 run_id=run_id,
                 max_running_jobs=max_running_jobs,
+                max_running_jobs_per_user=max_running_jobs_per_user,
+                max_log_streams=max_log_streams,
+                max_log_streams_per_user=max_log_streams_per_user,
                 max_grace_period_s=max_grace_period_s,
                 policy=policy,
                 retention=retention,

@@ -19,6 +19,7 @@ from jobworker.supervisor import (
     JobState,
     JobStatus,
     LimitOverrides,
+    LimitPolicy,
     Limits,
     OutputChunk,
     OutputStream,
@@ -62,11 +63,12 @@ _LIMIT_FIELDS = (
 )
 
 
-def overrides_of(request: pb.StartJobRequest) -> LimitOverrides | None:
+def overrides_of(request: pb.StartJobRequest, policy: LimitPolicy) -> LimitOverrides | None:
     """The limits the request asks for; None when it asks for none (all defaults).
 
-    Out-of-range values raise InvalidJobSpec (INVALID_ARGUMENT) from LimitOverrides itself;
-    values above the server's maximums are refused by the Supervisor when it starts the job.
+    Each value is checked against `policy` (the Supervisor's: its maximums, and what the host
+    has) here, before anything is recorded: out of range, LimitOutOfRange (INVALID_ARGUMENT)
+    names the field and the allowed range.
     """
     if not request.HasField("limits"):
         return None
@@ -75,6 +77,8 @@ def overrides_of(request: pb.StartJobRequest) -> LimitOverrides | None:
         for api, ours in _LIMIT_FIELDS
         if request.limits.HasField(api)
     }
+    for name, value in given.items():
+        policy.check(name, value)
     return LimitOverrides(**given) if given else None
 
 

@@ -15,6 +15,7 @@ from jobworker.supervisor import (
     JobEnded,
     JobNotEnded,
     JobNotFound,
+    LimitOutOfRange,
     OutputDropped,
     TransientUsersExhausted,
 )
@@ -37,13 +38,39 @@ class PermissionDenied(ServiceError):
 
 
 class TooManyJobs(ServiceError):
-    """The server already runs its maximum of concurrent jobs."""
+    """The server, or the caller, already runs its maximum of concurrent jobs."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"the server already runs its maximum of {limit} concurrent jobs;"
-            " start this one when another has ended"
-        )
+    def __init__(self, limit: int, *, per_user: bool) -> None:
+        if per_user:
+            message = (
+                f"you have {limit} jobs running, the most per user (--max-jobs-per-user);"
+                " start this one when one of yours has ended"
+            )
+        else:
+            message = (
+                f"the server already runs its maximum of {limit} jobs at once (--max-jobs);"
+                " start this one when another has ended"
+            )
+        super().__init__(message)
+        self.per_user = per_user
+
+
+class TooManyLogStreams(ServiceError):
+    """The server, or the caller, already has its maximum of GetJobLogs streams open."""
+
+    def __init__(self, limit: int, *, per_user: bool) -> None:
+        if per_user:
+            message = (
+                f"you have {limit} log streams open, the most per user"
+                " (--max-log-streams-per-user); close one of them first"
+            )
+        else:
+            message = (
+                f"the server already serves its maximum of {limit} log streams at once"
+                " (--max-log-streams); try again when one has closed"
+            )
+        super().__init__(message)
+        self.per_user = per_user
 
 
 class ShuttingDown(ServiceError):
@@ -62,6 +89,7 @@ STATUS_OF: dict[type[Exception], Status] = {
     JobEnded: Status.FAILED_PRECONDITION,
     PermissionDenied: Status.PERMISSION_DENIED,
     TooManyJobs: Status.RESOURCE_EXHAUSTED,
+    TooManyLogStreams: Status.RESOURCE_EXHAUSTED,
     OutputDropped: Status.OUT_OF_RANGE,
     ShuttingDown: Status.UNAVAILABLE,
     TransientUsersExhausted: Status.RESOURCE_EXHAUSTED,
@@ -75,6 +103,13 @@ _API_LIMIT_NAMES = {
     "io_read_bps": "io_read_bytes_per_second",
     "io_write_bps": "io_write_bytes_per_second",
 }
+
+
+def api_limit_name(name: str) -> str:
+    """A `Limits` field as StartJobRequest spells it: ``limits.cpu``, ``limits.io_read_...``."""
+    return "limits." + _API_LIMIT_NAMES.get(name, name)
+
+
 _LIMIT_NAME = re.compile(r"\b(" + "|".join(_API_LIMIT_NAMES) + r")\b")
 
 
@@ -100,6 +135,9 @@ def _message(exc: Exception) -> str:
             f"the output before offset {exc.retained_start} is no longer kept (retention limit);"
             f" asked for offset {exc.requested_offset}: read from offset {exc.retained_start}"
         )
+    if isinstance(exc, LimitOutOfRange):
+        # Whether a default or a maximum, it is about the field the request set (or left).
+        return f"{api_limit_name(exc.name)} {exc.detail}"
     if isinstance(exc, InvalidJobSpec):
         return _LIMIT_NAME.sub(lambda m: _API_LIMIT_NAMES[m.group(1)], str(exc))
     return str(exc)

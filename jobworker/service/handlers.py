@@ -8,6 +8,12 @@ Looking a job up is always: validate the id → find it (NOT_FOUND) → authoriz
 the very same NOT_FOUND) → act. So a caller learns nothing about jobs it may not see, not even
 whether an id is in use.
 
+Fairness: no identity may take what the others need. Running jobs and open GetJobLogs
+streams are each capped twice, in all and per identity (`_Holdings`); the per-identity caps
+apply to admins too, since they protect the other users, not the server. A job counts from
+the moment StartJob admits it until it has ended (or StartJob failed), a log stream while
+its handler runs.
+
 Where jobs live: a running job (and one that ended a moment ago) in the Supervisor, every job
 in the store (store.py). The record is written before the job starts — a job the store cannot
 record does not start — and again when it starts, when a stop is asked for and when it ends;
@@ -50,6 +56,7 @@ from .errors import (
     PermissionDenied,
     ShuttingDown,
     TooManyJobs,
+    TooManyLogStreams,
     Unavailable,
     as_grpc_error,
 )
@@ -86,6 +93,42 @@ _WHAT = {
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
 
+class _Holdings:
+    """How many of one thing (running jobs, open log streams) are held, in all and by each
+    identity, under a cap on each. `take` and `give_back` never checkpoint, so a check and
+    its count cannot be split by another task: concurrent calls count each other."""
+
+    def __init__(
+        self, cap: int | None, cap_per_user: int | None, refuse: Callable[..., Exception]
+    ) -> None:
+        self.cap = cap
+        self.cap_per_user = cap_per_user
+        self._refuse = refuse  # (limit, *, per_user) -> the error that says which cap
+        self.total = 0
+        # Only identities holding some: it never grows with every name ever seen.
+        self._by_name: dict[str, int] = {}
+
+    def of(self, name: str) -> int:
+        return self._by_name.get(name, 0)
+
+    def take(self, name: str) -> None:
+        """Count one more for `name`, or raise the refusal naming the cap it would pass. The
+        per-user cap is checked first: a caller at its own cap is told so, not that the
+        server is busy."""
+        if self.cap_per_user is not None and self.of(name) >= self.cap_per_user:
+            raise self._refuse(self.cap_per_user, per_user=True)
+        if self.cap is not None and self.total >= self.cap:
+            raise self._refuse(self.cap, per_user=False)
+        self.total += 1
+        self._by_name[name] = self.of(name) + 1
+
+    def give_back(self, name: str) -> None:
+        held = self._by_name.pop(name)
+        if held > 1:
+            self._by_name[name] = held - 1
+        self.total -= 1
+
+
 def _answers_errors(handler: H) -> H:
     """Domain errors raised by `handler` become their statuses (errors.STATUS_OF)."""
 
@@ -114,6 +157,9 @@ class JobService:
         run_id: int,
         max_running_jobs: int | None,
         max_grace_period_s: float,
+        max_running_jobs_per_user: int | None = None,
+        max_log_streams: int | None = None,
+        max_log_streams_per_user: int | None = None,
         policy: JobPolicy | None = None,
         retention: Retention | None = None,
         clock: Callable[[], float] = time.time,
@@ -122,14 +168,15 @@ class JobService:
         self._nursery = nursery
         self._store = store
         self._run_id = run_id
-        self._max_running_jobs = max_running_jobs
         self._max_grace_period_s = max_grace_period_s
         self._policy = policy or JobPolicy()
         self._retention = retention or Retention()
         # Seconds since the epoch: when the store saw each job end, and what retention
         # compares that with (tests pass their own).
         self._clock = clock
-        self._active = 0  # jobs started here that have not ended yet (or are being started)
+        # Jobs started here that have not ended yet (or are being started), by owner.
+        self._jobs = _Holdings(max_running_jobs, max_running_jobs_per_user, TooManyJobs)
+        self._log_streams = _Holdings(max_log_streams, max_log_streams_per_user, TooManyLogStreams)
         self._closing = False
         self._tidy = trio.Event()  # set when a job ended: retention and budget are due
         self._recording: dict[str, trio.Event] = {}  # running jobs: set once the end is stored
@@ -167,7 +214,20 @@ class JobService:
     @property
     def running_jobs(self) -> int:
         """Jobs started through this service that have not ended (what max_running_jobs caps)."""
-        return self._active
+        return self._jobs.total
+
+    def running_jobs_of(self, identity: str) -> int:
+        """Those of them `identity` started (what max_running_jobs_per_user caps)."""
+        return self._jobs.of(identity)
+
+    @property
+    def log_streams(self) -> int:
+        """GetJobLogs calls being served now (what max_log_streams caps)."""
+        return self._log_streams.total
+
+    def log_streams_of(self, identity: str) -> int:
+        """Those of them `identity` made (what max_log_streams_per_user caps)."""
+        return self._log_streams.of(identity)
 
     # --- handlers --------------------------------------------------------------------------------
 
@@ -175,7 +235,7 @@ class JobService:
     async def start_job(self, request: pb.StartJobRequest, call: ServerCall) -> pb.StartJobResponse:
         who = _caller(call)
         self._authorize(who, Action.START, is_owner=True, job_id=None)
-        limits = convert.overrides_of(request)
+        limits = convert.overrides_of(request, self._supervisor.policy)
         env = convert.env_of(request)
         cwd = convert.working_dir_of(request)
         network = convert.network_of(request) or self._policy.network
@@ -185,9 +245,7 @@ class JobService:
             )
         if self._closing:
             raise ShuttingDown("the server is shutting down and starts no more jobs")
-        if self._max_running_jobs is not None and self._active >= self._max_running_jobs:
-            raise TooManyJobs(self._max_running_jobs)
-        self._active += 1  # before the first checkpoint: concurrent starts count each other
+        self._jobs.take(who.name)  # before the first checkpoint: concurrent starts count
         job_id = str(uuid.uuid4())
         try:
             # The record first: a job the server could not account for must not run.
@@ -230,7 +288,7 @@ class JobService:
                     ) from None
                 raise
         except BaseException:
-            self._active -= 1
+            self._jobs.give_back(who.name)
             raise
         status = job.status()
         events.info(
@@ -293,6 +351,15 @@ class JobService:
         """
         who = _caller(call)
         job_id = convert.job_id_of(request.job_id)
+        self._log_streams.take(who.name)
+        try:
+            await self._send_logs(who, job_id, request, call)
+        finally:
+            self._log_streams.give_back(who.name)
+
+    async def _send_logs(
+        self, who: Identity, job_id: str, request: pb.GetJobLogsRequest, call: ServerCall
+    ) -> None:
         job = await self._find(who, Action.READ_LOGS, job_id)
         if isinstance(job, Record):
             try:
@@ -485,7 +552,7 @@ class JobService:
             await self._save(job.status())
             status = await job.wait()
         finally:
-            self._active -= 1
+            self._jobs.give_back(job.owner)
         events.info(
             "job ended %s",
             fields(

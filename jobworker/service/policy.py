@@ -47,6 +47,18 @@ class JobPolicy:
         return self.run_as.get(identity)
 
 
+# Open GetJobLogs streams, in all: each holds a task, an open log file and a stream of a
+# connection; a thousand is far beyond what people follow at once, far below what a server
+# can hold. Connection limits (purgatory) bound the streams of each connection, not of a user.
+DEFAULT_MAX_LOG_STREAMS = 1000
+
+
+def per_user_share(cap: int | None) -> int | None:
+    """The default per-identity cap under a server-wide `cap`: half of it (at least 1), so
+    one identity can never take every slot and a second one always finds room."""
+    return None if cap is None else max(1, cap // 2)
+
+
 DAY_S = 86400.0
 
 

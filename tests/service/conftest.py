@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -174,17 +175,27 @@ def client_tls(certs: Certs, name: str) -> TLSConfig:
 @pytest.fixture
 async def served(tmp_path: Path, certs: Certs) -> AsyncIterator[Served]:
     """The service on 127.0.0.1 with a channel per member of the cast (channels belong to this
-    fixture's task, which opens and closes them)."""
+    fixture's task, which opens and closes them). One user may hold every running-job slot
+    here; the per-user caps have tests (and a fixture) of their own."""
+    async with serve(
+        tmp_path, certs, max_running_jobs=MAX_RUNNING_JOBS, max_running_jobs_per_user=None
+    ) as served:
+        yield served
+
+
+@asynccontextmanager
+async def serve(
+    tmp_path: Path, certs: Certs, *, limits: LimitPolicy | None = None, **service_kwargs: Any
+) -> AsyncIterator[Served]:
+    """`served`, with `open_job_service(**service_kwargs)` and the Supervisor's `limits`
+    (None: DEFAULT_LIMITS and MAX_LIMITS)."""
     supervisor = Supervisor(
         data_dir=tmp_path / "data",
-        limits=LimitPolicy(defaults=DEFAULT_LIMITS, maximums=MAX_LIMITS),
+        limits=limits or LimitPolicy(defaults=DEFAULT_LIMITS, maximums=MAX_LIMITS),
         grace_period_s=GRACE_S,
         retention_bytes=RETENTION_BYTES,
     )
-    async with (
-        supervisor,
-        open_job_service(supervisor, max_running_jobs=MAX_RUNNING_JOBS) as service,
-    ):
+    async with supervisor, open_job_service(supervisor, **service_kwargs) as service:
         tls = TLSConfig.server(
             cert_file=certs.server.cert_file,
             key_file=certs.server.key_file,

@@ -14,16 +14,19 @@ from hypothesis import strategies as st
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory.wire.status import Status
 from jobworker.service import STATUS_OF, InvalidRequest, PermissionDenied, as_grpc_error, convert
-from jobworker.service.errors import ShuttingDown, TooManyJobs, Unavailable
+from jobworker.service.errors import ShuttingDown, TooManyJobs, TooManyLogStreams, Unavailable
 from jobworker.service.store import StoreUnavailable
 from jobworker.supervisor import (
+    HostCapacity,
     InvalidJobSpec,
     JobEnded,
     JobNotEnded,
     JobNotFound,
     JobState,
     JobStatus,
+    LimitOutOfRange,
     LimitOverrides,
+    LimitPolicy,
     Limits,
     OutputChunk,
     OutputDropped,
@@ -111,35 +114,91 @@ def test_log_chunks_keep_stream_offset_and_bytes() -> None:
 # --- requests ------------------------------------------------------------------------------------
 
 
+# A host of 2 CPUs, 4G of RAM and pid_max 32768; the server's maximum memory is 2G.
+HOST = HostCapacity(cpus=2, memory_bytes=4 * 2**30, pids=32768)
+POLICY = LimitPolicy(maximums=LimitOverrides(memory_bytes=2 * 2**30), host=HOST)
+
+
 def test_limits_left_unset_are_none_and_set_ones_are_named_like_the_supervisor() -> None:
-    assert convert.overrides_of(pb.StartJobRequest(command="x")) is None
-    assert convert.overrides_of(pb.StartJobRequest(command="x", limits=pb.Limits())) is None
+    assert convert.overrides_of(pb.StartJobRequest(command="x"), POLICY) is None
+    assert convert.overrides_of(pb.StartJobRequest(command="x", limits=pb.Limits()), POLICY) is None
     request = pb.StartJobRequest(
         command="x",
         limits=pb.Limits(cpu=1.5, io_read_bytes_per_second=10, io_write_bytes_per_second=20),
     )
-    assert convert.overrides_of(request) == LimitOverrides(cpu=1.5, io_read_bps=10, io_write_bps=20)
+    assert convert.overrides_of(request, POLICY) == LimitOverrides(
+        cpu=1.5, io_read_bps=10, io_write_bps=20
+    )
     zero = pb.StartJobRequest(command="x", limits=pb.Limits(pids=0))  # set to 0 is not unset
     with pytest.raises(InvalidJobSpec):
-        convert.overrides_of(zero)
+        convert.overrides_of(zero, POLICY)
 
 
 @pytest.mark.parametrize(
-    ("limits", "words"),
+    ("limits", "message"),
     [
-        (pb.Limits(cpu=math.inf), "cpu"),
-        (pb.Limits(cpu=-1), "cpu"),
-        (pb.Limits(memory_bytes=1), "memory_bytes"),
-        (pb.Limits(io_read_bytes_per_second=0), "io_read_bytes_per_second"),
-        (pb.Limits(io_write_bytes_per_second=0), "io_write_bytes_per_second"),
+        (pb.Limits(cpu=math.inf), "limits.cpu inf is not a finite number of cores"),
+        (pb.Limits(cpu=math.nan), "limits.cpu nan is not a finite number of cores"),
+        (pb.Limits(cpu=-1), "limits.cpu -1 is below the minimum 0.01"),
+        (pb.Limits(cpu=0), "limits.cpu 0 is below the minimum 0.01"),
+        (pb.Limits(cpu=1e300), "limits.cpu 1e+300 is above this host's 2 CPUs"),
+        (pb.Limits(cpu=2.5), "limits.cpu 2.5 is above this host's 2 CPUs"),
+        (pb.Limits(memory_bytes=1), "limits.memory_bytes 1 is below the minimum 1M"),
+        (pb.Limits(memory_bytes=3 * 2**30), "limits.memory_bytes 3G is above the maximum 2G"),
+        (
+            pb.Limits(pids=2**32 - 1),
+            "limits.pids 4294967295 is above this host's pid_max 32768",
+        ),
+        (
+            pb.Limits(io_read_bytes_per_second=0),
+            "limits.io_read_bytes_per_second 0 is below the minimum 1",
+        ),
+        (
+            # U64_MAX is what the kernel reads as "max": no limit at all.
+            pb.Limits(io_write_bytes_per_second=2**64 - 1),
+            "limits.io_write_bytes_per_second 18446744073709551615 is above the largest"
+            " rate the kernel takes",
+        ),
     ],
 )
-def test_bad_limits_are_invalid_argument_named_as_in_the_api(limits: pb.Limits, words: str) -> None:
-    with pytest.raises(InvalidJobSpec) as caught:
-        convert.overrides_of(pb.StartJobRequest(command="x", limits=limits))
+def test_limits_out_of_range_are_invalid_argument_naming_the_field_and_the_range(
+    limits: pb.Limits, message: str
+) -> None:
+    with pytest.raises(LimitOutOfRange) as caught:
+        convert.overrides_of(pb.StartJobRequest(command="x", limits=limits), POLICY)
     error = as_grpc_error(caught.value)
     assert error is not None and error.status is Status.INVALID_ARGUMENT
-    assert words in error.message and "_bps" not in error.message
+    assert error.message.startswith(message), error.message
+    assert "(allowed: " in error.message and "_bps" not in error.message
+
+
+@pytest.mark.parametrize(
+    ("limits", "allowed"),
+    [
+        (pb.Limits(cpu=math.nan), "(allowed: 0.01 to 2)"),
+        (pb.Limits(memory_bytes=2**40), "(allowed: 1M to 2G)"),
+        (pb.Limits(pids=1), "(allowed: 2 to 32768)"),
+        (pb.Limits(io_read_bytes_per_second=0), "(allowed: 1 to 18446744073709551614)"),
+    ],
+)
+def test_the_allowed_range_is_the_servers_maximum_or_the_hosts(
+    limits: pb.Limits, allowed: str
+) -> None:
+    with pytest.raises(LimitOutOfRange) as caught:
+        convert.overrides_of(pb.StartJobRequest(command="x", limits=limits), POLICY)
+    assert str(caught.value).endswith(allowed)
+
+
+def test_limits_at_the_top_of_the_range_are_accepted() -> None:
+    top = pb.Limits(
+        cpu=2,
+        memory_bytes=2 * 2**30,
+        pids=32768,
+        io_read_bytes_per_second=2**64 - 2,
+        io_write_bytes_per_second=2**64 - 2,
+    )
+    overrides = convert.overrides_of(pb.StartJobRequest(command="x", limits=top), POLICY)
+    assert POLICY.resolve(overrides).pids == 32768
 
 
 def test_job_ids() -> None:
@@ -195,7 +254,8 @@ CASES = [
     (JobNotFound(job_id), Status.NOT_FOUND),
     (JobEnded(job_id, "finished"), Status.FAILED_PRECONDITION),
     (PermissionDenied("vera may not stop jobs"), Status.PERMISSION_DENIED),
-    (TooManyJobs(5), Status.RESOURCE_EXHAUSTED),
+    (TooManyJobs(5, per_user=True), Status.RESOURCE_EXHAUSTED),
+    (TooManyLogStreams(5, per_user=False), Status.RESOURCE_EXHAUSTED),
     (OutputDropped(0, 4096), Status.OUT_OF_RANGE),
     (ShuttingDown("going"), Status.UNAVAILABLE),
     (TransientUsersExhausted("every transient uid is in use"), Status.RESOURCE_EXHAUSTED),

@@ -73,12 +73,26 @@ async def test_concurrent_starts_count_each_other_against_the_cap(tmp_path: Path
             outcomes.append(exc.status.name)
 
     async with Supervisor(data_dir=tmp_path, grace_period_s=5) as supervisor:
-        async with open_job_service(supervisor, max_running_jobs=2) as service:
+        async with open_job_service(
+            supervisor, max_running_jobs=2, max_running_jobs_per_user=None
+        ) as service:
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
                     nursery.start_soon(start, service)
             assert sorted(outcomes) == ["RESOURCE_EXHAUSTED", "started", "started"]
             assert len(supervisor.jobs()) == 2
+
+
+async def test_the_per_user_caps_default_to_half(tmp_path: Path) -> None:
+    async with Supervisor(data_dir=tmp_path) as supervisor:
+        async with open_job_service(supervisor, max_running_jobs=4) as service:
+            for _ in range(2):
+                await service.start_job(SLEEP, ALICE)
+            with pytest.raises(GrpcError) as caught:
+                await service.start_job(SLEEP, ALICE)
+            assert caught.value.status is Status.RESOURCE_EXHAUSTED
+            assert "2 jobs running, the most per user" in caught.value.message
+            await service.start_job(SLEEP, Call(Identity("bob")))
 
 
 async def test_a_server_without_identify_still_identifies_each_call(tmp_path: Path) -> None:
@@ -89,7 +103,15 @@ async def test_a_server_without_identify_still_identifies_each_call(tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"max_running_jobs": 0}, {"max_grace_period_s": -1.0}, {"max_grace_period_s": 1e999}]
+    "kwargs",
+    [
+        {"max_running_jobs": 0},
+        {"max_running_jobs_per_user": 0},
+        {"max_log_streams": 0},
+        {"max_log_streams_per_user": -1},
+        {"max_grace_period_s": -1.0},
+        {"max_grace_period_s": 1e999},
+    ],
 )
 async def test_bad_settings_are_refused(tmp_path: Path, kwargs: dict) -> None:
     async with Supervisor(data_dir=tmp_path) as supervisor:
