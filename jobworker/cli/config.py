@@ -6,7 +6,10 @@ Every flag is also a config key, spelled like the flag without its dashes::
     cert = "/etc/jobworker/server.crt"
     data-dir = "/var/lib/jobworker"
     grace-period = "10s"        # durations: "500ms", "5s", "1m30s", or a number of seconds
-    max-jobs = 100
+    max-jobs = 100             # running jobs: in all, and per identity (default: half)
+    max-jobs-per-user = 50
+    max-log-streams = 1000      # open GetJobLogs streams: in all, and per identity (half)
+    max-log-streams-per-user = 500
     memory = "512M"             # sizes: "512M", "1G", or a number of bytes
     max-memory = "4G"
     keep = "7d"                 # ended jobs: how long, how many, and all output's budget
@@ -20,7 +23,8 @@ Every flag is also a config key, spelled like the flag without its dashes::
     alice = "alice"
 
 A key the server does not know is an error (a typo must not silently leave a default in place).
-Everything here is pure: the caller reads the file and reports `ConfigError` in one line.
+Everything here is pure but for reading what the host has (`HostCapacity.probe`, the default
+maximums; tests pass their own): the caller reads the file and reports `ConfigError` in one line.
 """
 
 from __future__ import annotations
@@ -34,8 +38,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobworker.service.policy import JobPolicy, Retention
-from jobworker.supervisor import InvalidJobSpec, LimitOverrides, LimitPolicy, Limits
+from jobworker.service.policy import (
+    DEFAULT_MAX_LOG_STREAMS,
+    JobPolicy,
+    Retention,
+    per_user_share,
+)
+from jobworker.supervisor import (
+    HostCapacity,
+    InvalidJobSpec,
+    LimitOutOfRange,
+    LimitOverrides,
+    LimitPolicy,
+    Limits,
+)
 from jobworker.supervisor.sandbox import DEFAULT_TRANSIENT_UIDS, NETWORKS
 from jobworker.supervisor.supervisor import DEFAULT_GRACE_PERIOD_S
 
@@ -64,6 +80,9 @@ class ServeSettings:
     limits: LimitPolicy
     grace_period_s: float
     max_jobs: int
+    max_jobs_per_user: int
+    max_log_streams: int
+    max_log_streams_per_user: int
     cgroups: str
     isolation: str  # auto (on as root), on, off
     transient_uids: range
@@ -200,6 +219,9 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "data-dir": _text,
     "grace-period": _duration,
     "max-jobs": _count,
+    "max-jobs-per-user": _count,
+    "max-log-streams": _count,
+    "max-log-streams-per-user": _count,
     "cgroups": _cgroup_mode,
     "isolation": _isolation_mode,
     "transient-uids": _uid_range,
@@ -213,6 +235,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     **{f"max-{key}": parser for key, (_, parser) in _LIMIT_KEYS.items()},
 }
 KEYS = tuple(_KEYS)
+_LIMIT_KEY_OF = {name: key for key, (name, _) in _LIMIT_KEYS.items()}
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -227,12 +250,17 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def resolve(
-    flags: Mapping[str, Any], config: Mapping[str, Any] | None = None, *, source: str = "config"
+    flags: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    *,
+    source: str = "config",
+    host: HostCapacity | None = None,
 ) -> ServeSettings:
     """Settings from flags (None: not given) over the config table over the defaults.
 
     `flags` and `config` are keyed by the flag names in `KEYS`. Flag values are strings as
-    typed; config values are whatever TOML made of them.
+    typed; config values are whatever TOML made of them. `host`: what this machine has, the
+    default maximums and the most any maximum may be (None: probed from the kernel).
     """
     values: dict[str, Any] = {}
     for key, raw in (config or {}).items():
@@ -263,12 +291,16 @@ def resolve(
                 if f"max-{key}" in values
             }
         )
-        policy = LimitPolicy(defaults=defaults, maximums=maximums)
+        policy = LimitPolicy(
+            defaults=defaults, maximums=maximums, host=host or HostCapacity.probe()
+        )
+    except LimitOutOfRange as exc:
+        key = _LIMIT_KEY_OF[exc.name]
+        if exc.what == "maximum":
+            key = f"max-{key}"
+        raise ConfigError(f"limits: {key} {exc.detail}") from None
     except InvalidJobSpec as exc:
-        message = str(exc)
-        for key, (name, _) in _LIMIT_KEYS.items():
-            message = message.replace(name, key)
-        raise ConfigError(f"limits: {message}") from None
+        raise ConfigError(f"limits: {exc}") from None
     data_dir = values.get("data-dir")
     isolation = values.get("isolation", "auto")
     try:
@@ -292,6 +324,9 @@ def resolve(
         raise ConfigError(
             "run-as accounts and network none need isolation, which is off (isolation = off)"
         )
+    # The per-user caps default to half of the caps in all, as set: --max-jobs 10 gives 5.
+    max_jobs = values.get("max-jobs", DEFAULT_MAX_JOBS)
+    max_log_streams = values.get("max-log-streams", DEFAULT_MAX_LOG_STREAMS)
     return ServeSettings(
         listen=values.get("listen") or parse_address(DEFAULT_LISTEN),
         cert_file=Path(values.get("cert") or tls_dir / "server.crt"),
@@ -300,7 +335,12 @@ def resolve(
         data_dir=Path(data_dir) if data_dir else None,
         limits=policy,
         grace_period_s=values.get("grace-period", DEFAULT_GRACE_PERIOD_S),
-        max_jobs=values.get("max-jobs", DEFAULT_MAX_JOBS),
+        max_jobs=max_jobs,
+        max_jobs_per_user=values.get("max-jobs-per-user") or per_user_share(max_jobs),
+        max_log_streams=max_log_streams,
+        max_log_streams_per_user=(
+            values.get("max-log-streams-per-user") or per_user_share(max_log_streams)
+        ),
         cgroups=values.get("cgroups", "auto"),
         isolation=isolation,
         transient_uids=values.get("transient-uids", DEFAULT_TRANSIENT_UIDS),

@@ -84,7 +84,8 @@ app.command(certs_app)
 # --- jobworker serve -------------------------------------------------------------------------
 
 LIMITS = "Default limits (for jobs that ask for none)"
-MAXIMUMS = "Maximum limits (what a job may ask for; none by default)"
+MAXIMUMS = "Maximum limits (what a job may ask for; by default, what this host has)"
+FAIRNESS = "Caps (in all, and per identity so no one user takes every slot)"
 ISOLATION = "Isolation (who jobs run as, what they see)"
 RETENTION = "Retention (ended jobs, and the output kept on disk)"
 
@@ -137,7 +138,27 @@ def serve(
         str | None, Parameter(help="Time between SIGTERM and SIGKILL when stopping (default 10s).")
     ] = None,
     max_jobs: Annotated[
-        int | None, Parameter(help="Most jobs running at once (default 100).")
+        int | None, Parameter(group=FAIRNESS, help="Most jobs running at once (default 100).")
+    ] = None,
+    max_jobs_per_user: Annotated[
+        int | None,
+        Parameter(
+            group=FAIRNESS,
+            help="Most jobs one identity runs at once, admins too (default: half of --max-jobs).",
+        ),
+    ] = None,
+    max_log_streams: Annotated[
+        int | None,
+        Parameter(
+            group=FAIRNESS, help="Most log streams (jobctl logs) open at once (default 1000)."
+        ),
+    ] = None,
+    max_log_streams_per_user: Annotated[
+        int | None,
+        Parameter(
+            group=FAIRNESS,
+            help="Most log streams one identity has open (default: half of --max-log-streams).",
+        ),
     ] = None,
     cgroups: Annotated[
         Literal["auto", "v2", "v1", "off"] | None,
@@ -212,6 +233,9 @@ def serve(
         "max-pids": max_pids,
         "grace-period": grace_period,
         "max-jobs": max_jobs,
+        "max-jobs-per-user": max_jobs_per_user,
+        "max-log-streams": max_log_streams,
+        "max-log-streams-per-user": max_log_streams_per_user,
         "cgroups": cgroups,
         "isolation": isolation,
         "transient-uids": transient_uids,
@@ -326,6 +350,9 @@ async def _serve_with(
                 supervisor,
                 store=store,
                 max_running_jobs=settings.max_jobs,
+                max_running_jobs_per_user=settings.max_jobs_per_user,
+                max_log_streams=settings.max_log_streams,
+                max_log_streams_per_user=settings.max_log_streams_per_user,
                 policy=settings.policy,
                 retention=settings.retention,
             ) as service:
@@ -414,21 +441,26 @@ class _Run:
             if self.supervisor.cgroups == "off"
             else s.limits.defaults.describe()
         )
-        maximums = {
-            name: getattr(s.limits.maximums, name)
-            for name in ("cpu", "memory_bytes", "io_read_bps", "io_write_bps", "pids")
-            if getattr(s.limits.maximums, name) is not None
+        # The io maximums are the kernel's (no host figure bounds a rate): not worth a line.
+        maximums = {name: s.limits.maximum(name)[0] for name in ("cpu", "memory_bytes", "pids")} | {
+            name: value
+            for name in ("io_read_bps", "io_write_bps")
+            if (value := getattr(s.limits.maximums, name)) is not None
         }
         log.info(
             "serving on %s: cgroups %s; %s; job defaults %s; maximums %s; grace period %s; "
-            "at most %d jobs running; data in %s",
+            "at most %d jobs running (%d per user), %d log streams open (%d per user); "
+            "data in %s",
             ", ".join(str(Address(h, p)) for h, p in addresses),
             self.supervisor.cgroups,
             self._isolation_summary(),
             limits,
-            ", ".join(f"{k}={_show(k, v)}" for k, v in maximums.items()) or "none",
+            ", ".join(f"{k}={_show(k, v)}" for k, v in maximums.items()),
             format_duration(s.grace_period_s),
             s.max_jobs,
+            s.max_jobs_per_user,
+            s.max_log_streams,
+            s.max_log_streams_per_user,
             self.supervisor.data_dir,
         )
 

@@ -8,9 +8,10 @@ import pytest
 
 from jobworker.cli.config import KEYS, ConfigError, load_config_file, resolve
 from jobworker.cli.parsing import Address
-from jobworker.supervisor import LimitOverrides, Limits
+from jobworker.supervisor import HostCapacity, LimitOverrides, Limits
 
 NO_FLAGS = dict.fromkeys(KEYS)
+HOST = HostCapacity(cpus=2, memory_bytes=4 * 2**30, pids=32768)
 
 
 def test_defaults() -> None:
@@ -23,6 +24,28 @@ def test_defaults() -> None:
     assert settings.limits.defaults == Limits()
     assert settings.limits.maximums == LimitOverrides()
     assert (settings.grace_period_s, settings.max_jobs, settings.cgroups) == (10.0, 100, "auto")
+    # Half of each cap in all, so one identity cannot take every slot.
+    assert (settings.max_jobs_per_user, settings.max_log_streams) == (50, 1000)
+    assert settings.max_log_streams_per_user == 500
+    # No maximums configured: a job may ask for up to what the host has.
+    assert settings.limits.host == HostCapacity.probe()
+
+
+def test_the_per_user_caps_default_to_half_of_the_caps_as_set(tmp_path: Path) -> None:
+    path = tmp_path / "jobworker.toml"
+    path.write_text("max-jobs = 10\nmax-log-streams = 3\n")
+    settings = resolve(NO_FLAGS, load_config_file(path))
+    assert (settings.max_jobs, settings.max_jobs_per_user) == (10, 5)
+    assert (settings.max_log_streams, settings.max_log_streams_per_user) == (3, 1)
+    path.write_text(
+        "max-jobs = 10\nmax-jobs-per-user = 8\nmax-log-streams = 30\nmax-log-streams-per-user = 2\n"
+    )
+    flags = {**NO_FLAGS, "max-jobs-per-user": "4"}
+    settings = resolve(flags, load_config_file(path))
+    assert (settings.max_jobs, settings.max_jobs_per_user) == (10, 4)  # the flag wins
+    assert (settings.max_log_streams, settings.max_log_streams_per_user) == (30, 2)
+    settings = resolve({**NO_FLAGS, "max-jobs": "1"})
+    assert settings.max_jobs_per_user == 1  # never 0
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
@@ -60,8 +83,36 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ({"max-jobs": 0}, "config: max-jobs: not a whole number of at least 1: 0"),
         ({"cgroups": "v3"}, "config: cgroups: expected one of auto, v2, v1, off, got 'v3'"),
         ({"listen": 50051}, "config: listen: expected a non-empty string, got 50051"),
-        ({"memory": "2G", "max-memory": "1G"}, "limits: default memory 2G is above the maximum 1G"),
-        ({"cpu": 0}, "limits: cpu must be at least 0.01 cores, got 0.0"),
+        (
+            {"memory": "2G", "max-memory": "1G"},
+            "limits: memory 2G is above the maximum 1G (allowed: 1M to 1G)",
+        ),
+        ({"cpu": 0}, "limits: cpu 0 is below the minimum 0.01 (allowed: at least 0.01)"),
+        (
+            {"max-cpu": 3},
+            "limits: max-cpu 3 is above this host's 2 CPUs (allowed: 0.01 to 2)",
+        ),
+        (
+            {"max-memory": "5G"},
+            "limits: max-memory 5G is above this host's 4G of RAM (allowed: 1M to 4G)",
+        ),
+        (
+            {"max-pids": 40000},
+            "limits: max-pids 40000 is above this host's pid_max 32768 (allowed: 2 to 32768)",
+        ),
+        (
+            {"cpu": 4},
+            "limits: cpu 4 is above this host's 2 CPUs (allowed: 0.01 to 2)",
+        ),
+        (
+            {"max-jobs-per-user": 0},
+            "config: max-jobs-per-user: not a whole number of at least 1: 0",
+        ),
+        ({"max-log-streams": -1}, "config: max-log-streams: not a whole number of at least 1: -1"),
+        (
+            {"max-log-streams-per-user": "many"},
+            "config: max-log-streams-per-user: not a whole number of at least 1: 'many'",
+        ),
         ({"isolation": "maybe"}, "config: isolation: expected one of auto, on, off, got 'maybe'"),
         (
             {"transient-uids": "1000"},
@@ -88,7 +139,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 )
 def test_config_mistakes_are_named(table: dict, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        resolve(NO_FLAGS, table)
+        resolve(NO_FLAGS, table, host=HOST)
     assert str(caught.value) == message
 
 
