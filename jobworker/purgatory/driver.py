@@ -164,7 +164,8 @@ class Driver:
                 return
             self.received_bytes += len(data)
             try:
-                events: list[Event] = self.connection.receive_data(data)
+                # The clock lets the wire refill its rate budgets (resets, pings).
+                events: list[Event] = self.connection.receive_data(data, now=trio.current_time())
             except ConnectionBroken as exc:
                 log.info("closing connection: %s", exc)
                 self.broken = exc

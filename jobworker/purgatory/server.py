@@ -446,6 +446,9 @@ class _ServerConnection:
         self._wire = ServerConnection(
             max_message_bytes=server._max_receive_message_bytes,
             max_concurrent_streams=server._max_concurrent_streams,
+            # Every method here takes exactly one request message (no client streaming): a
+            # flood of extra messages ends its call at the wire, before any handler.
+            max_request_messages=1,
         )
         self._driver = Driver(self._wire, stream)
         self._calls: dict[int, ServerCall] = {}
