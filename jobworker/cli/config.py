@@ -6,7 +6,7 @@ Every flag is also a config key, spelled like the flag without its dashes::
     cert = "/etc/jobworker/server.crt"
     data-dir = "/var/lib/jobworker"
     grace-period = "10s"        # durations: "500ms", "5s", "1m30s", or a number of seconds
-    max-jobs = 100             # running jobs: in all, and per identity (default: half)
+    max-jobs = 100              # running jobs: in all, and per identity (default: half)
     max-jobs-per-user = 50
     max-log-streams = 1000      # open GetJobLogs streams: in all, and per identity (half)
     max-log-streams-per-user = 500
