@@ -8,4 +8,8 @@ bash tools/system-packages.sh
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
-exec .venv/bin/python -m pytest "$@"
+# A temporary root of our own: runs on one machine at once never clean up each other's files
+# (pytest's shared /tmp/pytest-of-USER is pruned by whichever run starts next).
+basetemp=$(mktemp -d /tmp/pytest-jobworker.XXXXXX)
+trap 'rm -rf "$basetemp"' EXIT
+.venv/bin/python -m pytest --basetemp="$basetemp" "$@"
