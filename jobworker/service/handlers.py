@@ -373,7 +373,11 @@ class JobService:
                 request.offset, follow=request.follow, max_chunk_bytes=LOG_CHUNK_BYTES
             )
         async for chunk in chunks:
-            await call.send(convert.chunk_to_proto(chunk))  # waits while the client is slow
+            # Only the serialized bytes stay alive while a slow client holds the stream back:
+            # a stalled reader costs one chunk of memory, not the chunk plus its message.
+            payload = convert.chunk_to_proto(chunk).SerializeToString()
+            del chunk
+            await call.send_serialized(payload)  # waits while the client is slow
 
     @_answers_errors
     async def list_jobs(self, request: pb.ListJobsRequest, call: ServerCall) -> pb.ListJobsResponse:
