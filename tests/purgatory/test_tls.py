@@ -32,8 +32,8 @@ from jobworker.purgatory.tls import (
     TLSHandshakeTimeout,
     TLSNegotiationFailed,
     TLSStream,
-    _dns_name_matches,
 )
+from jobworker.purgatory.tls.config import _dns_name_matches
 
 from .certs import CertSet, KeyType, client_config, make_ca, make_cert_set, server_config
 
