@@ -1,0 +1,242 @@
+"""Everything the wire relies on inside h2 that h2 does not promise: the one place to look when
+h2 changes.
+
+The connection drives h2 through its public API except where that was too slow (the DATA and
+HEADERS fast paths serialize frames themselves and keep h2's books), too strict (a looser
+stream limit than the one announced, a frame size h2 would apply only after our SETTINGS are
+acknowledged) or leaky (dispose() empties h2's objects so that their cycles go without the
+collector). Each function below names the h2 behaviour it assumes; tests/purgatory/wire/
+test_h2_assumptions.py checks each one against the installed h2, and pyproject.toml bounds h2
+to the releases those checks have passed on.
+
+Hot paths import these functions by name and call them in place of the code they replace, one
+call for one call: no layer is added per frame.
+"""
+
+from __future__ import annotations
+
+import h2.connection
+import h2.settings
+import h2.stream
+import hyperframe.frame
+
+from .fields import RepeatDecoder
+
+H2Connection = h2.connection.H2Connection
+H2Stream = h2.stream.H2Stream
+
+# The states in which h2 itself would send DATA (H2Connection.send_data, H2Stream.send_data):
+# anywhere else the frame goes through h2, which raises what it raises.
+_DATA_CONNECTION_STATES = frozenset(
+    {h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN}
+)
+_DATA_STREAM_STATES = frozenset(
+    {h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE}
+)
+_HALF_CLOSED_LOCAL = h2.stream.StreamState.HALF_CLOSED_LOCAL
+_SEND_HEADERS_CONNECTION = h2.connection.ConnectionInputs.SEND_HEADERS
+_SEND_HEADERS = h2.stream.StreamInputs.SEND_HEADERS
+_SEND_END_STREAM = h2.stream.StreamInputs.SEND_END_STREAM
+
+
+# --- setting up ------------------------------------------------------------------------------
+
+
+def install_decoder(connection: H2Connection, decoder: RepeatDecoder) -> None:
+    """Replace h2's HPACK decoder (assumes: h2 decodes every header block through its
+    `decoder` attribute, and only updates that object's limits on SETTINGS changes)."""
+    connection.decoder = decoder
+
+
+def replace_local_settings(connection: H2Connection, settings: h2.settings.Settings) -> None:
+    """Make `settings` the ones h2 enforces (assumes: `local_settings` is a plain attribute
+    read at each check, e.g. the stream limit when a stream opens, and initiate_connection()
+    announces what it holds). Only swapped with no SETTINGS awaiting acknowledgement."""
+    connection.local_settings = settings
+
+
+def set_max_inbound_frame_size(connection: H2Connection, size: int) -> None:
+    """The largest frame h2's parser accepts (assumes: receive_data() copies
+    `max_inbound_frame_size` into its frame buffer on every call)."""
+    connection.max_inbound_frame_size = size
+
+
+def inbound_connection_window(connection: H2Connection) -> int:
+    """The connection's receive window as h2 counts it (assumes: `inbound_flow_control_window`
+    is what increment_flow_control_window() raises)."""
+    return connection.inbound_flow_control_window
+
+
+# --- reading state -----------------------------------------------------------------------------
+
+
+def highest_inbound_stream_id(connection: H2Connection) -> int:
+    """The highest stream the peer opened (assumes: h2's `highest_inbound_stream_id`, the value
+    its own close_connection() puts in a GOAWAY)."""
+    return connection.highest_inbound_stream_id
+
+
+def open_outbound_streams(connection: H2Connection) -> int:
+    """Streams we opened that still count against the peer's MAX_CONCURRENT_STREAMS (assumes:
+    h2's `open_outbound_streams`, which forgets closed streams as it counts)."""
+    return connection.open_outbound_streams
+
+
+def half_closed_local(connection: H2Connection, stream_id: int) -> bool:
+    """True when we have ended the stream and the peer has not (assumes: `streams` maps open
+    stream ids to H2Stream, whose `state_machine.state` is a StreamState)."""
+    h2_stream = connection.streams.get(stream_id)
+    return h2_stream is not None and h2_stream.state_machine.state is _HALF_CLOSED_LOCAL
+
+
+# --- the DATA fast path ------------------------------------------------------------------------
+
+
+def data_stream(connection: H2Connection, stream_id: int) -> H2Stream | None:
+    """The stream if h2 itself would send DATA on it now, else None (assumes: `streams`;
+    both state machines' `state`; h2 sends DATA only in the states listed above)."""
+    h2_stream = connection.streams.get(stream_id)
+    if (
+        h2_stream is None
+        or h2_stream.state_machine.state not in _DATA_STREAM_STATES
+        or connection.state_machine.state not in _DATA_CONNECTION_STATES
+    ):
+        return None
+    return h2_stream
+
+
+def whole_data_stream(connection: H2Connection, stream_id: int, size: int) -> H2Stream | None:
+    """As data_stream(), and only if both send windows hold `size` bytes (assumes: the
+    `outbound_flow_control_window` attributes of the connection and the stream are the windows
+    local_flow_control_window() takes the smaller of)."""
+    h2_stream = connection.streams.get(stream_id)
+    if (
+        h2_stream is None
+        or size > h2_stream.outbound_flow_control_window
+        or size > connection.outbound_flow_control_window
+        or h2_stream.state_machine.state not in _DATA_STREAM_STATES
+        or connection.state_machine.state not in _DATA_CONNECTION_STATES
+    ):
+        return None
+    return h2_stream
+
+
+def emit_data(
+    connection: H2Connection,
+    h2_stream: H2Stream,
+    out: list[bytes | memoryview],
+    pieces: list[bytes | memoryview],
+    size: int,
+) -> None:
+    """DATA frames serialized by the caller (`pieces`, carrying `size` bytes of payload, no
+    END_STREAM, no padding) go to `out` behind h2's pending output, and both send windows are
+    charged as h2's send_data() would charge them (assumes: send_data() only subtracts the
+    payload from the two `outbound_flow_control_window` attributes, and DATA without END_STREAM
+    leaves both state machines where they are), so h2's windows stay true for every frame it
+    still sends and every WINDOW_UPDATE it receives."""
+    pending = connection.data_to_send()
+    if pending:
+        out.append(pending)
+    out += pieces
+    connection.outbound_flow_control_window -= size
+    h2_stream.outbound_flow_control_window -= size
+
+
+# --- the HEADERS fast path ---------------------------------------------------------------------
+
+
+def literal_headers_stream(
+    connection: H2Connection, stream_id: int, block_bytes: int
+) -> H2Stream | None:
+    """The stream if a block of HPACK literals, which leaves the dynamic table alone, can go
+    out in one HEADERS frame past h2's encoder, else None (assumes: `streams`; the encoder's
+    `header_table.resized` is set while h2 owes the peer a table size update, which only its
+    own encoder can announce)."""
+    h2_stream = connection.streams.get(stream_id)
+    if (
+        h2_stream is None
+        or block_bytes > connection.max_outbound_frame_size
+        or connection.encoder.header_table.resized
+    ):
+        return None
+    return h2_stream
+
+
+def emit_headers(
+    connection: H2Connection,
+    h2_stream: H2Stream,
+    out: list[bytes | memoryview],
+    frame: bytes,
+    *,
+    end_stream: bool,
+) -> None:
+    """One serialized HEADERS frame goes to `out` behind h2's pending output, after the state
+    transitions h2's send_headers() makes, which raise what h2 would raise (assumes: those
+    transitions are SEND_HEADERS on both state machines, then SEND_END_STREAM on the stream)."""
+    connection.state_machine.process_input(_SEND_HEADERS_CONNECTION)
+    h2_stream.state_machine.process_input(_SEND_HEADERS)
+    if end_stream:
+        h2_stream.state_machine.process_input(_SEND_END_STREAM)
+    pending = connection.data_to_send()
+    if pending:
+        out.append(pending)
+    out.append(frame)
+
+
+# --- tearing down ------------------------------------------------------------------------------
+
+
+def break_cycles(connection: H2Connection) -> None:
+    """Empty h2's objects, so that nothing it built refers back to itself: the connection's
+    dispatch tables hold its bound methods, each stream's state machine and callbacks refer
+    to the stream, the frame buffer holds frames (assumes: h2 keeps its state in instance
+    dicts, `streams` holds every stream, `incoming_buffer` the frame buffer)."""
+    for h2_stream in list(connection.streams.values()):
+        for part in (h2_stream.state_machine, h2_stream):
+            vars(part).clear()
+    for part in (connection.state_machine, connection.incoming_buffer, connection):
+        vars(part).clear()
+
+
+# --- frame repr --------------------------------------------------------------------------------
+
+
+def _cheap_repr(self: hyperframe.frame.Frame) -> str:
+    return f"{type(self).__name__}(stream_id={self.stream_id})"
+
+
+def _make_frame_repr_cheap() -> None:
+    """h2 formats repr(frame) for every frame it receives, logging on or off (assumes:
+    H2Connection._receive_frame calls repr() eagerly). hyperframe's repr formats flags and
+    body, and a DATA frame's serializes and hexlifies the whole payload: over a CPU-second per
+    GiB received. The repr is for debugging only, so it is made cheap for every frame type.
+
+    This is process-wide, and the only such change the wire makes. Per connection was weighed
+    and refused: frames are built from hyperframe's module-wide FRAMES table inside h2's
+    FrameBuffer and dispatched on their exact class, so a per-connection repr needs either a
+    copy of FrameBuffer.__next__ or a wrapper around every frame (a layer per frame); swapping
+    the repr in and out around each read invalidates the type caches of every frame class on
+    every read. Another patch of Frame.__repr__ (a debugging aid) is left alone."""
+    if hyperframe.frame.Frame.__dict__["__repr__"].__module__ == "hyperframe.frame":
+        hyperframe.frame.Frame.__repr__ = _cheap_repr  # type: ignore[method-assign]
+
+
+_make_frame_repr_cheap()
+
+__all__ = [
+    "H2Connection",
+    "H2Stream",
+    "break_cycles",
+    "data_stream",
+    "emit_data",
+    "emit_headers",
+    "half_closed_local",
+    "highest_inbound_stream_id",
+    "inbound_connection_window",
+    "install_decoder",
+    "literal_headers_stream",
+    "open_outbound_streams",
+    "replace_local_settings",
+    "set_max_inbound_frame_size",
+    "whole_data_stream",
+]
