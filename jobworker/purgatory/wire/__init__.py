@@ -4,27 +4,17 @@ The rest of purgatory, the service and the tests import wire names from here; th
 are the wire's own rooms and may move. The names below are kept stable.
 """
 
+from .client_side import ClientConnection
 from .compression import SUPPORTED_ENCODINGS
-from .connection import (
+from .core import (
     DEFAULT_CONNECTION_WINDOW_BYTES,
-    DEFAULT_IDLE_PING_INTERVAL_S,
     DEFAULT_MAX_CONCURRENT_STREAMS,
-    DEFAULT_MAX_CONTINUATION_FRAMES,
     DEFAULT_MAX_FRAME_BYTES,
-    DEFAULT_MAX_HEADER_BLOCK_BYTES,
-    DEFAULT_MAX_HEADER_DECODE_BYTES,
-    DEFAULT_MAX_HEADER_LIST_BYTES,
-    DEFAULT_MAX_PENDING_ACKS,
-    DEFAULT_MAX_PING_STRIKES,
-    DEFAULT_MAX_RESET_BURST,
-    DEFAULT_MIN_PING_INTERVAL_S,
-    DEFAULT_RESET_REFILL_PER_S,
     DEFAULT_STREAM_WINDOW_BYTES,
-    MAX_HEADER_LIST_BYTES,
-    SHUTDOWN_PING,
+)
+from .errors import ConnectionBroken, MessageTooLarge, ProtocolError, UnsupportedEncoding, WireError
+from .events import (
     CallEnded,
-    ClientConnection,
-    ConnectionBroken,
     ConnectionTerminated,
     Event,
     InputEnded,
@@ -33,12 +23,24 @@ from .connection import (
     PingAcknowledged,
     RequestReceived,
     ResponseReceived,
-    ServerConnection,
     StreamFailed,
 )
-from .errors import MessageTooLarge, ProtocolError, UnsupportedEncoding, WireError
 from .framing import DEFAULT_MAX_MESSAGE_BYTES, PREFIX_BYTES, encode_message
 from .metadata import RESERVED_KEYS, STATUS_DETAILS_KEY, Metadata, decode_metadata, encode_metadata
+from .scanner import (
+    DEFAULT_IDLE_PING_INTERVAL_S,
+    DEFAULT_MAX_CONTINUATION_FRAMES,
+    DEFAULT_MAX_HEADER_BLOCK_BYTES,
+    DEFAULT_MAX_HEADER_DECODE_BYTES,
+    DEFAULT_MAX_HEADER_LIST_BYTES,
+    DEFAULT_MAX_PENDING_ACKS,
+    DEFAULT_MAX_PING_STRIKES,
+    DEFAULT_MAX_RESET_BURST,
+    DEFAULT_MIN_PING_INTERVAL_S,
+    DEFAULT_RESET_REFILL_PER_S,
+    MAX_HEADER_LIST_BYTES,
+)
+from .server_side import SHUTDOWN_PING, ServerConnection
 from .status import (
     GrpcError,
     Status,

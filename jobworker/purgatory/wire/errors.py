@@ -42,3 +42,7 @@ class UnsupportedEncoding(WireError):
 
     def __str__(self) -> str:
         return f"unsupported message encoding {self.encoding!r}"
+
+
+class ConnectionBroken(WireError):
+    """The connection is broken beyond repair; `data_to_send()` holds the GOAWAY to send."""

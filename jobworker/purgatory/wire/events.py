@@ -1,0 +1,105 @@
+"""What a gRPC connection tells its transport: events, frozen, named in the past tense.
+
+`receive_data()` returns them (and the commands that flush an outbox add `OutboxDrained`);
+h2's own events never leave the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .metadata import Metadata
+from .status import Status
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """Server: a valid call started. Invalid ones never get here: they are answered at once."""
+
+    stream_id: int
+    method: str  # the :path, e.g. "/jobworker.v1.JobService/StartJob"
+    metadata: Metadata
+    timeout_s: float | None
+    authority: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    """Client: the response headers (initial metadata) arrived."""
+
+    stream_id: int
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A whole message. Call `acknowledge(stream_id, flow_controlled_bytes)` once consumed."""
+
+    stream_id: int
+    payload: bytes
+    flow_controlled_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class InputEnded:
+    """Server: the client half-closed its side (no more messages will come)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    """Client: the call is over, with the status from the trailers (or derived from HTTP/2 when
+    the server broke the protocol or reset the stream)."""
+
+    stream_id: int
+    status: Status
+    message: str
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFailed:
+    """The stream is over because of the peer or the wire, not because of its handler: a reset
+    (RST_STREAM), a message over the size limit, an unsupported encoding, broken framing. The
+    connection has already said what needs saying to the peer; the handler should be cancelled."""
+
+    stream_id: int
+    status: Status
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxDrained:
+    """Everything queued on this stream has been handed to HTTP/2 (or the stream is gone)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """The peer sent GOAWAY: streams above `last_stream_id` were never processed."""
+
+    error_code: int
+    last_stream_id: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class PingAcknowledged:
+    """The peer answered our PING: it has seen everything we sent before it."""
+
+    data: bytes
+
+
+Event = (
+    PingAcknowledged
+    | RequestReceived
+    | ResponseReceived
+    | MessageReceived
+    | InputEnded
+    | CallEnded
+    | StreamFailed
+    | OutboxDrained
+    | ConnectionTerminated
+)

@@ -1,0 +1,343 @@
+"""The server's side of a gRPC connection: requests checked and admitted, answers, trailers,
+the keepalive PING policy, refused streams and the graceful shutdown's two GOAWAYs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.errors
+import h2.events
+from hyperframe.frame import GoAwayFrame
+
+from .compression import SUPPORTED_ENCODINGS, accept_encoding_header
+from .core import GrpcConnection
+from .errors import ProtocolError, WireError
+from .events import Event, InputEnded, RequestReceived, StreamFailed
+from .fields import Block, block_problem
+from .h2_internals import highest_inbound_stream_id
+from .metadata import Metadata, decode_metadata, encode_metadata
+from .scanner import (
+    DEFAULT_IDLE_PING_INTERVAL_S,
+    DEFAULT_MAX_PING_STRIKES,
+    DEFAULT_MIN_PING_INTERVAL_S,
+    Refusal,
+)
+from .status import Status, encode_grpc_message
+from .streams import (
+    CONTENT_TYPE,
+    STREAM_GONE,
+    EndOfOutput,
+    HeadersTooLarge,
+    Stream,
+    failure,
+)
+from .timeout import parse_grpc_timeout
+
+SHUTDOWN_PING = b"shutdown"  # the PING that follows the first GOAWAY of a graceful shutdown
+
+# h2 moves its whole connection to CLOSED on any GOAWAY, sent or received, and then refuses
+# every further frame (python-hyper/h2#1181, open): in-flight calls could never finish, which
+# is the point of a graceful GOAWAY (RFC 9113 §6.8). So graceful (NO_ERROR) GOAWAYs bypass h2:
+# the server serializes its own, and the client takes them out of the byte stream before h2
+# sees them. Erroneous GOAWAYs still go through h2, which rightly tears everything down.
+
+
+class ServerConnection(GrpcConnection):
+    """The server's side of one gRPC connection."""
+
+    client_side = False
+
+    def __init__(
+        self,
+        *,
+        max_request_messages: int | None = None,
+        min_ping_interval_s: float = DEFAULT_MIN_PING_INTERVAL_S,
+        idle_ping_interval_s: float = DEFAULT_IDLE_PING_INTERVAL_S,
+        max_ping_strikes: int = DEFAULT_MAX_PING_STRIKES,
+        **kwargs: Any,
+    ) -> None:
+        """`max_request_messages`: how many messages a call's request may hold (None: any);
+        the next one ends the call with INTERNAL (a unary method takes exactly one). The other
+        budgets are the module's DEFAULT_* constants, under the same names in lowercase."""
+        super().__init__(**kwargs)
+        self._draining_last_stream_id: int | None = None
+        self.max_request_messages = max_request_messages
+        self._refused: set[int] = set()  # streams refused at the stream limit, not yet reset
+        self._min_ping_interval_s = min_ping_interval_s
+        self._idle_ping_interval_s = idle_ping_interval_s
+        self._max_ping_strikes = max_ping_strikes
+        self._last_ping_at: float | None = None
+        self._ping_strikes = 0
+
+    def limit_request_messages(self, stream_id: int, count: int | None) -> None:
+        """Change how many more request messages the call may receive (None: any). Messages
+        that came in the same read as the request were already counted against the
+        connection's `max_request_messages`."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.messages_left = count
+
+    def _refuse_stream(self, stream_id: int) -> None:
+        """A stream over our MAX_CONCURRENT_STREAMS: refused alone (RFC 9113 §5.1.2), once h2
+        has decoded its headers (the HPACK state must follow every block)."""
+        self._spend_reset()
+        self._refused.add(stream_id)
+
+    def _refuse(self, stream_id: int) -> None:
+        try:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        except STREAM_GONE:
+            pass  # the peer reset it in the same read
+
+    def _judge_ping(self, now: float) -> None:
+        # grpc-go's enforcement (http2_server.go handlePing), on the transport's clock.
+        last, self._last_ping_at = self._last_ping_at, now
+        if self._ping_forgiven:
+            self._ping_forgiven = False
+            self._ping_strikes = 0
+            return
+        if last is None:
+            return
+        interval = self._min_ping_interval_s if self._streams else self._idle_ping_interval_s
+        if now - last < interval:
+            self._ping_strikes += 1
+            if self._ping_strikes > self._max_ping_strikes:
+                raise Refusal(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too_many_pings")
+
+    def _dispatch(self, event: h2.events.Event, events: list[Event]) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event, events)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                self._on_input_ended(event.stream_id, stream, events)
+        elif isinstance(event, h2.events.TrailersReceived):
+            # Clients send no trailers in gRPC; the StreamEnded that follows counts. Malformed
+            # ones still end the call, as the RFC asks.
+            problem = block_problem(event.headers or (), Block.TRAILERS)
+            oversized = self._oversized(event.headers)
+            if oversized and self._streams.get(event.stream_id) is not None:
+                self._spend_reset()
+                message = f"trailers of {oversized} bytes exceed the limit"
+                self._fail_stream(event.stream_id, HeadersTooLarge(message), events)
+            elif problem is not None and self._streams.get(event.stream_id) is not None:
+                self._refuse_malformed(event.stream_id, f"malformed trailers: {problem}", events)
+        else:
+            super()._dispatch(event, events)
+
+    # -- receiving --
+
+    def _on_request(self, event: h2.events.RequestReceived, events: list[Event]) -> None:
+        stream_id = event.stream_id
+        if (stream_id in self._refused) if self._refused else False:
+            self._refused.discard(stream_id)
+            self._refuse(stream_id)
+            return
+        if self._draining_last_stream_id is not None and stream_id > self._draining_last_stream_id:
+            self._refuse(stream_id)
+            return
+        oversized = self._oversized(event.headers)
+        if oversized:
+            # Decoded whole, so HPACK is in sync: only this request is refused (as grpc-core
+            # answers metadata over its limit: RESOURCE_EXHAUSTED).
+            message = (
+                f"header list of {oversized} bytes exceeds the limit of "
+                f"{self.max_header_list_bytes} bytes"
+            )
+            self._answer_early(stream_id, Status.RESOURCE_EXHAUSTED, message)
+            return
+        if block_problem(event.headers or (), Block.REQUEST) is not None:
+            self._spend_reset()
+            self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # §8.1.1: stream error
+            return
+        headers = dict(event.headers or ())
+        problem = _request_problem(headers)
+        if problem is not None:
+            http_status, status, message = problem
+            self._answer_early(stream_id, status, message, http_status=http_status)
+            return
+        stream = Stream(self.max_message_bytes)
+        stream.messages_left = self.max_request_messages
+        self._streams[stream_id] = stream
+        encoding = headers.get(b"grpc-encoding", b"identity").decode("ascii", "replace").lower()
+        if encoding not in SUPPORTED_ENCODINGS:
+            self._streams.pop(stream_id)
+            self._answer_early(
+                stream_id, Status.UNIMPLEMENTED, f"grpc-encoding {encoding!r} is not supported"
+            )
+            return
+        stream.encoding = encoding
+        timeout_s = None
+        if b"grpc-timeout" in headers:
+            try:
+                timeout_s = parse_grpc_timeout(headers[b"grpc-timeout"])
+            except ProtocolError as exc:
+                self._streams.pop(stream_id)
+                self._answer_early(stream_id, Status.INTERNAL, str(exc))
+                return
+        try:
+            metadata = decode_metadata(event.headers or ())
+        except ProtocolError as exc:
+            self._streams.pop(stream_id)
+            self._answer_early(stream_id, Status.INTERNAL, str(exc))
+            return
+        events.append(
+            RequestReceived(
+                stream_id=stream_id,
+                method=headers[b":path"].decode("utf-8", "replace"),
+                metadata=metadata,
+                timeout_s=timeout_s,
+                authority=headers.get(b":authority", b"").decode("utf-8", "replace"),
+            )
+        )
+
+    def _on_input_ended(self, stream_id: int, stream: Stream, events: list[Event]) -> None:
+        if not stream.decoder.at_message_boundary:
+            self._fail_stream(stream_id, ProtocolError("request ended inside a message"), events)
+            return
+        events.append(InputEnded(stream_id))
+
+    def _refuse_malformed(self, stream_id: int, message: str, events: list[Event]) -> None:
+        self._spend_reset()
+        self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        events.append(StreamFailed(stream_id, Status.INTERNAL, message))
+
+    def _on_too_many_messages(self, stream_id: int, events: list[Event]) -> None:
+        # The gRPC spec: a unary call's server that receives a second message answers
+        # INTERNAL. The trailers end our side; the RST_STREAM(NO_ERROR) after them tells the
+        # client to stop sending (_stop_input).
+        self._spend_reset()
+        allowed = self.max_request_messages
+        self._fail_stream(
+            stream_id,
+            ProtocolError(f"more request messages than the {allowed} the call takes"),
+            events,
+        )
+
+    def _fail_stream(self, stream_id: int, exc: WireError, events: list[Event]) -> None:
+        status, message = failure(exc)
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.done:
+            stream.outbox.clear()
+            stream.outbox_bytes = 0
+            self.send_trailers(stream_id, status, message)
+        events.append(StreamFailed(stream_id, status, message))
+
+    # -- sending --
+
+    def _ensure_headers(self, stream_id: int, stream: Stream) -> None:
+        if not stream.headers_sent:
+            self.send_headers(stream_id)
+
+    def send_headers(self, stream_id: int, metadata: Metadata = ()) -> None:
+        """Send the response headers (initial metadata). Implied by the first message."""
+        stream = self._open_stream(stream_id)
+        if stream.headers_sent:
+            raise ProtocolError(f"response headers already sent on stream {stream_id}")
+        stream.headers_sent = True
+        headers = [
+            (b":status", b"200"),
+            (b"content-type", CONTENT_TYPE),
+            (b"grpc-accept-encoding", accept_encoding_header().encode()),
+            *encode_metadata(metadata),
+        ]
+        self._send_header_block(stream_id, headers)
+
+    def send_trailers(
+        self, stream_id: int, status: Status, message: str = "", metadata: Metadata = ()
+    ) -> None:
+        """End the call. Queued behind any pending messages; a trailers-only response when no
+        headers were sent."""
+        stream = self._open_stream(stream_id)
+        trailers = _status_headers(status, message) + encode_metadata(metadata)
+        if not stream.headers_sent:
+            stream.headers_sent = True
+            trailers = [
+                (b":status", b"200"),
+                (b"content-type", CONTENT_TYPE),
+                (b"grpc-accept-encoding", accept_encoding_header().encode()),
+                *trailers,
+            ]
+        stream.done = True
+        stream.outbox.append(EndOfOutput(trailers))
+        self._flush(stream_id, stream, [])
+
+    def _answer_early(
+        self, stream_id: int, status: Status, message: str, *, http_status: int = 200
+    ) -> None:
+        """A trailers-only response to a request we will not hand to any handler."""
+        headers = [(b":status", str(http_status).encode())]
+        if http_status == 200:
+            headers += [
+                (b"content-type", CONTENT_TYPE),
+                (b"grpc-accept-encoding", accept_encoding_header().encode()),
+            ]
+        headers += _status_headers(status, message)
+        try:
+            self._send_header_block(stream_id, headers, end_stream=True)
+            # The client may still be sending; we will not read it.
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+        except STREAM_GONE:
+            pass
+
+    def start_graceful_shutdown(self) -> None:
+        """First GOAWAY of a graceful shutdown: last stream 2^31-1 tells the client to stop
+        opening streams without cutting any in flight (RFC 9113 §6.8), and a PING measures when
+        it has seen it."""
+        self._send_graceful_goaway(2**31 - 1)
+        self._h2.ping(SHUTDOWN_PING)
+
+    def finish_graceful_shutdown(self) -> None:
+        """Second GOAWAY: the real last stream. Streams opened after it are refused; those
+        before it go on until they finish (the transport closes when none is left)."""
+        last = highest_inbound_stream_id(self._h2)
+        self._draining_last_stream_id = last
+        self._send_graceful_goaway(last)
+
+    def _send_graceful_goaway(self, last_stream_id: int) -> None:
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last_stream_id
+        frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+        self._take_h2_output()
+        self._out.append(frame.serialize())
+
+
+def _request_problem(headers: dict[bytes, bytes]) -> tuple[int, Status, str] | None:
+    """Why a request is not gRPC, as (HTTP status, gRPC status, message); None when it is."""
+    if headers.get(b":method") != b"POST":
+        return (
+            405,
+            Status.INTERNAL,
+            f"method {headers.get(b':method', b'').decode(errors='replace')} not allowed",
+        )
+    content_type = headers.get(b"content-type", b"")
+    if content_type != CONTENT_TYPE and not content_type.startswith(
+        (CONTENT_TYPE + b"+", CONTENT_TYPE + b";")
+    ):
+        return (
+            415,
+            Status.INTERNAL,
+            f"content-type {content_type.decode(errors='replace')!r} is not gRPC",
+        )
+    subtype = content_type.partition(b";")[0][len(CONTENT_TYPE) :].strip()
+    if subtype and subtype != b"+proto":
+        # Another message codec (+json...): we speak protobuf only. Like an unsupported
+        # grpc-encoding, which the spec answers UNIMPLEMENTED.
+        return (
+            200,
+            Status.UNIMPLEMENTED,
+            f"content-subtype {subtype[1:].decode(errors='replace')!r} is not supported",
+        )
+    if headers.get(b"te") != b"trailers":
+        return 200, Status.INTERNAL, "te: trailers is required"
+    path = headers.get(b":path", b"")
+    if not path.startswith(b"/") or path.count(b"/") != 2:
+        return 200, Status.INTERNAL, f"malformed method path {path.decode(errors='replace')!r}"
+    return None
+
+
+def _status_headers(status: Status, message: str) -> list[tuple[bytes, bytes]]:
+    headers = [(b"grpc-status", str(int(status)).encode())]
+    if message:
+        headers.append((b"grpc-message", encode_grpc_message(message).encode("ascii")))
+    return headers
