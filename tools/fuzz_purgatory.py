@@ -341,7 +341,6 @@ class _Run:
         self.findings: list[Finding] = []
         self.features: set[str] = set()
         self.output_bytes = 0
-        self.pending: list[bytes] = []  # output not yet taken, when the peer never reads
         self.held: dict[int, list[int]] = {}  # stream -> flow-controlled bytes not acknowledged
         self.tracing = tracing
         self.trace: list[str] = []
@@ -368,14 +367,15 @@ class _Run:
             pos += size
 
     def take_output(self, final: bool = False) -> bytes:
-        out = self.connection.data_to_send()
-        if self.control.never_drain and not final:
-            if out:
-                self.pending.append(out)
-            return b""
-        if self.pending:
-            out = b"".join([*self.pending, out])
-            self.pending.clear()
+        if self.control.never_drain:
+            if not final:
+                # Not even asked: the transport calls data_to_send() only once the previous
+                # batch has left, and this peer never takes it.
+                return b""
+            out = self.connection.data_to_send()
+            self.check_queued_acks(out)
+        else:
+            out = self.connection.data_to_send()
         self.output_bytes += len(out)
         for frame_type, flags, head in output_frames(out):
             name = FRAME_NAMES.get(frame_type, f"type{frame_type}")
@@ -412,8 +412,6 @@ class _Run:
                     self.on_event(event)
                 self.check_streams()
                 self.take_output()
-            if not broken:
-                self.check_queued_acks()
             self.take_output(final=True)
             budget = OUTPUT_FACTOR * (len(self.stream) + CONTROL_BYTES) + OUTPUT_SLACK
             if self.output_bytes > budget:
@@ -431,7 +429,6 @@ class _Run:
         self.features.add(f"broken:{message}")
         if self.tracing:
             self.trace.append(f"ConnectionBroken: {exc}")
-        self.check_queued_acks()
         out = self.take_output(final=True)
         frames = output_frames(out)
         if not frames or frames[-1][0] != GOAWAY:
@@ -449,13 +446,10 @@ class _Run:
         if events:
             self.fail("after-broken", f"events after ConnectionBroken: {events[:3]!r}")
 
-    def check_queued_acks(self) -> None:
-        if not self.control.never_drain or not self.pending:
-            return
+    def check_queued_acks(self, out: bytes) -> None:
         acks = sum(
             1
-            for pending in self.pending
-            for frame_type, flags, _ in output_frames(pending)
+            for frame_type, flags, _ in output_frames(out)
             if frame_type in (PING, SETTINGS) and flags & FLAG_ACK
         )
         if acks > self.max_queued_acks:
