@@ -26,22 +26,26 @@ from google.protobuf.message import DecodeError, Message
 
 from .driver import Driver
 from .tls import TLSConfig, TLSStream
-from .wire.connection import (
+from .wire import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     CallEnded,
     ClientConnection,
     ConnectionTerminated,
+    GrpcError,
     MessageReceived,
+    Metadata,
+    ProtocolError,
     ResponseReceived,
+    Status,
 )
-from .wire.errors import ProtocolError
-from .wire.framing import DEFAULT_MAX_MESSAGE_BYTES
-from .wire.metadata import Metadata
-from .wire.status import GrpcError, Status
 
 R = TypeVar("R", bound=Message)
 
 
 class _Call:
+    """One call's state, as the connection's reader learns it; the caller's task waits on
+    `changed` and reads."""
+
     __slots__ = ("changed", "ended", "initial_metadata", "messages", "stream_id")
 
     def __init__(self, stream_id: int) -> None:
@@ -51,7 +55,22 @@ class _Call:
         self.ended: CallEnded | None = None
         self.changed = trio.Event()
 
+    # -- what the connection tells the call
+
+    def respond(self, event: ResponseReceived) -> None:
+        self.initial_metadata = event.metadata
+        self.notify()
+
+    def deliver(self, event: MessageReceived) -> None:
+        self.messages.append(event)
+        self.notify()
+
+    def end(self, event: CallEnded) -> None:
+        self.ended = event
+        self.notify()
+
     def notify(self) -> None:
+        """Wake the caller (also when the connection is lost)."""
         self.changed.set()
         self.changed = trio.Event()
 
@@ -59,7 +78,6 @@ class _Call:
 class Channel:
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
-        self._wire: ClientConnection = driver.connection
         self._calls: dict[int, _Call] = {}
         # Set when the server sent GOAWAY: calls in flight go on, new ones fail UNAVAILABLE.
         self.going_away = trio.Event()
@@ -115,20 +133,17 @@ class Channel:
         self, method: str, request: Message, metadata: Metadata, timeout_s: float | None
     ) -> _Call:
         # Past the server's MAX_CONCURRENT_STREAMS a call waits for a free stream, not fails.
-        while not self._wire.stream_available and not self._driver.closed.is_set():
+        driver = self._driver
+        while not driver.stream_available and not driver.closed.is_set():
             await self._stream_freed.wait()
-        if self._driver.closed.is_set():
+        if driver.closed.is_set():
             raise GrpcError(Status.UNAVAILABLE, self._lost_reason("the connection is closed"))
+        payload = request.SerializeToString()
         try:
-            stream_id = self._wire.start_call(method, metadata, timeout_s=timeout_s)
+            stream_id = driver.start_call(method, metadata, timeout_s, payload)
         except ProtocolError as exc:  # the server sent GOAWAY
             raise GrpcError(Status.UNAVAILABLE, str(exc)) from None
         call = self._calls[stream_id] = _Call(stream_id)
-        # The request and the end of input go out together, as the windows allow: one message
-        # per call, so queueing it costs at most one message of memory.
-        self._wire.send_message(stream_id, request.SerializeToString())
-        self._wire.end_input(stream_id)
-        self._driver.push()
         return call
 
     async def _next(self, call: _Call, response_type: type[R]) -> R | None:
@@ -142,8 +157,7 @@ class Channel:
                 raise GrpcError(Status.UNAVAILABLE, self._lost_reason("the connection was lost"))
             await call.changed.wait()
         event = call.messages.popleft()
-        self._wire.acknowledge(call.stream_id, event.flow_controlled_bytes)
-        self._driver.push()
+        self._driver.acknowledge(call.stream_id, event.flow_controlled_bytes)
         try:
             return response_type.FromString(event.payload)
         except DecodeError:
@@ -151,15 +165,15 @@ class Channel:
 
     def _finish(self, call: _Call) -> None:
         """Leaving a call: if it has not ended, the server must stop working on it."""
+        driver = self._driver
         self._calls.pop(call.stream_id, None)
-        self._driver.forget(call.stream_id)
+        driver.forget(call.stream_id)
         if call.ended is None:
-            self._wire.reset(call.stream_id)
-            self._driver.push()
+            driver.reset(call.stream_id)
             self._free_stream()
         # Messages nobody will read: give their window back.
         for event in call.messages:
-            self._wire.acknowledge(call.stream_id, event.flow_controlled_bytes)
+            driver.acknowledge(call.stream_id, event.flow_controlled_bytes)
 
     def _on_event(self, event) -> None:
         if isinstance(event, ConnectionTerminated):
@@ -168,16 +182,15 @@ class Channel:
         call = self._calls.get(event.stream_id)
         if call is None:
             if isinstance(event, MessageReceived):
-                self._wire.acknowledge(event.stream_id, event.flow_controlled_bytes)
+                self._driver.acknowledge(event.stream_id, event.flow_controlled_bytes)
             return
-        if isinstance(event, ResponseReceived):
-            call.initial_metadata = event.metadata
-        elif isinstance(event, MessageReceived):
-            call.messages.append(event)
+        if isinstance(event, MessageReceived):
+            call.deliver(event)
+        elif isinstance(event, ResponseReceived):
+            call.respond(event)
         elif isinstance(event, CallEnded):
-            call.ended = event
+            call.end(event)
             self._free_stream()
-        call.notify()
 
     def _free_stream(self) -> None:
         freed, self._stream_freed = self._stream_freed, trio.Event()
@@ -251,9 +264,10 @@ async def open_channel_over(
     max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> AsyncIterator[Channel]:
     """A channel over an established byte stream (tests use memory streams)."""
-    wire = ClientConnection(authority=authority, max_message_bytes=max_receive_message_bytes)
-    wire.initiate()
-    driver = Driver(wire, stream)
+    driver = Driver(
+        ClientConnection(authority=authority, max_message_bytes=max_receive_message_bytes), stream
+    )
+    driver.initiate()
     channel = Channel(driver)
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
@@ -265,7 +279,6 @@ async def open_channel_over(
                 channel._lost()
 
         nursery.start_soon(run)
-        driver.wake()
         try:
             yield channel
         except BaseException as exc:
@@ -278,12 +291,7 @@ async def open_channel_over(
             # exception that is leaving the block (which must reach the caller).
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(1):
-                    if not driver.closed.is_set():
-                        wire.close()
-                        try:
-                            await driver.flush()
-                        except trio.BrokenResourceError:
-                            pass
+                    await driver.close()
                 await trio.aclose_forcefully(stream)
             nursery.cancel_scope.cancel()
     if body_error is not None:

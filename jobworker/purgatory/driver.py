@@ -9,8 +9,12 @@ streams in tests). Two tasks run in the connection's nursery:
   side-specific `on_event` (server: start or cancel calls; client: complete them);
 - the **writer** sleeps until woken, then sends whatever the connection has queued.
 
-Call tasks never await the stream. They post commands to the connection (all synchronous, so a
-command can never be torn by a task switch), then `push()`: when nobody is writing and the stream
+Call tasks never await the stream, and never touch the wire object: they post commands through
+the driver (`send_headers`, `send_message`, `send_trailers`, `acknowledge`, `reset`,
+`start_call`...), each of which queues on the wire (synchronously, so a command can never be
+torn by a task switch) and then decides, in one place, how the bytes leave: `push()`. While the
+reader is handing out events, commands only queue: the reader pushes once after the batch.
+`push()`: when nobody is writing and the stream
 can write without waiting (`TLSStream.send_nowait`, TLS straight on a socket), the bytes go out
 at once, in the calling task, synchronously, so no cancellation can tear them either; whatever
 the socket does not take now is left to the writer, which must send it before anything else.
@@ -30,7 +34,11 @@ import logging
 
 import trio
 
-from .wire.connection import ConnectionBroken, Event, OutboxDrained
+from .wire import ConnectionBroken, Event, Metadata, OutboxDrained, Status
+
+# RST_STREAM error codes (RFC 9113 section 7).
+_REFUSED_STREAM = 0x7
+_CANCEL = 0x8
 
 log = logging.getLogger("jobworker.purgatory")
 
@@ -41,6 +49,8 @@ HIGH_WATER_BYTES = 256 * 2**10
 
 
 class Driver:
+    """Owns `connection` (a wire.ServerConnection or ClientConnection) from here on."""
+
     def __init__(self, connection, stream: trio.abc.Stream) -> None:
         self.connection = connection
         self.stream = stream
@@ -61,6 +71,107 @@ class Driver:
         self.received_bytes = 0  # from the peer, in all (the server's preface timeout looks)
         self.broken: BaseException | None = None
         self._scope = trio.CancelScope()
+        self._dispatching = False  # the reader is handing out events: it pushes afterwards
+
+    # --- commands: each queues on the wire, then sends or wakes the writer ----------------------
+
+    def initiate(self) -> None:
+        """The connection preface (client) or our SETTINGS (server)."""
+        self.connection.initiate()
+        # The writer's: before the reader has run, a failure to write would hide what the
+        # peer has to say (a client whose certificate the server rejected reads why).
+        self.wake()
+
+    def stream_open(self, stream_id: int) -> bool:
+        """True while the stream can still carry something from us."""
+        return self.connection.stream_open(stream_id)
+
+    @property
+    def stream_available(self) -> bool:
+        """Client: the server's MAX_CONCURRENT_STREAMS allows one more call now."""
+        return self.connection.stream_available
+
+    def send_headers(self, stream_id: int, metadata: Metadata = ()) -> None:
+        self.connection.send_headers(stream_id, metadata)
+        self._posted()
+
+    def send_trailers(
+        self,
+        stream_id: int,
+        status: Status,
+        message: str = "",
+        metadata: Metadata = (),
+        *,
+        response: bytes | None = None,
+        others_running: bool = False,
+    ) -> None:
+        """End the call, after `response` (a unary call's one message, queued with the
+        trailers so both leave in one write) when given. `others_running`: other calls of
+        this connection are still at work."""
+        connection = self.connection
+        if response is not None:
+            connection.send_message(stream_id, response)
+        connection.send_trailers(stream_id, status, message, metadata)
+        if self._dispatching:
+            return
+        if others_running:
+            # Other calls are running: their answers tend to come in this same scheduling
+            # round, and the writer sends them all in one write.
+            self.wake()
+        else:
+            self.push()  # alone: no round to wait for
+
+    def acknowledge(self, stream_id: int, flow_controlled_bytes: int) -> None:
+        """The consumer has read this much of the stream's data: give the window back."""
+        self.connection.acknowledge(stream_id, flow_controlled_bytes)
+        self._posted()
+
+    def reset(self, stream_id: int, error_code: int = _CANCEL) -> None:
+        """Abandon a stream (RST_STREAM); harmless on one that already ended."""
+        self.connection.reset(stream_id, error_code)
+        self._posted()
+
+    def refuse(self, stream_id: int) -> None:
+        """Refuse a stream the peer opened (RST_STREAM REFUSED_STREAM): it may retry it."""
+        self.reset(stream_id, _REFUSED_STREAM)
+
+    def start_call(
+        self, method: str, metadata: Metadata, timeout_s: float | None, request: bytes
+    ) -> int:
+        """Client: open a stream for `method` with its one request message and the end of
+        input; the stream id. Raises wire.ProtocolError once the server has sent GOAWAY."""
+        connection = self.connection
+        stream_id = connection.start_call(method, metadata, timeout_s=timeout_s)
+        # The request and the end of input go out together, as the windows allow: one message
+        # per call, so queueing it costs at most one message of memory.
+        connection.send_message(stream_id, request)
+        connection.end_input(stream_id)
+        self._posted()
+        return stream_id
+
+    def start_graceful_shutdown(self) -> None:
+        """Server: the first GOAWAY (2^31-1) and the PING that tells when it was seen."""
+        self.connection.start_graceful_shutdown()
+        self.wake()
+
+    def finish_graceful_shutdown(self) -> None:
+        """Server: the second GOAWAY, with the real last stream id."""
+        self.connection.finish_graceful_shutdown()
+        self.wake()
+
+    async def close(self) -> None:
+        """Client: GOAWAY, then return once it is written (or the connection is gone)."""
+        if self.closed.is_set():
+            return
+        self.connection.close()
+        try:
+            await self.flush()
+        except trio.BrokenResourceError:
+            pass
+
+    def _posted(self) -> None:
+        if not self._dispatching:
+            self.push()
 
     # --- what call tasks use -------------------------------------------------------------------
 
@@ -133,6 +244,8 @@ class Driver:
         self._drained.clear()
         # The exception's traceback holds the reader's frame, which holds us: a cycle.
         self.broken = None
+        if self.connection is not None:
+            self.connection.dispose()  # breaks h2's own cycles
         self.connection = None
         self.stream = None
         self._send_nowait = None
@@ -172,13 +285,17 @@ class Driver:
                 with trio.move_on_after(1):  # the GOAWAY, if the peer still listens
                     await self.flush()
                 return
-            for event in events:
-                if isinstance(event, OutboxDrained):
-                    drained = self._drained.pop(event.stream_id, None)
-                    if drained is not None:
-                        drained.set()
-                else:
-                    on_event(event)
+            self._dispatching = True
+            try:
+                for event in events:
+                    if isinstance(event, OutboxDrained):
+                        drained = self._drained.pop(event.stream_id, None)
+                        if drained is not None:
+                            drained.set()
+                    else:
+                        on_event(event)
+            finally:
+                self._dispatching = False
             self.push()  # acknowledgements, SETTINGS ACKs, PING answers, freed windows
 
     async def _writer(self) -> None:

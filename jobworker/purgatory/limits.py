@@ -15,6 +15,10 @@ connection is a descriptor, and so are the jobs' pipes, log files and cgroup han
 and the listening sockets. A server that runs out of descriptors cannot even refuse politely
 (accept fails with EMFILE, the listen queue fills), so the cap leaves a reserve below the limit.
 
+`ServerLimits` gathers every knob of the server's transport in one value: the caps above, the
+connection timeouts, the per-call limits, and the wire's per-connection budgets (header sizes,
+control-frame acknowledgements, resets, pings), which each connection's wire object receives.
+
 `RateLimitedLog` is the one way refusals and other peer-triggered events are logged here: the
 first of a burst at once, the rest counted and summed up in the next line, so a flood of attempts
 costs one line per interval, not one per attempt.
@@ -23,15 +27,35 @@ costs one line per interval, not one per attempt.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import resource
 from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
 
 import trio
+
+from .wire import (
+    DEFAULT_IDLE_PING_INTERVAL_S,
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_CONTINUATION_FRAMES,
+    DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_HEADER_BLOCK_BYTES,
+    DEFAULT_MAX_HEADER_DECODE_BYTES,
+    DEFAULT_MAX_HEADER_LIST_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_PENDING_ACKS,
+    DEFAULT_MAX_PING_STRIKES,
+    DEFAULT_MAX_RESET_BURST,
+    DEFAULT_MIN_PING_INTERVAL_S,
+    DEFAULT_RESET_REFILL_PER_S,
+)
 
 __all__ = [
     "Admission",
     "RateLimitedLog",
+    "ServerLimits",
     "default_max_connections",
 ]
 
@@ -54,6 +78,123 @@ def default_max_connections(descriptor_limit: int | None = None) -> int:
             return _MAX_DEFAULT_CONNECTIONS
     reserve = min(descriptor_limit // 2, _RESERVED_DESCRIPTORS)
     return max(_MIN_DEFAULT_CONNECTIONS, min(descriptor_limit - reserve, _MAX_DEFAULT_CONNECTIONS))
+
+
+# The fields of ServerLimits that are the wire's budgets, passed as they are to each
+# wire.ServerConnection (the names are the wire's keywords).
+_WIRE_BUDGETS = (
+    "max_frame_bytes",
+    "max_header_list_bytes",
+    "max_header_block_bytes",
+    "max_header_decode_bytes",
+    "max_continuation_frames",
+    "max_pending_acks",
+    "max_reset_burst",
+    "reset_refill_per_s",
+    "min_ping_interval_s",
+    "idle_ping_interval_s",
+    "max_ping_strikes",
+)
+
+
+_MAY_BE_ZERO = frozenset(
+    {"lingering_handler_allowance", "max_continuation_frames", "max_ping_strikes"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """Every knob of the server's transport, with defaults a 2-core machine survives.
+
+    Per call: `max_concurrent_streams` (SETTINGS_MAX_CONCURRENT_STREAMS; a stream beyond it is
+    refused alone, REFUSED_STREAM), `max_receive_message_bytes`, and
+    `lingering_handler_allowance`: handlers still running for streams the client has already
+    reset count against `max_concurrent_streams`, plus this many, and while they fill it new
+    streams are refused (the other half of rapid reset: golang/net http2's handler gate,
+    ``curHandlers`` against ``advMaxStreams``).
+
+    Connection timeouts (seconds; `math.inf` turns one off), counted once the TLS handshake is
+    done: `preface_timeout_s` for the client's HTTP/2 preface, `first_request_timeout_s` for
+    its first call, `idle_timeout_s` without any open call before a graceful close.
+
+    Connection caps (see `Admission`): `max_connections` in all (None: from the descriptor
+    limit, `default_max_connections`), `max_connections_per_identity` (None: an eighth of that,
+    at least 4), connections still in their TLS handshake in all (`max_handshakes`, None: a
+    quarter of `max_connections`, at least 8) and per peer address.
+
+    The wire's budgets, per connection (see wire.connection for what each bounds): frame and
+    header sizes, CONTINUATION frames per header block, control-frame acknowledgements owed,
+    the reset/refusal token bucket, and the PING policy.
+    """
+
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    lingering_handler_allowance: int = 10
+
+    preface_timeout_s: float = 10.0
+    first_request_timeout_s: float = 30.0
+    idle_timeout_s: float = 300.0
+
+    max_connections: int | None = None
+    max_connections_per_identity: int | None = None
+    max_handshakes: int | None = None
+    max_handshakes_per_address: int = 32
+
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_header_list_bytes: int = DEFAULT_MAX_HEADER_LIST_BYTES
+    max_header_block_bytes: int = DEFAULT_MAX_HEADER_BLOCK_BYTES
+    max_header_decode_bytes: int = DEFAULT_MAX_HEADER_DECODE_BYTES
+    max_continuation_frames: int = DEFAULT_MAX_CONTINUATION_FRAMES
+    max_pending_acks: int = DEFAULT_MAX_PENDING_ACKS
+    max_reset_burst: int = DEFAULT_MAX_RESET_BURST
+    reset_refill_per_s: float = DEFAULT_RESET_REFILL_PER_S
+    min_ping_interval_s: float = DEFAULT_MIN_PING_INTERVAL_S
+    idle_ping_interval_s: float = DEFAULT_IDLE_PING_INTERVAL_S
+    max_ping_strikes: int = DEFAULT_MAX_PING_STRIKES
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if value is None:
+                continue
+            if spec.name.endswith("_s"):
+                if not value > 0:  # also refuses NaN
+                    raise ValueError(f"{spec.name} must be positive, got {value!r}")
+            elif spec.name in _MAY_BE_ZERO:
+                if not (isinstance(value, int) and value >= 0):
+                    raise ValueError(f"{spec.name} must be an integer >= 0, got {value!r}")
+            elif not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{spec.name} must be an integer >= 1, got {value!r}")
+
+    def replace(self, **changes: Any) -> ServerLimits:
+        """A copy with `changes` (field names, as keywords), validated like a new one."""
+        unknown = set(changes) - {spec.name for spec in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown server limits: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def wire_budgets(self) -> dict[str, Any]:
+        """The wire's keywords for a wire.ServerConnection."""
+        return {name: getattr(self, name) for name in _WIRE_BUDGETS}
+
+    def admission(self) -> Admission:
+        max_connections = self.max_connections
+        if max_connections is None:
+            max_connections = default_max_connections()
+        return Admission(
+            max_connections=max_connections,
+            max_handshakes=(
+                self.max_handshakes
+                if self.max_handshakes is not None
+                else max(8, max_connections // 4)
+            ),
+            max_handshakes_per_address=self.max_handshakes_per_address,
+            max_connections_per_identity=(
+                self.max_connections_per_identity
+                if self.max_connections_per_identity is not None
+                else max(4, max_connections // 8)
+            ),
+        )
 
 
 class RateLimitedLog:

@@ -3,19 +3,28 @@
 Each connection is a nursery holding its driver (reader and writer, see driver.py) and one task
 per call. A call's task runs in a cancel scope whose deadline is the client's grpc-timeout; a
 client's RST_STREAM cancels it at once. Handlers raise `GrpcError` for a status of their
-choosing; any other exception is logged here and answered INTERNAL with a generic message —
-never a traceback on the wire. Cancellation is never converted into a status.
+choosing. Any other exception goes to the server's `errors` hook (the application's one table
+of domain errors to statuses); what it does not map is logged here and answered INTERNAL with a
+generic message — never a traceback on the wire. `_status_of` is the one place a handler's
+exception becomes a status. Cancellation is never converted into a status.
 
-Connections are admitted and timed (see limits.py for the caps): the TLS handshake is bounded by
-the TLS config; then the client has `preface_timeout_s` to send its HTTP/2 preface,
-`first_request_timeout_s` to start a call, and once no call has been open for `idle_timeout_s`
-the connection is closed gracefully (GOAWAY, then close: grpc-go's MaxConnectionIdle). A
+Everything the connection learns about a call it tells the call (`deliver`, `end_input`,
+`fail`); everything a call says goes through the driver's commands.
+
+Every knob is a field of one `ServerLimits` (limits.py). Connections are admitted and timed:
+the TLS handshake is bounded by the TLS config; then the client has `preface_timeout_s` to send
+its HTTP/2 preface, `first_request_timeout_s` to start a call, and once no call has been open
+for `idle_timeout_s` the connection is closed gracefully (GOAWAY, then close: grpc-go's
+MaxConnectionIdle). A
 connection beyond its identity's cap answers every call RESOURCE_EXHAUSTED, naming the cap, and
 closes after the first answer: the client learns why, which a bare close or a GOAWAY before any
 stream would not tell it (clients retry those transparently, reconnecting in a loop).
 
 A call whose stream is gone (the client reset it, even in the same read as the request) ends
-quietly: its handler is cancelled, or never started, and nothing is logged for it.
+quietly: its handler is cancelled, or never started, and nothing is logged for it. A handler
+cancelled that way may take a while to finish (cleanup, a shielded section); until it does it
+still counts against `max_concurrent_streams`, plus `lingering_handler_allowance`, and new
+streams beyond that are refused (REFUSED_STREAM): resetting streams cannot pile up handlers.
 
 Graceful shutdown is a ladder (`Server.shutdown`): stop accepting; GOAWAY(2^31-1) and a PING to
 every connection; once the PING is answered (the client has seen the GOAWAY) the second GOAWAY
@@ -36,22 +45,27 @@ from cryptography import x509
 from google.protobuf.message import DecodeError, Message
 
 from .driver import Driver
-from .limits import Admission, RateLimitedLog, default_max_connections
+from .limits import RateLimitedLog, ServerLimits
 from .tls import TLSConfig, TLSError, TLSStream
-from .wire.connection import (
+from .wire import (
     SHUTDOWN_PING,
+    GrpcError,
     InputEnded,
     MessageReceived,
+    Metadata,
     PingAcknowledged,
     RequestReceived,
     ServerConnection,
+    Status,
     StreamFailed,
 )
-from .wire.framing import DEFAULT_MAX_MESSAGE_BYTES
-from .wire.metadata import Metadata
-from .wire.status import GrpcError, Status
 
 log = logging.getLogger("jobworker.purgatory")
+
+# The application's mapping of a handler's exception to a status: a GrpcError, or None for
+# "not mine" (then INTERNAL, logged).
+ErrorMapper = Callable[[Exception], "GrpcError | None"]
+Identify = Callable[[x509.Certificate | None], Any]
 
 # The client's connection preface (24 bytes) and the header of its first frame, SETTINGS: once
 # this much has arrived (and h2 did not reject it) the client speaks HTTP/2.
@@ -92,7 +106,6 @@ class ServerCall:
         connection_info: ConnectionInfo,
     ) -> None:
         self._driver = driver
-        self._connection: ServerConnection = driver.connection
         self.stream_id = stream_id
         self.method = method
         self.metadata: Metadata = request.metadata
@@ -106,6 +119,7 @@ class ServerCall:
         self._extra_request = False
         self._input_ended = trio.Event()
         self._failed: StreamFailed | None = None
+        self.started = False  # the handler has begun (or the call has ended)
 
     @property
     def peer_certificate(self) -> x509.Certificate | None:
@@ -115,15 +129,19 @@ class ServerCall:
     def identity(self) -> Any:
         return self.connection.identity
 
+    @property
+    def failed(self) -> bool:
+        """The stream is gone (reset by the client, or failed by the wire): nobody listens."""
+        return self._failed is not None
+
     def send_initial_metadata(self, metadata: Metadata) -> None:
         """Send the response headers now. On a stream the client has reset this does nothing:
         the handler is being cancelled, and its next checkpoint says so."""
-        if not self._connection.stream_open(self.stream_id):
+        if not self._driver.stream_open(self.stream_id):
             if self._failed is not None:
                 return
             raise _StreamGone(f"stream {self.stream_id} is closed")
-        self._connection.send_headers(self.stream_id, metadata)
-        self._driver.push()
+        self._driver.send_headers(self.stream_id, metadata)
 
     async def send(self, message: Message) -> None:
         """Send one response message; waits while the client is not reading (flow control).
@@ -143,21 +161,34 @@ class ServerCall:
     async def send_serialized(self, payload: bytes) -> None:
         """`send` for a message the handler has serialized itself (`SerializeToString()` of
         the method's response type): the payload is queued as it is, never copied."""
-        if not self._connection.stream_open(self.stream_id):
+        if not self._driver.stream_open(self.stream_id):
             # Reset by the client: the scope is cancelled and this checkpoint raises. Otherwise
             # the connection is gone or the wire ended the stream: nobody is listening.
             await trio.lowlevel.checkpoint()
             raise _StreamGone(f"stream {self.stream_id} is closed")
         await self._driver.send_message(self.stream_id, payload)
 
-    # -- driven by the connection task --
+    # -- what the connection tells the call (from its reader task) --
 
-    def _on_message(self, event: MessageReceived) -> None:
+    def deliver(self, event: MessageReceived) -> None:
+        """A request message arrived. The first is kept for the handler; any more make the
+        call fail (each method takes one), and their window goes back at once."""
         if self._request is None:
             self._request = (event.payload, event.flow_controlled_bytes)
         else:
             self._extra_request = True
-            self._connection.acknowledge(self.stream_id, event.flow_controlled_bytes)
+            self._driver.acknowledge(self.stream_id, event.flow_controlled_bytes)
+
+    def end_input(self) -> None:
+        """The client has sent all of its request."""
+        self._input_ended.set()
+
+    def fail(self, event: StreamFailed) -> None:
+        """The stream is gone: cancel the handler; the call ends without an answer."""
+        self._failed = event
+        self._scope.cancel()
+
+    # -- the call's own task --
 
     async def _receive_request(self) -> Message:
         # Usually the whole request came in the read that started the call: then no wait, and
@@ -172,8 +203,7 @@ class ServerCall:
         payload, flow_bytes = self._request
         # Usually no WINDOW_UPDATE comes of it (h2 returns window in large steps); when one
         # does, it goes out now rather than after the handler.
-        self._connection.acknowledge(self.stream_id, flow_bytes)
-        self._driver.push()
+        self._driver.acknowledge(self.stream_id, flow_bytes)
         try:
             return self.method.request_type.FromString(payload)
         except DecodeError as exc:
@@ -198,16 +228,10 @@ class Server:
         methods: Iterable[RpcMethod] = (),
         *,
         tls: TLSConfig | None,
-        identify: Callable[[x509.Certificate | None], Any] | None = None,
-        max_concurrent_streams: int = 100,
-        max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        preface_timeout_s: float = 10.0,
-        first_request_timeout_s: float = 30.0,
-        idle_timeout_s: float = 300.0,
-        max_connections: int | None = None,
-        max_connections_per_identity: int | None = None,
-        max_handshakes: int | None = None,
-        max_handshakes_per_address: int = 32,
+        identify: Identify | None = None,
+        errors: ErrorMapper | None = None,
+        limits: ServerLimits | None = None,
+        **knobs: Any,
     ) -> None:
         """`tls=None` serves plaintext h2c: for tests over memory streams only.
 
@@ -216,52 +240,25 @@ class Server:
         call on the connection gets that status. Its result, if hashable (and not None), is
         what `max_connections_per_identity` counts; otherwise the certificate's subject is.
 
-        Timeouts (seconds; `math.inf` turns one off), counted once the TLS handshake is done:
-        `preface_timeout_s` for the client's HTTP/2 preface, `first_request_timeout_s` for its
-        first call, `idle_timeout_s` without any open call before a graceful close.
+        `errors` maps an exception a handler raised (other than GrpcError, which is its own
+        status) to a GrpcError, or to None when it is not the application's: that one is logged
+        and answered INTERNAL. It is where an application's domain errors become statuses,
+        once for every method.
 
-        Caps (see limits.py): `max_connections` in all (default: from the descriptor limit,
-        `limits.default_max_connections`), `max_connections_per_identity` (default an eighth
-        of that, at least 4), connections still in their TLS handshake in all
-        (`max_handshakes`, default a quarter of `max_connections`, at least 8) and per peer
-        address (`max_handshakes_per_address`). They apply to connections `serve` accepts;
-        the per-identity cap applies to `serve_stream` as well.
+        `limits`: every knob of the transport (`ServerLimits`: timeouts, connection caps, the
+        wire's budgets); any of its fields may also be given as a keyword, overriding it.
         """
-        # INTEGRATION POINT (wire budgets): when wire.connection.ServerConnection grows its
-        # per-connection budgets (header list, control frames, resets, refused streams, unary
-        # extra messages), they become keyword arguments here, passed through in
-        # _ServerConnection.__init__ with the wire's own defaults.
-        for name, value in (
-            ("preface_timeout_s", preface_timeout_s),
-            ("first_request_timeout_s", first_request_timeout_s),
-            ("idle_timeout_s", idle_timeout_s),
-        ):
-            if not value > 0:  # also refuses NaN
-                raise ValueError(f"{name} must be positive, got {value!r}")
+        limits = limits if limits is not None else ServerLimits()
+        if knobs:
+            limits = limits.replace(**knobs)
+        self.limits = limits
         self._methods: dict[str, RpcMethod] = {}
         for method in methods:
             self.add(method)
         self._tls = tls
         self._identify = identify
-        self._max_concurrent_streams = max_concurrent_streams
-        self._max_receive_message_bytes = max_receive_message_bytes
-        self._preface_timeout_s = preface_timeout_s
-        self._first_request_timeout_s = first_request_timeout_s
-        self._idle_timeout_s = idle_timeout_s
-        if max_connections is None:
-            max_connections = default_max_connections()
-        self.admission = Admission(
-            max_connections=max_connections,
-            max_handshakes=(
-                max_handshakes if max_handshakes is not None else max(8, max_connections // 4)
-            ),
-            max_handshakes_per_address=max_handshakes_per_address,
-            max_connections_per_identity=(
-                max_connections_per_identity
-                if max_connections_per_identity is not None
-                else max(4, max_connections // 8)
-            ),
-        )
+        self._errors = errors
+        self.admission = limits.admission()
         self._log = RateLimitedLog(log)
         self._connections: set[_ServerConnection] = set()
         self._accepting: trio.CancelScope | None = None
@@ -398,6 +395,26 @@ class Server:
             finally:
                 connection.dispose()
 
+    def _status_of(self, exc: Exception, call: ServerCall) -> tuple[Status, str, Metadata]:
+        """The one place a handler's exception becomes a status (see the module docstring)."""
+        error: BaseException = exc
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if isinstance(error, GrpcError):
+            return error.status, error.message, error.trailers
+        if self._errors is not None and isinstance(error, Exception):
+            try:
+                mapped = self._errors(error)
+            except Exception as mapping_error:
+                log.exception("the error mapping failed on %r", error, exc_info=mapping_error)
+                mapped = None
+            if mapped is not None:
+                return mapped.status, mapped.message, mapped.trailers
+        if isinstance(error, trio.BrokenResourceError):
+            return Status.UNAVAILABLE, "connection lost", ()
+        log.exception("%s failed on stream %d", call.method.path, call.stream_id, exc_info=exc)
+        return Status.INTERNAL, "internal error", ()
+
     async def shutdown(self, grace_period_s: float) -> None:
         """The graceful ladder (see the module docstring). Returns when every connection is
         closed; calls still running after `grace_period_s` are cancelled."""
@@ -443,15 +460,20 @@ class _ServerConnection:
         self._refusal = refusal
         # Beyond its identity's cap: the first refused call is answered, then we close.
         self._over_cap = over_cap
-        self._wire = ServerConnection(
-            max_message_bytes=server._max_receive_message_bytes,
-            max_concurrent_streams=server._max_concurrent_streams,
+        limits = server.limits
+        wire = ServerConnection(
+            max_message_bytes=limits.max_receive_message_bytes,
+            max_concurrent_streams=limits.max_concurrent_streams,
             # Every method here takes exactly one request message (no client streaming): a
             # flood of extra messages ends its call at the wire, before any handler.
             max_request_messages=1,
+            **limits.wire_budgets(),
         )
-        self._driver = Driver(self._wire, stream)
+        self._driver = Driver(wire, stream)  # which owns the wire from here on
         self._calls: dict[int, ServerCall] = {}
+        # Handlers may run this many at once, those of reset streams included (see the module
+        # docstring): a new stream beyond it is refused.
+        self._max_handlers = limits.max_concurrent_streams + limits.lingering_handler_allowance
         self._nursery: trio.Nursery | None = None
         self._ping_answered = trio.Event()
         self._idle = trio.Event()
@@ -460,8 +482,7 @@ class _ServerConnection:
         self._quiet_since = 0.0  # when the last call ended (or the connection began)
 
     async def run(self) -> None:
-        self._wire.initiate()
-        self._driver.push()
+        self._driver.initiate()
         self._quiet_since = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -475,38 +496,34 @@ class _ServerConnection:
         at the cyclic collector's next pass."""
         self._calls.clear()
         self._nursery = None
-        self._driver.dispose()
-        # INTEGRATION POINT: wire.connection's dispose() (breaks h2's own cycles), when the
-        # wire layer has it.
-        dispose = getattr(self._wire, "dispose", None)
-        if dispose is not None:
-            dispose()
+        self._driver.dispose()  # and the wire, which breaks h2's own cycles
 
     async def _watch(self) -> None:
         """The connection's timeouts: preface, first request, idle (see the module docstring).
         Sleeps until the next deadline and looks; costs the call path nothing but a clock
         read when the last call ends."""
         server = self._server
-        await trio.sleep_until(self._quiet_since + server._preface_timeout_s)
+        limits = server.limits
+        await trio.sleep_until(self._quiet_since + limits.preface_timeout_s)
         if self._driver.received_bytes < _PREFACE_BYTES:
             server._log(
                 logging.INFO,
                 "preface",
                 "closing the connection from %s: no HTTP/2 preface within %g s",
                 self._info.peer_address,
-                server._preface_timeout_s,
+                limits.preface_timeout_s,
             )
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
             return
-        first_request_s = server._first_request_timeout_s
+        first_request_s = limits.first_request_timeout_s
         if self._over_cap:
-            first_request_s = min(first_request_s, server._preface_timeout_s)
+            first_request_s = min(first_request_s, limits.preface_timeout_s)
         while True:
             if self._calls:
                 await self._idle.wait()
                 continue
-            timeout = server._idle_timeout_s if self._requests_seen else first_request_s
+            timeout = limits.idle_timeout_s if self._requests_seen else first_request_s
             deadline = self._quiet_since + timeout
             if trio.current_time() < deadline:
                 await trio.sleep_until(deadline)
@@ -531,13 +548,11 @@ class _ServerConnection:
             return
         self._draining = True
         if not closed.is_set():
-            self._wire.start_graceful_shutdown()
-            self._driver.wake()
+            self._driver.start_graceful_shutdown()
             with trio.move_on_at(deadline):
                 await _first_of(self._ping_answered, closed)  # the client saw the GOAWAY
         if not closed.is_set():
-            self._wire.finish_graceful_shutdown()
-            self._driver.wake()
+            self._driver.finish_graceful_shutdown()
             with trio.move_on_at(deadline if calls_deadline is None else calls_deadline):
                 if self._calls:
                     await _first_of(self._idle, closed)
@@ -555,18 +570,21 @@ class _ServerConnection:
         elif isinstance(event, MessageReceived):
             call = self._calls.get(event.stream_id)
             if call is not None:
-                call._on_message(event)
+                call.deliver(event)
             else:
-                self._wire.acknowledge(event.stream_id, event.flow_controlled_bytes)
+                self._driver.acknowledge(event.stream_id, event.flow_controlled_bytes)
         elif isinstance(event, InputEnded):
             call = self._calls.get(event.stream_id)
             if call is not None:
-                call._input_ended.set()
+                call.end_input()
         elif isinstance(event, StreamFailed):
             call = self._calls.get(event.stream_id)
             if call is not None:
-                call._failed = event
-                call._scope.cancel()
+                call.fail(event)
+                if not call.started:
+                    # Its handler will never run (reset in the read that opened it): it holds
+                    # nothing, so it does not count against the handlers' cap.
+                    del self._calls[event.stream_id]
         elif isinstance(event, PingAcknowledged) and event.data == SHUTDOWN_PING:
             self._ping_answered.set()
         # ConnectionTerminated: the client is leaving; its calls finish or its stream closes.
@@ -576,15 +594,27 @@ class _ServerConnection:
         if not self._requests_seen:
             self._requests_seen = True
         if self._refusal is not None:
-            self._wire.send_trailers(stream_id, self._refusal.status, self._refusal.message)
+            self._driver.send_trailers(stream_id, self._refusal.status, self._refusal.message)
             self._quiet_since = trio.current_time()
             if self._over_cap and not self._draining:
                 assert self._nursery is not None
                 self._nursery.start_soon(self.drain, trio.current_time() + _IDLE_GOAWAY_S)
             return
+        if len(self._calls) >= self._max_handlers:
+            # Only handlers of reset streams can fill this (the wire keeps open streams within
+            # max_concurrent_streams): refuse until they finish. The client may retry.
+            self._driver.refuse(stream_id)
+            self._server._log(
+                logging.INFO,
+                "lingering",
+                "refusing a stream from %s: %d handlers still running, some for reset streams",
+                self._info.peer_address,
+                len(self._calls),
+            )
+            return
         method = self._server._methods.get(request.method)
         if method is None:
-            self._wire.send_trailers(
+            self._driver.send_trailers(
                 stream_id, Status.UNIMPLEMENTED, f"method {request.method} is not implemented"
             )
             self._quiet_since = trio.current_time()
@@ -597,44 +627,49 @@ class _ServerConnection:
         self._nursery.start_soon(self._run_call, call)
 
     async def _run_call(self, call: ServerCall) -> None:
-        wire, stream_id = self._wire, call.stream_id
+        driver, stream_id = self._driver, call.stream_id
         status, message, trailers = Status.OK, "", ()
+        response: bytes | None = None
         try:
-            if call._failed is not None:
+            if call.failed:
                 # Reset in the very read that opened it (HEADERS, DATA, RST_STREAM at once):
                 # there is no one to answer, so the handler never runs.
                 return
+            call.started = True
             with call._scope:
                 try:
                     request = await call._receive_request()
-                    response = await call.method.handler(request, call)
+                    result = await call.method.handler(request, call)
                     if not call.method.server_streaming:
-                        if not isinstance(response, call.method.response_type):
+                        if not isinstance(result, call.method.response_type):
                             raise TypeError(
-                                f"{call.method.path} returned {type(response).__name__}, "
+                                f"{call.method.path} returned {type(result).__name__}, "
                                 f"not {call.method.response_type.__name__}"
                             )
-                        if wire.stream_open(stream_id):
-                            # One message: queued with the trailers below, one write for both.
-                            wire.send_message(stream_id, response.SerializeToString())
+                        # One message: queued with the trailers below, one write for both.
+                        response = result.SerializeToString()
                     trailers = call.trailing_metadata
                 except Exception as exc:  # the one place errors become statuses
-                    status, message, trailers = _status_of(exc, call)
-            if call._failed is not None:
+                    status, message, trailers = self._server._status_of(exc, call)
+                    response = None
+            if call.failed:
                 return  # the client reset the stream, or the wire failed it: already said
             if call._scope.cancelled_caught:
                 status, message, trailers = Status.DEADLINE_EXCEEDED, "deadline exceeded", ()
-            if wire.stream_open(stream_id):
-                wire.send_trailers(stream_id, status, message, trailers)
-                if len(self._calls) > 1:
-                    # Other calls are running: their answers tend to come in this same
-                    # scheduling round, and the writer sends them all in one write.
-                    self._driver.wake()
-                else:
-                    self._driver.push()  # alone: no round to wait for
+                response = None
+            if driver.stream_open(stream_id):
+                driver.send_trailers(
+                    stream_id,
+                    status,
+                    message,
+                    trailers,
+                    response=response,
+                    others_running=len(self._calls) > 1,
+                )
         finally:
+            call.started = True
             self._calls.pop(stream_id, None)
-            self._driver.forget(stream_id)
+            driver.forget(stream_id)
             if not self._calls:
                 self._quiet_since = trio.current_time()
                 self._idle.set()
@@ -650,18 +685,6 @@ async def _first_of(*events: trio.Event) -> None:
 
         for event in events:
             nursery.start_soon(wait, event)
-
-
-def _status_of(exc: Exception, call: ServerCall) -> tuple[Status, str, Metadata]:
-    error = exc
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    if isinstance(error, GrpcError):
-        return error.status, error.message, error.trailers
-    if isinstance(error, trio.BrokenResourceError):
-        return Status.UNAVAILABLE, "connection lost", ()
-    log.exception("%s failed on stream %d", call.method.path, call.stream_id, exc_info=exc)
-    return Status.INTERNAL, "internal error", ()
 
 
 def _peer_host(stream: trio.SocketStream) -> str:
