@@ -162,6 +162,9 @@ class GrpcConnection(FrameScanner, FastPaths):
         self._streams: dict[int, Stream] = {}
         self._terminated = False
         self._disposed = False
+        # Flow-controlled bytes handed back to the peer so far: with what was received, it
+        # shows the inbound accounting is exact (every byte given back once).
+        self.acknowledged_bytes = 0
         # Output serialized past h2 (DATA, graceful GOAWAY), with h2's own output moved in
         # ahead of each of our frames, so the wire order is the order of the commands.
         self._out: list[bytes | memoryview] = []
@@ -288,6 +291,7 @@ class GrpcConnection(FrameScanner, FastPaths):
     def _ack(self, stream_id: int, flow_controlled_bytes: int) -> None:
         if flow_controlled_bytes > 0 and not self._terminated:
             self._h2.acknowledge_received_data(flow_controlled_bytes, stream_id)
+            self.acknowledged_bytes += flow_controlled_bytes
 
     @staticmethod
     def _release_partial(stream: Stream) -> int:
@@ -344,6 +348,14 @@ class GrpcConnection(FrameScanner, FastPaths):
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    def send_window(self, stream_id: int) -> int:
+        """How many bytes of DATA the stream may send now: the smaller of its window and the
+        connection's, as h2 counts them (0 for a stream that is gone)."""
+        try:
+            return self._h2.local_flow_control_window(stream_id)
+        except STREAM_GONE:
+            return 0
 
     # --- internals -----------------------------------------------------------------------------
 

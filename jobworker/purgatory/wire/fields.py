@@ -195,6 +195,11 @@ class RepeatDecoder(Decoder):
             self.oversized += 1
         return list(headers)
 
+    @property
+    def remembered_blocks(self) -> int:
+        """How many decoded blocks are kept for reuse (at most _REMEMBERED_BLOCKS)."""
+        return len(self._remembered)
+
     def forget(self) -> None:
         """Drop the remembered lists (their memory goes with them)."""
         self._remembered.clear()

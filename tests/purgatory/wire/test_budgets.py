@@ -18,6 +18,8 @@ import h2.errors
 import h2.events
 import hpack
 import pytest
+from h2.connection import H2Connection
+from h2.stream import H2Stream
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -29,7 +31,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from jobworker.purgatory.wire.connection import (
+from jobworker.purgatory.wire import (
     DEFAULT_MAX_HEADER_BLOCK_BYTES,
     DEFAULT_MAX_HEADER_LIST_BYTES,
     ClientConnection,
@@ -38,10 +40,12 @@ from jobworker.purgatory.wire.connection import (
     MessageReceived,
     RequestReceived,
     ServerConnection,
+    Status,
     StreamFailed,
+    encode_message,
 )
-from jobworker.purgatory.wire.framing import encode_message
-from jobworker.purgatory.wire.status import Status
+
+from .peers import connected, goaway, live, parse
 
 E = h2.errors.ErrorCodes
 REQUEST = [
@@ -54,38 +58,8 @@ REQUEST = [
 ]
 
 
-def parse(data: bytes) -> list[Frame]:
-    frames, pos = [], 0
-    while pos < len(data):
-        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
-        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
-        frames.append(frame)
-        pos += 9 + length
-    return frames
-
-
 def answer(server: ServerConnection) -> list[Frame]:
     return parse(server.data_to_send())
-
-
-def goaway(frames: list[Frame]) -> GoAwayFrame:
-    (frame,) = [f for f in frames if isinstance(f, GoAwayFrame)]
-    return frame
-
-
-def connected(**options) -> tuple[h2.connection.H2Connection, ServerConnection]:
-    """A raw h2 client and our server, past the preface and both SETTINGS acknowledged."""
-    client = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding=None)
-    )
-    client.initiate_connection()
-    server = ServerConnection(**options)
-    server.initiate()
-    server.receive_data(client.data_to_send())
-    client.receive_data(server.data_to_send())
-    server.receive_data(client.data_to_send())
-    server.data_to_send()
-    return client, server
 
 
 def frame_bytes(frame: Frame) -> bytes:
@@ -426,30 +400,32 @@ def test_a_disposed_connection_is_freed_by_reference_counting_alone(no_gc):
     server.receive_data(headers_frame(7, b"\x82", end_headers=False))
     for _ in range(5):
         server.receive_data(continuation(7, b"\x86" * 1000))
-    h2_connection = weakref.ref(server._h2)
+    connections = live(H2Connection)
     connection = weakref.ref(server)
     server.dispose()
     assert server.data_to_send() == b"" and server.receive_data(ping(1)) == []
     del server
     assert connection() is None
-    assert h2_connection() is None
+    # The server's h2 connection and streams are gone; the raw client's are all that is left.
+    assert live(H2Connection) == connections - 1
+    assert live(H2Stream) == len(client.streams)
 
 
 def test_a_disposed_connection_after_a_refusal_is_freed_too(no_gc):
     _client, server = connected()
     with pytest.raises(ConnectionBroken):
         server.receive_data(headers_frame(1, b"\xff\xff\xff\xff\x0f", end_headers=True))
-    h2_connection = weakref.ref(server._h2)
+    connections = live(H2Connection)
     server.dispose()
     del server
-    assert h2_connection() is None
+    assert live(H2Connection) == connections - 1
 
 
 def test_without_dispose_h2_holds_cycles(no_gc):
     """The premise: otherwise dispose() would be pointless, and the test above proves nothing."""
     _client, server = connected()
-    h2_connection = weakref.ref(server._h2)
+    connections = live(H2Connection)
     del server
-    assert h2_connection() is not None
+    assert live(H2Connection) == connections
     gc.collect()
-    assert h2_connection() is None
+    assert live(H2Connection) == connections - 1

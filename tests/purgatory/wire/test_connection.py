@@ -8,11 +8,11 @@ import h2.errors
 import h2.events
 import h2.settings
 import pytest
-from hyperframe.frame import DataFrame, Frame
+from hyperframe.frame import DataFrame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobworker.purgatory.wire.connection import (
+from jobworker.purgatory.wire import (
     SHUTDOWN_PING,
     CallEnded,
     ClientConnection,
@@ -22,46 +22,17 @@ from jobworker.purgatory.wire.connection import (
     MessageReceived,
     OutboxDrained,
     PingAcknowledged,
+    ProtocolError,
     RequestReceived,
     ResponseReceived,
     ServerConnection,
+    Status,
     StreamFailed,
+    decode_metadata,
+    encode_message,
 )
-from jobworker.purgatory.wire.errors import ProtocolError
-from jobworker.purgatory.wire.framing import encode_message
-from jobworker.purgatory.wire.metadata import decode_metadata
-from jobworker.purgatory.wire.status import Status
 
-METHOD = "/test.Echo/Unary"
-
-
-class Pair:
-    """A client and a server connection wired back to back; events collected per side."""
-
-    def __init__(self, **server_options: int) -> None:
-        self.client = ClientConnection(authority="localhost")
-        self.server = ServerConnection(**server_options)
-        self.client_events: list = []
-        self.server_events: list = []
-        self.client.initiate()
-        self.server.initiate()
-        self.exchange()
-
-    def exchange(self) -> None:
-        while True:
-            to_server, to_client = self.client.data_to_send(), self.server.data_to_send()
-            if not to_server and not to_client:
-                return
-            if to_server:
-                self.server_events += self.server.receive_data(to_server)
-            if to_client:
-                self.client_events += self.client.receive_data(to_client)
-
-    def take(self, side: str, kind: type) -> list:
-        events = self.client_events if side == "client" else self.server_events
-        found = [e for e in events if isinstance(e, kind)]
-        events[:] = [e for e in events if not isinstance(e, kind)]
-        return found
+from .peers import METHOD, Pair, goaway, parse, raw_client, raw_exchange
 
 
 def unary_request(pair: Pair, payload: bytes = b"ping", metadata=(), timeout_s=None) -> int:
@@ -214,36 +185,31 @@ def test_graceful_shutdown_refuses_new_streams_and_finishes_old_ones():
     assert pair.take("client", ConnectionTerminated)[0].last_stream_id == old
 
 
-def test_garbage_breaks_the_connection_with_a_goaway():
+def test_a_peer_not_speaking_http2_breaks_the_connection_without_a_goaway():
+    # RFC 9113 §3.4: an invalid preface is a PROTOCOL_ERROR, and the GOAWAY may be omitted,
+    # since the peer is not speaking HTTP/2 (h2 omits it).
     server = ServerConnection()
     server.initiate()
     server.data_to_send()
     with pytest.raises(ConnectionBroken):
         server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
-    assert b"\x07" in server.data_to_send()[:10] or server.data_to_send() == b""
+    assert server.data_to_send() == b""
+    assert server.receive_data(b"more") == []
+
+
+def test_garbage_after_the_preface_breaks_the_connection_with_a_goaway():
+    raw, server = raw_client(), ServerConnection()
+    server.initiate()
+    raw_exchange(raw, server)
+    # A DATA frame on stream 0: a connection error of type PROTOCOL_ERROR (RFC 9113 §6.1).
+    with pytest.raises(ConnectionBroken):
+        server.receive_data(b"\x00\x00\x04\x00\x00\x00\x00\x00\x00" + b"\0" * 4)
+    frame = goaway(parse(server.data_to_send()))
+    assert frame.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert frame.last_stream_id == 0
 
 
 # --- requests our own client would never send -------------------------------------------------
-
-
-def raw_client() -> h2.connection.H2Connection:
-    conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding=None)
-    )
-    conn.initiate_connection()
-    return conn
-
-
-def raw_exchange(raw, server: ServerConnection) -> tuple[list, list]:
-    server_events, raw_events = [], []
-    while True:
-        a, b = raw.data_to_send(), server.data_to_send()
-        if not a and not b:
-            return server_events, raw_events
-        if a:
-            server_events += server.receive_data(a)
-        if b:
-            raw_events += raw.receive_data(b)
 
 
 GOOD = [
@@ -481,9 +447,6 @@ def test_arbitrary_splits_give_the_same_calls_and_every_byte_is_acknowledged(siz
     data = client_bytes(sizes)
     server = ServerConnection()
     server.initiate()
-    acknowledged = []
-    original = server._h2.acknowledge_received_data
-    server._h2.acknowledge_received_data = lambda n, sid: (acknowledged.append(n), original(n, sid))
     events = feed(server, data, cuts)
     messages = [e for e in events if isinstance(e, MessageReceived)]
     assert [len(m.payload) for m in messages] == sizes
@@ -491,7 +454,7 @@ def test_arbitrary_splits_give_the_same_calls_and_every_byte_is_acknowledged(siz
     for m in messages:
         server.acknowledge(m.stream_id, m.flow_controlled_bytes)
     # Flow-control accounting is exact: every byte received is handed back exactly once.
-    assert sum(acknowledged) == sum(5 + s for s in sizes)
+    assert server.acknowledged_bytes == sum(5 + s for s in sizes)
 
 
 @settings(max_examples=300, deadline=None)
@@ -542,25 +505,34 @@ def test_a_sender_slicing_messages_across_frames_still_gets_only_one_window():
 
 
 def test_a_message_that_fits_the_windows_is_one_data_frame_and_the_windows_stay_exact():
-    pair = Pair()
-    stream_id = unary_request(pair)
-    pair.take("server", MessageReceived)
-    window_before = pair.server._h2.local_flow_control_window(stream_id)
+    raw, server = raw_client(), ServerConnection()
+    server.initiate()
+    # Windows and frames as large as our own client's: each message fits one frame.
+    raw.update_settings(
+        {
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: 2**20,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**20,
+        }
+    )
+    raw.increment_flow_control_window(2**20)
+    stream_id = raw.get_next_available_stream_id()
+    raw.send_headers(stream_id, GOOD)
+    raw.send_data(stream_id, encode_message(b"ping"), end_stream=True)
+    raw_exchange(raw, server)
+    window_before = server.send_window(stream_id)
+    assert window_before == raw.remote_flow_control_window(stream_id)
     messages = [b"", b"a", bytes(range(256)) * 256]  # empty, tiny, 64 KiB
     for message in messages:
-        pair.server.send_message(stream_id, message)
-    wire = memoryview(pair.server.data_to_send())
-    frames = []
-    while wire:
-        frame, length = Frame.parse_frame_header(wire[:9])
-        frame.parse_body(wire[9 : 9 + length])
-        frames.append(frame)
-        wire = wire[9 + length :]
-    data_frames = [f for f in frames if isinstance(f, DataFrame)]
+        server.send_message(stream_id, message)
+    wire = server.data_to_send()
+    data_frames = [f for f in parse(wire) if isinstance(f, DataFrame)]
     assert [bytes(f.data) for f in data_frames] == [encode_message(m) for m in messages]
     assert all(f.stream_id == stream_id and not f.flags for f in data_frames)
     sent = sum(len(encode_message(m)) for m in messages)
-    assert pair.server._h2.local_flow_control_window(stream_id) == window_before - sent
+    assert server.send_window(stream_id) == window_before - sent
+    # And the peer, which counted what it received, agrees.
+    raw.receive_data(wire)
+    assert raw.remote_flow_control_window(stream_id) == window_before - sent
 
 
 def test_a_message_larger_than_the_peers_frames_fills_whole_frames_and_the_windows_stay_exact():
@@ -574,18 +546,13 @@ def test_a_message_larger_than_the_peers_frames_fills_whole_frames_and_the_windo
     raw_exchange(raw, server)
     assert raw.local_settings.max_frame_size == 2**14
     message = bytes(range(256)) * 160  # 40,960 bytes: three frames, the last one short
-    window_before = server._h2.local_flow_control_window(stream_id)
+    window_before = server.send_window(stream_id)
     server.send_message(stream_id, message)
-    wire = memoryview(server.data_to_send())
-    data_frames = []
-    while wire:
-        frame, length = Frame.parse_frame_header(wire[:9])
-        frame.parse_body(wire[9 : 9 + length])
-        if isinstance(frame, DataFrame):
-            data_frames.append(frame)
-        wire = wire[9 + length :]
+    wire = server.data_to_send()
+    data_frames = [f for f in parse(wire) if isinstance(f, DataFrame)]
     assert [len(f.data) for f in data_frames] == [2**14, 2**14, len(message) + 5 - 2**15]
     assert all(f.stream_id == stream_id and not f.flags for f in data_frames)
     assert b"".join(bytes(f.data) for f in data_frames) == encode_message(message)
-    window_after = server._h2.local_flow_control_window(stream_id)
-    assert window_after == window_before - len(message) - 5
+    assert server.send_window(stream_id) == window_before - len(message) - 5
+    raw.receive_data(wire)
+    assert raw.remote_flow_control_window(stream_id) == window_before - len(message) - 5

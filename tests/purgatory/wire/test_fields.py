@@ -216,7 +216,7 @@ def test_the_remembered_blocks_are_bounded() -> None:
     for index in range(1, 62):  # every static entry alone: 61 distinct blocks of a reference
         name, value = hpack.table.HeaderTable.STATIC_TABLE[index - 1]
         assert decoder.decode(bytes([0x80 | index]), raw=True) == [(name, value)]
-    assert len(decoder._remembered) <= 8
+    assert 0 < decoder.remembered_blocks <= 8
 
 
 def test_only_short_lists_are_remembered() -> None:
@@ -224,7 +224,7 @@ def test_only_short_lists_are_remembered() -> None:
     decoder = RepeatDecoder(max_header_list_size=2**16)
     block = bytes([0x80 | 2]) * 40  # :method GET, forty times
     assert decoder.decode(block, raw=True) == [(b":method", b"GET")] * 40
-    assert decoder._remembered == {}
+    assert decoder.remembered_blocks == 0
 
 
 _POOL = st.sampled_from(

@@ -17,10 +17,12 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import pytest
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, SettingsFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame
 
 from jobworker.purgatory.wire import h2_internals
 from jobworker.purgatory.wire.fields import RepeatDecoder, UndecodableBlock, encode_block
+
+from .peers import parse
 
 REQUEST = [
     (b":method", b"POST"),
@@ -55,16 +57,6 @@ def _exchange(a: h2.connection.H2Connection, b: h2.connection.H2Connection) -> l
         events += b.receive_data(a.data_to_send())
         events += a.receive_data(b.data_to_send())
     return events
-
-
-def _frames(data: bytes) -> list[Frame]:
-    frames = []
-    while data:
-        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
-        frame.parse_body(memoryview(data[9 : 9 + length]))
-        frames.append(frame)
-        data = data[9 + length :]
-    return frames
 
 
 def _open_stream(client, server, *, respond: bool = True) -> int:
@@ -109,7 +101,7 @@ def test_undecodable_block_error_code_becomes_the_goaway_code() -> None:
     client.send_headers(1, REQUEST)
     with pytest.raises(UndecodableBlock):
         server.receive_data(client.data_to_send())
-    (goaway,) = [f for f in _frames(server.data_to_send()) if isinstance(f, GoAwayFrame)]
+    (goaway,) = [f for f in parse(server.data_to_send()) if isinstance(f, GoAwayFrame)]
     assert goaway.error_code == h2.errors.ErrorCodes.COMPRESSION_ERROR
 
 
@@ -120,7 +112,7 @@ def test_replace_local_settings_is_announced_and_enforced() -> None:
         server, h2.settings.Settings(client=False, initial_values=announced)
     )
     server.initiate_connection()
-    (settings,) = [f for f in _frames(server.data_to_send()) if isinstance(f, SettingsFrame)]
+    (settings,) = [f for f in parse(server.data_to_send()) if isinstance(f, SettingsFrame)]
     assert settings.settings[S.MAX_CONCURRENT_STREAMS] == 3
     assert settings.settings[S.INITIAL_WINDOW_SIZE] == 100_000
     # Swapped after initiate (nothing pending): the new limit is the one h2 checks.
@@ -169,7 +161,7 @@ def test_highest_inbound_stream_id_is_what_close_connection_sends() -> None:
     _open_stream(client, server)
     assert h2_internals.highest_inbound_stream_id(server) == 3
     server.close_connection()
-    (goaway,) = [f for f in _frames(server.data_to_send()) if isinstance(f, GoAwayFrame)]
+    (goaway,) = [f for f in parse(server.data_to_send()) if isinstance(f, GoAwayFrame)]
     assert goaway.last_stream_id == 3
 
 
