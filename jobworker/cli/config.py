@@ -19,8 +19,17 @@ Every flag is also a config key, spelled like the flag without its dashes::
     transient-uids = "70000-79999"
     network = "host"            # jobs' default: host or none
     allow-host-network = true   # false: only network none
+    max-connections = 512       # connections: in all (default: from the descriptor limit),
+    max-connections-per-user = 64   # per identity (an eighth), and idle ones close after
+    idle-timeout = "5m"         # "off" keeps them
     [run-as]                    # identity = local account; others run as transient users
     alice = "alice"
+    [transport]                 # the rest of the transport's budgets (see TRANSPORT_KEYS)
+    max-header-list = "16K"
+    max-reset-burst = 1000
+
+Every field of the transport's `ServerLimits` is a key: the three above at the top level (they
+are flags too), the others in the `[transport]` table, named as in `TRANSPORT_KEYS`.
 
 A key the server does not know is an error (a typo must not silently leave a default in place).
 Everything here is pure but for reading what the host has (`HostCapacity.probe`, the default
@@ -38,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobworker.purgatory import ServerLimits
 from jobworker.service.policy import (
     DEFAULT_MAX_LOG_STREAMS,
     JobPolicy,
@@ -88,6 +98,7 @@ class ServeSettings:
     transient_uids: range
     policy: JobPolicy
     retention: Retention
+    transport: ServerLimits
 
 
 def _size(value: Any) -> int:
@@ -134,6 +145,42 @@ def _count(value: Any) -> int:
         value = int(value)
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"not a whole number of at least 1: {value!r}")
+    return value
+
+
+def _count_or_zero(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"not a whole number: {value!r}")
+    return value
+
+
+def _timeout(value: Any) -> float:
+    """A duration of more than nothing, or "off" (never)."""
+    if value == "off":
+        return math.inf
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError(f'expected a duration above zero or "off", got {value!r}')
+    return seconds
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"not a rate per second: {value!r}")
+    try:
+        rate = float(value)
+    except ValueError:
+        raise ValueError(f"not a rate per second: {value!r}") from None
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"expected a rate per second above zero, got {value!r}")
+    return rate
+
+
+def _table(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a table, got {value!r}")
     return value
 
 
@@ -203,6 +250,33 @@ def _accounts(value: Any) -> dict[str, str]:
     return accounts
 
 
+# The transport's knobs (purgatory.ServerLimits): key → (field, parser). The first three are
+# flags and top-level keys; the others live in the [transport] table.
+TRANSPORT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "max-connections": ("max_connections", _count),
+    "max-connections-per-user": ("max_connections_per_identity", _count),
+    "idle-timeout": ("idle_timeout_s", _timeout),
+    "max-streams": ("max_concurrent_streams", _count),
+    "max-message": ("max_receive_message_bytes", _size),
+    "lingering-handlers": ("lingering_handler_allowance", _count_or_zero),
+    "preface-timeout": ("preface_timeout_s", _timeout),
+    "first-request-timeout": ("first_request_timeout_s", _timeout),
+    "max-handshakes": ("max_handshakes", _count),
+    "max-handshakes-per-address": ("max_handshakes_per_address", _count),
+    "max-frame": ("max_frame_bytes", _size),
+    "max-header-list": ("max_header_list_bytes", _size),
+    "max-header-block": ("max_header_block_bytes", _size),
+    "max-header-decode": ("max_header_decode_bytes", _size),
+    "max-continuation-frames": ("max_continuation_frames", _count_or_zero),
+    "max-pending-acks": ("max_pending_acks", _count),
+    "max-reset-burst": ("max_reset_burst", _count),
+    "reset-refill": ("reset_refill_per_s", _rate),
+    "min-ping-interval": ("min_ping_interval_s", _timeout),
+    "idle-ping-interval": ("idle_ping_interval_s", _timeout),
+    "max-ping-strikes": ("max_ping_strikes", _count_or_zero),
+}
+_TOP_LEVEL_TRANSPORT_KEYS = ("max-connections", "max-connections-per-user", "idle-timeout")
+_TABLE_TRANSPORT_KEYS = tuple(k for k in TRANSPORT_KEYS if k not in _TOP_LEVEL_TRANSPORT_KEYS)
 # key → parser; the keys are the flags' names. Limits map to supervisor field names below.
 _LIMIT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "cpu": ("cpu", _cpu),
@@ -233,6 +307,8 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "output-budget": _size,
     **{key: parser for key, (_, parser) in _LIMIT_KEYS.items()},
     **{f"max-{key}": parser for key, (_, parser) in _LIMIT_KEYS.items()},
+    **{key: TRANSPORT_KEYS[key][1] for key in _TOP_LEVEL_TRANSPORT_KEYS},
+    "transport": _table,  # its keys are checked in _transport
 }
 KEYS = tuple(_KEYS)
 _LIMIT_KEY_OF = {name: key for key, (name, _) in _LIMIT_KEYS.items()}
@@ -324,6 +400,7 @@ def resolve(
         raise ConfigError(
             "run-as accounts and network none need isolation, which is off (isolation = off)"
         )
+    transport = _transport(values, source)
     # The per-user caps default to half of the caps in all, as set: --max-jobs 10 gives 5.
     max_jobs = values.get("max-jobs", DEFAULT_MAX_JOBS)
     max_log_streams = values.get("max-log-streams", DEFAULT_MAX_LOG_STREAMS)
@@ -346,12 +423,38 @@ def resolve(
         transient_uids=values.get("transient-uids", DEFAULT_TRANSIENT_UIDS),
         policy=job_policy,
         retention=retention,
+        transport=transport,
     )
 
 
-def _parse(key: str, raw: Any, where: str) -> Any:
+def _transport(values: Mapping[str, Any], source: str) -> ServerLimits:
+    table = values.get("transport", {})
+    fields: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key in _TOP_LEVEL_TRANSPORT_KEYS:
+            raise ConfigError(f"{source}: transport: {key} is set at the top level (it is a flag)")
+        if key not in TRANSPORT_KEYS:
+            close = difflib.get_close_matches(key.replace("_", "-"), _TABLE_TRANSPORT_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: transport: unknown key {key!r}{hint}")
+        name, parser = TRANSPORT_KEYS[key]
+        fields[name] = _parse_with(parser, raw, f"{source}: transport: {key}")
+    for key in _TOP_LEVEL_TRANSPORT_KEYS:
+        if key in values:
+            fields[TRANSPORT_KEYS[key][0]] = values[key]
     try:
-        return _KEYS[key](raw)
+        return ServerLimits(**fields)
+    except ValueError as exc:
+        raise ConfigError(f"transport: {exc}") from None
+
+
+def _parse(key: str, raw: Any, where: str) -> Any:
+    return _parse_with(_KEYS[key], raw, where)
+
+
+def _parse_with(parser: Callable[[Any], Any], raw: Any, where: str) -> Any:
+    try:
+        return parser(raw)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

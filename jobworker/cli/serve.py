@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
 import signal
 import sys
@@ -86,6 +87,7 @@ app.command(certs_app)
 LIMITS = "Default limits (for jobs that ask for none)"
 MAXIMUMS = "Maximum limits (what a job may ask for; by default, what this host has)"
 FAIRNESS = "Caps (in all, and per identity so no one user takes every slot)"
+CONNECTIONS = "Connections (the rest of the transport's budgets: the [transport] config table)"
 ISOLATION = "Isolation (who jobs run as, what they see)"
 RETENTION = "Retention (ended jobs, and the output kept on disk)"
 
@@ -158,6 +160,27 @@ def serve(
         Parameter(
             group=FAIRNESS,
             help="Most log streams one identity has open (default: half of --max-log-streams).",
+        ),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        Parameter(
+            group=CONNECTIONS,
+            help="Most client connections at once (default: from the open-files limit).",
+        ),
+    ] = None,
+    max_connections_per_user: Annotated[
+        int | None,
+        Parameter(
+            group=CONNECTIONS,
+            help="Most connections one identity holds (default: an eighth of the total).",
+        ),
+    ] = None,
+    idle_timeout: Annotated[
+        str | None,
+        Parameter(
+            group=CONNECTIONS,
+            help='Close a connection with no call for this long; "off" keeps it (default 5m).',
         ),
     ] = None,
     cgroups: Annotated[
@@ -236,6 +259,9 @@ def serve(
         "max-jobs-per-user": max_jobs_per_user,
         "max-log-streams": max_log_streams,
         "max-log-streams-per-user": max_log_streams_per_user,
+        "max-connections": max_connections,
+        "max-connections-per-user": max_connections_per_user,
+        "idle-timeout": idle_timeout,
         "cgroups": cgroups,
         "isolation": isolation,
         "transient-uids": transient_uids,
@@ -356,7 +382,9 @@ async def _serve_with(
                 policy=settings.policy,
                 retention=settings.retention,
             ) as service:
-                server = Server(service.methods(), tls=tls, identify=identify)
+                server = Server(
+                    service.methods(), tls=tls, identify=identify, limits=settings.transport
+                )
                 run = _Run(settings, supervisor, service, server)
                 return await run.serve(signals)
     except CgroupError as exc:  # CgroupsUnavailable included: its message names the fix
@@ -441,6 +469,7 @@ class _Run:
             if self.supervisor.cgroups == "off"
             else s.limits.defaults.describe()
         )
+        admission = self.server.admission
         # The io maximums are the kernel's (no host figure bounds a rate): not worth a line.
         maximums = {name: s.limits.maximum(name)[0] for name in ("cpu", "memory_bytes", "pids")} | {
             name: value
@@ -449,8 +478,8 @@ class _Run:
         }
         log.info(
             "serving on %s: cgroups %s; %s; job defaults %s; maximums %s; grace period %s; "
-            "at most %d jobs running (%d per user), %d log streams open (%d per user); "
-            "data in %s",
+            "at most %d jobs running (%d per user), %d log streams open (%d per user), "
+            "%d connections (%d per user, idle ones closed after %s); data in %s",
             ", ".join(str(Address(h, p)) for h, p in addresses),
             self.supervisor.cgroups,
             self._isolation_summary(),
@@ -461,6 +490,11 @@ class _Run:
             s.max_jobs_per_user,
             s.max_log_streams,
             s.max_log_streams_per_user,
+            admission.max_connections,
+            admission.max_connections_per_identity,
+            format_duration(s.transport.idle_timeout_s)
+            if math.isfinite(s.transport.idle_timeout_s)
+            else "never",
             self.supervisor.data_dir,
         )
 

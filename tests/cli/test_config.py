@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
 
 from jobworker.cli.config import KEYS, ConfigError, load_config_file, resolve
 from jobworker.cli.parsing import Address
+from jobworker.purgatory import ServerLimits
 from jobworker.supervisor import HostCapacity, LimitOverrides, Limits
 
 NO_FLAGS = dict.fromkeys(KEYS)
@@ -175,3 +178,41 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("listen = 127.0.0.1\n")
     with pytest.raises(ConfigError, match=r"^config file .*bad.toml: "):
         load_config_file(bad)
+
+
+def test_transport_knobs_from_flags_the_top_level_and_the_transport_table(tmp_path: Path) -> None:
+    assert resolve(NO_FLAGS).transport == ServerLimits()
+    path = tmp_path / "jobworker.toml"
+    path.write_text(
+        'max-connections = 300\nidle-timeout = "off"\n'
+        '[transport]\nmax-header-list = "8K"\nreset-refill = 10\npreface-timeout = "2s"\n'
+        "max-continuation-frames = 0\n"
+    )
+    flags = {**NO_FLAGS, "max-connections-per-user": "5", "max-connections": "200"}
+    transport = resolve(flags, load_config_file(path)).transport
+    assert transport.max_connections == 200  # the flag wins over the file
+    assert transport.max_connections_per_identity == 5
+    assert transport.idle_timeout_s == math.inf  # "off": never
+    assert transport.max_header_list_bytes == 8 * 2**10
+    assert (transport.reset_refill_per_s, transport.preface_timeout_s) == (10.0, 2.0)
+    assert transport.max_continuation_frames == 0  # a header block in one frame only
+    assert transport.max_reset_burst == ServerLimits().max_reset_burst  # untouched
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("[transport]\nmax-header-lst = 1\n", "unknown key 'max-header-lst' (did you mean"),
+        ("[transport]\nidle-timeout = 5\n", "idle-timeout is set at the top level"),
+        ("[transport]\nmax-pending-acks = 0\n", "max-pending-acks: not a whole number of at"),
+        ("[transport]\nreset-refill = -1\n", "reset-refill: expected a rate per second above"),
+        ("[transport]\npreface-timeout = 0\n", "preface-timeout: expected a duration above"),
+        ('transport = "fast"\n', "transport: expected a table"),
+        ("max-connections = 0\n", "max-connections: not a whole number"),
+    ],
+)
+def test_transport_mistakes_are_named(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "jobworker.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        resolve(NO_FLAGS, load_config_file(path))

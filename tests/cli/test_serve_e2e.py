@@ -176,3 +176,23 @@ def test_startup_without_usable_cgroups(certs_dir: Path, tmp_path: Path) -> None
     said = done.stderr.decode()
     assert said.count("\n") == 1 and said.startswith("jobworker: cannot use cgroups: "), said
     assert done.stdout == b""
+
+
+def test_a_connection_cap_flag_reaches_the_transport(server_factory, certs_dir: Path) -> None:
+    """While alice holds one connection (a follower), her next one is refused with a status
+    that names the cap; bob is unaffected."""
+    server: Server = server_factory("--max-connections-per-user", "1")
+    jobctl = Jobctl(certs_dir, server.address)
+    job_id = jobctl.start("sh", "-c", "echo ready; exec sleep 300")
+    follower = jobctl.popen("logs", "-f", job_id)
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline() == b"ready\n"  # alice's one connection is up
+        refused = jobctl("list")
+        assert refused.returncode != 0
+        assert b"max_connections_per_identity" in refused.stderr, refused.stderr.decode()
+        assert jobctl("list", user="bob").returncode == 0
+    finally:
+        follower.kill()
+        follower.wait()
+        jobctl("stop", job_id)
