@@ -112,13 +112,11 @@ wire: dict[str, object] = {}
 def load_wire() -> None:
     if wire:
         return
-    from jobworker.purgatory.wire import connection
-    from jobworker.purgatory.wire.status import Status
+    from jobworker.purgatory.wire import ConnectionBroken, ServerConnection, Status
 
     wire.update(
-        connection=connection,
-        ServerConnection=connection.ServerConnection,
-        ConnectionBroken=connection.ConnectionBroken,
+        ServerConnection=ServerConnection,
+        ConnectionBroken=ConnectionBroken,
         Status=Status,
     )
 
@@ -1260,7 +1258,7 @@ class _Pair:
     client sends; the server side answers as server.py would."""
 
     def __init__(self, **server_limits: int) -> None:
-        from jobworker.purgatory.wire.connection import ClientConnection, ServerConnection
+        from jobworker.purgatory.wire import ClientConnection, ServerConnection
 
         self.client = ClientConnection(authority="localhost")
         self.server = ServerConnection(**server_limits)
@@ -1287,7 +1285,7 @@ class _Pair:
                         self.client.acknowledge(event.stream_id, event.flow_controlled_bytes)
 
     def answer(self, event: object) -> None:
-        from jobworker.purgatory.wire.status import Status
+        from jobworker.purgatory.wire import Status
 
         kind, server = type(event).__name__, self.server
         if kind == "MessageReceived":
@@ -1300,7 +1298,7 @@ class _Pair:
 def _purgatory_seeds() -> dict[str, bytes]:
     from hyperframe.frame import PriorityFrame, SettingsFrame, WindowUpdateFrame
 
-    from jobworker.purgatory.wire.status import Status
+    from jobworker.purgatory.wire import Status
 
     seeds = {}
     pair = _Pair()
@@ -1330,7 +1328,7 @@ def _purgatory_seeds() -> dict[str, bytes]:
     seeds["purgatory-server-streaming"] = bytes(pair.sent)
 
     # A message larger than the stream window: only the release of a partial message's bytes
-    # lets it through (see connection.py), so the client sends it across WINDOW_UPDATEs.
+    # lets it through (see wire/core.py), so the client sends it across WINDOW_UPDATEs.
     pair = _Pair(stream_window_bytes=32 * 2**10, connection_window_bytes=96 * 2**10)
     sid = pair.client.start_call("/fuzz.Echo/Unary")
     pair.client.send_message(sid, bytes(range(256)) * 400)  # 100 KiB
