@@ -10,9 +10,8 @@ import trio
 import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
-from jobworker.purgatory.client import open_channel_over
-from jobworker.purgatory.server import RpcMethod, Server
-from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.purgatory import GrpcError, RpcMethod, Server, Status
+from jobworker.purgatory.testing import memory_channel
 
 
 class Recorder:
@@ -70,12 +69,10 @@ def make_server(recorder: Recorder, **options) -> Server:
 
 
 @pytest.fixture
-async def setup(nursery):
+async def setup():
     recorder = Recorder()
     server = make_server(recorder)
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    nursery.start_soon(server.serve_stream, server_stream)
-    async with open_channel_over(client_stream, authority="test") as channel:
+    async with memory_channel(server) as channel:
         yield channel, recorder, server
 
 
@@ -166,28 +163,23 @@ async def test_a_client_that_stops_reading_holds_the_server_handler(setup):
         assert recorder.sent <= stalled_at + 2**20 // 65536 + 2
 
 
-async def test_oversize_request_is_resource_exhausted(nursery):
+async def test_oversize_request_is_resource_exhausted():
     server = make_server(Recorder(), max_receive_message_bytes=1000)
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    nursery.start_soon(server.serve_stream, server_stream)
-    async with open_channel_over(client_stream, authority="test") as channel:
+    async with memory_channel(server) as channel:
         with pytest.raises(GrpcError) as caught:
             await channel.unary("/t.T/Echo", StringValue(value="x" * 5000), StringValue)
     assert caught.value.status is Status.RESOURCE_EXHAUSTED
 
 
-async def test_identity_is_built_once_per_connection_and_can_refuse(nursery):
+async def test_identity_is_built_once_per_connection_and_can_refuse():
     seen = []
 
     def identify(certificate):
         seen.append(certificate)
         raise GrpcError(Status.UNAUTHENTICATED, "no identity in the certificate")
 
-    server = make_server(Recorder())
-    server._identify = identify
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    nursery.start_soon(server.serve_stream, server_stream)
-    async with open_channel_over(client_stream, authority="test") as channel:
+    server = make_server(Recorder(), identify=identify)
+    async with memory_channel(server) as channel:
         for _ in range(3):
             with pytest.raises(GrpcError) as caught:
                 await channel.unary("/t.T/Echo", StringValue(), StringValue)
@@ -195,12 +187,10 @@ async def test_identity_is_built_once_per_connection_and_can_refuse(nursery):
     assert seen == [None]
 
 
-async def test_calls_beyond_the_servers_stream_limit_wait_for_a_free_stream(nursery):
+async def test_calls_beyond_the_servers_stream_limit_wait_for_a_free_stream():
     recorder = Recorder()
     server = make_server(recorder, max_concurrent_streams=3)
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    nursery.start_soon(server.serve_stream, server_stream)
-    async with open_channel_over(client_stream, authority="test") as channel:
+    async with memory_channel(server) as channel:
         await channel.unary("/t.T/Echo", StringValue(), StringValue)  # SETTINGS are in
         replies = []
 
