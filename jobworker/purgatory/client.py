@@ -137,7 +137,9 @@ class Channel:
         while not driver.stream_available and not driver.closed.is_set():
             await self._stream_freed.wait()
         if driver.closed.is_set():
-            raise GrpcError(Status.UNAVAILABLE, self._lost_reason("the connection is closed"))
+            raise GrpcError(
+                Status.UNAVAILABLE, self._lost_reason("the connection is closed")
+            ) from driver.broken
         payload = request.SerializeToString()
         try:
             stream_id = driver.start_call(method, metadata, timeout_s, payload)
@@ -154,7 +156,11 @@ class Channel:
                     return None
                 raise GrpcError(call.ended.status, call.ended.message, trailers=call.ended.metadata)
             if self._driver.closed.is_set():
-                raise GrpcError(Status.UNAVAILABLE, self._lost_reason("the connection was lost"))
+                # Chained to the cause, typed (a TLSCertificateRejected, say): callers branch on
+                # `__cause__`, not on the message's words.
+                raise GrpcError(
+                    Status.UNAVAILABLE, self._lost_reason("the connection was lost")
+                ) from self._driver.broken
             await call.changed.wait()
         event = call.messages.popleft()
         self._driver.acknowledge(call.stream_id, event.flow_controlled_bytes)

@@ -324,6 +324,8 @@ class Driver:
                 self._lose(exc)
 
     def _lose(self, exc: BaseException) -> None:
-        """The peer is gone: end the connection (the reader may be blocked forever)."""
-        self.broken = exc
+        """The peer is gone: end the connection (the reader may be blocked forever). The first
+        cause is kept: a failed write after the reader's error says less (TLS: "broken")."""
+        if self.broken is None:
+            self.broken = exc
         self._scope.cancel()

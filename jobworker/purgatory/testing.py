@@ -59,6 +59,7 @@ __all__ = [
     "memory_channel",
     "serve",
     "server_config",
+    "write_pem",
 ]
 
 
@@ -193,7 +194,7 @@ class CA:
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         certificate = builder.sign(self.key, _hash_for(self.key))
-        cert_file, key_file = _write(directory, common_name, certificate, key)
+        cert_file, key_file = write_pem(directory, common_name, certificate, key)
         return Leaf(cert_file, key_file, certificate)
 
 
@@ -219,7 +220,7 @@ def make_ca(directory: Path, name: str = "Test CA", key_type: KeyType = "ecdsa")
         )
         .sign(key, _hash_for(key))
     )
-    cert_file, key_file = _write(directory, name, certificate, key)
+    cert_file, key_file = write_pem(directory, name, certificate, key)
     return CA(cert_file, key_file, certificate, key)
 
 
@@ -304,7 +305,7 @@ def _base_builder(
     )
 
 
-def _write(
+def write_pem(
     directory: Path, name: str, certificate: x509.Certificate, key: PrivateKey
 ) -> tuple[Path, Path]:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cert"

@@ -10,7 +10,10 @@ from jobworker.purgatory.testing import (
     make_ca,
     make_cert_set,
     server_config,
+    write_pem,
 )
+
+_write = write_pem  # the name tests/service imports
 
 __all__ = [
     "CA",
@@ -21,4 +24,5 @@ __all__ = [
     "make_ca",
     "make_cert_set",
     "server_config",
+    "write_pem",
 ]
