@@ -21,9 +21,17 @@ import trio
 from cyclopts import Parameter
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.purgatory.client import Channel, open_channel_over
-from jobworker.purgatory.tls import TLSConfig, TLSConfigError, TLSError, TLSStream
-from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.purgatory import (
+    Channel,
+    GrpcError,
+    Status,
+    TLSCertificateRejected,
+    TLSConfig,
+    TLSConfigError,
+    TLSError,
+    TLSStream,
+    open_channel_over,
+)
 from jobworker.service.convert import duration_to_proto
 
 from .errors import EXIT_RPC, EXIT_USAGE, CliError
@@ -233,9 +241,11 @@ def rpc_failure(exc: GrpcError, server: str) -> CliError:
     is the problem, 1 when the server answered."""
     message = exc.message or exc.status.name.lower().replace("_", " ")
     if exc.status is Status.UNAVAILABLE:
-        marker = message.find("certificate not accepted")
-        if marker >= 0:  # TLS 1.3: a refused client certificate shows on the first read
-            return CliError(message[marker:], EXIT_USAGE)
+        cause = exc.__cause__
+        if isinstance(cause, TLSCertificateRejected) and cause.by_peer:
+            # TLS 1.3: a refused client certificate shows on the first read, as the cause of
+            # the call's UNAVAILABLE ("certificate not accepted by server: unknown ca").
+            return CliError(str(cause), EXIT_USAGE)
         return CliError(f"server {server} unavailable: {message}", EXIT_USAGE)
     if exc.status is Status.UNAUTHENTICATED:
         return CliError(f"certificate not accepted by server: {message}", EXIT_USAGE)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.purgatory import GrpcError, Status
 from jobworker.supervisor import (
     InvalidJobSpec,
     JobEnded,

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import trio
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.purgatory.server import RpcMethod, ServerCall
+from jobworker.purgatory import RpcMethod, ServerCall
 from jobworker.supervisor import (
     Job,
     JobEnded,
