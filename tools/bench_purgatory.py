@@ -160,7 +160,7 @@ def _chunk() -> BytesValue:
 def serve_purgatory(certs: CertFiles) -> None:
     import trio
 
-    from jobworker.purgatory.server import RpcMethod, Server
+    from jobworker.purgatory import RpcMethod, Server
     from jobworker.purgatory.tls import TLSConfig
 
     chunk = _chunk()

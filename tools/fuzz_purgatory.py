@@ -1389,7 +1389,7 @@ async def _grpcio_capture() -> dict[str, bytes]:
     import trio
     from google.protobuf.wrappers_pb2 import BytesValue
 
-    from jobworker.purgatory.server import RpcMethod, Server
+    from jobworker.purgatory import RpcMethod, Server
 
     async def unary(request: BytesValue, call: object) -> BytesValue:
         return BytesValue(value=request.value[:64])

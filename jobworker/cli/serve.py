@@ -34,8 +34,7 @@ import trio
 from cyclopts import App, Parameter
 
 import jobworker
-from jobworker.purgatory.server import Server
-from jobworker.purgatory.tls import TLSConfig, TLSConfigError
+from jobworker.purgatory import Server, TLSConfig, TLSConfigError
 from jobworker.supervisor import (
     CgroupError,
     InvalidJobSpec,
@@ -359,7 +358,7 @@ async def _serve_with(
     data_dir: Path,
     store: JobStore,
 ) -> int:
-    from jobworker.service import identify, open_job_service
+    from jobworker.service import as_grpc_error, identify, open_job_service
 
     supervisor = Supervisor(
         data_dir=data_dir,
@@ -383,7 +382,11 @@ async def _serve_with(
                 retention=settings.retention,
             ) as service:
                 server = Server(
-                    service.methods(), tls=tls, identify=identify, limits=settings.transport
+                    service.methods(),
+                    tls=tls,
+                    identify=identify,
+                    errors=as_grpc_error,
+                    limits=settings.transport,
                 )
                 run = _Run(settings, supervisor, service, server)
                 return await run.serve(signals)

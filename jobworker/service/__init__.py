@@ -1,9 +1,14 @@
 """jobworker.service — the JobService API over a Supervisor, behind the purgatory transport.
 
-    from jobworker.service import identify, open_job_service
+    from jobworker.service import as_grpc_error, identify, open_job_service
 
     async with Supervisor() as supervisor, open_job_service(supervisor) as service:
-        server = Server(service.methods(), tls=TLSConfig.server(...), identify=identify)
+        server = Server(
+            service.methods(),
+            tls=TLSConfig.server(...),
+            identify=identify,  # the caller's Identity, once per connection
+            errors=as_grpc_error,  # domain errors → statuses, the one table (errors.py)
+        )
         await server.serve("127.0.0.1", 50051)
 
 Identity is the client certificate's subject CN, roles its OU values (identity.py); what each

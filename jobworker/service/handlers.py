@@ -2,7 +2,9 @@
 
 Each handler takes the caller's `Identity` (built once per connection by `identify`), checks
 the request, asks `authz.authorize` before touching a job, and calls the supervisor. Domain
-errors leave through `errors.as_grpc_error`; events go to the ``jobworker.events`` logger.
+errors are raised as they are: the transport turns them into statuses through the service's one
+table (`errors.as_grpc_error`, the server's `errors` hook). Events go to the
+``jobworker.events`` logger.
 
 Looking a job up is always: validate the id → find it (NOT_FOUND) → authorize (HIDE becomes
 the very same NOT_FOUND) → act. So a caller learns nothing about jobs it may not see, not even
@@ -25,15 +27,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -58,7 +59,6 @@ from .errors import (
     TooManyJobs,
     TooManyLogStreams,
     Unavailable,
-    as_grpc_error,
 )
 from .events import events, exit_cause, fields
 from .health import Health
@@ -89,8 +89,6 @@ _WHAT = {
     Action.LIST: "list every job (that needs the viewer or admin role)",
     Action.DELETE: "remove jobs",
 }
-
-H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
 
 class _Holdings:
@@ -127,22 +125,6 @@ class _Holdings:
         if held > 1:
             self._by_name[name] = held - 1
         self.total -= 1
-
-
-def _answers_errors(handler: H) -> H:
-    """Domain errors raised by `handler` become their statuses (errors.STATUS_OF)."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: JobService, request: Any, call: ServerCall) -> Any:
-        try:
-            return await handler(self, request, call)
-        except Exception as exc:
-            error = as_grpc_error(exc)
-            if error is None:
-                raise  # a bug: the transport logs it and answers INTERNAL
-            raise error from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 class JobService:
@@ -231,7 +213,6 @@ class JobService:
 
     # --- handlers --------------------------------------------------------------------------------
 
-    @_answers_errors
     async def start_job(self, request: pb.StartJobRequest, call: ServerCall) -> pb.StartJobResponse:
         who = _caller(call)
         self._authorize(who, Action.START, is_owner=True, job_id=None)
@@ -309,7 +290,6 @@ class JobService:
         self._nursery.start_soon(self._watch, job)  # no checkpoint since start: never orphaned
         return pb.StartJobResponse(job_id=job.id)
 
-    @_answers_errors
     async def stop_job(self, request: pb.StopJobRequest, call: ServerCall) -> pb.StopJobResponse:
         who = _caller(call)
         job_id = convert.job_id_of(request.job_id)
@@ -327,7 +307,6 @@ class JobService:
         status = await self._stop(job, grace_s, requested_by=who.name)
         return pb.StopJobResponse(status=convert.status_to_proto(status))
 
-    @_answers_errors
     async def get_job_status(
         self, request: pb.GetJobStatusRequest, call: ServerCall
     ) -> pb.JobStatus:
@@ -338,7 +317,6 @@ class JobService:
             return _status_of(job)
         return convert.status_to_proto(job.status())
 
-    @_answers_errors
     async def get_job_logs(self, request: pb.GetJobLogsRequest, call: ServerCall) -> None:
         """History from `offset`, then (with follow) live output until the job has ended.
 
@@ -379,7 +357,6 @@ class JobService:
             del chunk
             await call.send_serialized(payload)  # waits while the client is slow
 
-    @_answers_errors
     async def list_jobs(self, request: pb.ListJobsRequest, call: ServerCall) -> pb.ListJobsResponse:
         who = _caller(call)
         if request.owner and not request.all:
@@ -402,7 +379,6 @@ class JobService:
         token = _token(more, query) if more is not None else ""
         return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
-    @_answers_errors
     async def delete_job(
         self, request: pb.DeleteJobRequest, call: ServerCall
     ) -> pb.DeleteJobResponse:
@@ -423,7 +399,6 @@ class JobService:
         await self._delete([job_id], who)
         return pb.DeleteJobResponse()
 
-    @_answers_errors
     async def prune_jobs(
         self, request: pb.PruneJobsRequest, call: ServerCall
     ) -> pb.PruneJobsResponse:

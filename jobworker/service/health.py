@@ -13,8 +13,7 @@ from collections.abc import Iterable
 import trio
 
 from jobworker._pb.grpc.health.v1 import health_pb2
-from jobworker.purgatory.server import RpcMethod, ServerCall
-from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.purgatory import GrpcError, RpcMethod, ServerCall, Status
 
 SERVICE_NAME = "grpc.health.v1.Health"
 _Response = health_pb2.HealthCheckResponse

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -25,10 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.purgatory.client import Channel, open_channel
-from jobworker.purgatory.server import Server
-from jobworker.purgatory.tls import TLSConfig
-from jobworker.service import SERVICE_NAME, JobService, identify, open_job_service
+from jobworker.purgatory import Channel, Server, TLSConfig, open_channel
+from jobworker.service import (
+    SERVICE_NAME,
+    JobService,
+    as_grpc_error,
+    identify,
+    open_job_service,
+)
 from jobworker.supervisor import LimitOverrides, LimitPolicy, Limits, Supervisor
 from jobworker.supervisor.limits import MiB
 
@@ -61,6 +65,21 @@ RESPONSES = {
     "DeleteJob": pb.DeleteJobResponse,
     "PruneJobs": pb.PruneJobsResponse,
 }
+
+
+T = TypeVar("T")
+
+
+async def answered(awaitable: Awaitable[T]) -> T:
+    """A handler called directly, its domain errors turned into the statuses the server
+    answers with (the server's errors hook: `as_grpc_error`)."""
+    try:
+        return await awaitable
+    except Exception as exc:
+        error = as_grpc_error(exc)
+        if error is None:
+            raise
+        raise error from None
 
 
 @dataclass(frozen=True)
@@ -201,7 +220,7 @@ async def serve(
             key_file=certs.server.key_file,
             ca_files=[certs.ca.cert_file],
         )
-        server = Server(service.methods(), tls=tls, identify=identify)
+        server = Server(service.methods(), tls=tls, identify=identify, errors=as_grpc_error)
         async with trio.open_nursery() as nursery:
             [(_, port)] = await nursery.start(server.serve, "127.0.0.1", 0)
             async with AsyncExitStack() as stack:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.purgatory.wire.status import Status
+from jobworker.purgatory import Status
 from jobworker.service import STATUS_OF, InvalidRequest, PermissionDenied, as_grpc_error, convert
 from jobworker.service.errors import ShuttingDown, TooManyJobs, TooManyLogStreams, Unavailable
 from jobworker.service.store import StoreUnavailable

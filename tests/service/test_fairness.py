@@ -15,7 +15,7 @@ import trio
 from google.protobuf.duration_pb2 import Duration
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.purgatory import GrpcError, Status
 from jobworker.service import Identity, JobStore
 from jobworker.service.store import Record
 from jobworker.supervisor import LimitPolicy
@@ -192,8 +192,8 @@ class Call:
     sent: list[pb.LogChunk] = field(default_factory=list)
     first: trio.Event = field(default_factory=trio.Event)
 
-    async def send(self, message: pb.LogChunk) -> None:
-        self.sent.append(message)
+    async def send_serialized(self, payload: bytes) -> None:
+        self.sent.append(pb.LogChunk.FromString(payload))
         self.first.set()
 
 

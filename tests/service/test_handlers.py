@@ -16,7 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.purgatory import GrpcError, Status
 from jobworker.supervisor import JobState
 
 from .conftest import MAX_RUNNING_JOBS, PYTHON, RETENTION_BYTES, Served, fifo, release

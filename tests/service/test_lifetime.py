@@ -12,9 +12,11 @@ import pytest
 import trio
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.purgatory import GrpcError, Status
 from jobworker.service import Identity, open_job_service, open_store
 from jobworker.supervisor import Supervisor
+
+from .conftest import answered
 
 pytestmark = pytest.mark.cgroups
 
@@ -49,7 +51,7 @@ async def test_leaving_stops_every_job_logs_each_end_and_refuses_new_ones(
         assert service.running_jobs == 0
         assert not service.health.serving
         with pytest.raises(GrpcError) as caught:
-            await service.start_job(SLEEP, ALICE)
+            await answered(service.start_job(SLEEP, ALICE))
         assert caught.value.status is Status.UNAVAILABLE
     await store.aclose()
     lines = [r.getMessage() for r in caplog.records if r.name == "jobworker.events"]
@@ -67,7 +69,7 @@ async def test_concurrent_starts_count_each_other_against_the_cap(tmp_path: Path
 
     async def start(service) -> None:
         try:
-            await service.start_job(SLEEP, ALICE)
+            await answered(service.start_job(SLEEP, ALICE))
             outcomes.append("started")
         except GrpcError as exc:
             outcomes.append(exc.status.name)
@@ -89,7 +91,7 @@ async def test_the_per_user_caps_default_to_half(tmp_path: Path) -> None:
             for _ in range(2):
                 await service.start_job(SLEEP, ALICE)
             with pytest.raises(GrpcError) as caught:
-                await service.start_job(SLEEP, ALICE)
+                await answered(service.start_job(SLEEP, ALICE))
             assert caught.value.status is Status.RESOURCE_EXHAUSTED
             assert "2 jobs running, the most per user" in caught.value.message
             await service.start_job(SLEEP, Call(Identity("bob")))
@@ -98,7 +100,7 @@ async def test_the_per_user_caps_default_to_half(tmp_path: Path) -> None:
 async def test_a_server_without_identify_still_identifies_each_call(tmp_path: Path) -> None:
     async with Supervisor(data_dir=tmp_path) as supervisor, open_job_service(supervisor) as service:
         with pytest.raises(GrpcError) as caught:
-            await service.list_jobs(pb.ListJobsRequest(), Call(identity=None))
+            await answered(service.list_jobs(pb.ListJobsRequest(), Call(identity=None)))
         assert caught.value.status is Status.UNAUTHENTICATED
 
 

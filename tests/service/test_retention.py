@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.purgatory import GrpcError, Status
 from jobworker.service import Identity, Retention, open_job_service, open_store
 from jobworker.supervisor import Supervisor
+
+from .conftest import answered
 
 pytestmark = pytest.mark.cgroups
 
@@ -57,7 +59,7 @@ async def test_beyond_their_count_the_oldest_ended_jobs_go_record_and_output(
         for job_id in ended[:2]:
             assert not (supervisor.data_dir / "jobs" / job_id).exists()
             with pytest.raises(GrpcError) as caught:
-                await service.get_job_status(pb.GetJobStatusRequest(job_id=job_id), ALICE)
+                await answered(service.get_job_status(pb.GetJobStatusRequest(job_id=job_id), ALICE))
             assert caught.value.status is Status.NOT_FOUND
 
 
@@ -99,7 +101,7 @@ async def test_over_the_output_budget_the_oldest_ended_output_goes_first_and_say
             assert not status.output_removed
         # A reader of the removed output is told where it ended, never given silence.
         with pytest.raises(GrpcError) as caught:
-            await service.get_job_logs(pb.GetJobLogsRequest(job_id=jobs[0]), _Sink())
+            await answered(service.get_job_logs(pb.GetJobLogsRequest(job_id=jobs[0]), _Sink()))
         assert caught.value.status is Status.OUT_OF_RANGE
         assert f"read from offset {256 * KiB}" in caught.value.message
     await store.aclose()
@@ -129,7 +131,7 @@ async def test_over_the_budget_with_nothing_ended_running_jobs_lose_their_oldest
         await service.tidy()
         assert job.output_stored_bytes <= 512 * KiB  # whole segments dropped, the newest kept
         with pytest.raises(GrpcError) as caught:
-            await service.get_job_logs(pb.GetJobLogsRequest(job_id=job_id), _Sink())
+            await answered(service.get_job_logs(pb.GetJobLogsRequest(job_id=job_id), _Sink()))
         assert caught.value.status is Status.OUT_OF_RANGE  # readers are told, as by retention
         await job.stop(0)
 
