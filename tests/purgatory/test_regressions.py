@@ -17,7 +17,7 @@ from hyperframe.frame import DataFrame
 
 from jobworker.purgatory.client import open_channel_over
 from jobworker.purgatory.server import RpcMethod, Server
-from jobworker.purgatory.wire.connection import ClientConnection
+from jobworker.purgatory.wire import ClientConnection
 
 GRACE_S = 5.0
 
