@@ -13,6 +13,16 @@ Over real TLS on loopback (port 0: tests may run side by side)::
         async with served.connect(client_config(certs)) as channel:
             ...
 
+Speaking HTTP/2 by hand (attack tests, regressions): ``memory_stream(server)`` or
+``Served.connect_raw(tls)`` give a bare byte stream to the server, and ``RawPeer`` drives h2's own
+client connection over it, writing nothing unless told::
+
+    async with serve(server) as served, served.connect_raw(client_config(certs)) as stream:
+        peer = RawPeer(stream)
+        peer.queue_unary("/t.T/Echo", payload, reset=True)
+        await peer.flush()
+        events = await peer.read_until_closed()
+
 Certificates: ``make_ca``/``CA.issue`` mint throwaway authorities and leaves (cryptography
 only); ``make_cert_set`` builds the standard cast: a CA with a server (localhost, 127.0.0.1,
 ::1) and a client "alice", plus a second, unrelated CA with its own client "mallory".
@@ -32,6 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
 import trio
 import trio.testing
 from cryptography import x509
@@ -41,8 +56,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .client import Channel, open_channel, open_channel_over
 from .server import Server
-from .tls import TLSConfig
-from .wire import DEFAULT_MAX_MESSAGE_BYTES
+from .tls import TLSConfig, TLSStream
+from .wire import DEFAULT_MAX_MESSAGE_BYTES, encode_message
 
 KeyType = Literal["ecdsa", "rsa", "ed25519"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -52,11 +67,14 @@ __all__ = [
     "CertSet",
     "KeyType",
     "Leaf",
+    "RawPeer",
     "Served",
     "client_config",
     "make_ca",
     "make_cert_set",
     "memory_channel",
+    "memory_stream",
+    "request_headers",
     "serve",
     "server_config",
     "write_pem",
@@ -76,12 +94,24 @@ async def memory_channel(
 ) -> AsyncIterator[Channel]:
     """`server` serving one in-memory connection (plaintext h2, so `tls=None`), and a channel
     over it. On exit the channel closes, then the connection's task is cancelled."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with _background(server.serve_stream, server_stream):
+    async with memory_stream(server) as client_stream:
         async with open_channel_over(
             client_stream, authority=authority, max_receive_message_bytes=max_receive_message_bytes
         ) as channel:
             yield channel
+
+
+@asynccontextmanager
+async def memory_stream(server: Server) -> AsyncIterator[trio.abc.Stream]:
+    """`server` serving one in-memory connection (plaintext h2, so `tls=None`), and the client's
+    end of it as bare bytes: nothing is sent until the test sends it (see `RawPeer`). On exit
+    the client's end is closed, then the connection's task is cancelled."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with _background(server.serve_stream, server_stream):
+        try:
+            yield client_stream
+        finally:
+            await trio.aclose_forcefully(client_stream)
 
 
 @asynccontextmanager
@@ -124,6 +154,19 @@ class Served:
         """A channel to the server (``async with``), over TLS with `tls` (a client config)."""
         return open_channel(self.host, self.port, tls=tls)
 
+    @asynccontextmanager
+    async def connect_raw(self, tls: TLSConfig) -> AsyncIterator[TLSStream]:
+        """A TLS stream to the server, handshaken, and nothing else: no HTTP/2 preface (see
+        `RawPeer`). Raises what the handshake raised, e.g. when the server refused the
+        connection at accept. Closed forcefully on exit."""
+        tcp = await trio.open_tcp_stream(self.host, self.port)
+        stream = TLSStream(tcp, tls)
+        try:
+            await stream.do_handshake()
+            yield stream
+        finally:
+            await trio.aclose_forcefully(stream)
+
 
 @asynccontextmanager
 async def serve(server: Server, *, host: str = "127.0.0.1") -> AsyncIterator[Served]:
@@ -131,6 +174,108 @@ async def serve(server: Server, *, host: str = "127.0.0.1") -> AsyncIterator[Ser
     async with _background(server.serve, host, 0, start=True) as addresses:
         ((bound_host, port), *_) = addresses
         yield Served(server, bound_host, port)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speaking HTTP/2 by hand
+
+
+def request_headers(path: str, *, authority: str = "localhost") -> list[tuple[bytes, bytes]]:
+    """The headers of a well-formed gRPC request to `path`."""
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":path", path.encode()),
+        (b":authority", authority.encode()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+
+
+class RawPeer:
+    """A client that speaks HTTP/2 by hand over a connected byte stream: h2's own client
+    connection (`h2`), which writes nothing unless told, so a test can send what no well-behaved
+    client would (frames h2 makes, or bytes made by hand on `stream`) and read the server's
+    answer as h2 events. `closed` is set once the server ended the connection."""
+
+    def __init__(self, stream: trio.abc.Stream, *, initial_window_bytes: int | None = None) -> None:
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(
+            config=h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.h2.initiate_connection()  # queued, not sent: the first flush() sends the preface
+        if initial_window_bytes is not None:
+            self.h2.update_settings(
+                {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window_bytes}
+            )
+        self.closed = False
+        self._goaway_seen = False
+        self._buffer = bytearray()
+
+    async def flush(self) -> None:
+        """Send what h2 has queued."""
+        data = self.h2.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    def queue_unary(self, path: str, payload: bytes, *, reset: bool = False) -> int:
+        """Queue one unary call (HEADERS, then DATA with END_STREAM holding one message) and,
+        with `reset`, its RST_STREAM right behind, so the server reads all three at once.
+        Returns the call's stream id; nothing is sent until `flush()`."""
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, request_headers(path))
+        self.h2.send_data(stream_id, encode_message(payload), end_stream=True)
+        if reset:
+            self.h2.reset_stream(stream_id)
+        return stream_id
+
+    def receive(self, data: bytes) -> list[object]:
+        """h2's events for `data`, fed frame by frame. After a GOAWAY, h2 refuses every further
+        frame (python-hyper/h2#1181), such as the PING of our server's graceful close: such a
+        frame becomes ("refused", frame type) and the events before it are kept. Before one,
+        h2's ProtocolError is raised: the server sent something wrong."""
+        self._buffer += data
+        events: list[object] = []
+        while len(self._buffer) >= 9:
+            end = 9 + int.from_bytes(self._buffer[:3], "big")
+            if len(self._buffer) < end:
+                break
+            frame, self._buffer = bytes(self._buffer[:end]), self._buffer[end:]
+            try:
+                new = self.h2.receive_data(frame)
+            except h2.exceptions.ProtocolError:
+                if not self._goaway_seen:
+                    raise
+                events.append(("refused", frame[3]))
+                continue
+            self._goaway_seen |= any(isinstance(e, h2.events.ConnectionTerminated) for e in new)
+            events += new
+        return events
+
+    async def read_until(
+        self, done: Callable[[list[object]], bool], *, answer: bool = True
+    ) -> list[object]:
+        """Read the server's frames until `done(events so far)` holds or the server ends the
+        connection (then `closed` is set); the events. With `answer`, send what h2 queues
+        meanwhile (SETTINGS and PING acknowledgements, window updates) as a real client would;
+        without, stay silent."""
+        events: list[object] = []
+        while not done(events):
+            try:
+                data = await self.stream.receive_some()
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                self.closed = True
+                break
+            events += self.receive(data)
+            if answer:
+                await self.flush()
+        return events
+
+    async def read_until_closed(self, *, answer: bool = True) -> list[object]:
+        """Every h2 event until the server ends the connection (see `read_until`)."""
+        return await self.read_until(lambda events: False, answer=answer)
 
 
 # ---------------------------------------------------------------------------------------------
