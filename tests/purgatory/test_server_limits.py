@@ -10,10 +10,8 @@ import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
 from jobworker.purgatory import GrpcError, RpcMethod, Server, ServerLimits, Status
-from jobworker.purgatory.testing import memory_channel
+from jobworker.purgatory.testing import RawPeer, memory_channel, memory_stream, request_headers
 from jobworker.purgatory.wire import encode_message
-
-from .attack import RawPeer, request_headers
 
 _HEADERS_TYPE = 0x1
 _CONTINUATION_TYPE = 0x9
@@ -53,26 +51,20 @@ def _split_header_block(data: bytes, pieces: int) -> bytes:
 
 async def _call_in_continuations(server: Server, pieces: int) -> list[object]:
     """One Echo call whose header block comes in `pieces` frames; h2's events for the answer."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    peer = RawPeer(client_stream)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.serve_stream, server_stream)
+    async with memory_stream(server) as client_stream:
+        peer = RawPeer(client_stream)
         await peer.flush()  # preface and SETTINGS
         peer.h2.send_headers(1, request_headers("/t.T/Echo"))
         await client_stream.send_all(_split_header_block(peer.h2.data_to_send(), pieces))
         peer.h2.send_data(1, encode_message(StringValue(value="hi").SerializeToString()))
         peer.h2.end_stream(1)
         await peer.flush()
-        events: list[object] = []
-        while not any(
-            isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated) for e in events
-        ):
-            data = await client_stream.receive_some()
-            if not data:
-                break
-            events += peer.receive(data)
-            await peer.flush()
-        nursery.cancel_scope.cancel()
+        events = await peer.read_until(
+            lambda events: any(
+                isinstance(e, h2.events.StreamEnded | h2.events.ConnectionTerminated)
+                for e in events
+            )
+        )
     return events
 
 
