@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-A `Driver` owns one `wire.connection` object and one byte stream (TLS in production, memory
-streams in tests). Two tasks run in the connection's nursery:
+A `Driver` owns one wire connection (`wire.ServerConnection` or `wire.ClientConnection`) and
+one byte stream (TLS in production, memory streams in tests). Two tasks run in the
+connection's nursery:
 
 - the **reader** receives bytes, feeds them to the connection, and hands each event to the
   side-specific `on_event` (server: start or cancel calls; client: complete them);

@@ -122,7 +122,7 @@ class ServerLimits:
     at least 4), connections still in their TLS handshake in all (`max_handshakes`, None: a
     quarter of `max_connections`, at least 8) and per peer address.
 
-    The wire's budgets, per connection (see wire.connection for what each bounds): frame and
+    The wire's budgets, per connection (see wire/scanner.py for what each bounds): frame and
     header sizes, CONTINUATION frames per header block, control-frame acknowledgements owed,
     the reset/refusal token bucket, and the PING policy.
     """
