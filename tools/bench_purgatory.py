@@ -182,6 +182,10 @@ def serve_purgatory(certs: CertFiles) -> None:
                 cert_file=certs.server_cert, key_file=certs.server_key, ca_files=[certs.ca]
             ),
             max_receive_message_bytes=MAX_MESSAGE_BYTES,
+            # The memory figure holds every idle connection from one client certificate, and
+            # the other servers cap nothing: lift the connection caps (a defence, not a cost).
+            max_connections=100_000,
+            max_connections_per_identity=100_000,
         )
         async with trio.open_nursery() as nursery:
             ((_, port),) = await nursery.start(server.serve, "127.0.0.1", 0)
