@@ -1,5 +1,5 @@
 """Issue 13, the rows the event loop decides: over real sockets and real TLS, attack clients
-that speak raw HTTP/2 (tests/purgatory/attack.py) against our server, each attack shown to run
+that speak raw HTTP/2 (the kit's RawPeer) against our server, each attack shown to run
 and to fail, and bystanders shown to go on."""
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ import trio
 import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
-from jobworker.purgatory.client import open_channel
-from jobworker.purgatory.limits import RateLimitedLog, default_max_connections
-from jobworker.purgatory.server import RpcMethod, Server
-from jobworker.purgatory.wire.status import GrpcError, Status
-
-from .attack import RawPeer, raw_connection, unary_request_frames
-from .certs import CertSet, client_config, make_cert_set, server_config
+from jobworker.purgatory import GrpcError, RpcMethod, Server, Status, default_max_connections
+from jobworker.purgatory.limits import RateLimitedLog
+from jobworker.purgatory.testing import (
+    CertSet,
+    RawPeer,
+    Served,
+    client_config,
+    make_cert_set,
+    serve,
+    server_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +69,14 @@ def make_server(certs: CertSet, app: App, **options) -> Server:
     )
 
 
-async def serve(nursery: trio.Nursery, server: Server) -> int:
-    (address,) = await nursery.start(server.serve, "127.0.0.1", 0)
-    return address[1]
-
-
 def purgatory_records(caplog, level: int = logging.DEBUG) -> list[logging.LogRecord]:
     return [
         r for r in caplog.records if r.name.startswith("jobworker.purgatory") and r.levelno >= level
     ]
 
 
-async def echo_once(port: int, tls) -> str:
-    async with open_channel("127.0.0.1", port, tls=tls) as channel:
+async def echo_once(served: Served, tls) -> str:
+    async with served.connect(tls) as channel:
         reply = await channel.unary("/t.T/Echo", StringValue(value="hi"), StringValue)
     return reply.value
 
@@ -85,53 +84,51 @@ async def echo_once(port: int, tls) -> str:
 # --- row 2: a call reset in the read that opened it --------------------------------------------
 
 
-async def test_calls_reset_with_their_request_end_quietly(nursery, certs, caplog):
+def ended(events: list[object]) -> bool:
+    return any(isinstance(e, h2.events.StreamEnded) for e in events)
+
+
+async def test_calls_reset_with_their_request_end_quietly(certs, caplog):
     caplog.set_level(logging.DEBUG, logger="jobworker.purgatory")
     app = App()
-    port = await serve(nursery, make_server(certs, app))
     calls = 200
-    async with raw_connection(port, client_config(certs)) as stream:
+    async with (
+        serve(make_server(certs, app)) as served,
+        served.connect_raw(client_config(certs)) as stream,
+    ):
         peer = RawPeer(stream)
         for _ in range(calls):
-            unary_request_frames(
-                peer, "/t.T/Echo", StringValue(value="x").SerializeToString(), reset=True
-            )
+            peer.queue_unary("/t.T/Echo", StringValue(value="x").SerializeToString(), reset=True)
         # The attack's last frame, then a well-behaved call on the same connection: its answer
         # proves the server read every frame before it (frames are processed in order).
-        unary_request_frames(
-            peer, "/t.T/Echo", StringValue(value="after").SerializeToString(), reset=False
+        last_stream_id = peer.queue_unary(
+            "/t.T/Echo", StringValue(value="after").SerializeToString()
         )
         await peer.flush()
-        last_stream_id = 2 * calls + 1
-        answered = []
-        while not answered:
-            data = await stream.receive_some()
-            assert data, "the server closed the connection"
-            for event in peer.h2.receive_data(data):
-                if isinstance(event, h2.events.StreamEnded):
-                    answered.append(event.stream_id)
-            await peer.flush()
+        events = await peer.read_until(ended)
+        assert not peer.closed, "the server closed the connection"
+    answered = [e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)]
     # Reset streams got no answer; the connection lived on; the bystander call was answered.
+    assert last_stream_id == 2 * calls + 1
     assert answered == [last_stream_id]
     assert app.echoed <= calls + 1
     assert purgatory_records(caplog, logging.INFO) == []
 
 
-async def test_a_stream_reset_while_its_handler_sends_cancels_it_quietly(nursery, certs, caplog):
+async def test_a_stream_reset_while_its_handler_sends_cancels_it_quietly(certs, caplog):
     caplog.set_level(logging.DEBUG, logger="jobworker.purgatory")
     app = App()
-    port = await serve(nursery, make_server(certs, app))
-    async with raw_connection(port, client_config(certs)) as stream:
+    async with (
+        serve(make_server(certs, app)) as served,
+        served.connect_raw(client_config(certs)) as stream,
+    ):
         peer = RawPeer(stream)
         for _ in range(50):
-            unary_request_frames(peer, "/t.T/Hold", b"", reset=True)
-        unary_request_frames(peer, "/t.T/Echo", b"", reset=False)
+            peer.queue_unary("/t.T/Hold", b"", reset=True)
+        peer.queue_unary("/t.T/Echo", b"")
         await peer.flush()
-        ended = False
-        while not ended:
-            data = await stream.receive_some()
-            assert data
-            ended = any(isinstance(e, h2.events.StreamEnded) for e in peer.h2.receive_data(data))
+        await peer.read_until(ended, answer=False)
+        assert not peer.closed, "the server closed the connection"
     assert app.streams_started == 0  # reset before they started: never run
     assert purgatory_records(caplog, logging.INFO) == []
 
@@ -139,10 +136,12 @@ async def test_a_stream_reset_while_its_handler_sends_cancels_it_quietly(nursery
 # --- row 12: request bytes that are not a valid message ------------------------------------------
 
 
-async def test_a_string_field_that_is_not_utf8_is_invalid_argument(nursery, certs):
+async def test_a_string_field_that_is_not_utf8_is_invalid_argument(certs):
     app = App()
-    port = await serve(nursery, make_server(certs, app))
-    async with open_channel("127.0.0.1", port, tls=client_config(certs)) as channel:
+    async with (
+        serve(make_server(certs, app)) as served,
+        served.connect(client_config(certs)) as channel,
+    ):
         # Field 1, length-delimited, as StringValue expects, but the bytes are not UTF-8.
         with pytest.raises(GrpcError) as caught:
             await channel.unary("/t.T/Echo", BytesValue(value=b"\xff\xfe"), StringValue)
@@ -154,42 +153,39 @@ async def test_a_string_field_that_is_not_utf8_is_invalid_argument(nursery, cert
 # --- row 5: timeouts ---------------------------------------------------------------------------
 
 
-async def test_connections_that_never_send_the_preface_are_cut(
-    nursery, certs, caplog, autojump_clock
-):
+async def test_connections_that_never_send_the_preface_are_cut(certs, caplog, autojump_clock):
     caplog.set_level(logging.DEBUG, logger="jobworker.purgatory")
     app = App()
     server = make_server(certs, app, preface_timeout_s=5, first_request_timeout_s=1000)
-    port = await serve(nursery, server)
     holders = 20
-    async with trio.open_nursery() as attack:
-        closed_at: list[float] = []
+    async with serve(server) as served:
+        async with trio.open_nursery() as attack:
+            closed_at: list[float] = []
 
-        async def hold() -> None:
-            async with raw_connection(port, client_config(certs)) as stream:
-                peer = RawPeer(stream)  # our h2 state only; nothing is sent
-                events = await peer.read_until_closed(answer=False)
-                # The server's SETTINGS came, then the end of the connection.
-                assert any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events)
-                closed_at.append(trio.current_time())
+            async def hold() -> None:
+                async with served.connect_raw(client_config(certs)) as stream:
+                    peer = RawPeer(stream)  # our h2 state only; nothing is sent
+                    events = await peer.read_until_closed(answer=False)
+                    # The server's SETTINGS came, then the end of the connection.
+                    assert any(isinstance(e, h2.events.RemoteSettingsChanged) for e in events)
+                    closed_at.append(trio.current_time())
 
-        start = trio.current_time()
-        for _ in range(holders):
-            attack.start_soon(hold)
-    assert len(closed_at) == holders
-    assert all(t - start >= 5 for t in closed_at)  # virtual time: not before the timeout
-    assert server.admission.connections == 0
-    cut = [r for r in purgatory_records(caplog) if "no HTTP/2 preface" in r.getMessage()]
-    assert len(cut) == 1  # one line for the burst
-    assert await echo_once(port, client_config(certs)) == "hi"
+            start = trio.current_time()
+            for _ in range(holders):
+                attack.start_soon(hold)
+        assert len(closed_at) == holders
+        assert all(t - start >= 5 for t in closed_at)  # virtual time: not before the timeout
+        assert server.admission.connections == 0
+        cut = [r for r in purgatory_records(caplog) if "no HTTP/2 preface" in r.getMessage()]
+        assert len(cut) == 1  # one line for the burst
+        assert await echo_once(served, client_config(certs)) == "hi"
 
 
 async def test_a_connection_without_a_call_is_cut_after_the_first_request_timeout(
-    nursery, certs, autojump_clock
+    certs, autojump_clock
 ):
     server = make_server(certs, App(), first_request_timeout_s=30, idle_timeout_s=1000)
-    port = await serve(nursery, server)
-    async with raw_connection(port, client_config(certs)) as stream:
+    async with serve(server) as served, served.connect_raw(client_config(certs)) as stream:
         peer = RawPeer(stream)
         await peer.flush()  # the preface and SETTINGS, then nothing
         start = trio.current_time()
@@ -199,28 +195,30 @@ async def test_a_connection_without_a_call_is_cut_after_the_first_request_timeou
     assert goaway and goaway[0].error_code == 0  # graceful
 
 
-async def test_idle_connections_are_closed_gracefully_and_busy_ones_are_not(
-    nursery, certs, autojump_clock
-):
+async def test_idle_connections_are_closed_gracefully_and_busy_ones_are_not(certs, autojump_clock):
     app = App()
     server = make_server(certs, app, idle_timeout_s=60)
-    port = await serve(nursery, server)
-    async with open_channel("127.0.0.1", port, tls=client_config(certs)) as idle:
-        async with open_channel("127.0.0.1", port, tls=client_config(certs)) as busy:
-            await idle.unary("/t.T/Echo", StringValue(value="x"), StringValue)
-            async with busy.server_stream("/t.T/Hold", StringValue(), BytesValue) as replies:
-                await replies.__anext__()
-                await idle.going_away.wait()  # the idle one hears GOAWAY...
-                await idle._driver.closed.wait()  # ...and is closed
-                idle_closed = trio.current_time()
-                await trio.sleep(600)  # virtual: ten idle timeouts
-                assert not busy.going_away.is_set()  # an open call is not idleness
-                app.release.set()
-                assert [r async for r in replies] == []
-            assert idle_closed >= 60
-            # Idle again now: the busy one goes the same way.
-            await busy.going_away.wait()
-    await settle(lambda: server.admission.connections == 0)
+    async with (
+        serve(server) as served,
+        served.connect(client_config(certs)) as idle,
+        served.connect(client_config(certs)) as busy,
+    ):
+        await idle.unary("/t.T/Echo", StringValue(value="x"), StringValue)
+        async with busy.server_stream("/t.T/Hold", StringValue(), BytesValue) as replies:
+            await replies.__anext__()
+            await idle.going_away.wait()  # the idle one hears GOAWAY...
+            # ...and the server closes it (its slot is freed once the stream is closed): only
+            # the busy one is left.
+            await settle(lambda: server.admission.connections == 1)
+            idle_closed = trio.current_time()
+            await trio.sleep(600)  # virtual: ten idle timeouts
+            assert not busy.going_away.is_set()  # an open call is not idleness
+            app.release.set()
+            assert [r async for r in replies] == []
+        assert idle_closed >= 60
+        # Idle again now: the busy one goes the same way.
+        await busy.going_away.wait()
+        await settle(lambda: server.admission.connections == 0)
 
 
 async def settle(condition) -> None:
@@ -234,64 +232,65 @@ async def settle(condition) -> None:
 # --- row 5: connection caps --------------------------------------------------------------------
 
 
-async def test_the_per_identity_cap_refuses_that_identity_only(nursery, certs, bob, caplog):
+async def test_the_per_identity_cap_refuses_that_identity_only(certs, bob, caplog):
     caplog.set_level(logging.DEBUG, logger="jobworker.purgatory")
     app = App()
     server = make_server(certs, app, max_connections_per_identity=2)
-    port = await serve(nursery, server)
     alice = client_config(certs)
-    async with open_channel("127.0.0.1", port, tls=alice) as first:
-        async with open_channel("127.0.0.1", port, tls=alice) as second:
+    async with serve(server) as served:
+        async with served.connect(alice) as first, served.connect(alice) as second:
             for channel in (first, second):
                 await channel.unary("/t.T/Echo", StringValue(value="a"), StringValue)
             for _ in range(3):  # a burst of refusals, one log line
-                async with open_channel("127.0.0.1", port, tls=alice) as third:
+                async with served.connect(alice) as third:
                     with pytest.raises(GrpcError) as refused:
                         await third.unary("/t.T/Echo", StringValue(value="a"), StringValue)
                     assert refused.value.status is Status.RESOURCE_EXHAUSTED
                     assert "max_connections_per_identity" in refused.value.message
-                    await third._driver.closed.wait()  # and the server closes it
-            assert await echo_once(port, client_config(certs, bob)) == "hi"
-    lines = [
-        r for r in purgatory_records(caplog) if "max_connections_per_identity" in r.getMessage()
-    ]
-    assert len(lines) == 1
-    # Alice's slots are free again once her connections closed.
-    await settle(lambda: server.admission.connections_of(("identity", "alice")) == 0)
-    assert await echo_once(port, alice) == "hi"
+                    # And the server closes it while we still hold it: its slot is freed once
+                    # the stream is closed, leaving alice's two.
+                    await settle(lambda: server.admission.connections == 2)
+            assert await echo_once(served, client_config(certs, bob)) == "hi"
+        lines = [
+            r for r in purgatory_records(caplog) if "max_connections_per_identity" in r.getMessage()
+        ]
+        assert len(lines) == 1
+        # Alice's slots are free again once her connections closed.
+        await settle(lambda: server.admission.connections_of(("identity", "alice")) == 0)
+        assert await echo_once(served, alice) == "hi"
 
 
-async def test_the_total_cap_refuses_at_accept_with_one_line_per_burst(nursery, certs, caplog):
+async def test_the_total_cap_refuses_at_accept_with_one_line_per_burst(certs, caplog):
     caplog.set_level(logging.DEBUG, logger="jobworker.purgatory")
     server = make_server(certs, App(), max_connections=2)
-    port = await serve(nursery, server)
     async with (
-        raw_connection(port, client_config(certs)),
-        raw_connection(port, client_config(certs)),
+        serve(server) as served,
+        served.connect_raw(client_config(certs)),
+        served.connect_raw(client_config(certs)),
     ):
         for _ in range(5):
             with pytest.raises(trio.BrokenResourceError):  # closed at accept: no handshake
-                async with raw_connection(port, client_config(certs)):
+                async with served.connect_raw(client_config(certs)):
                     pass
         assert server.admission.connections == 2
     lines = [r for r in purgatory_records(caplog) if "max_connections=2" in r.getMessage()]
     assert len(lines) == 1
 
 
-async def test_the_handshake_cap_per_address_refuses_silent_tcp_connections(nursery, certs):
+async def test_the_handshake_cap_per_address_refuses_silent_tcp_connections(certs):
     server = make_server(certs, App(), max_handshakes_per_address=3)
-    port = await serve(nursery, server)
-    silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
-    try:
-        await settle(lambda: server.admission.handshakes == 3)
-        refused = await trio.open_tcp_stream("127.0.0.1", port)
-        async with refused:
-            assert await refused.receive_some(100) == b""  # closed at once, unanswered
-    finally:
-        for stream in silent:
-            await stream.aclose()
-    await settle(lambda: server.admission.handshakes == 0)
-    assert await echo_once(port, client_config(certs)) == "hi"
+    async with serve(server) as served:
+        silent = [await trio.open_tcp_stream(served.host, served.port) for _ in range(3)]
+        try:
+            await settle(lambda: server.admission.handshakes == 3)
+            refused = await trio.open_tcp_stream(served.host, served.port)
+            async with refused:
+                assert await refused.receive_some(100) == b""  # closed at once, unanswered
+        finally:
+            for stream in silent:
+                await stream.aclose()
+        await settle(lambda: server.admission.handshakes == 0)
+        assert await echo_once(served, client_config(certs)) == "hi"
 
 
 def test_the_default_total_cap_leaves_descriptors_in_reserve() -> None:
