@@ -14,11 +14,16 @@ import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
-from jobworker.purgatory.client import open_channel
-from jobworker.purgatory.server import RpcMethod, Server
-
-from .attack import RawPeer, raw_connection, unary_request_frames
-from .certs import CertSet, client_config, make_cert_set, server_config
+from jobworker.purgatory import RpcMethod, Server
+from jobworker.purgatory.testing import (
+    CertSet,
+    RawPeer,
+    Served,
+    client_config,
+    make_cert_set,
+    serve,
+    server_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,12 @@ async def stream(request: StringValue, call) -> None:
 
 
 class Watched:
-    """Weak references to one server connection's parts, taken while it runs."""
+    """Weak references to one server connection's parts, taken while it runs.
+
+    What is watched is the server's own bookkeeping, so this reaches into private state on
+    purpose: the test is that these very objects (the connection, its driver, the TLS stream,
+    OpenSSL's connection, the socket stream, the wire) are freed, and nothing public names
+    them."""
 
     def __init__(self) -> None:
         self.refs: dict[str, weakref.ref] = {}
@@ -67,8 +77,10 @@ class Watched:
         return [name for name, ref in self.refs.items() if ref() is not None]
 
 
-async def serve_one(nursery, certs, client) -> Watched:
-    """Serve one accepted connection until it ends; `client(port, watch)` drives it."""
+async def check_freed_after(certs, client) -> None:
+    """Serve one accepted connection until it ends, `client(served, watch)` driving it; then,
+    with the server still serving (so nothing it holds is let go by its own end), check that
+    the connection's parts are freed."""
     server = Server(
         [
             RpcMethod("/t.T/Echo", StringValue, StringValue, echo),
@@ -76,18 +88,20 @@ async def serve_one(nursery, certs, client) -> Watched:
         ],
         tls=server_config(certs),
     )
-    (address,) = await nursery.start(server.serve, "127.0.0.1", 0)
     watched = Watched()
 
     async def watch() -> None:
         await trio.testing.wait_all_tasks_blocked()
         watched.take(server)
 
-    await client(address[1], watch)
-    with trio.fail_after(60):
-        while server._connections or server.admission.connections:
-            await trio.testing.wait_all_tasks_blocked(cushion=0.001)
-    return watched
+    async with serve(server) as served:
+        await client(served, watch)
+        # The admission slot is released last, after the connection is dropped from the
+        # server's set and disposed of: once none is held, the connection has ended.
+        with trio.fail_after(60):
+            while server.admission.connections:
+                await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+        check_freed(watched)
 
 
 def check_freed(watched: Watched) -> None:
@@ -99,9 +113,9 @@ def check_freed(watched: Watched) -> None:
     assert watched.wire() is None
 
 
-async def test_a_connection_with_many_calls_is_freed_without_the_collector(nursery, certs, no_gc):
-    async def client(port, watch) -> None:
-        async with open_channel("127.0.0.1", port, tls=client_config(certs)) as channel:
+async def test_a_connection_with_many_calls_is_freed_without_the_collector(certs, no_gc):
+    async def client(served: Served, watch) -> None:
+        async with served.connect(client_config(certs)) as channel:
             await watch()
             for i in range(50):
                 await channel.unary("/t.T/Echo", StringValue(value=str(i)), StringValue)
@@ -111,14 +125,12 @@ async def test_a_connection_with_many_calls_is_freed_without_the_collector(nurse
             async with channel.server_stream("/t.T/Stream", StringValue(), BytesValue) as replies:
                 await replies.__anext__()
 
-    check_freed(await serve_one(nursery, certs, client))
+    await check_freed_after(certs, client)
 
 
-async def test_a_connection_after_a_continuation_flood_is_freed_without_the_collector(
-    nursery, certs, no_gc
-):
-    async def client(port, watch) -> None:
-        async with raw_connection(port, client_config(certs)) as tls:
+async def test_a_connection_after_a_continuation_flood_is_freed_without_the_collector(certs, no_gc):
+    async def client(served: Served, watch) -> None:
+        async with served.connect_raw(client_config(certs)) as tls:
             peer = RawPeer(tls)
             await peer.flush()
             await watch()
@@ -136,7 +148,7 @@ async def test_a_connection_after_a_continuation_flood_is_freed_without_the_coll
                 pass  # the server gave up on us first: that is allowed
             await peer.read_until_closed(answer=False)
 
-    check_freed(await serve_one(nursery, certs, client))
+    await check_freed_after(certs, client)
 
 
 # --- row 9: a stalled stream holds one chunk, no copies -------------------------------------------
@@ -166,7 +178,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-async def test_a_stream_stalled_by_flow_control_holds_one_chunk(nursery, certs):
+async def test_a_stream_stalled_by_flow_control_holds_one_chunk(certs):
     streams = 20
     sent = Chunk.made
     sent.clear()
@@ -180,26 +192,20 @@ async def test_a_stream_stalled_by_flow_control_holds_one_chunk(nursery, certs):
         [RpcMethod("/t.T/Logs", StringValue, Chunk, logs, server_streaming=True)],  # type: ignore[arg-type]
         tls=server_config(certs),
     )
-    (address,) = await nursery.start(server.serve, "127.0.0.1", 0)
     async with (
-        raw_connection(address[1], client_config(certs)) as tls,
+        serve(server) as served,
+        served.connect_raw(client_config(certs)) as tls,
         trio.open_nursery() as reading,
     ):
         peer = RawPeer(tls, initial_window_bytes=0)  # the attack: no window, ever
         await peer.flush()
-
-        async def read() -> None:
-            while data := await tls.receive_some():
-                peer.receive(data)
-                await peer.flush()
-
-        reading.start_soon(read)
+        reading.start_soon(peer.read_until_closed)  # answers SETTINGS and PINGs, nothing more
         await trio.testing.wait_all_tasks_blocked()
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
             for _ in range(streams):
-                unary_request_frames(peer, "/t.T/Logs", b"", reset=False)
+                peer.queue_unary("/t.T/Logs", b"")
             await peer.flush()
             with trio.fail_after(30):
                 while len(sent) < streams:
