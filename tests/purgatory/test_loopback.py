@@ -7,12 +7,8 @@ import trio
 import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
-from jobworker.purgatory.client import open_channel, open_channel_over
-from jobworker.purgatory.server import RpcMethod, Server
-from jobworker.purgatory.tls import TLSStream
-from jobworker.purgatory.wire.status import GrpcError, Status
-
-from .certs import CertSet, client_config, make_cert_set, server_config
+from jobworker.purgatory import GrpcError, RpcMethod, Server, Status, TLSStream, open_channel_over
+from jobworker.purgatory.testing import CertSet, client_config, make_cert_set, serve, server_config
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def common_name(certificate) -> str:
 
 
 @pytest.fixture
-async def served(nursery, certs):
+async def served(certs):
     app = App()
     server = Server(
         [
@@ -57,20 +53,20 @@ async def served(nursery, certs):
         tls=server_config(certs),
         identify=common_name,
     )
-    (address,) = await nursery.start(server.serve, "127.0.0.1", 0)
-    yield server, address[1], app
+    async with serve(server) as on_loopback:
+        yield server, on_loopback, app
 
 
 async def test_identity_comes_from_the_verified_certificate(served, certs):
-    _, port, _ = served
-    async with open_channel("127.0.0.1", port, tls=client_config(certs)) as channel:
+    _, on_loopback, _ = served
+    async with on_loopback.connect(client_config(certs)) as channel:
         reply = await channel.unary("/t.T/WhoAmI", StringValue(value="tls"), StringValue)
     assert reply.value == "alice via tls"
 
 
 async def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(served, certs):
-    server, port, app = served
-    async with open_channel("127.0.0.1", port, tls=client_config(certs)) as channel:
+    server, on_loopback, app = served
+    async with on_loopback.connect(client_config(certs)) as channel:
         async with channel.server_stream("/t.T/Slow", StringValue(), BytesValue) as replies:
             assert (await replies.__anext__()).value == b"started"
             async with trio.open_nursery() as nursery:
@@ -86,12 +82,12 @@ async def test_graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones(s
                 assert [r.value async for r in replies] == [b"finished"]
     assert not app.cancelled.is_set()
     with pytest.raises(OSError):  # nothing listens any more
-        await trio.open_tcp_stream("127.0.0.1", port)
+        await trio.open_tcp_stream(on_loopback.host, on_loopback.port)
 
 
 async def test_shutdown_cancels_what_outlives_the_grace_period(served, certs, autojump_clock):
-    server, port, app = served
-    async with open_channel("127.0.0.1", port, tls=client_config(certs)) as channel:
+    server, on_loopback, app = served
+    async with on_loopback.connect(client_config(certs)) as channel:
         async with channel.server_stream("/t.T/Slow", StringValue(), BytesValue) as replies:
             await replies.__anext__()
             await server.shutdown(5)
@@ -104,7 +100,8 @@ async def test_shutdown_cancels_what_outlives_the_grace_period(served, certs, au
 async def test_a_full_socket_holds_the_sender_and_loses_no_byte(nursery, certs):
     """Over tiny socket buffers the server's writes stop short of what it queued (the rest
     waits for the writer, see Driver.push) while a slow client reads: every message arrives,
-    whole and in order, and the other calls on the connection go on meanwhile."""
+    whole and in order, and the other calls on the connection go on meanwhile. A socket pair,
+    not the kit's loopback listener: the buffers must be tiny on both ends from the start."""
     messages = [bytes([i]) * (50_000 + i) for i in range(40)]  # 2 MB: beyond any window
     sent = 0
 
