@@ -23,6 +23,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
+from jobworker.purgatory.testing import (
+    CertSet,
+    KeyType,
+    client_config,
+    make_ca,
+    make_cert_set,
+    server_config,
+)
 from jobworker.purgatory.tls import (
     RECEIVE_BYTES,
     TLSCertificateRejected,
@@ -34,8 +42,6 @@ from jobworker.purgatory.tls import (
     TLSStream,
 )
 from jobworker.purgatory.tls.config import _dns_name_matches
-
-from .certs import CertSet, KeyType, client_config, make_ca, make_cert_set, server_config
 
 # ---------------------------------------------------------------------------------------------
 # fixtures and helpers
