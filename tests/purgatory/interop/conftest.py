@@ -18,12 +18,10 @@ from typing import Any
 
 import grpc
 import pytest
-import trio
 
-from jobworker.purgatory.client import Channel, open_channel
-from jobworker.purgatory.server import Server
+from jobworker.purgatory import Channel, Server, open_channel
+from jobworker.purgatory.testing import CertSet, Leaf, make_cert_set, serve
 
-from ..certs import CertSet, Leaf, make_cert_set
 from .harness import (
     CONCURRENT_STREAMS,
     MAX_REQUEST_BYTES,
@@ -114,9 +112,7 @@ def no_leaked_threads() -> Iterator[None]:
 
 
 @pytest.fixture
-async def purgatory_server(
-    nursery: trio.Nursery, pb: ModuleType, certs: CertSet
-) -> AsyncIterator[Served]:
+async def purgatory_server(pb: ModuleType, certs: CertSet) -> AsyncIterator[Served]:
     """purgatory serving Echo in the test's nursery; shut down gracefully at teardown."""
     spy = TrioSpy()
     server = Server(
@@ -125,9 +121,9 @@ async def purgatory_server(
         max_concurrent_streams=CONCURRENT_STREAMS,
         max_receive_message_bytes=MAX_REQUEST_BYTES,
     )
-    [(_, port)] = await nursery.start(server.serve, "127.0.0.1", 0)
-    yield Served(port, spy)
-    await server.shutdown(GRACE_S)
+    async with serve(server) as on_loopback:
+        yield Served(on_loopback.port, spy)
+        await server.shutdown(GRACE_S)
 
 
 @pytest.fixture

@@ -19,11 +19,8 @@ from typing import Any, TypeVar
 import grpc
 import trio
 
-from jobworker.purgatory.server import RpcMethod, ServerCall
-from jobworker.purgatory.wire.metadata import Metadata
-from jobworker.purgatory.wire.status import GrpcError, Status
-
-from ..certs import client_config, server_config
+from jobworker.purgatory import GrpcError, Metadata, RpcMethod, ServerCall, Status
+from jobworker.purgatory.testing import client_config, server_config
 
 UNARY = "/purgatory.interop.Echo/Unary"
 STREAM = "/purgatory.interop.Echo/Stream"
@@ -290,6 +287,6 @@ class GrpcioEcho:
 # TLS
 
 
-# Our ends' TLS, as every purgatory test makes it (tests/purgatory/certs.py).
+# Our ends' TLS, as every purgatory test makes it (the kit: jobworker.purgatory.testing).
 purgatory_server_tls = server_config
 purgatory_client_tls = client_config

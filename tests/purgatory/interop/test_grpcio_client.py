@@ -14,7 +14,8 @@ import grpc
 import pytest
 import trio
 
-from ..certs import CertSet
+from jobworker.purgatory.testing import CertSet
+
 from .harness import (
     BIG_CHUNK_BYTES,
     BIG_CHUNKS,

@@ -13,10 +13,9 @@ from types import ModuleType
 import pytest
 import trio
 
-from jobworker.purgatory.client import Channel, open_channel
-from jobworker.purgatory.wire.status import GrpcError, Status
+from jobworker.purgatory import Channel, GrpcError, Status, open_channel
+from jobworker.purgatory.testing import CertSet
 
-from ..certs import CertSet
 from .harness import (
     BIG_CHUNK_BYTES,
     BIG_CHUNKS,

@@ -12,10 +12,9 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from jobworker.purgatory.client import open_channel
-from jobworker.purgatory.server import Server
+from jobworker.purgatory import Server
+from jobworker.purgatory.testing import CertSet, make_cert_set, serve
 
-from ..certs import CertSet, make_cert_set
 from .harness import (
     GUARD_S,
     STREAM,
@@ -61,17 +60,19 @@ async def test_a_tls12_only_client_is_refused(purgatory_server: Served, certs: C
 
 
 async def test_ed25519_certificates_work_between_purgatory_peers(
-    pb: ModuleType, nursery: trio.Nursery, tmp_path: Path
+    pb: ModuleType, tmp_path: Path
 ) -> None:
     certs = make_cert_set(tmp_path, "ed25519")
     assert isinstance(certs.server.certificate.public_key(), ed25519.Ed25519PublicKey)
     assert isinstance(certs.alice.certificate.public_key(), ed25519.Ed25519PublicKey)
     server = Server(purgatory_methods(pb, TrioSpy()), tls=purgatory_server_tls(certs))
-    [(_, port)] = await nursery.start(server.serve, "127.0.0.1", 0)
     request = pb.StreamRequest(chunks=16, chunk_bytes=4096, seed=3)
     check = StreamCheck()
     with trio.fail_after(GUARD_S):
-        async with open_channel("127.0.0.1", port, tls=purgatory_client_tls(certs)) as channel:
+        async with (
+            serve(server) as on_loopback,
+            on_loopback.connect(purgatory_client_tls(certs)) as channel,
+        ):
             reply = await channel.unary(UNARY, pb.EchoRequest(text="ed25519"), pb.EchoReply)
             async with channel.server_stream(STREAM, request, pb.Chunk) as chunks:
                 async for chunk in chunks:
