@@ -25,7 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.purgatory import Channel, Server, TLSConfig, open_channel
+from jobworker.purgatory import Channel, Server, TLSConfig
+from jobworker.purgatory.testing import CA, Leaf, make_ca, write_pem
+from jobworker.purgatory.testing import serve as serve_on_loopback
 from jobworker.service import (
     SERVICE_NAME,
     JobService,
@@ -36,7 +38,6 @@ from jobworker.service import (
 from jobworker.supervisor import LimitOverrides, LimitPolicy, Limits, Supervisor
 from jobworker.supervisor.limits import MiB
 
-from ..purgatory.certs import CA, Leaf, _write, make_ca
 from ..supervisor.helpers import PYTHON  # noqa: F401  (for the tests here: jobs can run it)
 
 CALL_TIMEOUT_S = 20.0  # a backstop against hangs, never expected to fire
@@ -118,7 +119,7 @@ def _issue_without_cn(ca: CA, directory: Path) -> Leaf:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
-    cert_file, key_file = _write(directory, "nameless", certificate, key)
+    cert_file, key_file = write_pem(directory, "nameless", certificate, key)
     return Leaf(cert_file, key_file, certificate)
 
 
@@ -221,18 +222,17 @@ async def serve(
             ca_files=[certs.ca.cert_file],
         )
         server = Server(service.methods(), tls=tls, identify=identify, errors=as_grpc_error)
-        async with trio.open_nursery() as nursery:
-            [(_, port)] = await nursery.start(server.serve, "127.0.0.1", 0)
+        async with serve_on_loopback(server) as on_loopback:
             async with AsyncExitStack() as stack:
                 clients = {
                     name: Client(
                         await stack.enter_async_context(
-                            open_channel("127.0.0.1", port, tls=client_tls(certs, name))
+                            on_loopback.connect(client_tls(certs, name))
                         )
                     )
                     for name in certs.clients
                 }
-                yield Served(supervisor, service, port, clients)
+                yield Served(supervisor, service, on_loopback.port, clients)
             service.set_serving(False)
             await server.shutdown(1.0)
 
