@@ -1,5 +1,6 @@
-"""The certificate factory lives in the kit (`jobworker.purgatory.testing`); this re-exports it
-for the tests that import it from here."""
+"""The certificate factory lives in the kit (`jobworker.purgatory.testing`); the tests import it
+from there. This re-export remains for tools/bench_purgatory.py, which still imports
+`tests.purgatory.certs`; it can go once that imports the kit."""
 
 from jobworker.purgatory.testing import (
     CA,
@@ -12,8 +13,6 @@ from jobworker.purgatory.testing import (
     server_config,
     write_pem,
 )
-
-_write = write_pem  # the name tests/service imports
 
 __all__ = [
     "CA",
