@@ -703,7 +703,7 @@ def rotated(kinds: Sequence[str], round_index: int) -> list[str]:
 
 
 def make_certs(directory: Path) -> CertFiles:
-    from tests.purgatory.certs import make_cert_set
+    from jobworker.purgatory.testing import make_cert_set
 
     make_cert_set(directory)  # ECDSA P-256: the one key type grpcio and everyone else share
     return CertFiles.in_dir(directory)
