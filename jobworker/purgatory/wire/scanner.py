@@ -58,6 +58,12 @@ DEFAULT_MIN_PING_INTERVAL_S = 300.0
 DEFAULT_IDLE_PING_INTERVAL_S = 7200.0
 DEFAULT_MAX_PING_STRIKES = 2
 
+# What a client sends first (RFC 9113 §3.4). Anything else is a connection error
+# PROTOCOL_ERROR. The RFC lets the GOAWAY be omitted then (the peer does not speak HTTP/2), and
+# Go's net/http2 and h2o just close; we send it: our SETTINGS are already out, and a client
+# whose HTTP/2 is broken learns why from its debug data, for a few bytes once per connection.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
 # length (24 bits) and type share the first word; then flags and stream id: 9 bytes.
 FRAME_HEADER = struct.Struct(">IBI")
 
@@ -108,7 +114,8 @@ class FrameScanner:
         self._reset_burst = max_reset_burst
         self._reset_refill_per_s = reset_refill_per_s
         self._carry = b""  # unfed bytes: a split frame header, or a frame held whole
-        self._skip = 24 if not self.client_side else 0  # preface, then the current frame's body
+        self._preface = b"" if self.client_side else PREFACE  # what is still to come of it
+        self._skip = len(self._preface)  # the preface, then the current frame's body
         self._frame_bytes = self._skip  # the size of what _skip counts down
         self._block_stream = 0  # the stream of a header block still open, else 0
         self._block_bytes = 0
@@ -147,6 +154,11 @@ class FrameScanner:
         view = memoryview(data)
         end = len(view)
         pos = start = 0
+        if self._preface:
+            expected = self._preface[:end]
+            if view[: len(expected)] != expected:
+                raise Refusal(h2.errors.ErrorCodes.PROTOCOL_ERROR, "invalid HTTP/2 preface")
+            self._preface = self._preface[len(expected) :]
         if self._skip:
             pos = min(self._skip, end)
             self._skip -= pos

@@ -185,16 +185,30 @@ def test_graceful_shutdown_refuses_new_streams_and_finishes_old_ones():
     assert pair.take("client", ConnectionTerminated)[0].last_stream_id == old
 
 
-def test_a_peer_not_speaking_http2_breaks_the_connection_without_a_goaway():
-    # RFC 9113 §3.4: an invalid preface is a PROTOCOL_ERROR, and the GOAWAY may be omitted,
-    # since the peer is not speaking HTTP/2 (h2 omits it).
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64],
+        # A preface that goes wrong in its second read: the first part was right.
+        [b"PRI * HTTP/2.0\r\n", b"\r\nXX\r\n\r\n" + b"\0" * 9],
+    ],
+)
+def test_a_peer_not_speaking_http2_is_told_so_in_a_goaway(reads):
+    # RFC 9113 §3.4: an invalid preface is a connection error PROTOCOL_ERROR; the GOAWAY may
+    # be omitted, and we send it (see scanner.PREFACE), as ConnectionBroken promises.
     server = ServerConnection()
     server.initiate()
     server.data_to_send()
-    with pytest.raises(ConnectionBroken):
-        server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
-    assert server.data_to_send() == b""
+    for data in reads[:-1]:
+        assert server.receive_data(data) == []
+    with pytest.raises(ConnectionBroken, match="PROTOCOL_ERROR: invalid HTTP/2 preface"):
+        server.receive_data(reads[-1])
+    frame = goaway(parse(server.data_to_send()))
+    assert frame.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert frame.last_stream_id == 0
+    assert frame.additional_data == b"invalid HTTP/2 preface"
     assert server.receive_data(b"more") == []
+    assert server.data_to_send() == b""
 
 
 def test_garbage_after_the_preface_breaks_the_connection_with_a_goaway():
