@@ -3,7 +3,6 @@ status, and the server's graceful GOAWAY taken out of the byte stream before h2 
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,17 +39,21 @@ class ClientConnection(GrpcConnection):
         self._response_started: set[int] = set()
         self.goaway_last_stream_id: int | None = None
 
-    def _intercept(self, frame: memoryview, events: list[Event], before: memoryview) -> bool:
-        """A whole GOAWAY frame: a graceful one (NO_ERROR) is taken out of the byte stream
-        before h2 sees it (see server_side's _send_graceful_goaway), after the frames before
-        it; True if so."""
-        if len(frame) < 17:
-            return False  # malformed: h2 says so
-        last_stream_id, error_code = struct.unpack_from(">I I", frame, 9)
+    def _on_goaway(
+        self,
+        last_stream_id: int,
+        error_code: int,
+        debug: bytes,
+        events: list[Event],
+        before: memoryview,
+    ) -> bool:
+        """A graceful GOAWAY (NO_ERROR) is taken out of the byte stream before h2 sees it (see
+        server_side's _send_graceful_goaway), after the frames before it; an error one goes
+        through h2, which rightly tears the connection down."""
         if error_code != h2.errors.ErrorCodes.NO_ERROR:
             return False
         self._feed_h2(before, events)
-        self._on_graceful_goaway(last_stream_id & 0x7FFFFFFF, bytes(frame[17:]), events)
+        self._on_graceful_goaway(last_stream_id, debug, events)
         return True
 
     def _on_graceful_goaway(self, last_stream_id: int, debug: bytes, events: list[Event]) -> None:
@@ -130,16 +133,17 @@ class ClientConnection(GrpcConnection):
                 event.stream_id, status, f"stream reset by server ({status.name})", (), events
             )
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self.goaway_last_stream_id = event.last_stream_id or 0
+            # An error GOAWAY (graceful ones never reach h2): the server is tearing the
+            # connection down and h2 takes no more frames, so no call can complete.
+            last = self.goaway_last_stream_id = event.last_stream_id or 0
+            code = _error_name(event.error_code)
+            for stream_id in list(self._streams):
+                if stream_id > last:
+                    message = "the server went away before processing the call"
+                else:
+                    message = f"the server closed the connection ({code})"
+                self._end(stream_id, Status.UNAVAILABLE, message, (), events)
             super()._dispatch(event, events)
-            for stream_id in [s for s in self._streams if s > self.goaway_last_stream_id]:
-                self._end(
-                    stream_id,
-                    Status.UNAVAILABLE,
-                    "the server went away before processing the call",
-                    (),
-                    events,
-                )
         else:
             super()._dispatch(event, events)
 
@@ -226,3 +230,10 @@ class ClientConnection(GrpcConnection):
         status, message = failure(exc)
         self._end(stream_id, status, message, (), events)
         self.reset(stream_id)
+
+
+def _error_name(error_code: int | None) -> str:
+    try:
+        return h2.errors.ErrorCodes(error_code or 0).name
+    except ValueError:
+        return f"error code {error_code}"

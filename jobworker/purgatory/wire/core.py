@@ -228,7 +228,7 @@ class GrpcConnection(FrameScanner, FastPaths):
         try:
             self._scan(data, events)
         except Refusal as refusal:
-            self._terminated = True
+            self._terminate()
             self._h2.close_connection(
                 error_code=refusal.error_code, additional_data=str(refusal).encode()
             )
@@ -242,7 +242,7 @@ class GrpcConnection(FrameScanner, FastPaths):
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self._terminated = True
+            self._terminate()
             raise ConnectionBroken(f"HTTP/2 protocol error from peer: {exc}") from exc
         decoder = self._decoder
         try:
@@ -340,10 +340,12 @@ class GrpcConnection(FrameScanner, FastPaths):
         """Queue a GOAWAY and stop: whatever the peer still sends is dropped."""
         if not self._terminated:
             self._h2.close_connection(error_code=error_code, last_stream_id=last_stream_id)
-            self._terminated = True
+            self._terminate()
 
     def ping(self, data: bytes = b"\0" * 8) -> None:
-        self._h2.ping(data)
+        """Queue a PING (its answer is a PingAcknowledged); nothing once the connection is over."""
+        if not self._terminated:
+            self._h2.ping(data)
 
     @property
     def open_streams(self) -> int:
@@ -358,6 +360,18 @@ class GrpcConnection(FrameScanner, FastPaths):
             return 0
 
     # --- internals -----------------------------------------------------------------------------
+
+    def _terminate(self) -> None:
+        """The connection is over for us, whichever side ended it: no stream is open any more
+        (stream_open() says False, commands on a stream raise the wire's ProtocolError or do
+        nothing) and what the outboxes held is dropped. h2 may be CLOSED from here on (it
+        closes on a GOAWAY it sends or receives), and it is never given a command again."""
+        self._terminated = True
+        for stream in self._streams.values():
+            stream.outbox.clear()
+            stream.outbox_bytes = 0
+            stream.done = True
+        self._streams.clear()
 
     def _open_stream(self, stream_id: int) -> Stream:
         stream = self._streams.get(stream_id)
@@ -457,10 +471,12 @@ class GrpcConnection(FrameScanner, FastPaths):
                     StreamFailed(event.stream_id, status, f"stream reset by peer ({status.name})")
                 )
         elif isinstance(event, h2.events.ConnectionTerminated):
+            # Only an error GOAWAY reaches h2 (see _on_goaway), which is CLOSED from now on.
             message = (event.additional_data or b"").decode("utf-8", "replace")
             events.append(
                 ConnectionTerminated(event.error_code or 0, event.last_stream_id or 0, message)
             )
+            self._terminate()
         elif isinstance(event, h2.events.PingAckReceived):
             events.append(PingAcknowledged(event.ping_data))
         # PING is answered by h2 itself; SETTINGS are acknowledged by h2 itself.

@@ -5,7 +5,8 @@ Before h2 parses a byte, the scanner walks the frame headers of what was read, a
 acknowledgements piling up unread, resets beyond the rate limit, a PING policy breach; it
 refuses a stream over the stream limit alone (REFUSED_STREAM). Bodies are not copied: h2 gets
 the whole read in one call unless a decision needs the events of the frames before it, or a
-frame must be taken out (the client's graceful GOAWAY).
+frame must be taken out: a GOAWAY that h2 must not see (see _on_goaway), because h2 closes its
+whole connection on any GOAWAY it receives (python-hyper/h2#1181).
 
 The budgets are here too, as DEFAULT_* constants: what one peer can make us hold or do (RFC
 9113 §10.5). `FrameScanner` is a base of the connection, not an object of its own, so that the
@@ -66,6 +67,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # length (24 bits) and type share the first word; then flags and stream id: 9 bytes.
 FRAME_HEADER = struct.Struct(">IBI")
+_GOAWAY_FIXED = struct.Struct(">II")  # last stream id, error code; then debug data
 
 DATA_TYPE = 0x0
 HEADERS_TYPE = 0x1
@@ -96,6 +98,7 @@ class FrameScanner:
     client_side: bool
     max_concurrent_streams: int
     _streams: dict
+    _terminated: bool
 
     def _init_scanner(
         self,
@@ -113,9 +116,10 @@ class FrameScanner:
         self._max_pending_acks = max_pending_acks
         self._reset_burst = max_reset_burst
         self._reset_refill_per_s = reset_refill_per_s
-        self._carry = b""  # unfed bytes: a split frame header, or a frame held whole
+        self._carry = b""  # unfed bytes: a split frame header, or a GOAWAY's fixed part
         self._preface = b"" if self.client_side else PREFACE  # what is still to come of it
         self._skip = len(self._preface)  # the preface, then the current frame's body
+        self._drop = 0  # the rest of a frame taken out (a GOAWAY's debug data): h2 never sees it
         self._frame_bytes = self._skip  # the size of what _skip counts down
         self._block_stream = 0  # the stream of a header block still open, else 0
         self._block_bytes = 0
@@ -147,7 +151,7 @@ class FrameScanner:
         CONTINUATION count, acknowledgements owed, resets, the stream limit. Bodies pass
         through untouched, and h2 gets the whole read in one call unless a decision needs
         the events of the frames before it (a new stream at the stream limit), or a frame
-        must be taken out (the client's graceful GOAWAY, see _intercept)."""
+        must be taken out (a GOAWAY, see _on_goaway)."""
         if self._carry:
             data = self._carry + data
             self._carry = b""
@@ -159,6 +163,9 @@ class FrameScanner:
             if view[: len(expected)] != expected:
                 raise Refusal(h2.errors.ErrorCodes.PROTOCOL_ERROR, "invalid HTTP/2 preface")
             self._preface = self._preface[len(expected) :]
+        if self._drop:
+            pos = start = min(self._drop, end)
+            self._drop -= pos
         if self._skip:
             pos = min(self._skip, end)
             self._skip -= pos
@@ -197,11 +204,28 @@ class FrameScanner:
                             self._judge_ping(self._now)
                 elif frame_type == _RST_STREAM_TYPE:
                     self._spend_reset()
-                elif frame_type == _GOAWAY_TYPE and self.client_side:
-                    if end - pos < 9 + length:
-                        break  # held until whole: it may have to be taken out
-                    if self._intercept(view[pos : pos + 9 + length], events, view[start:pos]):
-                        pos = start = pos + 9 + length
+                elif (
+                    frame_type == _GOAWAY_TYPE
+                    and stream_id == 0
+                    and length >= 8
+                    and not self._block_stream
+                ):
+                    # A well-formed GOAWAY (h2 refuses the others, as it should).
+                    if end - pos < 17:
+                        break  # held until its fixed part is in: it may have to be taken out
+                    last_stream_id, error_code = _GOAWAY_FIXED.unpack_from(view, pos + 9)
+                    debug = bytes(view[pos + 17 : min(end, pos + 9 + length, pos + 17 + 256)])
+                    if self._on_goaway(
+                        last_stream_id & 0x7FFFFFFF, error_code, debug, events, view[start:pos]
+                    ):
+                        if self._terminated:
+                            return  # the peer is tearing down: what follows is not read
+                        pos += 9 + length
+                        if pos > end:
+                            self._drop = pos - end
+                            pos = end
+                        start = pos
+                        opened = 0
                         continue
             pos += 9 + length
         if pos > end:
@@ -263,7 +287,16 @@ class FrameScanner:
     def _judge_ping(self, now: float) -> None:
         """The server's PING policy (grpc-go's); the client judges no pings."""
 
-    def _intercept(self, frame: memoryview, events: list[Event], before: memoryview) -> bool:
+    def _on_goaway(
+        self,
+        last_stream_id: int,
+        error_code: int,
+        debug: bytes,
+        events: list[Event],
+        before: memoryview,
+    ) -> bool:
+        """A well-formed GOAWAY (its debug data cut short): True if it is taken out of the byte
+        stream, after feeding h2 `before` (the frames ahead of it); False to let h2 see it."""
         raise NotImplementedError
 
     def _feed_h2(self, data: bytes | memoryview, events: list[Event]) -> None:

@@ -12,7 +12,7 @@ from hyperframe.frame import GoAwayFrame
 from .compression import SUPPORTED_ENCODINGS, accept_encoding_header
 from .core import GrpcConnection
 from .errors import ProtocolError, WireError
-from .events import Event, InputEnded, RequestReceived, StreamFailed
+from .events import ConnectionTerminated, Event, InputEnded, RequestReceived, StreamFailed
 from .fields import Block, block_problem
 from .h2_internals import highest_inbound_stream_id
 from .metadata import Metadata, decode_metadata, encode_metadata
@@ -22,7 +22,7 @@ from .scanner import (
     DEFAULT_MIN_PING_INTERVAL_S,
     Refusal,
 )
-from .status import Status, encode_grpc_message
+from .status import Status, encode_grpc_message, status_from_h2_error
 from .streams import (
     CONTENT_TYPE,
     STREAM_GONE,
@@ -36,10 +36,13 @@ from .timeout import parse_grpc_timeout
 SHUTDOWN_PING = b"shutdown"  # the PING that follows the first GOAWAY of a graceful shutdown
 
 # h2 moves its whole connection to CLOSED on any GOAWAY, sent or received, and then refuses
-# every further frame (python-hyper/h2#1181, open): in-flight calls could never finish, which
-# is the point of a graceful GOAWAY (RFC 9113 §6.8). So graceful (NO_ERROR) GOAWAYs bypass h2:
-# the server serializes its own, and the client takes them out of the byte stream before h2
-# sees them. Erroneous GOAWAYs still go through h2, which rightly tears everything down.
+# every further frame and command (python-hyper/h2#1181, open): in-flight calls could never
+# finish, which is the point of a graceful GOAWAY (RFC 9113 §6.8). So graceful (NO_ERROR)
+# GOAWAYs bypass h2: the server serializes its own, and each side takes the peer's out of the
+# byte stream before h2 sees it. The server takes the client's error GOAWAYs out too, and ends
+# every stream itself: through h2 they would make every command raise, and every frame after
+# them a connection error of our own. The client lets the server's error GOAWAYs through h2,
+# which rightly tears everything down (client_side.py).
 
 
 class ServerConnection(GrpcConnection):
@@ -68,6 +71,9 @@ class ServerConnection(GrpcConnection):
         self._max_ping_strikes = max_ping_strikes
         self._last_ping_at: float | None = None
         self._ping_strikes = 0
+        # The client sent a graceful GOAWAY: it opens no more streams (RFC 9113 §6.8), and
+        # leaves once its calls are answered.
+        self.client_going_away = False
 
     def limit_request_messages(self, stream_id: int, count: int | None) -> None:
         """Change how many more request messages the call may receive (None: any). Messages
@@ -88,6 +94,35 @@ class ServerConnection(GrpcConnection):
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         except STREAM_GONE:
             pass  # the peer reset it in the same read
+
+    def _on_goaway(
+        self,
+        last_stream_id: int,
+        error_code: int,
+        debug: bytes,
+        events: list[Event],
+        before: memoryview,
+    ) -> bool:
+        """The client's GOAWAY, always taken out (see the note at the top). NO_ERROR: it will
+        open no more streams; calls in flight go on and are answered. Any other code (unknown
+        ones too, RFC 9113 §7): it is tearing the connection down; every stream fails and the
+        connection is over (nothing after the GOAWAY is read). One ConnectionTerminated either
+        way, for the transport to close once it has nothing left to send."""
+        self._feed_h2(before, events)
+        message = debug.decode("utf-8", "replace")
+        if error_code == h2.errors.ErrorCodes.NO_ERROR:
+            if not self.client_going_away:
+                self.client_going_away = True
+                events.append(ConnectionTerminated(error_code, last_stream_id, message))
+            return True
+        status = status_from_h2_error(error_code)
+        for stream_id in self._streams:
+            events.append(
+                StreamFailed(stream_id, status, f"the client closed the connection ({status.name})")
+            )
+        events.append(ConnectionTerminated(error_code, last_stream_id, message))
+        self._terminate()
+        return True
 
     def _judge_ping(self, now: float) -> None:
         # grpc-go's enforcement (http2_server.go handlePing), on the transport's clock.
@@ -283,13 +318,17 @@ class ServerConnection(GrpcConnection):
     def start_graceful_shutdown(self) -> None:
         """First GOAWAY of a graceful shutdown: last stream 2^31-1 tells the client to stop
         opening streams without cutting any in flight (RFC 9113 §6.8), and a PING measures when
-        it has seen it."""
+        it has seen it. Nothing once the connection is over."""
+        if self._terminated:
+            return
         self._send_graceful_goaway(2**31 - 1)
         self._h2.ping(SHUTDOWN_PING)
 
     def finish_graceful_shutdown(self) -> None:
         """Second GOAWAY: the real last stream. Streams opened after it are refused; those
         before it go on until they finish (the transport closes when none is left)."""
+        if self._terminated:
+            return
         last = highest_inbound_stream_id(self._h2)
         self._draining_last_stream_id = last
         self._send_graceful_goaway(last)

@@ -8,7 +8,8 @@ import gc
 
 import h2.config
 import h2.connection
-from hyperframe.frame import Frame, GoAwayFrame
+import hpack
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame
 
 from jobworker.purgatory.wire import ClientConnection, ServerConnection
 
@@ -90,6 +91,17 @@ def parse(data: bytes | memoryview) -> list[Frame]:
         frames.append(frame)
         pos += 9 + length
     return frames
+
+
+def header_blocks(frames: list[Frame]) -> list[tuple[int, dict[bytes, bytes], bool]]:
+    """(stream id, decoded fields, END_STREAM) of each HEADERS frame among `frames`, decoded
+    in order by one HPACK decoder, as the peer would (no CONTINUATION expected)."""
+    decoder = hpack.Decoder()
+    return [
+        (f.stream_id, dict(decoder.decode(bytes(f.data), raw=True)), "END_STREAM" in f.flags)
+        for f in frames
+        if isinstance(f, HeadersFrame)
+    ]
 
 
 def goaway(frames: list[Frame]) -> GoAwayFrame:
