@@ -239,11 +239,18 @@ class GrpcConnection(FrameScanner, FastPaths):
     def _feed_h2(self, data: bytes | memoryview, events: list[Event]) -> None:
         if not data:
             return
+        # What h2 queues while it reads is counted (its RST_STREAM answers): set apart first
+        # what it held before.
+        self._take_h2_output()
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             self._terminate()
             raise ConnectionBroken(f"HTTP/2 protocol error from peer: {exc}") from exc
+        answers = self._h2.data_to_send()
+        if answers:
+            self._out.append(answers)
+            self._count_answers(answers)
         decoder = self._decoder
         try:
             for event in h2_events:

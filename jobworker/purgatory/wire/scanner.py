@@ -40,9 +40,13 @@ DEFAULT_MAX_HEADER_DECODE_BYTES = 4 * DEFAULT_MAX_HEADER_LIST_BYTES
 # CONTINUATION frames per block: a legitimate peer needs one or two at our block budget; h2
 # would buffer 64 before refusing. Beyond: GOAWAY ENHANCE_YOUR_CALM.
 DEFAULT_MAX_CONTINUATION_FRAMES = 16
-# PING and SETTINGS each make h2 queue an acknowledgement. Acknowledgements queued and not yet
-# taken by data_to_send() (see receive_data for the transport's side) are bounded like Go's
-# net/http2 (maxQueuedControlFrames); beyond: GOAWAY ENHANCE_YOUR_CALM.
+# PING and SETTINGS each make h2 queue an acknowledgement, and h2 answers every frame on a
+# stream already reset with an RST_STREAM(STREAM_CLOSED) of its own. These answers, queued and
+# not yet taken by data_to_send() (see there for the transport's side), are bounded like Go's
+# net/http2 (maxQueuedControlFrames); beyond: GOAWAY ENHANCE_YOUR_CALM. Acknowledgements are
+# counted on the frame headers, before h2 queues them; h2's RST_STREAM answers as h2 queues
+# them (which streams it answers is h2's to know), so a single read can go past the budget by
+# the frames it holds before the GOAWAY.
 DEFAULT_MAX_PENDING_ACKS = 10_000
 # Stream resets by the peer, streams we refuse (over MAX_CONCURRENT_STREAMS) and requests we
 # reset as malformed draw from a token bucket (CVE-2023-44487, rapid reset): nghttp2's figures,
@@ -67,6 +71,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # length (24 bits) and type share the first word; then flags and stream id: 9 bytes.
 FRAME_HEADER = struct.Struct(">IBI")
+_FRAME_WORD = struct.Struct(">I")  # length and type
 _GOAWAY_FIXED = struct.Struct(">II")  # last stream id, error code; then debug data
 
 DATA_TYPE = 0x0
@@ -272,6 +277,24 @@ class FrameScanner:
                 f"more than {self._max_pending_acks} PING and SETTINGS acknowledgements "
                 "queued and not read",
             )
+
+    def _count_answers(self, output: bytes) -> None:
+        """Count the RST_STREAM frames in `output`, what h2 queued while it read: its answers
+        to frames on streams already reset."""
+        pos, end, answers = 0, len(output), 0
+        while end - pos >= 9:
+            word = _FRAME_WORD.unpack_from(output, pos)[0]
+            if word & 0xFF == _RST_STREAM_TYPE:
+                answers += 1
+            pos += 9 + (word >> 8)
+        if answers:
+            self._pending_acks += answers
+            if self._pending_acks > self._max_pending_acks:
+                raise Refusal(
+                    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                    f"more than {self._max_pending_acks} acknowledgements and RST_STREAM "
+                    "answers queued and not read",
+                )
 
     def _spend_reset(self) -> None:
         """A stream reset by the peer, or one we refused or reset because of it."""

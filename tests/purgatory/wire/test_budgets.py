@@ -248,6 +248,45 @@ def test_acknowledgements_taken_by_the_transport_no_longer_count():
         assert len(frames) == 100 and not any(isinstance(f, GoAwayFrame) for f in frames)
 
 
+def _reset_stream_under_flood(max_pending_acks: int):
+    """A raw client's request on stream 1, reset by the server (a handler cancelled), and
+    one DATA frame on it, as a client that does not read would keep sending."""
+    client, server = connected(max_pending_acks=max_pending_acks)
+    client.send_headers(1, REQUEST)
+    (started,) = server.receive_data(client.data_to_send())
+    assert started.stream_id == 1
+    server.reset(1)
+    return server, DataFrame(1, data=b"x").serialize()
+
+
+def test_h2_s_answers_to_frames_on_a_reset_stream_count_against_the_budget():
+    # h2 answers each frame on a stream already reset with RST_STREAM(STREAM_CLOSED); a peer
+    # that never reads made those pile up without bound before they were counted.
+    server, data = _reset_stream_under_flood(100)
+    for _ in range(3):
+        assert server.receive_data(data * 30) == []  # 90 answers queued: within the budget
+    with pytest.raises(ConnectionBroken, match="ENHANCE_YOUR_CALM"):
+        server.receive_data(data * 30)
+    frames = answer(server)
+    resets = [f for f in frames if isinstance(f, RstStreamFrame)]
+    assert resets[0].error_code == E.CANCEL  # ours
+    answers = resets[1:]
+    assert all(f.stream_id == 1 and f.error_code == E.STREAM_CLOSED for f in answers)
+    # Counted as h2 queues them, read by read: at most the budget and the last read's frames.
+    assert 100 < len(answers) <= 100 + 30
+    assert goaway(frames).error_code == E.ENHANCE_YOUR_CALM
+    assert frames[-1] is goaway(frames)
+
+
+def test_answers_taken_by_the_transport_no_longer_count():
+    server, data = _reset_stream_under_flood(100)
+    for _ in range(10):
+        assert server.receive_data(data * 60) == []
+        frames = answer(server)  # the transport wrote them
+        assert len([f for f in frames if isinstance(f, RstStreamFrame)]) >= 60
+        assert not any(isinstance(f, GoAwayFrame) for f in frames)
+
+
 def test_pings_faster_than_the_policy_allows_end_in_too_many_pings():
     _client, server = connected()
     now = 1000.0
