@@ -41,8 +41,6 @@ from .wire import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     DEFAULT_MAX_CONTINUATION_FRAMES,
     DEFAULT_MAX_FRAME_BYTES,
-    DEFAULT_MAX_HEADER_BLOCK_BYTES,
-    DEFAULT_MAX_HEADER_DECODE_BYTES,
     DEFAULT_MAX_HEADER_LIST_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_PENDING_ACKS,
@@ -63,6 +61,11 @@ __all__ = [
 # cgroup and pid handles), the store, listeners, what libraries open. Half the limit, at most
 # this many: a large limit needs no larger reserve.
 _RESERVED_DESCRIPTORS = 1024
+# Connections beyond an identity's cap kept open just long enough to tell their client why
+# (RESOURCE_EXHAUSTED on the first call), per identity; any more are closed at once, without a
+# word. Otherwise a client reconnecting in a loop would hold one surplus connection per loop
+# for as long as the refusal takes, and could fill the total cap that way.
+REFUSALS_PER_IDENTITY = 4
 # Above this many connections a 2-core server spends its memory on idle TLS and HTTP/2 state
 # rather than on work, whatever the descriptor limit allows.
 _MAX_DEFAULT_CONNECTIONS = 4096
@@ -115,7 +118,8 @@ class ServerLimits:
 
     Connection timeouts (seconds; `math.inf` turns one off), counted once the TLS handshake is
     done: `preface_timeout_s` for the client's HTTP/2 preface, `first_request_timeout_s` for
-    its first call, `idle_timeout_s` without any open call before a graceful close.
+    its first call, `request_timeout_s` for a call's request message to arrive in full after its
+    headers, `idle_timeout_s` without any open call before a graceful close.
 
     Connection caps (see `Admission`): `max_connections` in all (None: from the descriptor
     limit, `default_max_connections`), `max_connections_per_identity` (None: an eighth of that,
@@ -133,6 +137,7 @@ class ServerLimits:
 
     preface_timeout_s: float = 10.0
     first_request_timeout_s: float = 30.0
+    request_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
 
     max_connections: int | None = None
@@ -142,8 +147,9 @@ class ServerLimits:
 
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_header_list_bytes: int = DEFAULT_MAX_HEADER_LIST_BYTES
-    max_header_block_bytes: int = DEFAULT_MAX_HEADER_BLOCK_BYTES
-    max_header_decode_bytes: int = DEFAULT_MAX_HEADER_DECODE_BYTES
+    # None: they follow max_header_list_bytes (twice and four times it: wire.header_budgets).
+    max_header_block_bytes: int | None = None
+    max_header_decode_bytes: int | None = None
     max_continuation_frames: int = DEFAULT_MAX_CONTINUATION_FRAMES
     max_pending_acks: int = DEFAULT_MAX_PENDING_ACKS
     max_reset_burst: int = DEFAULT_MAX_RESET_BURST
@@ -253,6 +259,7 @@ class Admission:
         self.handshakes = 0
         self._handshakes_by_address: collections.Counter[str] = collections.Counter()
         self._by_identity: collections.Counter[Hashable] = collections.Counter()
+        self._refusing: collections.Counter[Hashable] = collections.Counter()
 
     # -- at accept
 
@@ -299,6 +306,21 @@ class Admission:
             self._by_identity[identity] = left
         else:
             del self._by_identity[identity]
+
+    def claim_refusal(self, identity: Hashable) -> bool:
+        """A connection of `identity` beyond its cap: may it stay to be told why? False once
+        REFUSALS_PER_IDENTITY of them are being told already (then it is closed at once)."""
+        if self._refusing[identity] >= REFUSALS_PER_IDENTITY:
+            return False
+        self._refusing[identity] += 1
+        return True
+
+    def release_refusal(self, identity: Hashable) -> None:
+        left = self._refusing[identity] - 1
+        if left:
+            self._refusing[identity] = left
+        else:
+            del self._refusing[identity]
 
     def connections_of(self, identity: Hashable) -> int:
         return self._by_identity[identity]

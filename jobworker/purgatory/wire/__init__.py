@@ -39,6 +39,7 @@ from .scanner import (
     DEFAULT_MIN_PING_INTERVAL_S,
     DEFAULT_RESET_REFILL_PER_S,
     MAX_HEADER_LIST_BYTES,
+    header_budgets,
 )
 from .server_side import SHUTDOWN_PING, ServerConnection
 from .status import (
@@ -101,6 +102,7 @@ __all__ = [
     "encode_grpc_timeout",
     "encode_message",
     "encode_metadata",
+    "header_budgets",
     "parse_grpc_status",
     "parse_grpc_timeout",
     "status_from_h2_error",

@@ -65,8 +65,6 @@ from .h2_internals import (
 )
 from .scanner import (
     DEFAULT_MAX_CONTINUATION_FRAMES,
-    DEFAULT_MAX_HEADER_BLOCK_BYTES,
-    DEFAULT_MAX_HEADER_DECODE_BYTES,
     DEFAULT_MAX_HEADER_LIST_BYTES,
     DEFAULT_MAX_PENDING_ACKS,
     DEFAULT_MAX_RESET_BURST,
@@ -74,6 +72,7 @@ from .scanner import (
     FRAME_HEADER,
     FrameScanner,
     Refusal,
+    header_budgets,
 )
 from .status import status_from_h2_error
 from .streams import STREAM_GONE, EndOfOutput, Stream
@@ -107,13 +106,19 @@ class GrpcConnection(FrameScanner, FastPaths):
         max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_header_list_bytes: int = DEFAULT_MAX_HEADER_LIST_BYTES,
-        max_header_block_bytes: int = DEFAULT_MAX_HEADER_BLOCK_BYTES,
-        max_header_decode_bytes: int = DEFAULT_MAX_HEADER_DECODE_BYTES,
+        max_header_block_bytes: int | None = None,
+        max_header_decode_bytes: int | None = None,
         max_continuation_frames: int = DEFAULT_MAX_CONTINUATION_FRAMES,
         max_pending_acks: int = DEFAULT_MAX_PENDING_ACKS,
         max_reset_burst: int = DEFAULT_MAX_RESET_BURST,
         reset_refill_per_s: float = DEFAULT_RESET_REFILL_PER_S,
     ) -> None:
+        """The budgets are scanner.py's DEFAULT_* constants, under the same names in lowercase;
+        the header block and decoding budgets follow max_header_list_bytes unless given, and
+        may not be below it (ValueError: see header_budgets)."""
+        max_header_block_bytes, max_header_decode_bytes = header_budgets(
+            max_header_list_bytes, max_header_block_bytes, max_header_decode_bytes
+        )
         # Inbound headers are checked by fields.block_problem, faster than h2 and as stream
         # errors (see fields.py); our own outbound ones are constants plus encode_metadata's
         # already-validated metadata, so h2's outbound checks and its normalising passes are

@@ -34,9 +34,12 @@ MAX_HEADER_LIST_BYTES = DEFAULT_MAX_HEADER_LIST_BYTES  # the name older callers 
 # the decoded size (a literal's overhead is a few bytes, a field counts 32); twice that is the
 # slack Go's net/http2 allows (its CVE-2023-45288 fix). Over it: GOAWAY COMPRESSION_ERROR, since
 # a block we will not decompress leaves HPACK out of sync (RFC 9113 §4.3).
-DEFAULT_MAX_HEADER_BLOCK_BYTES = 2 * DEFAULT_MAX_HEADER_LIST_BYTES
+HEADER_BLOCK_FACTOR = 2
+DEFAULT_MAX_HEADER_BLOCK_BYTES = HEADER_BLOCK_FACTOR * DEFAULT_MAX_HEADER_LIST_BYTES
 # Where hpack stops decoding (it checks as it goes): also a connection error, COMPRESSION_ERROR.
-DEFAULT_MAX_HEADER_DECODE_BYTES = 4 * DEFAULT_MAX_HEADER_LIST_BYTES
+HEADER_DECODE_FACTOR = 4
+DEFAULT_MAX_HEADER_DECODE_BYTES = HEADER_DECODE_FACTOR * DEFAULT_MAX_HEADER_LIST_BYTES
+# The two follow the announced list size unless given (see header_budgets).
 # CONTINUATION frames per block: a legitimate peer needs one or two at our block budget; h2
 # would buffer 64 before refusing. Beyond: GOAWAY ENHANCE_YOUR_CALM.
 DEFAULT_MAX_CONTINUATION_FRAMES = 16
@@ -85,6 +88,35 @@ _CONTINUATION_TYPE = 0x9
 _ACK = 0x1
 END_STREAM = 0x1
 END_HEADERS = 0x4
+
+
+def header_budgets(
+    max_header_list_bytes: int,
+    max_header_block_bytes: int | None = None,
+    max_header_decode_bytes: int | None = None,
+) -> tuple[int, int]:
+    """The encoded-block and decoding budgets that go with an announced header-list limit:
+    those not given follow it (HEADER_BLOCK_FACTOR and HEADER_DECODE_FACTOR times it); those
+    given may not be below it. Below it, a list the announcement allows would cost the whole
+    connection (COMPRESSION_ERROR) instead of being accepted, and a list just over it would
+    too instead of costing its stream: ValueError, naming both."""
+    block = (
+        HEADER_BLOCK_FACTOR * max_header_list_bytes
+        if max_header_block_bytes is None
+        else max_header_block_bytes
+    )
+    decode = (
+        HEADER_DECODE_FACTOR * max_header_list_bytes
+        if max_header_decode_bytes is None
+        else max_header_decode_bytes
+    )
+    for name, value in (("max_header_block_bytes", block), ("max_header_decode_bytes", decode)):
+        if value < max_header_list_bytes:
+            raise ValueError(
+                f"{name} ({value}) is below max_header_list_bytes ({max_header_list_bytes}): "
+                "header lists the announced limit allows would break the connection"
+            )
+    return block, decode
 
 
 class Refusal(Exception):

@@ -156,6 +156,47 @@ def test_a_list_at_the_announced_limit_is_accepted():
     assert [e.stream_id for e in events if isinstance(e, RequestReceived)] == [1]
 
 
+def padded_request(list_bytes: int) -> list[tuple[bytes, bytes]]:
+    """A request whose header list is `list_bytes` long, as SETTINGS_MAX_HEADER_LIST_SIZE
+    counts it."""
+    fields = [*REQUEST, (b"x-pad", b"")]
+    size = sum(len(n) + len(v) + 32 for n, v in fields)
+    return [*REQUEST, (b"x-pad", b"p" * (list_bytes - size))]
+
+
+def test_a_larger_announced_list_brings_its_block_and_decoding_budgets_along():
+    # Configured alone, a list limit above the default block and decoding budgets used to
+    # leave them behind: lists it announced broke the connection. Now they follow it.
+    limit = 8 * DEFAULT_MAX_HEADER_LIST_BYTES
+    client, server = connected(max_header_list_bytes=limit)
+
+    def plain_request(stream_id: int, list_bytes: int) -> bytes:
+        # Without Huffman coding (hpack's encoder takes seconds for this much): the block
+        # is as large as the list, above the old fixed budgets.
+        block = client.encoder.encode(padded_request(list_bytes), huffman=False)
+        assert len(block) > DEFAULT_MAX_HEADER_BLOCK_BYTES
+        return headers_frame(stream_id, block, end_headers=True, end_stream=True)
+
+    events = server.receive_data(plain_request(1, limit))
+    assert [e.stream_id for e in events if isinstance(e, RequestReceived)] == [1]
+    # Just over it: refused alone, as announced, and the next request is served.
+    events = server.receive_data(plain_request(3, limit + 1))
+    assert [e for e in events if isinstance(e, RequestReceived)] == []
+    assert trailers_status(answer(server), 3) == Status.RESOURCE_EXHAUSTED
+    events = server.receive_data(request(client, 5))
+    assert [e.stream_id for e in events if isinstance(e, RequestReceived)] == [5]
+
+
+@pytest.mark.parametrize("budget", ["max_header_block_bytes", "max_header_decode_bytes"])
+def test_a_budget_below_the_announced_list_is_refused_at_construction(budget):
+    limit = 64 * 2**10
+    with pytest.raises(ValueError, match=rf"{budget} \(32768\) is below max_header_list_bytes"):
+        ServerConnection(max_header_list_bytes=limit, **{budget: limit // 2})
+    with pytest.raises(ValueError, match=budget):
+        ClientConnection(authority="x", max_header_list_bytes=limit, **{budget: limit - 1})
+    ServerConnection(max_header_list_bytes=limit, **{budget: limit})  # equal is consistent
+
+
 def test_a_list_that_only_references_grows_past_the_decoding_budget_and_is_cut():
     _client, server = connected()
     encoder = hpack.Encoder()
