@@ -261,6 +261,7 @@ TRANSPORT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lingering-handlers": ("lingering_handler_allowance", _count_or_zero),
     "preface-timeout": ("preface_timeout_s", _timeout),
     "first-request-timeout": ("first_request_timeout_s", _timeout),
+    "request-timeout": ("request_timeout_s", _timeout),
     "max-handshakes": ("max_handshakes", _count),
     "max-handshakes-per-address": ("max_handshakes_per_address", _count),
     "max-frame": ("max_frame_bytes", _size),

@@ -15,10 +15,14 @@ Every knob is a field of one `ServerLimits` (limits.py). Connections are admitte
 the TLS handshake is bounded by the TLS config; then the client has `preface_timeout_s` to send
 its HTTP/2 preface, `first_request_timeout_s` to start a call, and once no call has been open
 for `idle_timeout_s` the connection is closed gracefully (GOAWAY, then close: grpc-go's
-MaxConnectionIdle). A
-connection beyond its identity's cap answers every call RESOURCE_EXHAUSTED, naming the cap, and
-closes after the first answer: the client learns why, which a bare close or a GOAWAY before any
-stream would not tell it (clients retry those transparently, reconnecting in a loop).
+MaxConnectionIdle). A call's request must arrive in full within `request_timeout_s` of its
+headers (DEADLINE_EXCEEDED otherwise): an open call keeps a connection from being idle, so
+streams of headers alone would hold it forever. A connection beyond its identity's cap answers
+its first call RESOURCE_EXHAUSTED, naming the cap, and closes (or closes after a second without
+a call): the client learns why, which a bare close or a GOAWAY before any stream would not tell
+it (clients retry those transparently, reconnecting in a loop). At most
+`limits.REFUSALS_PER_IDENTITY` such connections per identity wait to be told; any more are
+closed right after the handshake.
 
 A call whose stream is gone (the client reset it, even in the same read as the request) ends
 quietly: its handler is cancelled, or never started, and nothing is logged for it. A handler
@@ -73,6 +77,8 @@ _PREFACE_BYTES = 24 + 9
 # An idle connection's GOAWAY is answered by a PING's acknowledgement within this time, or the
 # connection is closed without waiting further.
 _IDLE_GOAWAY_S = 10.0
+# How long a connection beyond its identity's cap waits for the call it will refuse.
+_OVER_CAP_FIRST_REQUEST_S = 1.0
 
 
 class _StreamGone(trio.BrokenResourceError):
@@ -104,8 +110,10 @@ class ServerCall:
         method: RpcMethod,
         request: RequestReceived,
         connection_info: ConnectionInfo,
+        request_timeout_s: float = math.inf,
     ) -> None:
         self._driver = driver
+        self._request_timeout_s = request_timeout_s
         self.stream_id = stream_id
         self.method = method
         self.metadata: Metadata = request.metadata
@@ -194,7 +202,16 @@ class ServerCall:
         # Usually the whole request came in the read that started the call: then no wait, and
         # no extra scheduling round (the handler's own awaits are its checkpoints).
         if not self._input_ended.is_set():
-            await self._input_ended.wait()
+            # A client holding its request back holds a stream, a task and the connection
+            # (an open call is not idle): it gets a while, not forever.
+            with trio.move_on_after(self._request_timeout_s):
+                await self._input_ended.wait()
+            if not self._input_ended.is_set():
+                raise GrpcError(
+                    Status.DEADLINE_EXCEEDED,
+                    f"the request did not arrive in full within {self._request_timeout_s:g} s"
+                    " (request_timeout_s)",
+                )
         if self._request is None or self._extra_request:
             raise GrpcError(
                 Status.INTERNAL,
@@ -362,8 +379,20 @@ class Server:
                 refusal = exc
         key = _identity_key(info, certificate, refusal is None and self._identify is not None)
         over_cap = False
+        refusing = None  # the identity whose surplus connection this is, while it is told
         if key is not None and not self.admission.claim_identity(key):
             cap = self.admission.max_connections_per_identity
+            if not self.admission.claim_refusal(key):
+                self._log(
+                    logging.WARNING,
+                    "identity",
+                    "closing a connection from %s: its identity holds %d connections "
+                    "(max_connections_per_identity) and is being told so on others",
+                    peer,
+                    cap,
+                )
+                await trio.aclose_forcefully(stream)
+                return
             refusal = GrpcError(
                 Status.RESOURCE_EXHAUSTED,
                 f"too many connections from this client identity (max_connections_per_identity"
@@ -377,7 +406,7 @@ class Server:
                 peer,
                 cap,
             )
-            key, over_cap = None, True
+            key, over_cap, refusing = None, True, key
         connection = _ServerConnection(self, stream, info, refusal, over_cap=over_cap)
         self._connections.add(connection)
         try:
@@ -390,6 +419,8 @@ class Server:
             self._connections.discard(connection)
             if key is not None:
                 self.admission.release_identity(key)
+            if refusing is not None:
+                self.admission.release_refusal(refusing)
             try:
                 await trio.aclose_forcefully(stream)
             finally:
@@ -504,21 +535,24 @@ class _ServerConnection:
         read when the last call ends."""
         server = self._server
         limits = server.limits
-        await trio.sleep_until(self._quiet_since + limits.preface_timeout_s)
+        preface_s = limits.preface_timeout_s
+        if self._over_cap:  # a client that has a call to make makes it at once
+            preface_s = min(preface_s, _OVER_CAP_FIRST_REQUEST_S)
+        await trio.sleep_until(self._quiet_since + preface_s)
         if self._driver.received_bytes < _PREFACE_BYTES:
             server._log(
                 logging.INFO,
                 "preface",
                 "closing the connection from %s: no HTTP/2 preface within %g s",
                 self._info.peer_address,
-                limits.preface_timeout_s,
+                preface_s,
             )
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
             return
         first_request_s = limits.first_request_timeout_s
         if self._over_cap:
-            first_request_s = min(first_request_s, limits.preface_timeout_s)
+            first_request_s = min(first_request_s, _OVER_CAP_FIRST_REQUEST_S)
         while True:
             if self._calls:
                 await self._idle.wait()
@@ -619,7 +653,14 @@ class _ServerConnection:
             )
             self._quiet_since = trio.current_time()
             return
-        call = ServerCall(self._driver, stream_id, method, request, self._info)
+        call = ServerCall(
+            self._driver,
+            stream_id,
+            method,
+            request,
+            self._info,
+            request_timeout_s=self._server.limits.request_timeout_s,
+        )
         self._calls[stream_id] = call
         if self._idle.is_set():
             self._idle = trio.Event()

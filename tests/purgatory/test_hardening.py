@@ -5,6 +5,7 @@ and to fail, and bystanders shown to go on."""
 from __future__ import annotations
 
 import logging
+from contextlib import AsyncExitStack
 
 import h2.events
 import pytest
@@ -13,13 +14,14 @@ import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
 from jobworker.purgatory import GrpcError, RpcMethod, Server, Status, default_max_connections
-from jobworker.purgatory.limits import RateLimitedLog
+from jobworker.purgatory.limits import REFUSALS_PER_IDENTITY, RateLimitedLog
 from jobworker.purgatory.testing import (
     CertSet,
     RawPeer,
     Served,
     client_config,
     make_cert_set,
+    request_headers,
     serve,
     server_config,
 )
@@ -195,6 +197,37 @@ async def test_a_connection_without_a_call_is_cut_after_the_first_request_timeou
     assert goaway and goaway[0].error_code == 0  # graceful
 
 
+async def test_calls_whose_request_never_comes_end_and_the_connection_goes_idle(
+    certs, autojump_clock
+):
+    """Streams of HEADERS alone: each call is answered DEADLINE_EXCEEDED once its request is
+    late, no handler runs, and with no call left open the idle timeout closes the connection
+    (an open call would have held it forever)."""
+    app = App()
+    server = make_server(certs, app, request_timeout_s=10, idle_timeout_s=60)
+    async with serve(server) as served, served.connect_raw(client_config(certs)) as stream:
+        peer = RawPeer(stream)
+        calls = []
+        for _ in range(50):
+            calls.append(peer.h2.get_next_available_stream_id())
+            peer.h2.send_headers(calls[-1], request_headers("/t.T/Echo"))
+        await peer.flush()
+        start = trio.current_time()
+        events = await peer.read_until_closed()
+    answered = {
+        e.stream_id: dict(e.headers)
+        for e in events
+        if isinstance(e, h2.events.TrailersReceived | h2.events.ResponseReceived)
+    }
+    assert sorted(answered) == calls
+    assert {headers[b"grpc-status"] for headers in answered.values()} == {b"4"}  # DEADLINE
+    assert b"request_timeout_s" in answered[calls[0]][b"grpc-message"]
+    assert app.echoed == 0
+    goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert goaway and goaway[0].error_code == 0  # the graceful close of an idle connection
+    assert trio.current_time() - start >= 10 + 60
+
+
 async def test_idle_connections_are_closed_gracefully_and_busy_ones_are_not(certs, autojump_clock):
     app = App()
     server = make_server(certs, app, idle_timeout_s=60)
@@ -258,6 +291,40 @@ async def test_the_per_identity_cap_refuses_that_identity_only(certs, bob, caplo
         # Alice's slots are free again once her connections closed.
         await settle(lambda: server.admission.connections_of(("identity", "alice")) == 0)
         assert await echo_once(served, alice) == "hi"
+
+
+async def test_surplus_connections_of_one_identity_cannot_pile_up(certs, bob):
+    """A client that reconnects in a loop beyond its cap: a few surplus connections stay long
+    enough to be told why (they get the server's SETTINGS, then a refusal on their first call,
+    or a close within a second without one); the rest are closed right after the handshake,
+    before a byte of HTTP/2. So they cannot fill the total cap and lock others out."""
+    server = make_server(certs, App(), max_connections_per_identity=1)
+    alice = client_config(certs)
+    surplus = REFUSALS_PER_IDENTITY + 3
+    received: list[bytes] = []
+
+    async def hold(stream) -> None:
+        data = b""
+        try:
+            while chunk := await stream.receive_some():
+                data += chunk
+        except trio.BrokenResourceError:
+            pass
+        received.append(data)
+
+    async with serve(server) as served, served.connect(alice) as admitted:
+        await admitted.unary("/t.T/Echo", StringValue(value="a"), StringValue)
+        async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            for _ in range(surplus):
+                stream = await stack.enter_async_context(served.connect_raw(alice))
+                nursery.start_soon(hold, stream)
+        # Every surplus connection was ended by the server, none by us.
+        told = [data for data in received if data]
+        assert len(received) == surplus
+        assert len(told) == REFUSALS_PER_IDENTITY  # SETTINGS first: HTTP/2 was spoken
+        assert all(data[3] == 0x4 for data in told)  # the first frame is SETTINGS
+        assert server.admission.connections_of(("identity", "alice")) == 1
+        assert await echo_once(served, client_config(certs, bob)) == "hi"
 
 
 async def test_the_total_cap_refuses_at_accept_with_one_line_per_burst(certs, caplog):
