@@ -19,9 +19,17 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+import h2.exceptions
+
 from .fields import encode_block
 from .framing import PREFIX_BYTES
-from .h2_internals import emit_data, emit_headers, literal_headers_stream, whole_data_stream
+from .h2_internals import (
+    emit_data,
+    emit_headers,
+    forgotten,
+    literal_headers_stream,
+    whole_data_stream,
+)
 from .scanner import END_HEADERS, END_STREAM, FRAME_HEADER, HEADERS_TYPE
 
 if TYPE_CHECKING:
@@ -77,7 +85,14 @@ class FastPaths:
         """h2's send_headers for a stream h2 knows, cheaper (see fields.encode_block): the same
         state transitions, which raise what h2 would raise, and one HEADERS frame of literals.
         A block that needs CONTINUATION frames, and the first block after the peer resized the
-        HPACK table (h2's encoder must announce that), go through h2."""
+        HPACK table (h2's encoder must announce that), go through h2.
+
+        Only the server sends header blocks here, each on a stream the client opened: one h2
+        has forgotten is gone (h2 reset it while the events of the read that did so were still
+        being dispatched), and raises what a closed stream raises (streams.STREAM_GONE), since
+        h2's send_headers would take its id for a new stream (TooManyStreamsError, at best)."""
+        if forgotten(self._h2, stream_id):
+            raise h2.exceptions.StreamClosedError(stream_id)
         block = encode_block(headers)
         h2_stream = literal_headers_stream(self._h2, stream_id, len(block))
         if h2_stream is None:

@@ -82,6 +82,15 @@ def open_outbound_streams(connection: H2Connection) -> int:
     return connection.open_outbound_streams
 
 
+def forgotten(connection: H2Connection, stream_id: int) -> bool:
+    """True when h2 no longer holds a stream the peer opened: h2 closed it (ended both ways, or
+    reset, perhaps by itself for a frame after END_STREAM) and dropped it the next time it
+    counted open streams, as a new stream makes it do, possibly in the read whose events are
+    still being dispatched (assumes: `streams` holds every stream h2 has not dropped). For such
+    an id, h2's send_headers would open a new stream of ours, not answer the old one."""
+    return stream_id not in connection.streams
+
+
 def half_closed_local(connection: H2Connection, stream_id: int) -> bool:
     """True when we have ended the stream and the peer has not (assumes: `streams` maps open
     stream ids to H2Stream, whose `state_machine.state` is a StreamState)."""
@@ -230,6 +239,7 @@ __all__ = [
     "data_stream",
     "emit_data",
     "emit_headers",
+    "forgotten",
     "half_closed_local",
     "highest_inbound_stream_id",
     "inbound_connection_window",

@@ -8,7 +8,7 @@ import h2.errors
 import h2.events
 import h2.settings
 import pytest
-from hyperframe.frame import DataFrame
+from hyperframe.frame import DataFrame, RstStreamFrame, SettingsFrame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +33,8 @@ from jobworker.purgatory.wire import (
 )
 
 from .peers import METHOD, Pair, goaway, parse, raw_client, raw_exchange
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 def unary_request(pair: Pair, payload: bytes = b"ping", metadata=(), timeout_s=None) -> int:
@@ -570,3 +572,44 @@ def test_a_message_larger_than_the_peers_frames_fills_whole_frames_and_the_windo
     assert server.send_window(stream_id) == window_before - len(message) - 5
     raw.receive_data(wire)
     assert raw.remote_flow_control_window(stream_id) == window_before - len(message) - 5
+
+
+# The fuzzer's minimal reproducer (without its control word): SETTINGS with
+# MAX_CONCURRENT_STREAMS 0, a request on stream 1, DATA with END_STREAM ending inside a message,
+# another DATA on stream 1 (after END_STREAM: h2 resets the stream itself, STREAM_CLOSED), and
+# an empty header block opening stream 3 (h2 counts open streams, and drops stream 1).
+FORGOTTEN_STREAM = PREFACE + bytes.fromhex(
+    "0000120400000000000002000000000003000000000004004000000000e001040000000140053a7061746811"
+    "2f66757a7a2e4563686f2f53747265616d400a3a617574686f726974790f3132372e302e302e313a34353332"
+    "358386400c636f6e74656e742d74797065106170706c69636174696f6e2f677270634002746508747261696c"
+    "6572734014677270632d6163636570742d656e636f64696e67176964656e746974792c206465666c6174652c"
+    "20677a6970400c677270632d74696d656f757403313053400a757365722d6167656e7430677270632d707974"
+    "686f6e2f312e38352e3320677270632d632f35382e302e3020286c696e75783b206368747470322900001800"
+    "0100000001010000002b1f8b0800000000000003edc1310100000803a0000000000100000001000000010400"
+    "000003"
+)
+
+
+@pytest.mark.parametrize("client_stream_limit", [0, None])
+def test_an_answer_on_a_stream_h2_has_already_forgotten_is_dropped(client_stream_limit):
+    # Dispatching the read's events, the server fails stream 1 (its request ended inside a
+    # message) and answers with trailers; but h2 already reset and dropped that stream, and
+    # its send_headers took the id for a new stream of ours: TooManyStreamsError under the
+    # client's limit of 0 (StreamIDTooLowError otherwise), raised out of receive_data.
+    data = FORGOTTEN_STREAM
+    if client_stream_limit is None:  # the same without the client's stream limit
+        settings = bytes.fromhex("000012040000000000000200000000000300000000000400400000")
+        data = data.replace(settings, bytes.fromhex("000000040000000000"))
+    server = ServerConnection()
+    server.initiate()
+    server.data_to_send()
+    events = server.receive_data(data)
+    assert [type(e) for e in events] == [RequestReceived, StreamFailed]
+    assert events[1] == StreamFailed(1, Status.INTERNAL, "request ended inside a message")
+    assert not server.stream_open(1)
+    frames = [f for f in parse(server.data_to_send()) if not isinstance(f, SettingsFrame)]
+    # h2's own reset of stream 1, the malformed stream 3 reset; no answer on a stream h2 dropped.
+    assert [(type(f), f.stream_id, f.error_code) for f in frames] == [
+        (RstStreamFrame, 1, h2.errors.ErrorCodes.STREAM_CLOSED),
+        (RstStreamFrame, 3, h2.errors.ErrorCodes.PROTOCOL_ERROR),
+    ]

@@ -176,6 +176,27 @@ def test_open_outbound_streams_counts_streams_until_closed() -> None:
     assert h2_internals.open_outbound_streams(client) == 1
 
 
+def test_forgotten_streams_are_dropped_by_h2_and_send_headers_would_open_them_anew() -> None:
+    client, server = _pair()
+    client.update_settings({S.MAX_CONCURRENT_STREAMS: 0})  # no streams of the server's
+    _exchange(client, server)
+    first = _open_stream(client, server, respond=False)
+    assert not h2_internals.forgotten(server, first)
+    client.end_stream(first)
+    ended = client.data_to_send()
+    # DATA after END_STREAM (h2 resets the stream itself: STREAM_CLOSED), then a new stream.
+    late = DataFrame(first, data=b"x").serialize()
+    second = client.get_next_available_stream_id()
+    client.send_headers(second, REQUEST)
+    events = server.receive_data(ended + late + client.data_to_send())
+    assert any(isinstance(e, h2.events.StreamReset) and not e.remote_reset for e in events)
+    # The new stream made h2 count the open ones, and drop the closed one.
+    assert h2_internals.forgotten(server, first)
+    assert not h2_internals.forgotten(server, second)
+    with pytest.raises(h2.exceptions.TooManyStreamsError):  # a new stream of ours, refused
+        server.send_headers(first, RESPONSE)
+
+
 def test_half_closed_local_follows_h2_stream_states() -> None:
     client, server = _pair()
     stream_id = _open_stream(client, server)
@@ -301,7 +322,7 @@ def test_literal_headers_wait_for_a_pending_table_size_update() -> None:
 
 def test_h2_closes_everything_on_a_graceful_goaway_so_we_bypass_it() -> None:
     """python-hyper/h2#1181: when this fails, h2 lets streams finish after a NO_ERROR GOAWAY,
-    and server_side's and client_side's bypasses can go."""
+    sent or received, and server_side's and client_side's bypasses can go."""
     client, server = _pair()
     stream_id = _open_stream(client, server)
     server.close_connection(error_code=0, last_stream_id=2**31 - 1)
@@ -310,6 +331,13 @@ def test_h2_closes_everything_on_a_graceful_goaway_so_we_bypass_it() -> None:
     client.receive_data(server.data_to_send())
     with pytest.raises(h2.exceptions.ProtocolError):
         client.send_data(stream_id, b"x")
+    # And a server that receives the client's graceful GOAWAY can answer nothing more.
+    client, server = _pair()
+    stream_id = _open_stream(client, server, respond=False)
+    client.close_connection(error_code=0)
+    server.receive_data(client.data_to_send())
+    with pytest.raises(h2.exceptions.ProtocolError):
+        server.send_headers(stream_id, RESPONSE)
 
 
 # --- tearing down ------------------------------------------------------------------------------
