@@ -590,22 +590,40 @@ FORGOTTEN_STREAM = PREFACE + bytes.fromhex(
 )
 
 
+# The same with a request answered at once (grpc-timeout "10R") and an empty DATA with
+# END_STREAM: the answer goes out while the read's events are dispatched, too.
+FORGOTTEN_STREAM_ANSWERED_EARLY = PREFACE + bytes.fromhex(
+    "0000120400000000000002000000000003000000000004004000000000e001040000000140053a7061746811"
+    "2f66757a7a2e4563686f2f53747265616d400a3a617574686f726974790f3132372e302e302e313a34353332"
+    "b58386400c636f6e74656e742d74797065106170706c69636174696f6e2f677270634002746508747261696c"
+    "6572734014677270632d6163636570742d656e636f64696e67176964656e746974792c206465e66c6174652c"
+    "20677a6970400c677270632d74696d656f757403313052400a757365722d6167656e7430677270632d707974"
+    "686f6e2f312e38352e3320677270632d632f35382e302e3020386c696e75783b206368747470322900000000"
+    "0100000001000000000100000001000000010400000003"
+)
+
+
 @pytest.mark.parametrize("client_stream_limit", [0, None])
-def test_an_answer_on_a_stream_h2_has_already_forgotten_is_dropped(client_stream_limit):
+@pytest.mark.parametrize("early", [False, True])
+def test_an_answer_on_a_stream_h2_has_already_forgotten_is_dropped(client_stream_limit, early):
     # Dispatching the read's events, the server fails stream 1 (its request ended inside a
     # message) and answers with trailers; but h2 already reset and dropped that stream, and
     # its send_headers took the id for a new stream of ours: TooManyStreamsError under the
     # client's limit of 0 (StreamIDTooLowError otherwise), raised out of receive_data.
-    data = FORGOTTEN_STREAM
+    data = FORGOTTEN_STREAM_ANSWERED_EARLY if early else FORGOTTEN_STREAM
     if client_stream_limit is None:  # the same without the client's stream limit
         settings = bytes.fromhex("000012040000000000000200000000000300000000000400400000")
+        assert data.count(settings) == 1
         data = data.replace(settings, bytes.fromhex("000000040000000000"))
     server = ServerConnection()
     server.initiate()
     server.data_to_send()
     events = server.receive_data(data)
-    assert [type(e) for e in events] == [RequestReceived, StreamFailed]
-    assert events[1] == StreamFailed(1, Status.INTERNAL, "request ended inside a message")
+    if early:
+        assert events == []  # answered at once, never handed to a handler
+    else:
+        assert [type(e) for e in events] == [RequestReceived, StreamFailed]
+        assert events[1] == StreamFailed(1, Status.INTERNAL, "request ended inside a message")
     assert not server.stream_open(1)
     frames = [f for f in parse(server.data_to_send()) if not isinstance(f, SettingsFrame)]
     # h2's own reset of stream 1, the malformed stream 3 reset; no answer on a stream h2 dropped.
