@@ -32,6 +32,8 @@ stays bounded.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 
 import trio
 
@@ -70,6 +72,10 @@ class Driver:
         self._backlog_bytes = 0  # queued by senders, not yet written
         self.closed = trio.Event()  # the byte stream is finished, either way
         self.received_bytes = 0  # from the peer, in all (the server's preface timeout looks)
+        # When the reader stops waiting for the peer and calls `run`'s on_deadline, which sets
+        # the next one: the server's connection timeouts ride on the read every connection
+        # waits in anyway, rather than on a task of their own per connection.
+        self.deadline = math.inf
         self.broken: BaseException | None = None
         self._scope = trio.CancelScope()
         self._dispatching = False  # the reader is handing out events: it pushes afterwards
@@ -253,13 +259,15 @@ class Driver:
 
     # --- the two tasks -------------------------------------------------------------------------
 
-    async def run(self, on_event) -> None:
-        """Run reader and writer until the stream ends or breaks; then wake every waiter."""
+    async def run(self, on_event, on_deadline: Callable[[], None] | None = None) -> None:
+        """Run reader and writer until the stream ends or breaks; then wake every waiter.
+        `on_deadline` is called (in the reader, synchronously) when `deadline` passes while
+        the reader waits; it moves `deadline` on, or ends the connection."""
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._writer)
-                await self._reader(on_event)
+                await self._reader(on_event, on_deadline)
                 nursery.cancel_scope.cancel()
         finally:
             self.closed.set()
@@ -267,13 +275,21 @@ class Driver:
             for event in self._drained.values():
                 event.set()
 
-    async def _reader(self, on_event) -> None:
+    async def _reader(self, on_event, on_deadline: Callable[[], None] | None) -> None:
         while True:
-            try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.broken = exc
-                return
+            # Cancelling a receive loses nothing (see tls): the next one picks up.
+            with trio.move_on_at(self.deadline) as waiting:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.broken = exc
+                    return
+            if waiting.cancelled_caught:
+                if on_deadline is None:
+                    self.deadline = math.inf
+                else:
+                    on_deadline()
+                continue
             if not data:
                 return
             self.received_bytes += len(data)

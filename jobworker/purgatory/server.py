@@ -38,6 +38,7 @@ whatever is left is cancelled.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable, Iterable
@@ -511,14 +512,18 @@ class _ServerConnection:
         self._draining = False
         self._requests_seen = False
         self._quiet_since = 0.0  # when the last call ended (or the connection began)
+        self._awaiting_preface = True
+        self._preface_s = limits.preface_timeout_s
+        if over_cap:  # a client that has a call to make makes it at once
+            self._preface_s = min(self._preface_s, _OVER_CAP_FIRST_REQUEST_S)
 
     async def run(self) -> None:
         self._driver.initiate()
         self._quiet_since = trio.current_time()
+        self._driver.deadline = self._quiet_since + self._preface_s
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._watch)
-            await self._driver.run(self._on_event)
+            await self._driver.run(self._on_event, self._on_deadline)
             nursery.cancel_scope.cancel()  # the peer is gone: so are its calls
 
     def dispose(self) -> None:
@@ -529,45 +534,48 @@ class _ServerConnection:
         self._nursery = None
         self._driver.dispose()  # and the wire, which breaks h2's own cycles
 
-    async def _watch(self) -> None:
+    def _on_deadline(self) -> None:
         """The connection's timeouts: preface, first request, idle (see the module docstring).
-        Sleeps until the next deadline and looks; costs the call path nothing but a clock
-        read when the last call ends."""
-        server = self._server
-        limits = server.limits
-        preface_s = limits.preface_timeout_s
-        if self._over_cap:  # a client that has a call to make makes it at once
-            preface_s = min(preface_s, _OVER_CAP_FIRST_REQUEST_S)
-        await trio.sleep_until(self._quiet_since + preface_s)
-        if self._driver.received_bytes < _PREFACE_BYTES:
-            server._log(
-                logging.INFO,
-                "preface",
-                "closing the connection from %s: no HTTP/2 preface within %g s",
-                self._info.peer_address,
-                preface_s,
-            )
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
+        Called by the driver's reader when `driver.deadline` passes; it looks and sets the next
+        one. Ending calls do not move it (the call path pays nothing but a clock read when the
+        last call ends): while calls run it looks again a timeout later."""
+        driver, limits, now = self._driver, self._server.limits, trio.current_time()
+        driver.deadline = math.inf
+        if self._awaiting_preface:
+            if driver.received_bytes < _PREFACE_BYTES:
+                self._server._log(
+                    logging.INFO,
+                    "preface",
+                    "closing the connection from %s: no HTTP/2 preface within %g s",
+                    self._info.peer_address,
+                    self._preface_s,
+                )
+                assert self._nursery is not None
+                self._nursery.cancel_scope.cancel()
+                return
+            self._awaiting_preface = False
+        if self._draining:
             return
-        first_request_s = limits.first_request_timeout_s
-        if self._over_cap:
-            first_request_s = min(first_request_s, _OVER_CAP_FIRST_REQUEST_S)
-        while True:
-            if self._calls:
-                await self._idle.wait()
-                continue
-            timeout = limits.idle_timeout_s if self._requests_seen else first_request_s
-            deadline = self._quiet_since + timeout
-            if trio.current_time() < deadline:
-                await trio.sleep_until(deadline)
-                continue
-            break
+        if self._requests_seen:
+            timeout = limits.idle_timeout_s
+        else:
+            timeout = limits.first_request_timeout_s
+            if self._over_cap:
+                timeout = min(timeout, _OVER_CAP_FIRST_REQUEST_S)
+        if self._calls:
+            driver.deadline = now + timeout
+            return
+        if now < self._quiet_since + timeout:
+            driver.deadline = self._quiet_since + timeout
+            return
         log.debug(
             "closing the connection from %s: no call for %g s", self._info.peer_address, timeout
         )
-        # Calls that started while the GOAWAY was on its way have their own deadlines.
-        await self.drain(trio.current_time() + _IDLE_GOAWAY_S, calls_deadline=math.inf)
+        assert self._nursery is not None
+        # Calls that start while the GOAWAY is on its way have their own deadlines.
+        self._nursery.start_soon(
+            functools.partial(self.drain, now + _IDLE_GOAWAY_S, calls_deadline=math.inf)
+        )
 
     async def drain(self, deadline: float, *, calls_deadline: float | None = None) -> None:
         """The graceful ladder for this connection; returns early if the client leaves. The
