@@ -48,6 +48,7 @@ from .wire import (
     DEFAULT_MAX_RESET_BURST,
     DEFAULT_MIN_PING_INTERVAL_S,
     DEFAULT_RESET_REFILL_PER_S,
+    header_budgets,
 )
 
 __all__ = [
@@ -171,6 +172,10 @@ class ServerLimits:
                     raise ValueError(f"{spec.name} must be an integer >= 0, got {value!r}")
             elif not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{spec.name} must be an integer >= 1, got {value!r}")
+        # Refused here, once, rather than by every connection's wire.
+        header_budgets(
+            self.max_header_list_bytes, self.max_header_block_bytes, self.max_header_decode_bytes
+        )
 
     def replace(self, **changes: Any) -> ServerLimits:
         """A copy with `changes` (field names, as keywords), validated like a new one."""

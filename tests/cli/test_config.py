@@ -209,6 +209,10 @@ def test_transport_knobs_from_flags_the_top_level_and_the_transport_table(tmp_pa
         ("[transport]\npreface-timeout = 0\n", "preface-timeout: expected a duration above"),
         ('transport = "fast"\n', "transport: expected a table"),
         ("max-connections = 0\n", "max-connections: not a whole number"),
+        (
+            '[transport]\nmax-header-list = "64K"\nmax-header-decode = "32K"\n',
+            "max_header_decode_bytes (32768) is below max_header_list_bytes (65536)",
+        ),
     ],
 )
 def test_transport_mistakes_are_named(tmp_path: Path, text: str, error: str) -> None:
