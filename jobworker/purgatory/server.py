@@ -54,6 +54,7 @@ from .limits import RateLimitedLog, ServerLimits
 from .tls import TLSConfig, TLSError, TLSStream
 from .wire import (
     SHUTDOWN_PING,
+    ConnectionTerminated,
     GrpcError,
     InputEnded,
     MessageReceived,
@@ -513,6 +514,8 @@ class _ServerConnection:
         self._requests_seen = False
         self._quiet_since = 0.0  # when the last call ended (or the connection began)
         self._awaiting_preface = True
+        self._client_leaving = False  # it sent a GOAWAY
+        self._closing = False
         self._preface_s = limits.preface_timeout_s
         if over_cap:  # a client that has a call to make makes it at once
             self._preface_s = min(self._preface_s, _OVER_CAP_FIRST_REQUEST_S)
@@ -629,7 +632,32 @@ class _ServerConnection:
                     del self._calls[event.stream_id]
         elif isinstance(event, PingAcknowledged) and event.data == SHUTDOWN_PING:
             self._ping_answered.set()
-        # ConnectionTerminated: the client is leaving; its calls finish or its stream closes.
+        elif isinstance(event, ConnectionTerminated):
+            # The client's GOAWAY. With an error it has torn down: the wire has failed every
+            # stream and reads nothing more, so close now. Without one it opens no more calls:
+            # those in flight are answered, then the connection closes (not at the idle
+            # timeout, minutes later).
+            self._client_leaving = True
+            if event.error_code or not self._calls:
+                self._close_soon()
+
+    def _close_soon(self) -> None:
+        """Close once what is queued is out (bounded), e.g. the last answers."""
+        if self._closing:
+            return
+        self._closing = True
+
+        async def close() -> None:
+            with trio.move_on_after(1):
+                try:
+                    await self._driver.flush()
+                except trio.BrokenResourceError:
+                    pass  # the client left meanwhile
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(close)
 
     def _start_call(self, request: RequestReceived) -> None:
         stream_id = request.stream_id
@@ -722,6 +750,8 @@ class _ServerConnection:
             if not self._calls:
                 self._quiet_since = trio.current_time()
                 self._idle.set()
+                if self._client_leaving:
+                    self._close_soon()
 
 
 async def _first_of(*events: trio.Event) -> None:

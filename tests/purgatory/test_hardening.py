@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 from contextlib import AsyncExitStack
 
+import h2.errors
 import h2.events
 import pytest
 import trio
 import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
+from hyperframe.frame import GoAwayFrame
 
 from jobworker.purgatory import GrpcError, RpcMethod, Server, Status, default_max_connections
 from jobworker.purgatory.limits import REFUSALS_PER_IDENTITY, RateLimitedLog
@@ -226,6 +228,51 @@ async def test_calls_whose_request_never_comes_end_and_the_connection_goes_idle(
     goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     assert goaway and goaway[0].error_code == 0  # the graceful close of an idle connection
     assert trio.current_time() - start >= 10 + 60
+
+
+def goaway(error_code: int) -> bytes:
+    """A client's GOAWAY, made by hand: h2's own client would close its state machine on
+    sending it and refuse to read the answers still due (python-hyper/h2#1181)."""
+    frame = GoAwayFrame(0)
+    frame.last_stream_id, frame.error_code = 0, error_code
+    return frame.serialize()
+
+
+async def test_a_client_that_says_goaway_gets_its_answers_then_the_connection_closes(
+    certs, autojump_clock
+):
+    app = App()
+    server = make_server(certs, app, idle_timeout_s=300)
+    async with serve(server) as served, served.connect_raw(client_config(certs)) as stream:
+        peer = RawPeer(stream)
+        held = peer.queue_unary("/t.T/Hold", StringValue().SerializeToString())
+        await peer.flush()
+        await peer.read_until(lambda events: app.streams_started == 1)
+        start = trio.current_time()
+        await stream.send_all(goaway(0))  # graceful: no more calls from it
+        app.release.set()  # the call in flight still gets its answer
+        events = await peer.read_until_closed()
+    ends = [e for e in events if isinstance(e, h2.events.TrailersReceived)]
+    assert [(e.stream_id, dict(e.headers)[b"grpc-status"]) for e in ends] == [(held, b"0")]
+    assert trio.current_time() - start < 300  # closed once answered, not at the idle timeout
+
+
+async def test_a_client_goaway_with_an_error_closes_at_once_and_cancels_its_calls(
+    certs, autojump_clock
+):
+    app = App()
+    server = make_server(certs, app, idle_timeout_s=300)
+    async with serve(server) as served, served.connect_raw(client_config(certs)) as stream:
+        peer = RawPeer(stream)
+        peer.queue_unary("/t.T/Hold", StringValue().SerializeToString())
+        await peer.flush()
+        await peer.read_until(lambda events: app.streams_started == 1)
+        start = trio.current_time()
+        await stream.send_all(goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR))
+        events = await peer.read_until_closed()
+    assert not any(isinstance(e, h2.events.TrailersReceived) for e in events)
+    assert trio.current_time() - start < 300
+    assert server.admission.connections == 0
 
 
 async def test_idle_connections_are_closed_gracefully_and_busy_ones_are_not(certs, autojump_clock):
