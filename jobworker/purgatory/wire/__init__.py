@@ -38,7 +38,6 @@ from .scanner import (
     DEFAULT_MAX_RESET_BURST,
     DEFAULT_MIN_PING_INTERVAL_S,
     DEFAULT_RESET_REFILL_PER_S,
-    MAX_HEADER_LIST_BYTES,
     header_budgets,
 )
 from .server_side import SHUTDOWN_PING, ServerConnection
@@ -69,7 +68,6 @@ __all__ = [
     "DEFAULT_MIN_PING_INTERVAL_S",
     "DEFAULT_RESET_REFILL_PER_S",
     "DEFAULT_STREAM_WINDOW_BYTES",
-    "MAX_HEADER_LIST_BYTES",
     "MAX_TIMEOUT_S",
     "PREFIX_BYTES",
     "RESERVED_KEYS",

@@ -36,7 +36,6 @@ class ClientConnection(GrpcConnection):
         super().__init__(**kwargs)
         self._authority = authority.encode()
         self._user_agent = user_agent.encode()
-        self._response_started: set[int] = set()
         self.goaway_last_stream_id: int | None = None
 
     def _on_goaway(
@@ -184,7 +183,6 @@ class ClientConnection(GrpcConnection):
             self._end(stream_id, Status.INTERNAL, str(exc), (), events)
             self.reset(stream_id)
             return
-        self._response_started.add(stream_id)
         events.append(ResponseReceived(stream_id, metadata))
 
     def _on_trailers(
@@ -214,7 +212,6 @@ class ClientConnection(GrpcConnection):
     ) -> None:
         if self._streams.pop(stream_id, None) is None:
             return
-        self._response_started.discard(stream_id)
         events.append(CallEnded(stream_id, status, message, metadata))
 
     def _refuse_malformed(self, stream_id: int, message: str, events: list[Event]) -> None:

@@ -281,7 +281,7 @@ class GrpcConnection(FrameScanner, FastPaths):
             return
         self._disposed = self._terminated = True
         for stream in self._streams.values():
-            stream.outbox.clear()
+            stream.drop_outbox()
         self._streams.clear()
         self._out.clear()
         self._carry = b""
@@ -339,8 +339,7 @@ class GrpcConnection(FrameScanner, FastPaths):
         """Abandon a stream (RST_STREAM). Harmless on a stream that already ended."""
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
-            stream.outbox.clear()
-            stream.outbox_bytes = 0
+            stream.drop_outbox()
         if self._terminated:
             return
         try:
@@ -380,8 +379,7 @@ class GrpcConnection(FrameScanner, FastPaths):
         closes on a GOAWAY it sends or receives), and it is never given a command again."""
         self._terminated = True
         for stream in self._streams.values():
-            stream.outbox.clear()
-            stream.outbox_bytes = 0
+            stream.drop_outbox()
             stream.done = True
         self._streams.clear()
 
@@ -407,8 +405,7 @@ class GrpcConnection(FrameScanner, FastPaths):
             if not self._flush_outbox(stream_id, stream):
                 return  # waiting for the peer to open its window
         except STREAM_GONE:
-            stream.outbox.clear()
-            stream.outbox_bytes = 0
+            stream.drop_outbox()
             stream.done = True
             self._streams.pop(stream_id, None)
         events.append(OutboxDrained(stream_id))

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 # bytes per field, RFC 9113 §6.5.2). A block over it that decodes within the hard budget below
 # costs only its stream (trailers-only RESOURCE_EXHAUSTED): HPACK state stays in sync.
 DEFAULT_MAX_HEADER_LIST_BYTES = 16 * 2**10
-MAX_HEADER_LIST_BYTES = DEFAULT_MAX_HEADER_LIST_BYTES  # the name older callers import
 # The encoded block (HEADERS or PUSH_PROMISE plus its CONTINUATIONs), counted on the frame
 # headers as they arrive, before a byte of it is decoded. A sane encoder never needs more than
 # the decoded size (a literal's overhead is a few bytes, a field counts 32); twice that is the

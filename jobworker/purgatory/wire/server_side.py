@@ -33,6 +33,13 @@ from .streams import (
 )
 from .timeout import parse_grpc_timeout
 
+# What every response's first header block starts with (the call's status and metadata follow).
+_RESPONSE_HEADERS = (
+    (b":status", b"200"),
+    (b"content-type", CONTENT_TYPE),
+    (b"grpc-accept-encoding", accept_encoding_header().encode()),
+)
+
 SHUTDOWN_PING = b"shutdown"  # the PING that follows the first GOAWAY of a graceful shutdown
 
 # h2 moves its whole connection to CLOSED on any GOAWAY, sent or received, and then refuses
@@ -74,14 +81,6 @@ class ServerConnection(GrpcConnection):
         # The client sent a graceful GOAWAY: it opens no more streams (RFC 9113 §6.8), and
         # leaves once its calls are answered.
         self.client_going_away = False
-
-    def limit_request_messages(self, stream_id: int, count: int | None) -> None:
-        """Change how many more request messages the call may receive (None: any). Messages
-        that came in the same read as the request were already counted against the
-        connection's `max_request_messages`."""
-        stream = self._streams.get(stream_id)
-        if stream is not None:
-            stream.messages_left = count
 
     def _refuse_stream(self, stream_id: int) -> None:
         """A stream over our MAX_CONCURRENT_STREAMS: refused alone (RFC 9113 §5.1.2), once h2
@@ -191,31 +190,28 @@ class ServerConnection(GrpcConnection):
             http_status, status, message = problem
             self._answer_early(stream_id, status, message, http_status=http_status)
             return
-        stream = Stream(self.max_message_bytes)
-        stream.messages_left = self.max_request_messages
-        self._streams[stream_id] = stream
         encoding = headers.get(b"grpc-encoding", b"identity").decode("ascii", "replace").lower()
         if encoding not in SUPPORTED_ENCODINGS:
-            self._streams.pop(stream_id)
             self._answer_early(
                 stream_id, Status.UNIMPLEMENTED, f"grpc-encoding {encoding!r} is not supported"
             )
             return
-        stream.encoding = encoding
         timeout_s = None
         if b"grpc-timeout" in headers:
             try:
                 timeout_s = parse_grpc_timeout(headers[b"grpc-timeout"])
             except ProtocolError as exc:
-                self._streams.pop(stream_id)
                 self._answer_early(stream_id, Status.INTERNAL, str(exc))
                 return
         try:
             metadata = decode_metadata(event.headers or ())
         except ProtocolError as exc:
-            self._streams.pop(stream_id)
             self._answer_early(stream_id, Status.INTERNAL, str(exc))
             return
+        stream = Stream(self.max_message_bytes)
+        stream.messages_left = self.max_request_messages
+        stream.encoding = encoding
+        self._streams[stream_id] = stream
         events.append(
             RequestReceived(
                 stream_id=stream_id,
@@ -253,8 +249,7 @@ class ServerConnection(GrpcConnection):
         status, message = failure(exc)
         stream = self._streams.get(stream_id)
         if stream is not None and not stream.done:
-            stream.outbox.clear()
-            stream.outbox_bytes = 0
+            stream.drop_outbox()
             self.send_trailers(stream_id, status, message)
         events.append(StreamFailed(stream_id, status, message))
 
@@ -270,12 +265,7 @@ class ServerConnection(GrpcConnection):
         if stream.headers_sent:
             raise ProtocolError(f"response headers already sent on stream {stream_id}")
         stream.headers_sent = True
-        headers = [
-            (b":status", b"200"),
-            (b"content-type", CONTENT_TYPE),
-            (b"grpc-accept-encoding", accept_encoding_header().encode()),
-            *encode_metadata(metadata),
-        ]
+        headers = [*_RESPONSE_HEADERS, *encode_metadata(metadata)]
         self._send_header_block(stream_id, headers)
 
     def send_trailers(
@@ -287,12 +277,7 @@ class ServerConnection(GrpcConnection):
         trailers = _status_headers(status, message) + encode_metadata(metadata)
         if not stream.headers_sent:
             stream.headers_sent = True
-            trailers = [
-                (b":status", b"200"),
-                (b"content-type", CONTENT_TYPE),
-                (b"grpc-accept-encoding", accept_encoding_header().encode()),
-                *trailers,
-            ]
+            trailers = [*_RESPONSE_HEADERS, *trailers]
         stream.done = True
         stream.outbox.append(EndOfOutput(trailers))
         self._flush(stream_id, stream, [])
@@ -301,12 +286,10 @@ class ServerConnection(GrpcConnection):
         self, stream_id: int, status: Status, message: str, *, http_status: int = 200
     ) -> None:
         """A trailers-only response to a request we will not hand to any handler."""
-        headers = [(b":status", str(http_status).encode())]
         if http_status == 200:
-            headers += [
-                (b"content-type", CONTENT_TYPE),
-                (b"grpc-accept-encoding", accept_encoding_header().encode()),
-            ]
+            headers = [*_RESPONSE_HEADERS]
+        else:
+            headers = [(b":status", str(http_status).encode())]
         headers += _status_headers(status, message)
         try:
             self._send_header_block(stream_id, headers, end_stream=True)

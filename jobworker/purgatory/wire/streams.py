@@ -49,6 +49,11 @@ class Stream:
         "messages_left",
     )
 
+    def drop_outbox(self) -> None:
+        """Forget what is queued to send: the stream will carry none of it."""
+        self.outbox.clear()
+        self.outbox_bytes = 0
+
     def __init__(self, max_message_bytes: int) -> None:
         self.decoder = MessageDecoder(max_message_bytes=max_message_bytes)
         self.encoding: str | None = None  # the peer's grpc-encoding
