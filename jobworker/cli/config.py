@@ -39,6 +39,7 @@ maximums; tests pass their own): the caller reads the file and reports `ConfigEr
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import tomllib
@@ -125,57 +126,50 @@ def _duration(value: Any) -> float:
     raise ValueError(f'not a duration: {value!r} (examples: "5s", "500ms", 10)')
 
 
-def _cpu(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"not a number of cores: {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+def _number(value: Any, what: str) -> float:
+    """A number, or a string of one, as TOML or a flag gives it."""
+    if not isinstance(value, bool) and isinstance(value, int | float | str):
         try:
             return float(value)
         except ValueError:
             pass
-    raise ValueError(f"not a number of cores: {value!r} (examples: 0.5, 2)")
+    raise ValueError(f"not {what}: {value!r}")
 
 
-def _count(value: Any) -> int:
+def _cpu(value: Any) -> float:
+    return _number(value, "a number of cores (examples: 0.5, 2)")
+
+
+def _rate(value: Any) -> float:
+    rate = _number(value, "a rate per second")
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"expected a rate per second above zero, got {value!r}")
+    return rate
+
+
+def _count(value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool):
         raise ValueError(f"not a whole number: {value!r}")
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"not a whole number of at least 1: {value!r}")
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"not a whole number of at least {minimum}: {value!r}")
     return value
 
 
-def _count_or_zero(value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"not a whole number: {value!r}")
-    return value
+_count_or_zero = functools.partial(_count, minimum=0)
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return seconds
 
 
 def _timeout(value: Any) -> float:
     """A duration of more than nothing, or "off" (never)."""
-    if value == "off":
-        return math.inf
-    seconds = _duration(value)
-    if seconds <= 0:
-        raise ValueError(f'expected a duration above zero or "off", got {value!r}')
-    return seconds
-
-
-def _rate(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"not a rate per second: {value!r}")
-    try:
-        rate = float(value)
-    except ValueError:
-        raise ValueError(f"not a rate per second: {value!r}") from None
-    if not (math.isfinite(rate) and rate > 0):
-        raise ValueError(f"expected a rate per second above zero, got {value!r}")
-    return rate
+    return math.inf if value == "off" else _positive_duration(value)
 
 
 def _table(value: Any) -> dict[str, Any]:
@@ -272,8 +266,9 @@ TRANSPORT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max-pending-acks": ("max_pending_acks", _count),
     "max-reset-burst": ("max_reset_burst", _count),
     "reset-refill": ("reset_refill_per_s", _rate),
-    "min-ping-interval": ("min_ping_interval_s", _timeout),
-    "idle-ping-interval": ("idle_ping_interval_s", _timeout),
+    # Not timeouts: "off" (infinity) would make every ping too soon, the opposite of off.
+    "min-ping-interval": ("min_ping_interval_s", _positive_duration),
+    "idle-ping-interval": ("idle_ping_interval_s", _positive_duration),
     "max-ping-strikes": ("max_ping_strikes", _count_or_zero),
 }
 _TOP_LEVEL_TRANSPORT_KEYS = ("max-connections", "max-connections-per-user", "idle-timeout")

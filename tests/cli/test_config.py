@@ -207,6 +207,7 @@ def test_transport_knobs_from_flags_the_top_level_and_the_transport_table(tmp_pa
         ("[transport]\nmax-pending-acks = 0\n", "max-pending-acks: not a whole number of at"),
         ("[transport]\nreset-refill = -1\n", "reset-refill: expected a rate per second above"),
         ("[transport]\npreface-timeout = 0\n", "preface-timeout: expected a duration above"),
+        ('[transport]\nmin-ping-interval = "off"\n', "min-ping-interval: not a duration"),
         ('transport = "fast"\n', "transport: expected a table"),
         ("max-connections = 0\n", "max-connections: not a whole number"),
         (
