@@ -172,6 +172,12 @@ class ServerLimits:
                     raise ValueError(f"{spec.name} must be an integer >= 0, got {value!r}")
             elif not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{spec.name} must be an integer >= 1, got {value!r}")
+        # HTTP/2's own range for SETTINGS_MAX_FRAME_SIZE (RFC 9113 §6.5.2): refused here, at
+        # startup, rather than by every connection's wire.
+        if not 2**14 <= self.max_frame_bytes < 2**24:
+            raise ValueError(
+                f"max_frame_bytes must be from 16384 to 16777215, got {self.max_frame_bytes}"
+            )
         # Refused here, once, rather than by every connection's wire.
         header_budgets(
             self.max_header_list_bytes, self.max_header_block_bytes, self.max_header_decode_bytes

@@ -331,17 +331,17 @@ class Server:
         if refused is None:
             connections.start_soon(self._serve_admitted, stream, host)
             return
-        # Closed at once: the peer sees its connection end, and costs us nothing more.
-        stream.socket.close()
         self._log(
             logging.WARNING,
             refused,
             "refusing connections (%s from %s): %s=%d reached",
-            _peer_address(stream),
+            _peer_address(stream),  # while the socket still has its peer
             host,
             refused,
             getattr(admission, refused),
         )
+        # Closed at once: the peer sees its connection end, and costs us nothing more.
+        stream.socket.close()
 
     async def _serve_admitted(self, stream: trio.SocketStream, host: str) -> None:
         try:
@@ -372,61 +372,68 @@ class Server:
         finally:
             if admitted_host is not None:
                 self.admission.handshake_ended(admitted_host)
-        info = ConnectionInfo(peer, certificate)
-        refusal = None
-        if self._identify is not None:
-            try:
-                info.identity = self._identify(certificate)
-            except GrpcError as exc:
-                refusal = exc
-        key = _identity_key(info, certificate, refusal is None and self._identify is not None)
-        over_cap = False
-        refusing = None  # the identity whose surplus connection this is, while it is told
-        if key is not None and not self.admission.claim_identity(key):
-            cap = self.admission.max_connections_per_identity
-            if not self.admission.claim_refusal(key):
+        connection: _ServerConnection | None = None
+        claimed = refusing = None  # the identity whose slot, or refusal slot, this holds
+        try:
+            info = ConnectionInfo(peer, certificate)
+            refusal = None
+            if self._identify is not None:
+                try:
+                    info.identity = self._identify(certificate)
+                except GrpcError as exc:
+                    refusal = exc
+            key = _identity_key(info, certificate, refusal is None and self._identify is not None)
+            if key is not None and self.admission.claim_identity(key):
+                claimed = key
+            elif key is not None:
+                cap = self.admission.max_connections_per_identity
+                if not self.admission.claim_refusal(key):
+                    self._log(
+                        logging.WARNING,
+                        "identity",
+                        "closing a connection from %s: its identity holds %d connections "
+                        "(max_connections_per_identity) and is being told so on others",
+                        peer,
+                        cap,
+                    )
+                    return
+                refusing = key
+                refusal = GrpcError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"too many connections from this client identity"
+                    f" (max_connections_per_identity is {cap}): close some, or reuse one"
+                    " connection for many calls",
+                )
                 self._log(
                     logging.WARNING,
                     "identity",
-                    "closing a connection from %s: its identity holds %d connections "
-                    "(max_connections_per_identity) and is being told so on others",
+                    "refusing a connection from %s: its identity holds %d connections "
+                    "(max_connections_per_identity)",
                     peer,
                     cap,
                 )
-                await trio.aclose_forcefully(stream)
-                return
-            refusal = GrpcError(
-                Status.RESOURCE_EXHAUSTED,
-                f"too many connections from this client identity (max_connections_per_identity"
-                f" is {cap}): close some, or reuse one connection for many calls",
+            connection = _ServerConnection(
+                self, stream, info, refusal, over_cap=refusing is not None
             )
-            self._log(
-                logging.WARNING,
-                "identity",
-                "refusing a connection from %s: its identity holds %d connections "
-                "(max_connections_per_identity)",
-                peer,
-                cap,
-            )
-            key, over_cap, refusing = None, True, key
-        connection = _ServerConnection(self, stream, info, refusal, over_cap=over_cap)
-        self._connections.add(connection)
-        try:
+            self._connections.add(connection)
             await connection.run()
         except Exception:
-            # The containment boundary: whatever went wrong in one connection (a bug, a peer
-            # finding an edge we did not foresee) ends that connection, never the server.
+            # The containment boundary: whatever went wrong in one connection (a bug, an
+            # `identify` that raised, a peer finding an edge we did not foresee) ends that
+            # connection, never the server.
             log.exception("connection from %s failed", peer)
         finally:
-            self._connections.discard(connection)
-            if key is not None:
-                self.admission.release_identity(key)
+            if connection is not None:
+                self._connections.discard(connection)
+            if claimed is not None:
+                self.admission.release_identity(claimed)
             if refusing is not None:
                 self.admission.release_refusal(refusing)
             try:
                 await trio.aclose_forcefully(stream)
             finally:
-                connection.dispose()
+                if connection is not None:
+                    connection.dispose()
 
     def _status_of(self, exc: Exception, call: ServerCall) -> tuple[Status, str, Metadata]:
         """The one place a handler's exception becomes a status (see the module docstring)."""

@@ -390,6 +390,26 @@ async def test_the_total_cap_refuses_at_accept_with_one_line_per_burst(certs, ca
         assert server.admission.connections == 2
     lines = [r for r in purgatory_records(caplog) if "max_connections=2" in r.getMessage()]
     assert len(lines) == 1
+    assert "(unknown)" not in lines[0].getMessage()  # the refused peer is named
+
+
+async def test_an_identify_that_raises_ends_that_connection_not_the_server(certs, bob):
+    def identify(certificate):
+        if common_name(certificate) == "alice":
+            raise KeyError("alice")  # a bug in the application's identify
+        return common_name(certificate)
+
+    server = Server(
+        [RpcMethod("/t.T/Echo", StringValue, StringValue, App().echo)],
+        tls=server_config(certs),
+        identify=identify,
+    )
+    async with serve(server) as served:
+        with pytest.raises(GrpcError) as caught:
+            await echo_once(served, client_config(certs))
+        assert caught.value.status is Status.UNAVAILABLE  # alice's connection ended
+        assert await echo_once(served, client_config(certs, bob)) == "hi"  # still serving
+        await settle(lambda: server.admission.connections == 0)
 
 
 async def test_the_handshake_cap_per_address_refuses_silent_tcp_connections(certs):

@@ -168,6 +168,10 @@ def test_server_limits_refuse_values_out_of_range_naming_the_field() -> None:
         ServerLimits(max_header_list_bytes=0)
     with pytest.raises(ValueError, match="idle_timeout_s"):
         ServerLimits(idle_timeout_s=float("nan"))
+    # HTTP/2's own range: outside it every connection's SETTINGS would fail, not the start.
+    for frame_bytes in (2**14 - 1, 2**24):
+        with pytest.raises(ValueError, match="max_frame_bytes"):
+            ServerLimits(max_frame_bytes=frame_bytes)
     with pytest.raises(TypeError, match="max_streams"):
         Server([], tls=None, max_streams=3)
     # A keyword overrides the field of `limits` of the same name, and only that one.
