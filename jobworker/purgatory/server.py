@@ -129,7 +129,7 @@ class ServerCall:
         self._extra_request = False
         self._input_ended = trio.Event()
         self._failed: StreamFailed | None = None
-        self.started = False  # the handler has begun (or the call has ended)
+        self.started = False  # its task has begun: from then on it counts as a running handler
 
     @property
     def peer_certificate(self) -> x509.Certificate | None:
@@ -668,8 +668,7 @@ class _ServerConnection:
 
     def _start_call(self, request: RequestReceived) -> None:
         stream_id = request.stream_id
-        if not self._requests_seen:
-            self._requests_seen = True
+        self._requests_seen = True
         if self._refusal is not None:
             self._driver.send_trailers(stream_id, self._refusal.status, self._refusal.message)
             self._quiet_since = trio.current_time()
@@ -751,7 +750,6 @@ class _ServerConnection:
                     others_running=len(self._calls) > 1,
                 )
         finally:
-            call.started = True
             self._calls.pop(stream_id, None)
             driver.forget(stream_id)
             if not self._calls:
