@@ -412,38 +412,31 @@ def failure_of(
     exc: BaseException, findings: Findings, *, server_side: bool, handshake_done: bool
 ) -> TLSError:
     """The TLSError for an OpenSSL failure: its kind as the type, its story as the text."""
-    kind, message = _describe(exc, findings, server_side=server_side, handshake_done=handshake_done)
-    if kind is TLSCertificateRejected:
-        return TLSCertificateRejected(message, by_peer=" by " in message.split(":", 1)[0])
-    return kind(message)
-
-
-def _describe(
-    exc: BaseException, findings: Findings, *, server_side: bool, handshake_done: bool
-) -> tuple[type[TLSError], str]:
     if isinstance(exc, NoH2Offered):
         offered = ", ".join(p.decode("ascii", "replace") for p in findings.alpn_offered or [])
-        return TLSNegotiationFailed, (
+        return TLSNegotiationFailed(
             f"no ALPN protocol h2 negotiated: the client offered {offered or 'none'}"
         )
     if isinstance(exc, SSL.ZeroReturnError | SSL.SysCallError):
         during = "" if handshake_done else " during the TLS handshake"
-        return TLSPeerClosed, f"the peer closed the connection{during}"
+        return TLSPeerClosed(f"the peer closed the connection{during}")
     reasons = reasons_of(exc)
     peer = "client" if server_side else "server"
     if "certificate verify failed" in reasons:
         detail = f": {findings.verify_error}" if findings.verify_error else ""
         message = f"{peer} certificate not accepted: certificate verify failed{detail}"
-        return TLSCertificateRejected, message
+        return TLSCertificateRejected(message, by_peer=False)
     if "peer did not return a certificate" in reasons:
-        return TLSCertificateRejected, "client certificate not accepted: the client sent none"
+        return TLSCertificateRejected(
+            "client certificate not accepted: the client sent none", by_peer=False
+        )
     if "unsupported protocol" in reasons:
-        return TLSNegotiationFailed, (
+        return TLSNegotiationFailed(
             "no TLS version in common: jobworker speaks TLS 1.3 only (unsupported protocol)"
         )
     stage = "TLS error" if handshake_done else "TLS handshake failed"
     if "no suitable signature algorithm" in reasons:
-        return TLSNegotiationFailed, (
+        return TLSNegotiationFailed(
             f"{stage}: no suitable signature algorithm: the peer cannot use this key type "
             "(grpcio/BoringSSL cannot do Ed25519; ECDSA P-256 works everywhere)"
         )
@@ -451,15 +444,17 @@ def _describe(
     if alert is not None:
         alert = alert.split(" alert ", 1)[1]  # "tlsv1 alert unknown ca" -> "unknown ca"
         if alert in _CERTIFICATE_ALERTS:
-            return TLSCertificateRejected, f"certificate not accepted by {peer}: {alert}"
+            return TLSCertificateRejected(
+                f"certificate not accepted by {peer}: {alert}", by_peer=True
+            )
         if alert == "no application protocol":
-            return TLSNegotiationFailed, "no ALPN protocol h2 negotiated: the peer refused h2"
+            return TLSNegotiationFailed("no ALPN protocol h2 negotiated: the peer refused h2")
         if alert == "protocol version":
-            return TLSNegotiationFailed, (
+            return TLSNegotiationFailed(
                 "no TLS version in common: jobworker speaks TLS 1.3 only (protocol version)"
             )
-        return TLSError, f"{stage}: the peer sent the fatal alert {alert!r}"
-    return TLSError, f"{stage}: {'; '.join(reasons) or type(exc).__name__}"
+        return TLSError(f"{stage}: the peer sent the fatal alert {alert!r}")
+    return TLSError(f"{stage}: {'; '.join(reasons) or type(exc).__name__}")
 
 
 def check_negotiated(conn: SSL.Connection, *, server_side: bool) -> None:
