@@ -62,10 +62,6 @@ def answer(server: ServerConnection) -> list[Frame]:
     return parse(server.data_to_send())
 
 
-def frame_bytes(frame: Frame) -> bytes:
-    return frame.serialize()
-
-
 def headers_frame(stream_id: int, block: bytes, *, end_headers: bool, end_stream=False) -> bytes:
     frame = HeadersFrame(stream_id, data=block)
     if end_headers:
@@ -87,8 +83,7 @@ def request(client, stream_id: int, payload: bytes | None = b"hi", headers=REQUE
         block = client.encoder.encode(headers)
         return headers_frame(stream_id, block, end_headers=True, end_stream=True)
     client.send_headers(stream_id, headers)
-    if payload is not None:
-        client.send_data(stream_id, encode_message(payload), end_stream=True)
+    client.send_data(stream_id, encode_message(payload), end_stream=True)
     return client.data_to_send()
 
 
