@@ -363,6 +363,10 @@ def small_disk(tmp_path: Path):
 
 def test_a_full_disk_is_never_silent(certs_dir: Path, small_disk: Path) -> None:
     data = small_disk / "data"
+    # Room the "operator" frees at the end. Without it, freeing the filler below returns only
+    # the slack the writer happened to leave, sometimes too little for the next job's record.
+    reserve = small_disk / "reserve"
+    reserve.write_bytes(bytes(2**20))
     server = start_server(certs_dir, "--data-dir", str(data))
     try:
         jobctl = Jobctl(certs_dir, server.address)
@@ -387,6 +391,7 @@ def test_a_full_disk_is_never_silent(certs_dir: Path, small_disk: Path) -> None:
         assert refused.returncode == 2 and refused.stdout == b""
         assert b"so it does not start it; try again later" in refused.stderr
         filler.unlink()
+        reserve.unlink()
         assert jobctl("run", "--", "echo", "x").stdout == b"x\n"  # room again: it works
     finally:
         assert server.terminate() == 0, server.stderr()
