@@ -51,7 +51,7 @@ class Limits(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., io_read_bytes_per_second: _Optional[int] = ..., io_write_bytes_per_second: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
-    __slots__ = ("command", "args", "limits", "env", "working_dir", "network")
+    __slots__ = ("command", "args", "limits", "env", "working_dir", "network", "name")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,13 +65,15 @@ class StartJobRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
     limits: Limits
     env: _containers.ScalarMap[str, str]
     working_dir: str
     network: Network
-    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., network: _Optional[_Union[Network, str]] = ...) -> None: ...
+    name: str
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., network: _Optional[_Union[Network, str]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class RunAs(_message.Message):
     __slots__ = ("user", "uid", "gid", "transient")
@@ -100,10 +102,36 @@ class StopJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class StopJobResponse(_message.Message):
+    __slots__ = ("status", "already_ended")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_ENDED_FIELD_NUMBER: _ClassVar[int]
+    status: JobStatus
+    already_ended: bool
+    def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ..., already_ended: _Optional[bool] = ...) -> None: ...
+
+class WaitJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class WaitJobResponse(_message.Message):
     __slots__ = ("status",)
     STATUS_FIELD_NUMBER: _ClassVar[int]
     status: JobStatus
     def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
+
+class SignalJobRequest(_message.Message):
+    __slots__ = ("job_id", "signal")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    signal: int
+    def __init__(self, job_id: _Optional[str] = ..., signal: _Optional[int] = ...) -> None: ...
+
+class SignalJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class GetJobStatusRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -112,17 +140,23 @@ class GetJobStatusRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class GetJobLogsRequest(_message.Message):
-    __slots__ = ("job_id", "follow", "offset")
+    __slots__ = ("job_id", "follow", "offset", "tail_lines", "since", "streams")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     follow: bool
     offset: int
-    def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ..., offset: _Optional[int] = ...) -> None: ...
+    tail_lines: int
+    since: _timestamp_pb2.Timestamp
+    streams: _containers.RepeatedScalarFieldContainer[LogChunk.Stream]
+    def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ..., offset: _Optional[int] = ..., tail_lines: _Optional[int] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., streams: _Optional[_Iterable[_Union[LogChunk.Stream, str]]] = ...) -> None: ...
 
 class LogChunk(_message.Message):
-    __slots__ = ("data", "stream", "offset", "lost")
+    __slots__ = ("data", "stream", "offset", "lost", "dropped", "time")
     class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STREAM_UNSPECIFIED: _ClassVar[LogChunk.Stream]
@@ -135,11 +169,15 @@ class LogChunk(_message.Message):
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LOST_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     stream: LogChunk.Stream
     offset: int
     lost: int
-    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[LogChunk.Stream, str]] = ..., offset: _Optional[int] = ..., lost: _Optional[int] = ...) -> None: ...
+    dropped: int
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[LogChunk.Stream, str]] = ..., offset: _Optional[int] = ..., lost: _Optional[int] = ..., dropped: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("all", "page_size", "page_token", "states", "created_after", "owner", "order_by")
@@ -194,21 +232,23 @@ class PruneJobsResponse(_message.Message):
     def __init__(self, job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("cpu_seconds", "cpu_throttled_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_bytes")
+    __slots__ = ("cpu_seconds", "memory_bytes", "cpu_throttled_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_bytes")
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     CPU_THROTTLED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     IO_READ_BYTES_FIELD_NUMBER: _ClassVar[int]
     IO_WRITE_BYTES_FIELD_NUMBER: _ClassVar[int]
     cpu_seconds: float
+    memory_bytes: int
     cpu_throttled_seconds: float
     memory_peak_bytes: int
     io_read_bytes: int
     io_write_bytes: int
-    def __init__(self, cpu_seconds: _Optional[float] = ..., cpu_throttled_seconds: _Optional[float] = ..., memory_peak_bytes: _Optional[int] = ..., io_read_bytes: _Optional[int] = ..., io_write_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, cpu_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., cpu_throttled_seconds: _Optional[float] = ..., memory_peak_bytes: _Optional[int] = ..., io_read_bytes: _Optional[int] = ..., io_write_bytes: _Optional[int] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "stop_requested_by", "escalated", "oom_killed", "pids_limit_hit", "created_at", "started_at", "ended_at", "limits", "cgroups", "usage", "run_as", "namespaces", "network", "limit_caveats", "survivors", "output_lost_bytes", "output_removed")
+    __slots__ = ("job_id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "stop_requested_by", "escalated", "oom_killed", "pids_limit_hit", "created_at", "started_at", "ended_at", "limits", "cgroups", "usage", "run_as", "namespaces", "network", "limit_caveats", "survivors", "output_lost_bytes", "output_removed", "name")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +275,7 @@ class JobStatus(_message.Message):
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_LOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     owner: str
     command: str
@@ -261,4 +302,5 @@ class JobStatus(_message.Message):
     survivors: _containers.RepeatedScalarFieldContainer[int]
     output_lost_bytes: int
     output_removed: bool
-    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., stop_requested_by: _Optional[str] = ..., escalated: _Optional[bool] = ..., oom_killed: _Optional[bool] = ..., pids_limit_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cgroups: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., run_as: _Optional[_Union[RunAs, _Mapping]] = ..., namespaces: _Optional[_Iterable[str]] = ..., network: _Optional[_Union[Network, str]] = ..., limit_caveats: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[int]] = ..., output_lost_bytes: _Optional[int] = ..., output_removed: _Optional[bool] = ...) -> None: ...
+    name: str
+    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., stop_requested_by: _Optional[str] = ..., escalated: _Optional[bool] = ..., oom_killed: _Optional[bool] = ..., pids_limit_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cgroups: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., run_as: _Optional[_Union[RunAs, _Mapping]] = ..., namespaces: _Optional[_Iterable[str]] = ..., network: _Optional[_Union[Network, str]] = ..., limit_caveats: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[int]] = ..., output_lost_bytes: _Optional[int] = ..., output_removed: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
