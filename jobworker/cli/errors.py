@@ -1,11 +1,20 @@
 """One place where both executables turn every way of failing into one line and an exit code.
 
 Exit codes (sysexits-like where a convention exists):
-    0   success (jobctl run: the job's own exit code instead)
-    1   the server answered with an error (job not found, permission denied, ...)
-    2   usage, configuration, connection or TLS problems; server startup problems
+    0   success (jobctl run and wait: the job's own exit code instead; stop of a job that
+        had already ended is a success too, said on stderr)
+    1   the server refused or failed the request (job not found, permission denied, a name
+        already taken, a job that has ended for kill, ...)
+    2   the request itself is wrong: usage errors, malformed or out-of-range values (also when
+        the server is the one to say so: INVALID_ARGUMENT, OUT_OF_RANGE), arguments that are
+        not valid UTF-8; configuration, connection or TLS problems; server startup problems
     70  an internal error: a bug in jobworker (the one line names the exception)
+    127 jobctl start/run/wait: the job could not be created (command not found, bad working
+        directory), as a shell and docker say it
     130 interrupted by Ctrl-C where that has no more specific meaning
+
+Messages are one line on stderr, with control characters shown as escapes (`printable`): they
+may quote a job's command or name, which another user chose.
 
 An internal error prints its traceback too when JOBWORKER_DEBUG is set.
 """
@@ -20,19 +29,27 @@ from typing import Any
 
 from cyclopts import CycloptsError
 
+from .terminal import printable
+
 EXIT_RPC = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
+EXIT_NOT_CREATED = 127
 EXIT_INTERRUPTED = 130
 
 
 class CliError(Exception):
     """Stop the command: print `message` after the program's name and exit `exit_code`."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+    def __init__(
+        self, message: str, exit_code: int = EXIT_USAGE, *, answered: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+        # The server answered the request (refused it, or found it malformed): a command
+        # working through several jobs reports this one and goes on with the next.
+        self.answered = answered
 
 
 def run_cli(
@@ -84,7 +101,7 @@ def say(program: str, message: str) -> None:
     if not message:
         return  # a quiet exit (the reader of our output went away)
     try:
-        sys.stderr.write(f"{program}: {message}\n")
+        sys.stderr.write(f"{program}: {printable(message)}\n")
         sys.stderr.flush()
     except OSError:
         pass  # stderr is gone; nothing else to tell

@@ -5,13 +5,19 @@ layout is tested without a server.
 
 `status` begins exactly as seed 000 shows it — Job, Status, Command, then Exit Code once the
 job has ended with one — each label padded to 13 columns. The fields after those appear only
-where they say something: Owner, PID (running), Signal, Reason, Started, Ended, User,
+where they say something: Name, Owner, PID (running), Signal, Reason, Started, Ended, User,
 Isolation, Limits, Note (a limit the kernel applies only in part), Usage.
+
+Every human-oriented layout here passes its text through `terminal.printable` (commands
+through `terminal.shell_word`): jobs are other people's, and their strings reach an admin's
+terminal. `to_json` stays exact.
+
+Sizes: limits are shown exactly (``1G``, ``1536K``: what was asked for); usage is rounded to a
+readable figure (``1023.9M``, ``1G``) by `human_bytes`.
 """
 
 from __future__ import annotations
 
-import shlex
 import signal
 from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
@@ -23,6 +29,7 @@ from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.supervisor import format_bytes
 
 from .parsing import format_duration
+from .terminal import printable, shell_word
 
 LABEL_WIDTH = 13  # "Exit Code:" and three spaces, as in seed 000
 
@@ -40,8 +47,9 @@ def state_name(state: int) -> str:
 
 
 def command_line(status: pb.JobStatus) -> str:
-    """The command with its arguments, shell-quoted only where needed (as seed 000 shows it)."""
-    return shlex.join([status.command, *status.args])
+    """The command with its arguments, shell-quoted only where needed (as seed 000 shows it);
+    a word with control characters in bash's $'...' quoting, visible and exact."""
+    return " ".join(shell_word(word) for word in (status.command, *status.args))
 
 
 def signal_name(number: int) -> str:
@@ -62,6 +70,8 @@ def format_status(
     ]
     if status.HasField("exit_code"):
         lines.append(("Exit Code", str(status.exit_code)))
+    if status.name:
+        lines.append(("Name", status.name))
     if status.owner:
         lines.append(("Owner", status.owner))
     if status.state == pb.JOB_STATE_RUNNING and status.HasField("pid"):
@@ -95,7 +105,7 @@ def format_status(
     usage = describe_usage(status.usage) if status.HasField("usage") else ""
     if usage:
         lines.append(("Usage", usage))
-    return "".join(f"{label + ':':<{LABEL_WIDTH}}{value}\n" for label, value in lines)
+    return "".join(f"{label + ':':<{LABEL_WIDTH}}{printable(value)}\n" for label, value in lines)
 
 
 def describe_reason(status: pb.JobStatus) -> str:
@@ -167,12 +177,14 @@ def describe_usage(usage: pb.Usage) -> str:
         if usage.HasField("cpu_throttled_seconds") and usage.cpu_throttled_seconds > 0:
             cpu += f" (throttled {usage.cpu_throttled_seconds:.2f}s)"
         parts.append(cpu)
+    if usage.HasField("memory_bytes"):
+        parts.append(f"memory {human_bytes(usage.memory_bytes)}")
     if usage.HasField("memory_peak_bytes"):
-        parts.append(f"memory peak {_bytes(usage.memory_peak_bytes)}")
+        parts.append(f"memory peak {human_bytes(usage.memory_peak_bytes)}")
     if usage.HasField("io_read_bytes"):
-        parts.append(f"io read {_bytes(usage.io_read_bytes)}")
+        parts.append(f"io read {human_bytes(usage.io_read_bytes)}")
     if usage.HasField("io_write_bytes"):
-        parts.append(f"io write {_bytes(usage.io_write_bytes)}")
+        parts.append(f"io write {human_bytes(usage.io_write_bytes)}")
     return ", ".join(parts)
 
 
@@ -180,28 +192,97 @@ LIST_COLUMNS = ("JOB ID", "OWNER", "STATUS", "EXIT", "STARTED", "COMMAND")
 
 
 def format_list(jobs: Sequence[pb.JobStatus], *, tz: tzinfo | None = None) -> str:
-    """`jobctl list`: a header, then one aligned line per job, oldest first."""
-    rows = [LIST_COLUMNS]
+    """`jobctl list`: a header, then one aligned line per job, oldest first. A NAME column
+    follows JOB ID when some job listed has a name (scripts read --json or -q, not columns)."""
+    named = any(job.name for job in jobs)
+    header = (*LIST_COLUMNS[:1], "NAME", *LIST_COLUMNS[1:]) if named else LIST_COLUMNS
+    rows = [header]
     for job in jobs:
         when = job.started_at if job.HasField("started_at") else job.created_at
-        rows.append(
-            (
-                job.job_id,
-                job.owner or "-",
-                state_name(job.state),
-                str(job.exit_code) if job.HasField("exit_code") else "-",
-                _clock(_timestamp(when), tz, zone=False) if when.seconds else "-",
-                command_line(job),
-            )
+        row = (
+            job.job_id,
+            *((printable(job.name) or "-",) if named else ()),
+            printable(job.owner) or "-",
+            state_name(job.state),
+            str(job.exit_code) if job.HasField("exit_code") else "-",
+            _clock(_timestamp(when), tz, zone=False) if when.seconds else "-",
+            command_line(job),
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS) - 1)]
+        rows.append(row)
+    return align(rows)
+
+
+def align(rows: Sequence[Sequence[str]], *, right: frozenset[int] = frozenset()) -> str:
+    """Rows of cells as aligned lines, two spaces apart; the last column is not padded. The
+    cells must be printable already (no control characters: one row, one line)."""
+    columns = len(rows[0])
+    widths = [max(len(row[i]) for row in rows) for i in range(columns - 1)]
     return "".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
+        )
         + "  "
         + row[-1]
         + "\n"
         for row in rows
     )
+
+
+def exit_cause(job: pb.JobStatus) -> str:
+    """Why an ended job ended, when its exit code alone does not say it: words to follow
+    "job ID " ("was killed by the kernel's OOM killer at its 1G memory limit (exit 137)").
+    "" for a job that exited on its own with nothing more to tell, or that has not ended."""
+    code = f"exit {job.exit_code}" if job.HasField("exit_code") else "exit code unknown"
+    if job.state == pb.JOB_STATE_ERROR:
+        return f"could not be created: {job.error or 'no reason given'}"
+    if job.state == pb.JOB_STATE_RUNNING or job.state == pb.JOB_STATE_UNSPECIFIED:
+        return ""
+    if not job.HasField("exit_code"):
+        return f"ended unobserved: {job.error or 'the server did not see its end'} ({code})"
+    if job.oom_killed:
+        limit = (
+            f" at its {_bytes(job.limits.memory_bytes)} memory limit"
+            if job.limits.HasField("memory_bytes")
+            else ""
+        )
+        return f"was killed by the kernel's OOM killer{limit} ({code})"
+    if job.stop_requested_by:
+        how = (
+            "SIGKILL after the grace period, "
+            if job.escalated
+            else (f"{signal_name(job.signal)}, " if job.HasField("signal") else "")
+        )
+        return f"was stopped by {job.stop_requested_by} ({how}{code})"
+    if job.HasField("signal"):
+        return f"was killed by {signal_name(job.signal)} ({code})"
+    if job.pids_limit_hit and job.exit_code != 0:
+        limit = f" of {job.limits.pids}" if job.limits.HasField("pids") else ""
+        return f"reached its pids limit{limit}: a fork failed ({code})"
+    return ""
+
+
+def ended_summary(job: pb.JobStatus) -> str:
+    """``finished, exit 0``; ``stopped, exit 143``; ``error``: a job's end in a few words."""
+    if job.HasField("exit_code"):
+        return f"{state_name(job.state)}, exit {job.exit_code}"
+    return state_name(job.state)
+
+
+_UNITS = ("B", "K", "M", "G", "T", "P", "E")
+
+
+def human_bytes(value: int) -> str:
+    """A byte count rounded for reading, in binary units with at most one decimal: 512 →
+    ``512B``, 1536 → ``1.5K``, 2**30 - 1 → ``1G`` (never ``1024M``: the unit is chosen after
+    rounding), and never an exponent."""
+    if value < 1024:
+        return f"{value}B"
+    for power, unit in enumerate(_UNITS[1:], start=1):
+        shown = round(value / 1024**power, 1)
+        if shown < 1024 or unit == _UNITS[-1]:
+            return f"{shown:.1f}".removesuffix(".0") + unit
+    raise AssertionError("unreachable")
 
 
 def to_json(message: Message) -> str:
