@@ -61,7 +61,7 @@ class Connection:
         str,
         Parameter(
             env_var="JOBCTL_SERVER",
-            help="The server's address, HOST:PORT.",
+            help=f"The server's address, HOST:PORT. Default: {DEFAULT_SERVER}.",
         ),
     ] = DEFAULT_SERVER
     cert: Annotated[
@@ -170,15 +170,27 @@ class JobClient:
         reply = await self._unary("StartJob", request, pb.StartJobResponse)
         return reply.job_id
 
-    async def stop(self, job_id: str, grace_period_s: float | None = None) -> pb.JobStatus:
+    async def stop(self, job_id: str, grace_period_s: float | None = None) -> pb.StopJobResponse:
+        """Stop the job and return once it has ended: its final status, and whether it had
+        already ended before (nothing was signalled)."""
         request = pb.StopJobRequest(job_id=job_id)
         if grace_period_s is not None:
             request.grace_period.CopyFrom(duration_to_proto(grace_period_s))
         wait_s = (grace_period_s if grace_period_s is not None else STOP_UNKNOWN_GRACE_S) + (
             STOP_MARGIN_S
         )
-        reply = await self._unary("StopJob", request, pb.StopJobResponse, timeout_s=wait_s)
+        return await self._unary("StopJob", request, pb.StopJobResponse, timeout_s=wait_s)
+
+    async def wait(self, job_id: str) -> pb.JobStatus:
+        """The job's final status, once it has ended. No deadline: a job may run for days,
+        and the caller's Ctrl-C (a cancellation) is what ends the wait early."""
+        request = pb.WaitJobRequest(job_id=job_id)
+        reply = await self._unary("WaitJob", request, pb.WaitJobResponse, timeout_s=None)
         return reply.status
+
+    async def signal(self, job_id: str, signal_number: int) -> None:
+        request = pb.SignalJobRequest(job_id=job_id, signal=signal_number)
+        await self._unary("SignalJob", request, pb.SignalJobResponse)
 
     async def status(self, job_id: str) -> pb.JobStatus:
         return await self._unary(
@@ -227,7 +239,9 @@ class JobClient:
         except GrpcError as exc:
             raise rpc_failure(exc, self.server) from None
 
-    async def _unary(self, method, request, response_type, *, timeout_s: float = CALL_TIMEOUT_S):
+    async def _unary(
+        self, method, request, response_type, *, timeout_s: float | None = CALL_TIMEOUT_S
+    ):
         try:
             return await self._channel.unary(
                 f"{SERVICE}/{method}", request, response_type, timeout_s=timeout_s
@@ -238,7 +252,9 @@ class JobClient:
 
 def rpc_failure(exc: GrpcError, server: str) -> CliError:
     """The one line and exit code for a failed call: 2 when the connection or the certificate
-    is the problem, 1 when the server answered."""
+    is the problem, or the request itself (INVALID_ARGUMENT, OUT_OF_RANGE: a malformed id, a
+    limit out of range — usage errors, whichever side finds them); 1 for the server's other
+    answers."""
     message = exc.message or exc.status.name.lower().replace("_", " ")
     if exc.status is Status.UNAVAILABLE:
         cause = exc.__cause__
@@ -251,4 +267,6 @@ def rpc_failure(exc: GrpcError, server: str) -> CliError:
         return CliError(f"certificate not accepted by server: {message}", EXIT_USAGE)
     if exc.status is Status.DEADLINE_EXCEEDED:
         return CliError(f"no answer from {server} in time ({message})", EXIT_USAGE)
-    return CliError(message, EXIT_RPC)
+    if exc.status in (Status.INVALID_ARGUMENT, Status.OUT_OF_RANGE):
+        return CliError(message, EXIT_USAGE, answered=True)
+    return CliError(message, EXIT_RPC, answered=True)
