@@ -1,54 +1,88 @@
 """`jobctl`: start, stop, inspect and follow jobs on a jobworker server.
 
     jobctl start [--cpu 0.5] [--memory 512M] [--io-read 50M] [--io-write 50M] [--pids N]
-                 [--env K=V]... [--cwd DIR] [--network host|none] -- CMD [ARGS...]
+                 [--env K=V]... [--cwd DIR] [--network host|none] [--name NAME] CMD [ARGS...]
                                                                   prints the job id alone
-    jobctl stop ID [--grace 5s]
+    jobctl stop ID [--grace 5s]  an already ended job: said on stderr, exit 0 (docker stop)
+    jobctl kill [-s SIGNAL] ID...                one signal, no escalation (default KILL)
+    jobctl wait ID...            until each ends: prints its exit code, exits with it
     jobctl status ID [--json]
     jobctl logs ID [-f]          stdout chunks to stdout, stderr chunks to stderr, byte-exact
-    jobctl list [--all] [--state S]... [-n N] [-q] [--json]
+    jobctl list|ls|ps [--all] [--state S]... [-n N] [-q] [--json]
+    jobctl top [--all] [--interval 2s] [--no-stream]    live CPU, memory and IO (cli/top.py)
     jobctl rm ID... [--force]    remove ended jobs (record, output, working directory)
     jobctl prune [--older-than 24h] [--all]
-    jobctl run [limits] -- CMD [ARGS...]     start, follow, exit with the job's exit code
+    jobctl run [limits] CMD [ARGS...]     start, follow, exit with the job's exit code
+    jobctl completion bash|zsh|fish       the shell completion script, on stdout
+
+An ID is a job's id, a prefix of one that matches one job only, or its name: the server
+resolves it. In start and run, jobctl's own options end at CMD, as docker's do: `jobctl run
+echo --cpu 2` runs `echo --cpu 2` (`--` before CMD still works).
 
 The connection options (--server, --cert, --key, --ca; JOBCTL_* variables; files in
 ~/.config/jobctl/) go before or after the command: see client.py. Errors are one line on
 stderr; exit codes in errors.py.
 
-Ctrl-C: `logs -f` stops following and exits 130; the job goes on. `run` is a foreground job:
-the first Ctrl-C stops the job (the server's grace period, output still shown), the second
-kills it at once (grace 0), a third leaves without waiting. `run` then exits with the job's
-exit code (143 after SIGTERM, 137 after SIGKILL), or 127 if the job could not be created.
+Ctrl-C: `logs -f`, `wait` and `top` stop and exit 130; the jobs go on. `run` is a foreground
+job: the first Ctrl-C stops the job (the server's grace period, output still shown), the
+second kills it at once (grace 0), a third leaves without waiting. `run` then exits with the
+job's exit code (143 after SIGTERM, 137 after SIGKILL), or 127 if the job could not be
+created; when the job did not end on its own (OOM killer, a signal, a stop by someone, lost
+with its server), one line on stderr says why.
+
+`wait` of several jobs waits for them in the order given and prints one exit code per line;
+it exits with the first non-zero code among them (0 when all exited 0), so `jobctl wait a b
+&& next` runs `next` only if every job succeeded.
+
+Whatever jobctl prints for a person escapes control characters (terminal.py); --json does not.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import trio
-from cyclopts import App, CycloptsError, Parameter, UnknownOptionError
+from cyclopts import App, CycloptsError, Group, Parameter, UnknownOptionError
 
 import jobworker
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 
 from .client import Connection, JobClient, connect
-from .errors import EXIT_INTERRUPTED, EXIT_RPC, CliError, run_cli, say
-from .formatting import STATE_NAMES, format_list, format_status, to_json
-from .parsing import parse_duration, parse_env, parse_size
+from .errors import EXIT_INTERRUPTED, EXIT_NOT_CREATED, EXIT_RPC, CliError, run_cli, say
+from .formatting import (
+    STATE_NAMES,
+    ended_summary,
+    exit_cause,
+    format_list,
+    format_status,
+    to_json,
+)
+from .parsing import (
+    end_options_at_command,
+    parse_duration,
+    parse_env,
+    parse_signal,
+    parse_size,
+)
+from .terminal import printable
+from .top import run_top
 
-EXIT_NOT_CREATED = 127  # as a shell reports a command it could not run
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 app = App(
     name="jobctl",
     help="Start, stop, inspect and follow jobs on a jobworker server.",
     version=jobworker.__version__,
+    # Defaults are written into the help texts, in words ("Default: the server's"): cyclopts
+    # would print Python values ("[default: ()]", "[default: False]").
+    default_parameter=Parameter(show_default=False),
 )
 app.register_install_completion_command(
     help="Install shell completion for jobctl (bash, zsh, fish).", group="Setup"
@@ -56,9 +90,20 @@ app.register_install_completion_command(
 
 DEFAULT_CONNECTION = Connection()
 ConnectionParameter = Annotated[Connection | None, Parameter(parse=False)]
+JobReference = Annotated[
+    str, Parameter(name="ID", help="A job's id, a prefix of one that matches one job, or its name.")
+]
+JobReferences = Annotated[
+    tuple[str, ...],
+    Parameter(name="ID", help="Jobs: each an id, a prefix of one that matches one job, or a name."),
+]
+Flag = Parameter(negative="")  # a switch: --all, never --no-all
+
+# Help pages list a command's own options before the connection options every command shares.
+JOB_GROUP = Group("Job", sort_key=1)
 
 
-@Parameter(name="*", group="Job")
+@Parameter(name="*", group=JOB_GROUP)
 @dataclass(frozen=True)
 class JobOptions:
     """What to run the job with. Limits left out take the server's defaults."""
@@ -70,7 +115,11 @@ class JobOptions:
     pids: Annotated[int | None, Parameter(help="Maximum processes and threads.")] = None
     env: Annotated[
         tuple[str, ...],
-        Parameter(name=["--env", "-e"], negative="", help="KEY=VALUE for the job's environment."),
+        Parameter(
+            name=["--env", "-e"],
+            negative="",
+            help="KEY=VALUE for the job's environment (repeatable).",
+        ),
     ] = ()
     cwd: Annotated[
         str | None,
@@ -83,17 +132,32 @@ class JobOptions:
             "server's choice."
         ),
     ] = None
+    name: Annotated[
+        str | None,
+        Parameter(
+            help="A name for the job, usable wherever its id is; unique among your jobs. "
+            "1 to 64 of A-Z a-z 0-9 _ . - (starting with a letter or digit)."
+        ),
+    ] = None
 
 
 _NETWORKS = {"host": pb.NETWORK_HOST, "none": pb.NETWORK_NONE}
+UINT32_MAX = 2**32 - 1  # the API's pids field
+UINT64_MAX = 2**64 - 1  # its byte counts
 
 
 def build_start_request(
     command: str, args: tuple[str, ...], options: JobOptions
 ) -> pb.StartJobRequest:
     """The StartJob request for a command line and its options; CliError (exit 2) for a
-    malformed size or environment entry."""
-    request = pb.StartJobRequest(command=command, args=list(args), working_dir=options.cwd or "")
+    malformed size or environment entry, or a limit the API cannot carry. Whether a limit is
+    within the server's own range is the server's to say (INVALID_ARGUMENT, exit 2 too)."""
+    request = pb.StartJobRequest(
+        command=command,
+        args=list(args),
+        working_dir=options.cwd or "",
+        name=options.name or "",
+    )
     if options.network is not None:
         request.network = _NETWORKS[options.network]
     try:
@@ -102,6 +166,8 @@ def build_start_request(
         raise CliError(f"--env: {exc}") from None
     limits = request.limits
     if options.cpu is not None:
+        if not math.isfinite(options.cpu) or options.cpu <= 0:
+            raise CliError(f"--cpu: must be a positive number of cores, got {options.cpu:g}")
         limits.cpu = options.cpu
     for flag, field_name, value in (
         ("--memory", "memory_bytes", options.memory),
@@ -110,12 +176,15 @@ def build_start_request(
     ):
         if value is not None:
             try:
-                setattr(limits, field_name, parse_size(value))
+                size = parse_size(value)
             except ValueError as exc:
                 raise CliError(f"{flag}: {exc}") from None
+            if size > UINT64_MAX:
+                raise CliError(f"{flag}: {value!r} is too large (at most 16E)")
+            setattr(limits, field_name, size)
     if options.pids is not None:
-        if options.pids < 0:
-            raise CliError(f"--pids: must be a positive number, got {options.pids}")
+        if not 1 <= options.pids <= UINT32_MAX:
+            raise CliError(f"--pids: must be between 1 and {UINT32_MAX}, got {options.pids}")
         limits.pids = options.pids
     if not request.limits.ListFields():
         request.ClearField("limits")
@@ -134,19 +203,34 @@ def _grace_seconds(grace: str | None) -> float | None:
 # --- commands --------------------------------------------------------------------------------
 
 
+CommandName = Annotated[
+    str, Parameter(name="CMD", help="The command to run; jobctl's options end here.")
+]
+CommandArgs = Annotated[str, Parameter(name="ARGS", help="Its arguments, options included.")]
+
+
 @app.command
 def start(
-    command: Annotated[str, Parameter(name="CMD", help="The command to run.")],
+    command: CommandName,
     /,
-    *args: Annotated[str, Parameter(name="ARGS", help="Its arguments (after --).")],
+    *args: CommandArgs,
     options: JobOptions = JobOptions(),
     conn: ConnectionParameter = None,
 ) -> int:
-    """Start a job and print its id. Put the command after --: jobctl start -- CMD ARGS..."""
+    """Start a job and print its id. If it could not be created (command not found, bad
+    working directory), the id is printed still, the reason goes to stderr, and the exit code
+    is 127."""
     request = build_start_request(command, args, options)
 
     async def body(client: JobClient) -> int:
-        _write_text(await client.start(request) + "\n")
+        job_id = await client.start(request)
+        _write_text(job_id + "\n")
+        # StartJob succeeds for a command that cannot run (the job exists, in ERROR, so its
+        # reason can be read later); the person who typed it wants to know now.
+        job = await client.status(job_id)
+        if job.state == pb.JOB_STATE_ERROR:
+            _say(f"job {job_id} {exit_cause(job)}")
+            return EXIT_NOT_CREATED
         return 0
 
     return _with_client(conn, body)
@@ -154,7 +238,7 @@ def start(
 
 @app.command
 def stop(
-    job_id: Annotated[str, Parameter(name="ID")],
+    job_id: JobReference,
     /,
     *,
     grace: Annotated[
@@ -164,11 +248,13 @@ def stop(
     conn: ConnectionParameter = None,
 ) -> int:
     """Stop a job: SIGTERM to all its processes, SIGKILL after the grace period. Returns once
-    the job has ended."""
+    the job has ended. A job that had already ended is left as it is (exit 0)."""
     grace_s = _grace_seconds(grace)
 
     async def body(client: JobClient) -> int:
-        await client.stop(job_id, grace_s)
+        reply = await client.stop(job_id, grace_s)
+        if reply.already_ended:
+            _say(f"job {reply.status.job_id} had already ended ({ended_summary(reply.status)})")
         return 0
 
     return _with_client(conn, body)
@@ -176,10 +262,10 @@ def stop(
 
 @app.command
 def status(
-    job_id: Annotated[str, Parameter(name="ID")],
+    job_id: JobReference,
     /,
     *,
-    json: Annotated[bool, Parameter(negative="", help="The JobStatus message as JSON.")] = False,
+    json: Annotated[bool, Flag, Parameter(help="The JobStatus message as JSON.")] = False,
     conn: ConnectionParameter = None,
 ) -> int:
     """Show a job's state, command, exit code and more."""
@@ -261,7 +347,7 @@ def list_jobs(
 
 @app.command(name="rm")
 def remove(
-    job_ids: Annotated[tuple[str, ...], Parameter(name="ID")],
+    job_ids: JobReferences,
     /,
     *,
     force: Annotated[
@@ -282,12 +368,12 @@ def remove(
             try:
                 await client.delete(job_id, force=force)
             except CliError as exc:
-                if exc.exit_code != EXIT_RPC:
+                if not exc.answered:
                     raise
                 _say(exc.message)
                 failed += 1
             else:
-                _write_text(f"{job_id}\n")
+                _write_text(f"{printable(job_id)}\n")
         return EXIT_RPC if failed else 0
 
     return _with_client(conn, body)
@@ -321,16 +407,147 @@ def prune(
 
 @app.command
 def run(
-    command: Annotated[str, Parameter(name="CMD", help="The command to run.")],
+    command: CommandName,
     /,
-    *args: Annotated[str, Parameter(name="ARGS", help="Its arguments (after --).")],
+    *args: CommandArgs,
     options: JobOptions = JobOptions(),
     conn: ConnectionParameter = None,
 ) -> int:
-    """Start a job, follow its output, and exit with its exit code. Ctrl-C stops the job
+    """Start a job, follow its output, and exit with its exit code (127: it could not be
+    created); if it did not end on its own, one line on stderr says why. Ctrl-C stops the job
     (twice: kills it at once)."""
     request = build_start_request(command, args, options)
     return _with_client(conn, lambda client: _run_in_foreground(client, request))
+
+
+@app.command
+def wait(job_ids: JobReferences, /, *, conn: ConnectionParameter = None) -> int:
+    """Wait until each job has ended and print its exit code, a line per job in the order
+    given; exit with it (several jobs: the first non-zero one). No time limit; Ctrl-C leaves
+    the jobs running (exit 130)."""
+    if not job_ids:
+        raise CliError("wait: name at least one job")
+
+    async def body(client: JobClient) -> int:
+        codes: list[int] = []
+
+        async def wait_each() -> None:
+            for job_id in job_ids:
+                try:
+                    job = await client.wait(job_id)
+                except CliError as exc:
+                    if not exc.answered:
+                        raise
+                    _say(exc.message)  # no line on stdout: there is no exit code to print
+                    codes.append(exc.exit_code)
+                    continue
+                cause = exit_cause(job)
+                if cause:
+                    _say(f"job {job.job_id} {cause}")
+                codes.append(job_exit_code(job))
+                _write_text(f"{codes[-1]}\n")
+
+        if await _cancel_on_ctrl_c(wait_each):
+            return EXIT_INTERRUPTED
+        return next((code for code in codes if code), 0)
+
+    return _with_client(conn, body)
+
+
+@app.command
+def kill(
+    job_ids: JobReferences,
+    /,
+    *,
+    signal_name: Annotated[
+        str,
+        Parameter(
+            name=["--signal", "-s"],
+            help="The signal: a name (TERM, SIGTERM, hup) or a number. Default: KILL.",
+        ),
+    ] = "KILL",
+    conn: ConnectionParameter = None,
+) -> int:
+    """Send one signal to every process of running jobs, with no grace period and no
+    escalation (stop is the polite way to end a job)."""
+    if not job_ids:
+        raise CliError("kill: name at least one job")
+    try:
+        number = parse_signal(signal_name)
+    except ValueError as exc:
+        raise CliError(f"--signal: {exc}") from None
+
+    async def body(client: JobClient) -> int:
+        failed = 0
+        for job_id in job_ids:
+            try:
+                await client.signal(job_id, number)
+            except CliError as exc:
+                if not exc.answered:
+                    raise
+                _say(exc.message)
+                failed = failed or exc.exit_code
+        return failed
+
+    return _with_client(conn, body)
+
+
+@app.command
+def top(
+    *,
+    all_jobs: Annotated[
+        bool, Flag, Parameter(name="--all", help="Every user's jobs (viewer and admin only).")
+    ] = False,
+    interval: Annotated[
+        str, Parameter(help="Time between refreshes, e.g. 2s or 500ms. Default: 2s.")
+    ] = "2s",
+    no_stream: Annotated[
+        bool, Flag, Parameter(help="Print one sample (taken over a second) and exit.")
+    ] = False,
+    conn: ConnectionParameter = None,
+) -> int:
+    """Show the CPU, memory and IO of your running jobs (with --all, everyone's), refreshed
+    in place until Ctrl-C. CPU % is of one core."""
+    try:
+        interval_s = parse_duration(interval)
+    except ValueError as exc:
+        raise CliError(f"--interval: {exc}") from None
+    if interval_s <= 0:
+        raise CliError(f"--interval: must be more than 0, got {interval!r}")
+
+    async def body(client: JobClient) -> int:
+        interrupted = await _cancel_on_ctrl_c(
+            lambda: run_top(
+                client,
+                all_jobs=all_jobs,
+                interval_s=interval_s,
+                stream=not no_stream,
+                terminal=sys.stdout.isatty(),
+                write=_write_text,
+            )
+        )
+        return EXIT_INTERRUPTED if interrupted else 0
+
+    return _with_client(conn, body)
+
+
+@app.command(group="Setup")
+def completion(
+    shell: Annotated[Literal["bash", "zsh", "fish"], Parameter(name="SHELL")],
+    /,
+) -> int:
+    """Print jobctl's completion script for SHELL to stdout, e.g. `source <(jobctl
+    completion bash)` in ~/.bashrc (--install-completion writes it into place instead)."""
+    _write_text(app.generate_completion(prog_name="jobctl", shell=shell))
+    return 0
+
+
+def job_exit_code(job: pb.JobStatus) -> int:
+    """The exit code to pass on for an ended job: its own; 127 if it could not be created
+    (as a shell says it); 1 if its end was not seen (lost with its server)."""
+    if job.state == pb.JOB_STATE_ERROR:
+        return EXIT_NOT_CREATED
+    return job.exit_code if job.HasField("exit_code") else EXIT_RPC
 
 
 @app.meta.default
@@ -340,17 +557,33 @@ def _launcher(
 ) -> Any:
     # The connection options belong to every command and may come before or after its name.
     command, bound, ignored = app.parse_args(tokens, print_error=False, exit_on_error=False)
+    reject_undecodable(bound.arguments.items())
+    reject_undecodable([("conn", conn)])
     kwargs = dict(bound.kwargs)
     if "conn" in ignored:
         kwargs["conn"] = conn
     return command(*bound.args, **kwargs)
 
 
+# The options of start and run that take a value, connection options included: where the
+# job's command begins is the first token that is none of these options nor their values.
+# (tests/cli/test_parsing.py checks this list against what cyclopts parses.)
+START_VALUE_OPTIONS = frozenset(
+    {"--cpu", "--memory", "--io-read", "--io-write", "--pids", "--env", "-e", "--cwd",
+     "--network", "--name", "--server", "--cert", "--key", "--ca"}
+)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
+    tokens = end_options_at_command(
+        sys.argv[1:] if argv is None else argv,
+        commands=("start", "run"),
+        value_options=START_VALUE_OPTIONS,
+    )
     return run_cli(
         "jobctl",
         lambda: app.meta(
-            argv, print_error=False, exit_on_error=False, result_action="return_value"
+            tokens, print_error=False, exit_on_error=False, result_action="return_value"
         ),
         hint=_usage_hint,
     )
@@ -358,8 +591,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def _usage_hint(exc: CycloptsError) -> str:
     if isinstance(exc, UnknownOptionError) and exc.command_chain[-1:] in (("start",), ("run",)):
-        return "put the command after --: jobctl run [OPTIONS] -- CMD [ARGS...]"
+        return "jobctl's options go before CMD: jobctl run [OPTIONS] CMD [ARGS...]"
     return ""
+
+
+# Python hands us arguments that are not UTF-8 with each bad byte as a lone surrogate; the API
+# carries UTF-8 text only. Named here, before any call, rather than failing in the encoder.
+_ARGUMENT_LABELS = {"job_id": "ID", "job_ids": "ID", "command": "CMD", "signal_name": "--signal"}
+
+
+def reject_undecodable(arguments) -> None:
+    """CliError (exit 2) naming the first argument that is not valid UTF-8, among a command's
+    bound `(parameter, value)` pairs: strings, tuples of them, and option dataclasses."""
+    for parameter, value in arguments:
+        for label, text in _texts(parameter, value):
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise CliError(f"{label} is not valid UTF-8: '{printable(text)}'") from None
+
+
+def _texts(parameter: str, value: Any):
+    label = _ARGUMENT_LABELS.get(parameter, "--" + parameter.replace("_", "-"))
+    if isinstance(value, str):
+        yield label, value
+    elif isinstance(value, tuple):
+        for position, item in enumerate(value, start=1):
+            if isinstance(item, str):
+                yield (f"the command's argument {position}" if parameter == "args" else label), item
+    elif is_dataclass(value):
+        for field in fields(value):
+            yield from _texts(field.name, getattr(value, field.name))
 
 
 # --- how the commands run --------------------------------------------------------------------
@@ -426,15 +688,16 @@ async def _run_in_foreground(client: JobClient, request: pb.StartJobRequest) -> 
     if presses >= 3:
         _say(f"left without waiting; job {job_id} is being killed by the server")
         return EXIT_INTERRUPTED
-    job = await client.status(job_id)
-    if job.state == pb.JOB_STATE_ERROR:
-        _say(f"job {job_id} could not be created: {job.error or 'no reason given'}")
-        return EXIT_NOT_CREATED
-    if job.HasField("exit_code"):
-        return job.exit_code
-    raise CliError(
-        f"job {job_id} ended without an exit code ({pb.JobState.Name(job.state)})", EXIT_RPC
-    )
+    return _report_end(job_id, await client.status(job_id), stopped_here=presses > 0)
+
+
+def _report_end(job_id: str, job: pb.JobStatus, *, stopped_here: bool) -> int:
+    """`run`'s exit code for its ended job, after one line on stderr saying why it ended when
+    its code does not (not for a stop this very run asked for: the user knows that one)."""
+    cause = exit_cause(job)
+    if cause and not (stopped_here and job.state == pb.JOB_STATE_STOPPED):
+        _say(f"job {job_id} {cause}")
+    return job_exit_code(job)
 
 
 def _write_chunk(chunk: pb.LogChunk) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import signal
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from jobworker.supervisor import parse_bytes
@@ -15,10 +17,12 @@ DEFAULT_PORT = 50051  # the seeds' address; `jobworker serve` and `jobctl` agree
 
 __all__ = [
     "Address",
+    "end_options_at_command",
     "format_duration",
     "parse_address",
     "parse_duration",
     "parse_env",
+    "parse_signal",
     "parse_size",
 ]
 
@@ -129,3 +133,57 @@ def parse_env(items: list[str]) -> dict[str, str]:
             raise ValueError(f"expected KEY=VALUE, got {item!r}")
         env[key] = value
     return env
+
+
+def parse_signal(text: str) -> int:
+    """A signal number from ``TERM``, ``SIGTERM``, ``term``, ``15``, ``RTMIN+2`` (Linux's)."""
+    spelled = text.strip().upper().removeprefix("SIG")
+    if spelled.isdigit():
+        number = int(spelled)
+        if 1 <= number <= signal.SIGRTMAX:
+            return number
+        raise ValueError(f"no signal {number} (signals are 1 to {int(signal.SIGRTMAX)})")
+    base, plus, offset = spelled.partition("+")
+    if base in ("RTMIN", "RTMAX") and (not plus or offset.isdigit()):
+        number = signal.SIGRTMIN + int(offset or 0) if base == "RTMIN" else signal.SIGRTMAX
+        if number <= signal.SIGRTMAX:
+            return int(number)
+    elif spelled.isidentifier() and not spelled.startswith("_"):
+        try:
+            return int(signal.Signals[f"SIG{spelled}"])
+        except KeyError:
+            pass
+    raise ValueError(f"not a signal: {text!r} (examples: TERM, SIGKILL, hup, 9)")
+
+
+def end_options_at_command(
+    argv: Sequence[str],
+    *,
+    commands: Collection[str],
+    value_options: Collection[str],
+) -> list[str]:
+    """`argv` with ``--`` put before the job's command, so the job keeps its own flags.
+
+    For one of `commands` (``start``, ``run``), jobctl's options end at the first positional
+    argument, as docker's do: ``jobctl run echo train.py --cpu 2`` runs ``echo train.py --cpu
+    2``. Options before the command name are skipped the same way. `value_options` are those
+    that take the next token as their value (``--cpu 2``); ``--cpu=2`` is one token; any other
+    option stands alone. An explicit ``--`` is left as it is. Other commands are untouched.
+    """
+    tokens = list(argv)
+    command_seen = False
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token == "--":
+            return tokens
+        if token.startswith("-") and token != "-":
+            i += 2 if token in value_options else 1
+            continue
+        if command_seen:
+            return [*tokens[:i], "--", *tokens[i:]]
+        if token not in commands:
+            return tokens
+        command_seen = True
+        i += 1
+    return tokens

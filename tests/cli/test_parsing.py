@@ -1,15 +1,20 @@
-"""Durations, sizes, addresses and KEY=VALUE pairs as typed on command lines."""
+"""Durations, sizes, addresses, KEY=VALUE pairs and signals as typed on command lines, and
+where jobctl's own options end."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from jobworker.cli.parsing import (
     Address,
+    end_options_at_command,
     format_duration,
     parse_address,
     parse_duration,
     parse_env,
+    parse_signal,
     parse_size,
 )
 
@@ -92,3 +97,85 @@ def test_env_pairs() -> None:
     for bad in ("A", "=1"):
         with pytest.raises(ValueError, match="expected KEY=VALUE"):
             parse_env([bad])
+
+
+# --- signals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [("TERM", 15), ("SIGTERM", 15), ("term", 15), ("sigkill", 9), ("9", 9), (" hup ", 1),
+     ("USR1", 10), ("RTMIN", 34), ("rtmin+2", 36), ("RTMAX", 64), ("64", 64), ("IOT", 6)],
+)  # fmt: skip
+def test_signals_by_name_or_number(text: str, number: int) -> None:
+    assert parse_signal(text) == number
+
+
+@pytest.mark.parametrize(
+    "text", ["", "0", "65", "-9", "FOO", "SIG", "SIGSIGTERM", "RTMIN+31", "RTMIN+x", "9.0", "_x"]
+)
+def test_bad_signals_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="signal"):
+        parse_signal(text)
+
+
+# --- where jobctl's options end --------------------------------------------------------------
+
+VALUE_OPTIONS = frozenset({"--cpu", "--server", "-e"})
+
+
+def _split(*argv: str) -> list[str]:
+    return end_options_at_command(argv, commands=("start", "run"), value_options=VALUE_OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # docker's rule: the first positional after the command name is the job's command
+        (["run", "echo", "x", "--cpu", "2"], ["run", "--", "echo", "x", "--cpu", "2"]),
+        (["run", "--cpu", "2", "echo", "-l"], ["run", "--cpu", "2", "--", "echo", "-l"]),
+        (["run", "--cpu=2", "echo"], ["run", "--cpu=2", "--", "echo"]),
+        (["run", "-e", "A=1", "env"], ["run", "-e", "A=1", "--", "env"]),
+        # a value that looks like a command name or an option is still the option's value
+        (["--server", "run", "start", "x"], ["--server", "run", "start", "--", "x"]),
+        (["run", "--cpu", "-1", "x"], ["run", "--cpu", "-1", "--", "x"]),
+        # an explicit -- stays the only one
+        (["run", "--", "echo", "--cpu"], ["run", "--", "echo", "--cpu"]),
+        (["run", "--cpu", "1", "--", "ls"], ["run", "--cpu", "1", "--", "ls"]),
+        # nothing to do: no command yet, help, other commands
+        (["run"], ["run"]),
+        (["run", "--help"], ["run", "--help"]),
+        (["status", "x", "--json"], ["status", "x", "--json"]),
+        (["list"], ["list"]),
+        ([], []),
+        (["--version"], ["--version"]),
+        (["run", "-", "x"], ["run", "--", "-", "x"]),
+    ],
+)
+def test_options_end_at_the_jobs_command(argv: list[str], expected: list[str]) -> None:
+    assert _split(*argv) == expected
+
+
+@given(st.lists(st.sampled_from(["run", "status", "--cpu", "--x", "-e", "--", "a", "b", "-"])))
+def test_only_a_delimiter_is_ever_added(argv: list[str]) -> None:
+    out = _split(*argv)
+    if out != argv:
+        i = out.index("--")
+        assert out[:i] + out[i + 1 :] == argv  # one "--" inserted, nothing else touched
+        assert "--" not in argv[:i]  # and never after one the user gave
+
+
+def test_the_value_options_are_those_cyclopts_reads_as_taking_a_value() -> None:
+    # START_VALUE_OPTIONS is written out (the command line is split before cyclopts runs);
+    # this keeps it in step with the options start and run really have.
+    from jobworker.cli.client import Connection
+    from jobworker.cli.jobctl import START_VALUE_OPTIONS, app
+
+    takes_value: set[str] = set()
+    for command in ("start", "run"):
+        for argument in app[command].assemble_argument_collection():
+            names = [n for n in argument.names if n.startswith("-")]
+            if names and argument.hint is not bool and argument.token_count()[0] >= 1:
+                takes_value.update(names)
+    connection = {f"--{field}" for field in Connection.__dataclass_fields__}
+    assert takes_value | connection == START_VALUE_OPTIONS
