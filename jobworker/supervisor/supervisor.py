@@ -130,7 +130,14 @@ class Supervisor:
         (self._data_dir / "work").mkdir(exist_ok=True, mode=0o700)
         try:
             self._isolation = self._open_isolation()
-            self._backend = open_backend(self._cgroup_mode, f"jobworker-{secrets.token_hex(4)}")
+            # JOBWORKER_CGROUP_TAG (letters and digits) joins the subtree's name, giving
+            # jobworker-TAG-XXXXXXXX: how each of several servers or test runs on one machine
+            # tells its own groups apart. Crash recovery goes by recorded paths, not by names.
+            tag = os.environ.get("JOBWORKER_CGROUP_TAG", "")
+            if tag and not (tag.isascii() and tag.isalnum() and len(tag) <= 32):
+                raise CgroupError(f"JOBWORKER_CGROUP_TAG must be 1-32 letters or digits: {tag!r}")
+            name = "-".join(["jobworker", *([tag] if tag else []), secrets.token_hex(4)])
+            self._backend = open_backend(self._cgroup_mode, name)
             self._nursery_manager = trio.open_nursery()
             self._nursery = await self._nursery_manager.__aenter__()
         except BaseException:
