@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import pytest
@@ -59,12 +58,12 @@ def test_a_record_whose_run_is_unknown_is_still_ended() -> None:
     ids=["cgroup.kill", "half-removed"],
 )
 async def test_an_orphan_of_a_crashed_run_is_killed_its_groups_removed_its_record_lost(
-    tmp_path: Path, unified: bool
+    tmp_path: Path, unified: bool, cgroup_name: str
 ) -> None:
     # What a crashed server leaves: a subtree per hierarchy, a job group in it, a process in
     # that group still running, a record that says "running", a run that never ended.
     layout = current_layout()
-    name = f"jobworker-{secrets.token_hex(4)}"
+    name = cgroup_name
     own = [layout.v1[c] for c in ("pids", "memory") if c in layout.v1]
     if unified and layout.unified is not None:
         own.append(layout.unified)

@@ -144,10 +144,10 @@ async def test_direct_io_is_throttled(shared_path, mode, isolation):
 
 
 @pytest.mark.skipif(IN_V2_VM, reason="the freezer is the v1 fallback; v2 always has cgroup.kill")
-async def test_v1_freezer_kill_takes_a_whole_forking_tree():
+async def test_v1_freezer_kill_takes_a_whole_forking_tree(cgroup_name):
     # Without a unified hierarchy, tree kill goes through the freezer: frozen processes cannot
     # fork, so one pass of SIGKILL gets them all.
-    backend = V1Backend(current_layout(), "jobworker-freezer-test", use_unified=False)
+    backend = V1Backend(current_layout(), cgroup_name, use_unified=False)
     try:
         group = backend.create("job", LimitOverrides() and _limits(), "/")
         spawned = await spawn(

@@ -541,7 +541,7 @@ async def _remove_dead_supervisors_groups(subtree: str) -> None:
 @pytest.mark.skipif(IN_V2_VM, reason="the v1 freezer holds SIGKILL back until the thaw")
 @pytest.mark.parametrize("isolation", [True, False], ids=["isolated", "unisolated"])
 async def test_a_leader_that_outlives_sigkill_does_not_hold_the_stop(
-    tmp_path, monkeypatch, isolation
+    tmp_path, monkeypatch, isolation, cgroup_name
 ):
     # A process frozen by the v1 freezer cannot act on SIGKILL until it is thawed: as one in
     # uninterruptible sleep, it outlives every kill. The stop must still return, bounded, and
@@ -549,7 +549,7 @@ async def test_a_leader_that_outlives_sigkill_does_not_hold_the_stop(
     from jobworker.supervisor import job as job_module
 
     monkeypatch.setattr(job_module, "_KILL_WAIT_S", 1.0)
-    freezer = current_layout().v1["freezer"] / f"jobworker-test-freeze-{os.getpid()}"
+    freezer = current_layout().v1["freezer"] / cgroup_name
     freezer.mkdir()
     try:
         async with Supervisor(data_dir=tmp_path / "data", isolation=isolation) as sup:
