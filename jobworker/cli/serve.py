@@ -47,6 +47,7 @@ from jobworker.supervisor import (
 
 from . import certs as certs_lib
 from .config import (
+    DEFAULT_LISTEN,
     DEFAULT_TLS_DIR,
     ConfigError,
     ServeSettings,
@@ -70,6 +71,9 @@ app = App(
     name="jobworker",
     help="Run Linux commands as supervised jobs in cgroups, behind a mutual-TLS gRPC API.",
     version=jobworker.__version__,
+    # Each help text says its default in words; cyclopts would print Python values
+    # ("[default: ()]", "[default: False]").
+    default_parameter=Parameter(show_default=False),
 )
 app.register_install_completion_command(
     help="Install shell completion for jobworker (bash, zsh, fish).", group="Setup"
@@ -98,7 +102,11 @@ def serve(
         Path | None, Parameter(help="A TOML file; its keys are these flags' names.")
     ] = None,
     listen: Annotated[
-        str | None, Parameter(help="HOST:PORT to listen on; :PORT for every interface.")
+        str | None,
+        Parameter(
+            help="HOST:PORT to listen on; :PORT for every interface. Default: "
+            f"{DEFAULT_LISTEN} (this machine only)."
+        ),
     ] = None,
     cert: Annotated[
         str | None, Parameter(help=f"Server certificate. Default: {DEFAULT_TLS_DIR}/server.crt.")
@@ -130,11 +138,25 @@ def serve(
     pids: Annotated[
         int | None, Parameter(group=LIMITS, help="Processes and threads (default 4096).")
     ] = None,
-    max_cpu: Annotated[float | None, Parameter(group=MAXIMUMS)] = None,
-    max_memory: Annotated[str | None, Parameter(group=MAXIMUMS)] = None,
-    max_io_read: Annotated[str | None, Parameter(group=MAXIMUMS)] = None,
-    max_io_write: Annotated[str | None, Parameter(group=MAXIMUMS)] = None,
-    max_pids: Annotated[int | None, Parameter(group=MAXIMUMS)] = None,
+    max_cpu: Annotated[
+        float | None,
+        Parameter(group=MAXIMUMS, help="CPU cores (default: the CPUs this server may use)."),
+    ] = None,
+    max_memory: Annotated[
+        str | None, Parameter(group=MAXIMUMS, help="Memory, e.g. 4G (default: the host's RAM).")
+    ] = None,
+    max_io_read: Annotated[
+        str | None,
+        Parameter(group=MAXIMUMS, help="Read bytes per second (default: the kernel's most)."),
+    ] = None,
+    max_io_write: Annotated[
+        str | None,
+        Parameter(group=MAXIMUMS, help="Write bytes per second (default: the kernel's most)."),
+    ] = None,
+    max_pids: Annotated[
+        int | None,
+        Parameter(group=MAXIMUMS, help="Processes and threads (default: kernel.pid_max)."),
+    ] = None,
     grace_period: Annotated[
         str | None, Parameter(help="Time between SIGTERM and SIGKILL when stopping (default 10s).")
     ] = None,
@@ -556,7 +578,9 @@ UserOption = Annotated[
 ]
 KeyTypeOption = Annotated[
     Literal["ecdsa", "ed25519"],
-    Parameter(help="ecdsa (P-256, works with every gRPC client) or ed25519 (grpcio cannot)."),
+    Parameter(
+        help="ecdsa (P-256, works with every gRPC client; the default) or ed25519 (grpcio cannot)."
+    ),
 ]
 
 
