@@ -21,6 +21,7 @@ import trio
 from cyclopts import Parameter
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.api import duration_to_proto
 from jobworker.purgatory import (
     Channel,
     GrpcError,
@@ -32,7 +33,6 @@ from jobworker.purgatory import (
     TLSStream,
     open_channel_over,
 )
-from jobworker.service.convert import duration_to_proto
 
 from .errors import EXIT_RPC, EXIT_USAGE, CliError
 from .parsing import DEFAULT_PORT, Address, parse_address

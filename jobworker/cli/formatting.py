@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-from jobworker.supervisor import format_bytes
+from jobworker.units import format_bytes
 
 from .parsing import format_duration
 from .terminal import printable, shell_word

@@ -11,7 +11,7 @@ import signal
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from jobworker.supervisor import parse_bytes
+from jobworker.units import parse_bytes
 
 DEFAULT_PORT = 50051  # the seeds' address; `jobworker serve` and `jobctl` agree on it
 

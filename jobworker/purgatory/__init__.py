@@ -10,20 +10,54 @@ certificates).
         reply = await channel.unary("/pkg.Svc/Method", request, Reply, timeout_s=5)
 """
 
-from .client import Channel, ResponseStream, open_channel, open_channel_over
-from .limits import ServerLimits, default_max_connections
-from .server import ConnectionInfo, ErrorMapper, RpcMethod, Server, ServerCall
-from .tls import (
-    TLSCertificateRejected,
-    TLSConfig,
-    TLSConfigError,
-    TLSError,
-    TLSHandshakeTimeout,
-    TLSNegotiationFailed,
-    TLSPeerClosed,
-    TLSStream,
-)
-from .wire import DEFAULT_MAX_MESSAGE_BYTES, GrpcError, Metadata, Status
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import Channel, ResponseStream, open_channel, open_channel_over
+    from .limits import ServerLimits, default_max_connections
+    from .server import ConnectionInfo, ErrorMapper, RpcMethod, Server, ServerCall
+    from .tls import (
+        TLSCertificateRejected,
+        TLSConfig,
+        TLSConfigError,
+        TLSError,
+        TLSHandshakeTimeout,
+        TLSNegotiationFailed,
+        TLSPeerClosed,
+        TLSStream,
+    )
+    from .wire import DEFAULT_MAX_MESSAGE_BYTES, GrpcError, Metadata, Status
+
+# Each name's module, imported on first use (PEP 562): a client loads the client, the TLS
+# stream and the wire, never the server and its budgets.
+_HOMES = {
+    "Channel": "client",
+    "ResponseStream": "client",
+    "open_channel": "client",
+    "open_channel_over": "client",
+    "ServerLimits": "limits",
+    "default_max_connections": "limits",
+    "ConnectionInfo": "server",
+    "ErrorMapper": "server",
+    "RpcMethod": "server",
+    "Server": "server",
+    "ServerCall": "server",
+    "TLSCertificateRejected": "tls",
+    "TLSConfig": "tls",
+    "TLSConfigError": "tls",
+    "TLSError": "tls",
+    "TLSHandshakeTimeout": "tls",
+    "TLSNegotiationFailed": "tls",
+    "TLSPeerClosed": "tls",
+    "TLSStream": "tls",
+    "DEFAULT_MAX_MESSAGE_BYTES": "wire",
+    "GrpcError": "wire",
+    "Metadata": "wire",
+    "Status": "wire",
+}
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -50,3 +84,15 @@ __all__ = [
     "open_channel",
     "open_channel_over",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = getattr(importlib.import_module(f".{home}", __name__), name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

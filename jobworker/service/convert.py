@@ -7,14 +7,16 @@ message that names the field as the API spells it.
 
 from __future__ import annotations
 
-import math
 import re
-from datetime import UTC, datetime
-
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
+from datetime import datetime
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+
+# The well-known types' conversions live in jobworker.api, which jobctl shares; the names stay
+# importable from here, where the handlers use them.
+from jobworker.api import duration_to_proto as duration_to_proto
+from jobworker.api import timestamp_from_proto as timestamp_from_proto
+from jobworker.api import timestamp_to_proto as timestamp_to_proto
 from jobworker.supervisor import (
     JobState,
     JobStatus,
@@ -261,16 +263,6 @@ def usage_from_proto(message: pb.Usage) -> Usage:
     )
 
 
-def timestamp_to_proto(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)  # an aware datetime: converted to UTC
-    return stamp
-
-
-def timestamp_from_proto(stamp: Timestamp) -> datetime:
-    return stamp.ToDatetime(tzinfo=UTC)
-
-
 def status_to_proto(status: JobStatus) -> pb.JobStatus:
     message = pb.JobStatus(
         job_id=status.id,
@@ -370,12 +362,3 @@ def chunk_from_proto(message: pb.LogChunk) -> OutputChunk:
     except KeyError:
         raise ValueError(f"unknown output stream {message.stream}") from None
     return OutputChunk(stream, message.offset, message.data, message.lost)
-
-
-def duration_to_proto(seconds: float) -> Duration:
-    """For clients: a Duration from seconds (finite, >= 0)."""
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"a duration must be a finite number >= 0, got {seconds}")
-    duration = Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration

@@ -16,15 +16,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The byte units live in jobworker.units (a client needs them without the supervisor); the
+# names stay importable from here, where the supervisor's API has always had them.
+from ..units import GiB, KiB, MiB
+from ..units import format_bytes as format_bytes
+from ..units import parse_bytes as parse_bytes
 from .errors import LimitOutOfRange
-
-KiB = 2**10
-MiB = 2**20
-GiB = 2**30
 
 # The smallest CPU share the kernel's CFS bandwidth control accepts is a 1 ms quota per
 # 100 ms period (cpu.cfs_quota_us / cpu.max reject quotas below 1000 µs).
@@ -295,32 +295,3 @@ def _mem_total() -> int:
 def _pid_max() -> int:
     text = _read(Path("/proc/sys/kernel/pid_max"))
     return min(int(text), PID_MAX_LIMIT) if text.isdigit() else PID_MAX_LIMIT
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
-_SCALE = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """Parse a size such as ``512M``, ``1GiB``, ``100m`` or ``4096`` (binary units, like docker).
-
-    Raises ValueError with the offending text.
-    """
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 512K, 100M, 1G)")
-    number, unit, _ = match.groups()
-    value = float(number) * _SCALE[unit.lower()]
-    if value != int(value):
-        raise ValueError(f"not a whole number of bytes: {text!r}")
-    return int(value)
-
-
-def format_bytes(value: int) -> str:
-    """The shortest exact binary-unit spelling: 1073741824 → ``1G``, 1536 → ``1.5K``."""
-    for unit in ("T", "G", "M", "K"):
-        scale = _SCALE[unit.lower()]
-        if value >= scale and (value * 100) % scale == 0:
-            # At most two decimals, and never an exponent (24731400K, not 2.47314e+07K).
-            return f"{value / scale:.2f}".rstrip("0").rstrip(".") + unit
-    return str(value)
