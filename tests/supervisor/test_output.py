@@ -1,4 +1,5 @@
-"""Tests of the per-job output log: ordering, followers, retention, boundedness, removal."""
+"""Tests of the per-job output log: ordering, followers, retention, boundedness, removal.
+(Times, selection and the old format: test_output_select.py.)"""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jobworker.supervisor import output
-from jobworker.supervisor.errors import OutputDropped
 from jobworker.supervisor.output import OutputChunk, OutputLog, OutputStream
 
 OUT, ERR = OutputStream.STDOUT, OutputStream.STDERR
@@ -26,6 +26,18 @@ KiB, MiB = 2**10, 2**20
 
 # tail_bytes that make readers read from disk only, or from memory as much as possible.
 DISK_AND_TAIL = pytest.mark.parametrize("tail_bytes", [0, 16 * MiB], ids=["disk", "tail"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_moment():
+    # Every append at the same time: chunking here depends on sizes and streams alone, not on
+    # how fast the machine appends (records a millisecond apart never join one chunk).
+    with mock.patch.object(output, "_wall_clock_ns", lambda: 1_800_000_000 * 10**9):
+        yield
+
+
+def dropped(offset: int, count: int) -> OutputChunk:
+    return OutputChunk(None, offset, b"", dropped=count)
 
 
 async def read_all(reader) -> list[OutputChunk]:
@@ -342,15 +354,12 @@ async def test_retention_drops_the_oldest_segments(tmp_path):
     assert log.start_offset % (64 * KiB) == 0  # whole segments
     assert len(os.listdir(tmp_path / "log")) == log.footprint().segments <= 5
 
-    with pytest.raises(OutputDropped) as excinfo:
-        await log.reader(0).__anext__()
-    assert (excinfo.value.requested_offset, excinfo.value.retained_start) == (0, log.start_offset)
-    with pytest.raises(OutputDropped):
-        await log.reader(log.start_offset - 1).__anext__()
-
-    chunks = await read_all(log.reader(log.start_offset))
+    # A reader from before what is kept is told how much is gone, then gets the rest.
+    first, *chunks = await read_all(log.reader(0))
+    assert first == dropped(0, log.start_offset)
     check_chunks(chunks, log.start_offset, 64 * KiB)
     assert b"".join(c.data for c in chunks) == data[log.start_offset :]
+    assert await log.reader(log.start_offset - 1).__anext__() == dropped(log.start_offset - 1, 1)
 
 
 async def test_default_segment_keeps_at_least_seven_eighths_of_the_cap(tmp_path):
@@ -364,7 +373,7 @@ async def test_default_segment_keeps_at_least_seven_eighths_of_the_cap(tmp_path)
 
 
 @DISK_AND_TAIL
-async def test_follower_overtaken_by_retention_gets_output_dropped(tmp_path, tail_bytes):
+async def test_follower_overtaken_by_retention_is_told_and_goes_on(tmp_path, tail_bytes):
     log = OutputLog(
         tmp_path / "log", retention_bytes=256 * KiB, segment_bytes=64 * KiB, tail_bytes=tail_bytes
     )
@@ -376,11 +385,10 @@ async def test_follower_overtaken_by_retention_gets_output_dropped(tmp_path, tai
     log.append(ERR, b"b" * 200 * KiB)  # 300 KiB > 256 KiB: the first segment goes
     assert log.start_offset == 64 * KiB
 
-    with pytest.raises(OutputDropped) as excinfo:
-        await reader.__anext__()
-    assert (excinfo.value.requested_offset, excinfo.value.retained_start) == (1000, 64 * KiB)
-    # Resuming from the retained start works.
-    chunks = await read_all(log.reader(excinfo.value.retained_start))
+    assert await reader.__anext__() == dropped(1000, 64 * KiB - 1000)
+    log.close()
+    chunks = await read_all(reader)  # the same reader goes on from the retained start
+    check_chunks(chunks, 64 * KiB, 1000)
     assert b"".join(c.data for c in chunks) == b"a" * 36 * KiB + b"b" * 200 * KiB
 
 
@@ -422,12 +430,12 @@ async def test_memory_stays_bounded_whatever_the_volume(tmp_path):
         log.append(OUT if i % 2 else ERR, b"x")
     fp = log.footprint()
     assert fp.tail_records <= 4096
-    assert fp.checkpoints <= 100_000 * 6 // (64 * KiB) + 2
+    assert fp.checkpoints <= 100_000 * (13 + 1) // (64 * KiB) + 2  # 13-byte headers
     chunks = await read_all(log.reader(50_000))
     assert len(chunks) == 50_000 and tags_of(chunks)[:2] == [ERR, OUT]
 
 
-async def test_remove_deletes_files_and_directory_and_ends_or_fails_readers(tmp_path):
+async def test_remove_deletes_files_and_directory_and_readers_see_a_drop_or_the_end(tmp_path):
     directory = tmp_path / "log"
     log = OutputLog(directory, segment_bytes=64 * KiB, retention_bytes=1 * MiB)
     log.append(OUT, b"x" * 200 * KiB)
@@ -438,13 +446,8 @@ async def test_remove_deletes_files_and_directory_and_ends_or_fails_readers(tmp_
     outcomes: list[str] = []
 
     async def follow(reader):
-        try:
-            async for _ in reader:
-                pass
-        except OutputDropped:
-            outcomes.append("dropped")
-        else:
-            outcomes.append("ended")
+        outcomes.extend([chunk async for chunk in reader])
+        outcomes.append("ended")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(follow, at_end)
@@ -452,8 +455,7 @@ async def test_remove_deletes_files_and_directory_and_ends_or_fails_readers(tmp_
         log.remove()
     assert outcomes == ["ended"]
     assert not directory.exists()
-    with pytest.raises(OutputDropped):
-        await behind.__anext__()
+    assert await read_all(behind) == [dropped(64 * KiB, 136 * KiB)]
     assert (log.closed, log.retained_bytes, log.start_offset) == (True, 0, 200 * KiB)
     with pytest.raises(RuntimeError):
         log.append(OUT, b"more")
@@ -489,8 +491,8 @@ async def test_output_the_disk_refuses_is_an_explicit_gap_never_a_silent_hole(
     assert log.append(ERR, b"lost") is False
     assert log.append(OUT, b"also lost") is False  # nothing lands after an unrecorded loss
     assert (log.end_offset, log.lost_bytes, log.loss_error.errno) == (6, 13, errno.ENOSPC)
-    # The file is still a sequence of whole records: header (5 bytes) + b"before".
-    assert [p.stat().st_size for p in (tmp_path / "log").iterdir()] == [5 + 6]
+    # The file is still a sequence of whole records: header (13 bytes) + b"before".
+    assert [p.stat().st_size for p in (tmp_path / "log").iterdir()] == [13 + 6]
     monkeypatch.setattr(os, "pwritev", real_pwritev)
     assert log.append(ERR, b"after") is True  # the gaps go first, then this
     log.close()
@@ -554,8 +556,8 @@ async def test_a_reopened_log_is_byte_exact_with_its_offsets_and_retention(tmp_p
     retained = log.end_offset - log.start_offset
     assert b"".join(c.data for c in again) == bytes(model.data[-retained:])
     assert tags_of(again) == model.tags[-retained:]
-    with pytest.raises(OutputDropped):
-        await reopened.reader(0).__anext__()  # retention's drops survive too
+    # retention's drops survive too
+    assert await reopened.reader(0).__anext__() == dropped(0, log.start_offset)
     assert reopened.footprint().segments == log.footprint().segments
     log.remove()
 
@@ -587,8 +589,7 @@ async def test_trim_drops_the_oldest_segments_as_retention_does(tmp_path):
     behind = log.reader(0)
     assert log.trim(100 * KiB) == 128 * KiB  # whole segments only
     assert (log.start_offset, log.stored_bytes) == (128 * KiB, 6 * 64 * KiB)
-    with pytest.raises(OutputDropped):
-        await behind.__anext__()
+    assert await behind.__anext__() == dropped(0, 128 * KiB)
     assert log.trim(10 * MiB) == 5 * 64 * KiB  # never the active segment
     log.remove()
 
@@ -663,15 +664,12 @@ def test_any_appends_read_back_from_any_offset(
         offset = data.draw(st.integers(0, end + 2), label="offset")
 
         async def main():
-            if offset < start:
-                with pytest.raises(OutputDropped) as excinfo:
-                    await log.reader(offset).__anext__()
-                assert excinfo.value.retained_start == start
-                return
             chunks = await read_all(log.reader(offset, max_chunk_bytes=max_chunk_bytes))
-            check_chunks(chunks, offset, max_chunk_bytes)
-            assert b"".join(c.data for c in chunks) == model.data[offset:]
-            assert tags_of(chunks) == model.tags[offset:]
+            if offset < start:
+                assert chunks.pop(0) == OutputChunk(None, offset, b"", dropped=start - offset)
+            check_chunks(chunks, max(offset, start), max_chunk_bytes)
+            assert b"".join(c.data for c in chunks) == model.data[max(offset, start) :]
+            assert tags_of(chunks) == model.tags[max(offset, start) :]
 
         trio.run(main)
         log.remove()
@@ -689,8 +687,9 @@ def test_a_follower_interleaved_with_appends_sees_everything_or_a_drop(
     appends, segment_bytes, tail_bytes, max_chunk_bytes, steps
 ):
     # A follower takes 0-3 chunks after each append: its remembered disk position is
-    # carried across appends, segment rolls and drops. After a drop it resumes from
-    # retained_start; what it delivered must match the model byte for byte.
+    # carried across appends, segment rolls and drops. A drop is a chunk saying how much, then
+    # the reader goes on from the retained start; what it delivered must match the model byte
+    # for byte.
     retention_bytes = segment_bytes * 3
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -708,23 +707,19 @@ def test_a_follower_interleaved_with_appends_sees_everything_or_a_drop(
             reader = log.reader(follow=True, max_chunk_bytes=max_chunk_bytes)
 
             async def take(n: int) -> None:
-                nonlocal reader
                 for _ in range(n):
                     if reader.offset >= log.end_offset and not log.closed:
                         return  # would wait
                     before = reader.offset
                     try:
                         chunk = await reader.__anext__()
-                    except OutputDropped as exc:
-                        assert exc.requested_offset == reader.offset
-                        assert exc.retained_start == log.start_offset > reader.offset
-                        reader = log.reader(
-                            exc.retained_start, follow=True, max_chunk_bytes=max_chunk_bytes
-                        )
-                        continue
                     except StopAsyncIteration:
                         return
                     assert chunk.offset == before  # nothing skipped
+                    if chunk.dropped:
+                        assert chunk.end == log.start_offset
+                        assert (chunk.stream, chunk.data) == (None, b"")
+                        continue
                     end = chunk.offset + len(chunk.data)
                     assert chunk.data == model.data[chunk.offset : end]
                     assert [chunk.stream] * len(chunk.data) == model.tags[chunk.offset : end]
