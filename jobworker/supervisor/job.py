@@ -21,6 +21,7 @@ Nothing here blocks on readers: pumps append to the log, which never waits for a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -66,6 +67,7 @@ class JobSpec:
     run_as: RunAs
     network: str = "host"
     namespaces: tuple[str, ...] = ()  # empty: unisolated
+    name: str = ""  # the caller's label for it; the Supervisor gives it no meaning
 
 
 class Job:
@@ -155,6 +157,7 @@ class Job:
             namespaces=self.spec.namespaces,
             network=self.spec.network,
             survivors=self._survivors,
+            name=self.spec.name,
         )
 
     def output(
@@ -191,6 +194,31 @@ class Job:
             self._stop_requested_by = requested_by
             log.info("job %s: stop requested by %s", self.id, requested_by or "(library)")
         self._escalation.request(grace_period_s)
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` once to every process of the job, and nothing more: no escalation,
+        and the job's end is reported as it happens (killed by this signal, say: not
+        "stopped", since `stop` was not asked for). Raises JobEnded once the job's leader
+        has exited (what is left of the job is being killed), ValueError for a number that
+        is not a signal.
+
+        Every process is reached through the job's group, which holds the job's processes
+        and nothing else: for a caged job not its init, which stays outside (cage.c). An
+        init is the one process that signals without a handler of its own do not reach, so
+        signalling it would do nothing, and would leave its children unaware. Like any
+        signal loop, a process forked meanwhile may miss it (only `stop`'s kill cannot be
+        escaped); without cgroups, the group is the leader's process group.
+        """
+        if signum not in signal.valid_signals():
+            raise ValueError(f"{signum} is not a signal number")
+        group = self._group
+        if self._state.ended or self._exited.is_set() or group is None:
+            raise JobEnded(self.id, self._state.value if self._state.ended else "ending")
+        try:
+            group.signal(signum)
+        except OSError as exc:  # the group's listing is gone: removed behind our back
+            raise CgroupError(f"cannot signal the processes of job {self.id}: {exc}") from exc
+        log.info("job %s: sent %s", self.id, _signal_name(signum))
 
     async def wait(self) -> JobStatus:
         """Wait until the job has ended (output complete, group removed); its final status."""
@@ -430,7 +458,9 @@ class Job:
                 await group.wait_empty()
             self._oom_killed = group.oom_kills() > 0
             self._pids_limit_hit = group.pids_limit_hits() > 0
-            self._usage = group.usage()
+            # Memory "in use now" means nothing once the job has ended (its page cache may
+            # still be charged to the empty group): the peak is what remains to say.
+            self._usage = dataclasses.replace(group.usage(), memory_bytes=None)
             # A group still holding processes cannot be removed, nor may the job's uid go to
             # another job while they live: both wait for them (run() lingers).
             self._lingering = waited.cancelled_caught or spawned.process.returncode is None
@@ -506,6 +536,13 @@ class _KillTarget:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _pipe_holders(spawned: Spawned) -> list[int]:

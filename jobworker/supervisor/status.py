@@ -31,6 +31,7 @@ class Usage:
 
     cpu_s: float | None = None
     cpu_throttled_s: float | None = None
+    memory_bytes: int | None = None  # in use now: running jobs only
     memory_peak_bytes: int | None = None
     io_read_bytes: int | None = None
     io_write_bytes: int | None = None
@@ -99,6 +100,7 @@ class JobStatus:
     # a root job without isolation), or unkillable (uninterruptible sleep). The job's end is
     # reported without them.
     survivors: tuple[int, ...] = ()
+    name: str = ""  # the caller's label for the job, if any (`Supervisor.start(name=...)`)
 
     @property
     def signal_name(self) -> str | None:

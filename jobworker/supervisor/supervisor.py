@@ -260,6 +260,7 @@ class Supervisor:
         user: str | int | None = None,
         network: Network = "host",
         job_id: str | None = None,
+        name: str = "",
     ) -> Job:
         """Start `command` with `args` as a new job, and return it once it runs in its group.
 
@@ -269,6 +270,8 @@ class Supervisor:
           jobs only).
         - job_id: the id to give the job (a canonical UUID no job of this Supervisor has; one
           that a store recorded before the job started); None: a new random UUID.
+        - name: a label for the job, shown in its status; the Supervisor neither checks nor
+          uses it (a server keeps names unique per owner).
 
         A job that cannot be created (command not found or not executable, a bad working
         directory, cgroup or cage setup failing) is returned in state ERROR with the reason in
@@ -277,6 +280,7 @@ class Supervisor:
         if self._nursery is None or self._backend is None or self._closing:
             raise RuntimeError("the Supervisor is not running (use `async with Supervisor()`)")
         spec = self._spec(command, args, owner, limits, env, cwd, user, network)
+        spec = dataclasses.replace(spec, name=name)
         job_id = self._new_id(job_id)
         held = _Held(self._uids)
         try:

@@ -157,6 +157,10 @@ def test_usage_parsers():
     assert v2_usage("usage_usec 1\n", None, None).memory_peak_bytes is None
     usage = v1_usage("2000000000\n", "nr_periods 3\nthrottled_time 500000000\n", "8192\n", service)
     assert (usage.cpu_s, usage.cpu_throttled_s, usage.io_write_bytes) == (2.0, 0.5, 8192)
+    # Memory in use now: memory.current (v2), memory.usage_in_bytes (v1).
+    assert v2_usage("usage_usec 1\n", None, None, "1024\n").memory_bytes == 1024
+    assert v1_usage("1\n", "", "8192\n", "", "2048\n").memory_bytes == 2048
+    assert v2_usage("usage_usec 1\n", None, None).memory_bytes is None
 
 
 @pytest.mark.parametrize(

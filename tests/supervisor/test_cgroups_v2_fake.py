@@ -28,6 +28,7 @@ CONTROL_FILES = {
     "memory.oom.group": "0\n",
     "memory.events": "oom 0\noom_kill 0\n",
     "memory.peak": "0\n",
+    "memory.current": "0\n",
     "io.max": "",
     "io.stat": "",
     "pids.max": "max\n",
@@ -88,10 +89,12 @@ def test_counters_and_usage_are_read_from_the_leaf(root, tmp_path):
     (leaf / "pids.events").write_text("max 4\n")
     (leaf / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 1\nthrottled_usec 500000\n")
     (leaf / "memory.peak").write_text("12345\n")
+    (leaf / "memory.current").write_text("4096\n")
     (leaf / "io.stat").write_text("254:0 rbytes=10 wbytes=20 rios=1 wios=1\n")
     assert group.oom_kills() == 1 and group.pids_limit_hits() == 4
     usage = group.usage()
     assert (usage.cpu_s, usage.cpu_throttled_s, usage.memory_peak_bytes) == (2.5, 0.5, 12345)
+    assert usage.memory_bytes == 4096
     assert (usage.io_read_bytes, usage.io_write_bytes) == (10, 20)
 
 

@@ -141,6 +141,7 @@ class V2Group(CgroupGroup):
             fs.read(self._leaf / "cpu.stat"),
             fs.read_optional(self._leaf / "memory.peak"),  # kernel >= 5.19
             fs.read_optional(self._leaf / "io.stat"),
+            fs.read(self._leaf / "memory.current"),
         )
 
     def oom_kills(self) -> int:
@@ -158,6 +159,8 @@ class V1Group(CgroupGroup):
             fs.read(d["cpu"] / "cpu.stat"),
             fs.read(d["memory"] / "memory.max_usage_in_bytes"),
             fs.read(d["blkio"] / "blkio.throttle.io_service_bytes"),
+            # Charged pages, the page cache included: what the memory limit is compared with.
+            fs.read(d["memory"] / "memory.usage_in_bytes"),
         )
 
     def oom_kills(self) -> int:

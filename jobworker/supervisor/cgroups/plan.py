@@ -92,23 +92,36 @@ def parse_v1_io_service_bytes(text: str) -> tuple[int, int]:
     return read, written
 
 
-def v2_usage(cpu_stat: str, memory_peak: str | None, io_stat: str | None) -> Usage:
+def v2_usage(
+    cpu_stat: str,
+    memory_peak: str | None,
+    io_stat: str | None,
+    memory_current: str | None = None,
+) -> Usage:
     cpu = parse_flat_keyed(cpu_stat)
     read, written = parse_v2_io_stat(io_stat) if io_stat is not None else (None, None)
     return Usage(
         cpu_s=_seconds(cpu.get("usage_usec"), 1e6),
         cpu_throttled_s=_seconds(cpu.get("throttled_usec"), 1e6),
+        memory_bytes=int(memory_current) if memory_current else None,
         memory_peak_bytes=int(memory_peak) if memory_peak else None,
         io_read_bytes=read,
         io_write_bytes=written,
     )
 
 
-def v1_usage(cpuacct_usage: str, cpu_stat: str, max_usage: str, io_service_bytes: str) -> Usage:
+def v1_usage(
+    cpuacct_usage: str,
+    cpu_stat: str,
+    max_usage: str,
+    io_service_bytes: str,
+    usage: str | None = None,
+) -> Usage:
     read, written = parse_v1_io_service_bytes(io_service_bytes)
     return Usage(
         cpu_s=int(cpuacct_usage) / 1e9,
         cpu_throttled_s=_seconds(parse_flat_keyed(cpu_stat).get("throttled_time"), 1e9),
+        memory_bytes=int(usage) if usage else None,
         memory_peak_bytes=int(max_usage),
         io_read_bytes=read,
         io_write_bytes=written,
