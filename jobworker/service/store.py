@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import trio
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Statements that take a file from version N-1 to version N, in order.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -70,6 +70,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX jobs_output ON jobs (seq, output_bytes)"
         " WHERE ended_at IS NOT NULL AND output_removed = 0",
     ),
+    # Job references (references.py): names, unique per owner among the jobs kept, and id
+    # prefixes, each found by one index lookup or range, however many jobs are kept. The
+    # unique index is what makes two concurrent starts with one name yield one job.
+    3: (
+        "ALTER TABLE jobs ADD COLUMN name TEXT",  # NULL: none
+        "CREATE UNIQUE INDEX jobs_name ON jobs (name, owner) WHERE name IS NOT NULL",
+        "CREATE INDEX jobs_owner_id ON jobs (owner, job_id)",
+    ),
 }
 
 T = TypeVar("T")
@@ -77,6 +85,14 @@ T = TypeVar("T")
 
 class StoreUnavailable(Exception):
     """The store cannot be read or written (disk full, a broken file): the message says why."""
+
+
+class NameInUse(Exception):
+    """A record of the same owner already has this name: `holder`."""
+
+    def __init__(self, holder: Record) -> None:
+        super().__init__(f"{holder.owner} already has a job named {holder.name}: {holder.job_id}")
+        self.holder = holder
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +110,12 @@ class Record:
     output_removed: bool = False
     run_id: int = 0
     seq: int = 0
+    name: str = ""  # empty: none
+
+    @property
+    def id(self) -> str:
+        """As `Job.id`: handlers deal in either."""
+        return self.job_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +139,7 @@ class Query:
 
 _COLUMNS = (
     "job_id, owner, state, created_at, status, ended_at, output_bytes, output_end,"
-    " output_removed, run_id, seq"
+    " output_removed, run_id, seq, name"
 )
 
 
@@ -134,6 +156,7 @@ def _record(row: tuple) -> Record:
         output_removed=bool(row[8]),
         run_id=row[9],
         seq=row[10],
+        name=row[11] or "",
     )
 
 
@@ -213,25 +236,36 @@ class JobStore:
     # --- jobs --------------------------------------------------------------------------------
 
     async def insert(self, record: Record) -> None:
-        await self._write(
-            lambda db: db.execute(
-                "INSERT INTO jobs (job_id, owner, state, created_at, status, ended_at,"
-                " output_bytes, output_end, output_removed, run_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.job_id,
-                    record.owner,
-                    record.state,
-                    record.created_at,
-                    record.status,
-                    record.ended_at,
-                    record.output_bytes,
-                    record.output_end,
-                    int(record.output_removed),
-                    record.run_id,
-                ),
-            )
-        )
+        """A new record. NameInUse when its owner has a record of the same name: checked by
+        the insert itself (the unique index), so of two racing inserts one gets it."""
+
+        def insert(db: sqlite3.Connection) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO jobs (job_id, owner, state, created_at, status, ended_at,"
+                    " output_bytes, output_end, output_removed, run_id, name)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.job_id,
+                        record.owner,
+                        record.state,
+                        record.created_at,
+                        record.status,
+                        record.ended_at,
+                        record.output_bytes,
+                        record.output_end,
+                        int(record.output_removed),
+                        record.run_id,
+                        record.name or None,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                holder = _named(db, record.name, record.owner) if record.name else None
+                if holder is None:
+                    raise  # another constraint (a job id in use): StoreUnavailable
+                raise NameInUse(holder) from None
+
+        await self._write(insert)
 
     async def update(self, record: Record) -> None:
         """The job's new status (its state, end, output size); its identity never changes."""
@@ -255,6 +289,54 @@ class JobStore:
         def read(db: sqlite3.Connection) -> Record | None:
             row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             return _record(row) if row else None
+
+        return await self._call(read)
+
+    async def candidates(
+        self, *, name: str | None, prefix: str | None, owner: str | None, me: str, limit: int
+    ) -> tuple[list[Record], list[Record]]:
+        """The records a job reference may mean (see references.py), at most `limit` of each
+        kind, only `owner`'s (None: everyone's): those named `name` (everyone's: `me`'s alone
+        if it has one, else by owner); those whose id starts with `prefix`, in id order. Each
+        is one index lookup or range."""
+
+        def read(db: sqlite3.Connection) -> tuple[list[Record], list[Record]]:
+            named: list[Record] = []
+            if name is not None:
+                # Unique per owner: an owner's is one lookup, and `me`'s alone when it has one.
+                found = _named(db, name, me if owner is None else owner)
+                named = [found] if found is not None else []
+                if owner is None and found is None:
+                    rows = db.execute(
+                        f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_name WHERE name = ?"
+                        " ORDER BY owner LIMIT ?",
+                        (name, limit),
+                    )
+                    named = [_record(r) for r in rows]
+            prefixed: list[Record] = []
+            if prefix is not None:
+                # Ids are lower-case hex and dashes, all below "~": the range [prefix,
+                # prefix + "~") is exactly the ids that start with it. Everyone's ids are
+                # ranged over the job_id column's own (unique) index.
+                if owner is None:
+                    where, args = "WHERE", (prefix, prefix + "~", limit)
+                else:
+                    where, args = (
+                        "INDEXED BY jobs_owner_id WHERE owner = ? AND",
+                        (
+                            owner,
+                            prefix,
+                            prefix + "~",
+                            limit,
+                        ),
+                    )
+                rows = db.execute(
+                    f"SELECT {_COLUMNS} FROM jobs {where} job_id >= ? AND job_id < ?"
+                    " ORDER BY job_id LIMIT ?",
+                    args,
+                )
+                prefixed = [_record(r) for r in rows]
+            return named, prefixed
 
         return await self._call(read)
 
@@ -363,6 +445,14 @@ class JobStore:
         return await self._call(
             lambda db: int(db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
         )
+
+
+def _named(db: sqlite3.Connection, name: str, owner: str) -> Record | None:
+    row = db.execute(
+        f"SELECT {_COLUMNS} FROM jobs INDEXED BY jobs_name WHERE name = ? AND owner = ?",
+        (name, owner),
+    ).fetchone()
+    return _record(row) if row else None
 
 
 async def open_store(path: str | Path) -> JobStore:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -11,9 +13,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.service.store import (
     _MIGRATIONS,
     SCHEMA_VERSION,
+    NameInUse,
     Query,
     Record,
     StoreUnavailable,
@@ -111,12 +115,57 @@ async def test_an_older_schema_is_migrated_keeping_every_record(tmp_path: Path) 
     store = await open_store(path)
     got = await store.get("00000000-0000-4000-8000-000000000001")
     assert got is not None and (got.owner, got.ended_at, got.status) == ("alice", 1002.0, b"\n\x01")
+    assert got.name == ""  # version 3's column, empty for records made before it
     assert await store.ended_output_bytes() == 77  # answered through version 2's index
     await store.aclose()
-    assert {"jobs_ended_seq", "jobs_output"} <= indexes(path)
+    assert {"jobs_ended_seq", "jobs_output", "jobs_name", "jobs_owner_id"} <= indexes(path)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     db.close()
+
+
+# Made by the jobworker of schema version 2 (commit ad348ec), as a server leaves it: a server
+# ran three jobs through its JobService — alice's `sh -c "echo hello"` (finished, 6 bytes of
+# output), bob's `sleep 600` (stopped by the server's shutdown), alice's `/nonexistent` (error).
+VERSION_2_FILE = Path(__file__).parent / "data" / "jobworker-schema-2.db"
+VERSION_2_JOBS = {
+    "6539f0d6-80ff-4f03-84b5-0fb799283e4f": ("alice", pb.JOB_STATE_FINISHED, "sh"),
+    "90ee8a7f-81bf-4b53-bba2-3067208efe25": ("bob", pb.JOB_STATE_STOPPED, "sleep"),
+    "2ec987fb-c1df-4114-aac9-c44495be1419": ("alice", pb.JOB_STATE_ERROR, "/nonexistent"),
+}
+
+
+async def test_a_file_a_version_2_server_wrote_is_migrated_and_names_work(tmp_path: Path) -> None:
+    path = tmp_path / "jobworker.db"
+    shutil.copyfile(VERSION_2_FILE, path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+    store = await open_store(path)
+    for job_id, (owner, state, command) in VERSION_2_JOBS.items():
+        got = await store.get(job_id)
+        assert got is not None and (got.owner, got.state, got.name) == (owner, state, "")
+        status = pb.JobStatus.FromString(got.status)
+        assert (status.job_id, status.command, status.name) == (job_id, command, "")
+    finished = await store.get("6539f0d6-80ff-4f03-84b5-0fb799283e4f")
+    assert finished is not None and finished.output_bytes == 6
+    # Version 3 at work on the old records: prefixes, and names for new ones.
+    named, prefixed = await store.candidates(
+        name=None, prefix="6539", owner="alice", me="alice", limit=6
+    )
+    assert (named, [r.job_id for r in prefixed]) == ([], [*VERSION_2_JOBS][:1])
+    new = dataclasses.replace(record(1), name="build", run_id=finished.run_id)
+    await store.insert(new)
+    await store.aclose()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    store = await open_store(path)  # at the current version: nothing more to do
+    got = await store.get(new.job_id)
+    assert got is not None and got.name == "build"
+    assert await store.count() == 4
+    await store.aclose()
 
 
 async def test_a_migration_that_fails_leaves_the_file_at_the_version_before(
@@ -240,6 +289,143 @@ def test_expired_is_exactly_what_is_too_old_or_beyond_the_newest_kept(
         ]
         got = await store.expired(ended_before=2000.0 + ended_before, keep=keep, owner=owner)
         assert [r.job_id for r in got] == expected
+        await store.aclose()
+
+    trio.run(main)
+
+
+# --- names and id prefixes (job references) -------------------------------------------------------
+
+
+async def test_a_name_is_unique_per_owner_until_its_record_goes() -> None:
+    store = await store_with_a_run()
+    first = dataclasses.replace(record(1), name="build")
+    await store.insert(first)
+    with pytest.raises(NameInUse) as caught:
+        await store.insert(dataclasses.replace(record(2), name="build"))
+    assert caught.value.holder.job_id == first.job_id
+    assert await store.get(record(2).job_id) is None  # nothing of the loser was written
+    await store.insert(dataclasses.replace(record(3, owner="bob"), name="build"))  # bob's own
+    await store.insert(record(4))  # no name: any number of those
+    await store.insert(record(5))
+    await store.delete([first.job_id])
+    await store.insert(dataclasses.replace(record(2), name="build"))  # free again
+    await store.aclose()
+
+
+async def test_of_concurrent_inserts_with_one_name_exactly_one_succeeds() -> None:
+    store = await store_with_a_run()
+    outcomes: list[str] = []
+
+    async def insert(n: int) -> None:
+        try:
+            await store.insert(dataclasses.replace(record(n), name="race"))
+            outcomes.append("inserted")
+        except NameInUse:
+            outcomes.append("taken")
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(insert, n)
+    assert sorted(outcomes) == ["inserted"] + ["taken"] * 19
+    await store.aclose()
+
+
+async def test_candidates_prefer_the_callers_own_name_and_range_over_ids() -> None:
+    store = await store_with_a_run()
+    ids = [
+        f"{head}-0000-4000-8000-00000000000{n}"
+        for n, head in enumerate(["aa000000", "aa110000", "ab000000", "aa220000"], 1)
+    ]
+    owners = ["alice", "bob", "alice", "alice"]
+    names = ["build", "build", "", "test"]
+    for n, (job_id, owner, name) in enumerate(zip(ids, owners, names, strict=True)):
+        await store.insert(dataclasses.replace(record(n), job_id=job_id, owner=owner, name=name))
+
+    async def find(name, prefix, owner, me="alice", limit=6):
+        named, prefixed = await store.candidates(
+            name=name, prefix=prefix, owner=owner, me=me, limit=limit
+        )
+        return [r.job_id for r in named], [r.job_id for r in prefixed]
+
+    assert await find("build", None, None) == ([ids[0]], [])  # alice's own, alone
+    assert await find("build", None, None, me="adam") == ([ids[0], ids[1]], [])  # by owner
+    assert await find("build", None, "bob", me="bob") == ([ids[1]], [])
+    assert await find("test", None, "bob", me="bob") == ([], [])  # alice's: out of scope
+    assert await find(None, "aa", None) == ([], [ids[0], ids[1], ids[3]])  # in id order
+    assert await find(None, "aa", "alice") == ([], [ids[0], ids[3]])
+    assert await find(None, "aa", None, limit=2) == ([], [ids[0], ids[1]])
+    assert await find(None, "aa1", "alice") == ([], [])
+    assert await find(None, ids[2], None) == ([], [ids[2]])  # a whole id is its own prefix
+    await store.aclose()
+
+
+async def test_reference_lookups_are_index_searches_never_scans() -> None:
+    # At 100k jobs a scan per call would cost what an index search does not: the plan says
+    # which one SQLite does, whatever the data (no statistics are gathered).
+    store = await store_with_a_run()
+    for n in range(50):
+        await store.insert(dataclasses.replace(record(n), name=f"job{n}"))
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    for owner in (None, "alice"):
+        await store.candidates(
+            name="job7", prefix="00000000-0000-4", owner=owner, me="bob", limit=6
+        )
+    store._db.set_trace_callback(None)
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(selects) >= 4
+
+    def plan(sql: str) -> list[str]:
+        return [row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + sql)]
+
+    for sql in selects:
+        details = await trio.to_thread.run_sync(plan, sql)
+        assert details and all(d.startswith("SEARCH jobs USING") for d in details), (sql, details)
+    await store.aclose()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    # Ids from a small alphabet so that prefixes are shared; owners and names likewise.
+    jobs=st.lists(
+        st.tuples(
+            st.text("ab", min_size=4, max_size=4),
+            st.sampled_from(["alice", "bob"]),
+            st.sampled_from(["", "x", "y"]),
+        ),
+        max_size=12,
+        unique_by=lambda j: j[0],
+    ),
+    prefix=st.text("ab", max_size=4),
+    name=st.sampled_from(["x", "y"]),
+    owner=st.sampled_from([None, "alice", "bob"]),
+    me=st.sampled_from(["alice", "bob", "adam"]),
+    limit=st.integers(1, 4),
+)
+def test_candidates_are_exactly_the_matching_records(jobs, prefix, name, owner, me, limit) -> None:
+    async def main() -> None:
+        store = await store_with_a_run()
+        inserted = []
+        for n, (head, who, label) in enumerate(jobs):
+            rec = dataclasses.replace(
+                record(n), job_id=head + f"0000-0000-4000-8000-{n:012d}", owner=who, name=label
+            )
+            try:
+                await store.insert(rec)
+                inserted.append(rec)
+            except NameInUse:
+                pass  # the model keeps only what the store took
+        named, prefixed = await store.candidates(
+            name=name, prefix=prefix or None, owner=owner, me=me, limit=limit
+        )
+        scope = [r for r in inserted if owner is None or r.owner == owner]
+        mine = [r.job_id for r in scope if r.name == name and r.owner == (owner or me)]
+        others = sorted((r.owner, r.job_id) for r in scope if r.name == name)
+        expected_named = mine or ([j for _, j in others][:limit] if owner is None else [])
+        assert [r.job_id for r in named] == expected_named
+        expected = sorted(r.job_id for r in scope if r.job_id.startswith(prefix))[:limit]
+        assert [r.job_id for r in prefixed] == (expected if prefix else [])
         await store.aclose()
 
     trio.run(main)
