@@ -73,3 +73,47 @@ def test_units_and_api_helpers_keep_their_old_homes() -> None:
     assert convert.duration_to_proto is api.duration_to_proto
     assert convert.timestamp_to_proto is api.timestamp_to_proto
     assert convert.timestamp_from_proto is api.timestamp_from_proto
+
+
+def launch(*args: str) -> subprocess.CompletedProcess[str]:
+    # The console script as pip writes it, in a fresh interpreter.
+    code = (
+        "import json, sys\n"
+        "from jobworker.cli.launch import jobctl\n"
+        "code = jobctl()\n"
+        "print(json.dumps(sorted(sys.modules)))\n"  # only reached when jobctl returned
+        "sys.exit(code)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_version_is_answered_without_loading_the_app() -> None:
+    import jobworker
+
+    done = launch("--version")
+    version, modules = done.stdout.splitlines()
+    assert (done.returncode, version) == (0, jobworker.__version__)
+    loaded = json.loads(modules)
+    assert not [m for m in loaded if m.split(".")[0] in ("trio", "cyclopts", "OpenSSL", "google")]
+
+
+def test_a_command_leaves_at_once_with_its_output_and_exit_code() -> None:
+    # Leaving through os._exit skips the interpreter's final flush: what the command wrote must
+    # have been flushed before, all of it (help is long enough to fill a pipe's buffer), the
+    # same as when the interpreter exits as usual.
+    done = launch("--help")
+    usual = subprocess.run(
+        [sys.executable, "-c", "from jobworker.cli.jobctl import main; main(['--help'])"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == usual.returncode == 0, done.stderr
+    assert "Usage: jobctl" in done.stdout
+    assert done.stdout == usual.stdout  # and not followed by the module list: it left
+
+    done = launch("status")  # a usage error: its one line, and exit code 2
+    assert done.returncode == 2
+    assert done.stderr.startswith("jobctl: ") and done.stdout == ""
