@@ -39,14 +39,16 @@ async def test_cpu_is_throttled_to_its_share(sup):
                 pass
             print(time.process_time() - cpu0, time.monotonic() - wall0)
         """),
-        limits=LimitOverrides(cpu=0.5),
+        limits=LimitOverrides(cpu=0.1),
     )
     out = (await read_all(job))[OutputStream.STDOUT].split()
     cpu_s, wall_s = float(out[0]), float(out[1])
     status = await job.wait()
     assert status.state is JobState.FINISHED
-    # A busy loop alone on a core would get ~100%; the quota holds it near 50%.
-    assert cpu_s / wall_s < 0.65
+    # A busy loop alone on a core would get ~100%; the quota holds it near 10%. A small share:
+    # on a machine busy with other work (another suite) the loop still wants more than its
+    # quota, so it is throttled; at half a core it might get no more than that anyway.
+    assert cpu_s / wall_s < 0.3
     assert status.usage.cpu_throttled_s > 0
     assert status.usage.cpu_s >= cpu_s * 0.9  # the cgroup saw (at least) what the job used
 
