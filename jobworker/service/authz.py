@@ -19,6 +19,8 @@ Decisions where the issue is silent:
   nothing" is the role's promise.
 * DELETE (issue 12: `jobctl rm` and `prune`) is the owner's or an admin's, like STOP; a prune
   of every user's jobs asks for it with ``is_owner=False``: admin only.
+* SIGNAL (issue 14: `jobctl kill`) acts on a job's processes as a stop does: like STOP.
+  Waiting for a job's end (WaitJob) reads its status: READ_STATUS.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .identity import Role
 class Action(enum.Enum):
     START = "start"
     STOP = "stop"
+    SIGNAL = "signal"
     READ_STATUS = "status"
     READ_LOGS = "logs"
     LIST = "list"
@@ -57,6 +60,8 @@ _TABLE: dict[tuple[Action, bool], tuple[Decision, Decision, Decision]] = {
     (Action.START,       False):   (_A,   _D,    _A),
     (Action.STOP,        True):    (_A,   _D,    _A),
     (Action.STOP,        False):   (_H,   _D,    _A),
+    (Action.SIGNAL,      True):    (_A,   _D,    _A),
+    (Action.SIGNAL,      False):   (_H,   _D,    _A),
     (Action.READ_STATUS, True):    (_A,   _A,    _A),
     (Action.READ_STATUS, False):   (_H,   _A,    _A),
     (Action.READ_LOGS,   True):    (_A,   _A,    _A),

@@ -7,7 +7,7 @@ message that names the field as the API spells it.
 
 from __future__ import annotations
 
-import re
+import signal
 from datetime import datetime
 
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
@@ -29,30 +29,41 @@ from jobworker.supervisor import (
     Usage,
 )
 
+from . import references
 from .errors import InvalidRequest
 
 # One hour: a stop that waits longer than that for a job to clean up is a typo (60h for 60s),
 # and StopJob holds the caller until the job has ended.
 MAX_GRACE_PERIOD_S = 3600.0
 
-# What Supervisor.start generates: str(uuid.uuid4()), canonical and lower case.
-_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _SHOWN_CHARS = 60  # of a malformed value echoed in an error message
 
 # --- requests ------------------------------------------------------------------------------
 
 
 def job_id_of(text: str) -> str:
-    """A well-formed job id (a UUID4, any case) in canonical form, or InvalidRequest."""
-    if not text:
-        raise InvalidRequest("job_id is empty")
-    canonical = text.lower()
-    if not _JOB_ID.fullmatch(canonical):
+    """A job reference that may name a job (references.py): a full id in canonical form, else
+    the name or id prefix as given; InvalidRequest for one that never can. Which job it is,
+    the handlers resolve (`JobService._find`)."""
+    ref = references.parse(text)
+    return ref.job_id or ref.text
+
+
+def name_of(request: pb.StartJobRequest) -> str:
+    """The job's name ("" for none), or InvalidRequest."""
+    return references.name_of(request.name)
+
+
+def signal_of(request: pb.SignalJobRequest) -> int:
+    """A signal number a job may be sent (1-31, and the real-time ones libc leaves to
+    programs), or InvalidRequest. 0 is no signal (kill(2) only checks the target)."""
+    if request.signal not in signal.valid_signals():
         raise InvalidRequest(
-            f"malformed job_id {_shown(text)}: job ids are UUIDs such as"
-            " 5c1b7f1e-3a9d-4f6e-9b2a-0d4c8e7f6a51"
+            f"signal {request.signal} is not a signal number: Linux's are 1 to 31 and"
+            f" {int(signal.SIGRTMIN)} to {int(signal.SIGRTMAX)}, e.g. 1 SIGHUP, 10 SIGUSR1,"
+            " 15 SIGTERM"
         )
-    return canonical
+    return request.signal
 
 
 _LIMIT_FIELDS = (
@@ -240,6 +251,7 @@ def limits_from_proto(message: pb.Limits) -> Limits:
 
 _USAGE_FIELDS = (
     ("cpu_seconds", "cpu_s"),
+    ("memory_bytes", "memory_bytes"),
     ("cpu_throttled_seconds", "cpu_throttled_s"),
     ("memory_peak_bytes", "memory_peak_bytes"),
     ("io_read_bytes", "io_read_bytes"),
@@ -286,6 +298,7 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
         limit_caveats=status.limit_caveats,
         survivors=status.survivors,
         output_lost_bytes=status.output_lost_bytes,
+        name=status.name,
     )
     if status.run_as is not None:
         message.run_as.CopyFrom(
@@ -347,6 +360,7 @@ def status_from_proto(message: pb.JobStatus) -> JobStatus:
         limit_caveats=tuple(message.limit_caveats),
         survivors=tuple(message.survivors),
         output_lost_bytes=message.output_lost_bytes,
+        name=message.name,
     )
 
 

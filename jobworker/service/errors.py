@@ -73,6 +73,22 @@ class TooManyLogStreams(ServiceError):
         self.per_user = per_user
 
 
+class NoSuchJob(ServiceError):
+    """No job the caller may see has the name, or an id starting with the prefix, it gave."""
+
+
+class JobNameTaken(ServiceError):
+    """The caller already has a job of this name (kept until it is removed)."""
+
+    def __init__(self, name: str, holder_id: str, holder_state: str) -> None:
+        super().__init__(
+            f'you already have a job named "{name}": {holder_id} ({holder_state}); remove it'
+            " first, or choose another name"
+        )
+        self.name = name
+        self.holder_id = holder_id
+
+
 class ShuttingDown(ServiceError):
     """The service is closing and starts nothing more."""
 
@@ -86,6 +102,8 @@ STATUS_OF: dict[type[Exception], Status] = {
     InvalidRequest: Status.INVALID_ARGUMENT,
     InvalidJobSpec: Status.INVALID_ARGUMENT,
     JobNotFound: Status.NOT_FOUND,
+    NoSuchJob: Status.NOT_FOUND,
+    JobNameTaken: Status.ALREADY_EXISTS,
     JobEnded: Status.FAILED_PRECONDITION,
     PermissionDenied: Status.PERMISSION_DENIED,
     TooManyJobs: Status.RESOURCE_EXHAUSTED,
@@ -127,7 +145,10 @@ def _message(exc: Exception) -> str:
         # not see: built from the id the caller sent, nothing else.
         return not_found_message(exc.job_id)
     if isinstance(exc, JobEnded):
-        return f"job {exc.job_id} has already ended ({exc.state}): there is nothing to stop"
+        # Stopping an ended job is no error (StopJob says already_ended): signalling one is.
+        if exc.state == "ending":
+            return f"job {exc.job_id} is ending: its processes are gone or being killed"
+        return f"job {exc.job_id} has already ended ({exc.state}): it has no process left"
     if isinstance(exc, JobNotEnded):
         return f"job {exc.job_id} is still running: stop it first (or force the removal)"
     if isinstance(exc, OutputDropped):

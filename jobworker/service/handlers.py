@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +42,7 @@ import trio
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import RpcMethod, ServerCall
 from jobworker.supervisor import (
+    CgroupError,
     Job,
     JobEnded,
     JobNotEnded,
@@ -50,10 +52,12 @@ from jobworker.supervisor import (
     Supervisor,
 )
 
-from . import convert
+from . import convert, references
 from .authz import Action, Decision, authorize
 from .errors import (
     InvalidRequest,
+    JobNameTaken,
+    NoSuchJob,
     PermissionDenied,
     ShuttingDown,
     TooManyJobs,
@@ -64,7 +68,7 @@ from .events import events, exit_cause, fields
 from .health import Health
 from .identity import Identity, identify
 from .policy import JobPolicy, Retention
-from .store import JobStore, Query, Record, StoreUnavailable
+from .store import JobStore, NameInUse, Query, Record, StoreUnavailable
 
 log = logging.getLogger("jobworker.service")
 
@@ -84,6 +88,7 @@ _BATCH = 500
 _WHAT = {
     Action.START: "start jobs",
     Action.STOP: "stop jobs",
+    Action.SIGNAL: "signal jobs",
     Action.READ_STATUS: "read the status of this job",
     Action.READ_LOGS: "read the logs of this job",
     Action.LIST: "list every job (that needs the viewer or admin role)",
@@ -162,6 +167,9 @@ class JobService:
         self._closing = False
         self._tidy = trio.Event()  # set when a job ended: retention and budget are due
         self._recording: dict[str, trio.Event] = {}  # running jobs: set once the end is stored
+        # Jobs recorded but not yet handed to the Supervisor: set once they are (or never
+        # will be). A reference may find such a record before its job exists.
+        self._starting: dict[str, trio.Event] = {}
         self.health = Health([SERVICE_NAME])
 
     # --- what the server uses ------------------------------------------------------------------
@@ -183,6 +191,8 @@ class JobService:
                 self.get_job_logs,
                 server_streaming=True,
             ),
+            rpc("WaitJob", pb.WaitJobRequest, pb.WaitJobResponse, self.wait_job),
+            rpc("SignalJob", pb.SignalJobRequest, pb.SignalJobResponse, self.signal_job),
             rpc("ListJobs", pb.ListJobsRequest, pb.ListJobsResponse, self.list_jobs),
             rpc("DeleteJob", pb.DeleteJobRequest, pb.DeleteJobResponse, self.delete_job),
             rpc("PruneJobs", pb.PruneJobsRequest, pb.PruneJobsResponse, self.prune_jobs),
@@ -219,6 +229,7 @@ class JobService:
         limits = convert.overrides_of(request, self._supervisor.policy)
         env = convert.env_of(request)
         cwd = convert.working_dir_of(request)
+        name = convert.name_of(request)
         network = convert.network_of(request) or self._policy.network
         if network == "host" and not self._policy.allow_host_network:
             raise PermissionDenied(
@@ -228,8 +239,10 @@ class JobService:
             raise ShuttingDown("the server is shutting down and starts no more jobs")
         self._jobs.take(who.name)  # before the first checkpoint: concurrent starts count
         job_id = str(uuid.uuid4())
+        starting = self._starting[job_id] = trio.Event()
         try:
-            # The record first: a job the server could not account for must not run.
+            # The record first: a job the server could not account for must not run. It also
+            # takes the name: of two starts with one name, the store lets one insert through.
             created = pb.JobStatus(
                 job_id=job_id,
                 owner=who.name,
@@ -237,9 +250,14 @@ class JobService:
                 args=request.args,
                 state=pb.JOB_STATE_RUNNING,
                 created_at=convert.timestamp_to_proto(datetime.now(UTC)),
+                name=name,
             )
             try:
                 await self._store.insert(self._record(created))
+            except NameInUse as exc:
+                holder = exc.holder
+                state = convert.state_from_proto(holder.state).value
+                raise JobNameTaken(name, holder.job_id, state) from None
             except StoreUnavailable as exc:
                 log.error("cannot record a new job, so it is not started: %s", exc)
                 raise Unavailable(
@@ -257,6 +275,7 @@ class JobService:
                     user=self._policy.account_for(who.name),
                     network=network,
                     job_id=job_id,
+                    name=name,
                 )
             except BaseException as exc:
                 with trio.CancelScope(shield=True):
@@ -271,6 +290,9 @@ class JobService:
         except BaseException:
             self._jobs.give_back(who.name)
             raise
+        finally:
+            del self._starting[job_id]
+            starting.set()
         status = job.status()
         events.info(
             "job created %s",
@@ -279,6 +301,7 @@ class JobService:
                 owner=who.name,
                 roles=who.role_names,
                 command=status.command_line,
+                name=status.name or None,
                 limits=status.limits.describe() if status.limits else "none (cgroups off)",
                 run_as=status.run_as.describe() if status.run_as else None,
                 network=status.network if status.namespaces else None,
@@ -291,20 +314,26 @@ class JobService:
         return pb.StartJobResponse(job_id=job.id)
 
     async def stop_job(self, request: pb.StopJobRequest, call: ServerCall) -> pb.StopJobResponse:
+        """Idempotent (docker stop): a job that has already ended — or whose processes are
+        already gone, its end being recorded — is answered with its status and
+        already_ended, having signalled nothing."""
         who = _caller(call)
         job_id = convert.job_id_of(request.job_id)
         grace_s = convert.grace_period_of(request, self._max_grace_period_s)
         job = await self._find(who, Action.STOP, job_id)
         if isinstance(job, Record):
-            raise JobEnded(job_id, convert.state_from_proto(job.state).value)
-        state = job.status().state
-        if state.ended:
-            raise JobEnded(job.id, state.value)
+            return pb.StopJobResponse(status=_status_of(job), already_ended=True)
+        try:
+            job.request_stop(grace_s, requested_by=who.name)
+        except JobEnded:
+            status = await job.wait()
+            return pb.StopJobResponse(status=convert.status_to_proto(status), already_ended=True)
         events.info(
             "stop requested %s",
             fields(job=job.id, owner=job.owner, by=who.name, roles=who.role_names, grace_s=grace_s),
         )
-        status = await self._stop(job, grace_s, requested_by=who.name)
+        await self._save(job.status())
+        status = await job.wait()
         return pb.StopJobResponse(status=convert.status_to_proto(status))
 
     async def get_job_status(
@@ -316,6 +345,47 @@ class JobService:
         if isinstance(job, Record):
             return _status_of(job)
         return convert.status_to_proto(job.status())
+
+    async def wait_job(self, request: pb.WaitJobRequest, call: ServerCall) -> pb.WaitJobResponse:
+        """The job's final status once it has ended (at once for one that has). The call's
+        deadline, or the client going away, cancels the wait and nothing else: the handler
+        waits on the job's own end event and starts no task."""
+        who = _caller(call)
+        job_id = convert.job_id_of(request.job_id)
+        job = await self._find(who, Action.READ_STATUS, job_id)
+        if isinstance(job, Record):
+            return pb.WaitJobResponse(status=_status_of(job))
+        status = await job.wait()
+        return pb.WaitJobResponse(status=convert.status_to_proto(status))
+
+    async def signal_job(
+        self, request: pb.SignalJobRequest, call: ServerCall
+    ) -> pb.SignalJobResponse:
+        """One signal to every process of a running job (`Job.signal`): no escalation, and
+        no stop recorded. A job it kills ends as killed by that signal (FAILED, exit code
+        128+N, no stop_requested_by): the event log says who sent it."""
+        who = _caller(call)
+        job_id = convert.job_id_of(request.job_id)
+        signum = convert.signal_of(request)
+        job = await self._find(who, Action.SIGNAL, job_id)
+        if isinstance(job, Record):
+            raise JobEnded(job.job_id, convert.state_from_proto(job.state).value)
+        try:
+            job.signal(signum)
+        except CgroupError as exc:
+            log.error("job %s: %s", job.id, exc)
+            raise Unavailable("the server could not signal the job's processes") from None
+        events.info(
+            "signal sent %s",
+            fields(
+                job=job.id,
+                owner=job.owner,
+                by=who.name,
+                roles=who.role_names,
+                signal=_signal_name(signum),
+            ),
+        )
+        return pb.SignalJobResponse()
 
     async def get_job_logs(self, request: pb.GetJobLogsRequest, call: ServerCall) -> None:
         """History from `offset`, then (with follow) live output until the job has ended.
@@ -387,16 +457,16 @@ class JobService:
         job = await self._find(who, Action.DELETE, job_id)
         if isinstance(job, Job) and not job.status().state.ended:
             if not request.force:
-                raise JobNotEnded(job_id)
+                raise JobNotEnded(job.id)
             events.info(
                 "stop requested %s",
-                fields(job=job_id, owner=job.owner, by=who.name, roles=who.role_names),
+                fields(job=job.id, owner=job.owner, by=who.name, roles=who.role_names),
             )
             try:
                 await self._stop(job, None, requested_by=who.name)
             except JobEnded:
                 pass  # ended meanwhile
-        await self._delete([job_id], who)
+        await self._delete([job.id], who)
         return pb.DeleteJobResponse()
 
     async def prune_jobs(
@@ -426,15 +496,46 @@ class JobService:
         job = self._live(job_id)
         return job is None or job.status().state.ended
 
-    async def _find(self, who: Identity, action: Action, job_id: str) -> Job | Record:
-        """The job, if `who` may do `action` to it: running here (or ended, not yet only in
-        the store), else its record."""
-        found: Job | Record | None = self._live(job_id)
-        if found is None:
-            found = await self._store.get(job_id)
+    async def _find(self, who: Identity, action: Action, reference: str) -> Job | Record:
+        """The job `reference` names — its id, its name or a unique prefix of its id
+        (references.py) — if `who` may do `action` to it: the Job while the Supervisor holds
+        it (running, or ended a moment ago), else its record. Use the result's ``id``, never
+        the reference, from then on.
+
+        A full id is looked up anywhere, then authorized: another user's job hidden from
+        `who` is NOT_FOUND in the very words of an unknown id. A name or prefix is looked for
+        only among the jobs `who` may see at all, so what it finds or fails to find (or lists
+        as ambiguous) never involves a job hidden from it.
+        """
+        ref = references.parse(reference)
+        found: Job | Record | None
+        if ref.job_id is not None:
+            found = self._live(ref.job_id) or await self._store.get(ref.job_id)
             if found is None:
-                raise JobNotFound(job_id)
-        self._authorize(who, action, is_owner=found.owner == who.name, job_id=job_id)
+                raise JobNotFound(ref.job_id)
+        else:
+            everyone = authorize(who.roles, action, is_owner=False) is not Decision.HIDE
+            named, prefixed = await self._store.candidates(
+                name=ref.name,
+                prefix=ref.prefix,
+                owner=None if everyone else who.name,
+                me=who.name,
+                limit=references.SHOWN_CANDIDATES + 1,
+            )
+            record = references.choose(ref, named, prefixed, who.name)
+            found = self._live(record.job_id) or record
+        self._authorize(who, action, is_owner=found.owner == who.name, job_id=found.id)
+        starting = self._starting.get(found.id)
+        if starting is not None:
+            # Recorded, or in the Supervisor, but its process not started yet (a name or prefix
+            # can find it then): nothing could be stopped or signalled. Answer for it once
+            # StartJob has started it, or failed to.
+            await starting.wait()
+            found = self._live(found.id) or await self._store.get(found.id)
+            if found is None:  # it could not be started: nothing is left of it
+                if ref.job_id is not None:
+                    raise JobNotFound(ref.job_id)
+                raise NoSuchJob(references.not_found(ref))
         return found
 
     def _authorize(
@@ -477,6 +578,7 @@ class JobService:
             output_bytes=job.output_stored_bytes if job else 0,
             output_end=job.output_end if job else 0,
             run_id=self._run_id,
+            name=message.name,
         )
 
     async def _stop(self, job: Job, grace_s: float | None, *, requested_by: str) -> JobStatus:
@@ -660,6 +762,13 @@ def _caller(call: ServerCall) -> Identity:
         return identity
     # A Server made without identify=identify: identify each call instead of trusting nothing.
     return identify(call.peer_certificate)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _status_of(record: Record) -> pb.JobStatus:

@@ -65,6 +65,8 @@ RESPONSES = {
     "ListJobs": pb.ListJobsResponse,
     "DeleteJob": pb.DeleteJobResponse,
     "PruneJobs": pb.PruneJobsResponse,
+    "WaitJob": pb.WaitJobResponse,
+    "SignalJob": pb.SignalJobResponse,
 }
 
 
@@ -144,6 +146,12 @@ class Client:
     async def stop(self, job_id: str, **fields) -> pb.JobStatus:
         response = await self.call("StopJob", pb.StopJobRequest(job_id=job_id, **fields))
         return response.status
+
+    async def wait(self, job_id: str) -> pb.JobStatus:
+        return (await self.call("WaitJob", pb.WaitJobRequest(job_id=job_id))).status
+
+    async def signal(self, job_id: str, signum: int) -> None:
+        await self.call("SignalJob", pb.SignalJobRequest(job_id=job_id, signal=signum))
 
     async def list(self, *, all: bool = False, **fields) -> list[pb.JobStatus]:
         return list((await self.call("ListJobs", pb.ListJobsRequest(all=all, **fields))).jobs)

@@ -20,9 +20,10 @@ def expected(roles: frozenset[Role], action: Action, is_owner: bool) -> Decision
     if Role.ADMIN in roles:
         return Decision.ALLOW
     # "viewer: lists and reads the status and logs of every job; starts and stops nothing."
-    # Issue 12: removing a job (rm, prune) is the owner's or an admin's, as stopping it is.
+    # Issue 12: removing a job (rm, prune) is the owner's or an admin's, as stopping it is;
+    # issue 14: so is signalling it (kill).
     if Role.VIEWER in roles:
-        if action in (Action.START, Action.STOP, Action.DELETE):
+        if action in (Action.START, Action.STOP, Action.DELETE, Action.SIGNAL):
             return Decision.DENY
         return Decision.ALLOW
     # "user: starts jobs; sees, stops and reads only the jobs it started." Listing every job
@@ -54,5 +55,5 @@ def test_roles_may_come_as_any_iterable() -> None:
 def test_a_plain_user_never_learns_of_anothers_job() -> None:
     # The property owner isolation rests on, stated on its own: for a user, every action on
     # someone else's job is hidden, never merely denied.
-    for action in (Action.STOP, Action.READ_STATUS, Action.READ_LOGS):
+    for action in (Action.STOP, Action.SIGNAL, Action.READ_STATUS, Action.READ_LOGS):
         assert authorize(frozenset(), action, is_owner=False) is Decision.HIDE

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import Status
 from jobworker.service import STATUS_OF, InvalidRequest, PermissionDenied, as_grpc_error, convert
-from jobworker.service.errors import ShuttingDown, TooManyJobs, TooManyLogStreams, Unavailable
+from jobworker.service.errors import (
+    JobNameTaken,
+    NoSuchJob,
+    ShuttingDown,
+    TooManyJobs,
+    TooManyLogStreams,
+    Unavailable,
+)
 from jobworker.service.store import StoreUnavailable
 from jobworker.supervisor import (
     HostCapacity,
@@ -201,16 +208,31 @@ def test_limits_at_the_top_of_the_range_are_accepted() -> None:
     assert POLICY.resolve(overrides).pids == 32768
 
 
-def test_job_ids() -> None:
+def test_job_references() -> None:
+    # Full ids come out canonical; names and prefixes as given (test_references.py has more).
     job_id = str(uuid.uuid4())
     assert convert.job_id_of(job_id) == job_id
     assert convert.job_id_of(job_id.upper()) == job_id
-    for bad in ("", str(uuid.uuid1()), job_id.replace("-", ""), "{" + job_id + "}", job_id + "\n"):
+    assert convert.job_id_of(job_id.replace("-", "")) == job_id
+    assert convert.job_id_of(str(uuid.UUID(int=0))) == "00000000-0000-0000-0000-000000000000"
+    assert convert.job_id_of("Build.2") == "Build.2"
+    for bad in ("", "{" + job_id + "}", job_id + "\n", "-x"):
         with pytest.raises(InvalidRequest):
             convert.job_id_of(bad)
     with pytest.raises(InvalidRequest) as caught:
         convert.job_id_of("y" * 100_000)
     assert len(str(caught.value)) < 200  # the value is cut short in the message
+
+
+@pytest.mark.parametrize("signum", [1, 9, 10, 15, 31, 34, 64])
+def test_signals(signum: int) -> None:
+    assert convert.signal_of(pb.SignalJobRequest(signal=signum)) == signum
+
+
+@pytest.mark.parametrize("signum", [0, -9, 32, 33, 65, 2**31 - 1])
+def test_numbers_that_are_no_signals(signum: int) -> None:
+    with pytest.raises(InvalidRequest, match=f"signal {signum} is not a signal number"):
+        convert.signal_of(pb.SignalJobRequest(signal=signum))
 
 
 @pytest.mark.parametrize(
@@ -252,6 +274,8 @@ CASES = [
     (InvalidRequest("bad"), Status.INVALID_ARGUMENT),
     (InvalidJobSpec("requested io_read_bps 2M is above the maximum 1M"), Status.INVALID_ARGUMENT),
     (JobNotFound(job_id), Status.NOT_FOUND),
+    (NoSuchJob('no job named "build"'), Status.NOT_FOUND),
+    (JobNameTaken("build", job_id, "running"), Status.ALREADY_EXISTS),
     (JobEnded(job_id, "finished"), Status.FAILED_PRECONDITION),
     (PermissionDenied("vera may not stop jobs"), Status.PERMISSION_DENIED),
     (TooManyJobs(5, per_user=True), Status.RESOURCE_EXHAUSTED),
@@ -288,3 +312,5 @@ def test_messages_say_what_to_do() -> None:
     assert spec is not None and "io_read_bytes_per_second 2M" in spec.message
     ended = as_grpc_error(JobEnded(job_id, "stopped"))
     assert ended is not None and job_id in ended.message and "stopped" in ended.message
+    taken = as_grpc_error(JobNameTaken("build", job_id, "running"))
+    assert taken is not None and job_id in taken.message and '"build"' in taken.message

@@ -62,6 +62,7 @@ from .h2_internals import (
     install_decoder,
     replace_local_settings,
     set_max_inbound_frame_size,
+    take_inbound_data,
 )
 from .scanner import (
     DEFAULT_MAX_CONTINUATION_FRAMES,
@@ -490,15 +491,29 @@ class GrpcConnection(FrameScanner, FastPaths):
             events.append(PingAcknowledged(event.ping_data))
         # PING is answered by h2 itself; SETTINGS are acknowledged by h2 itself.
 
+    def _take_data(self, stream_id: int, length: int) -> bool:
+        return (
+            not self._terminated
+            and stream_id in self._streams
+            and take_inbound_data(self._h2, stream_id, length)
+        )
+
+    def _on_frame_data(self, stream_id: int, data: memoryview, events: list[Event]) -> None:
+        self._on_stream_data(stream_id, data, len(data), events)
+
     def _on_data(self, event: h2.events.DataReceived, events: list[Event]) -> None:
-        stream_id = event.stream_id
+        self._on_stream_data(event.stream_id, event.data, event.flow_controlled_length, events)
+
+    def _on_stream_data(
+        self, stream_id: int, data: bytes | memoryview, flow_bytes: int, events: list[Event]
+    ) -> None:
+        """Bytes of the stream's DATA, `flow_bytes` of window with any padding: a whole frame's
+        body from h2, or a piece of one taken past it."""
         stream = self._streams.get(stream_id)
-        flow_bytes = event.flow_controlled_length
         if stream is None:
             # Data for a stream we already finished (e.g. reset): nobody will consume it.
             self._ack(stream_id, flow_bytes)
             return
-        data = event.data
         padding = flow_bytes - len(data)
         partial_before = stream.decoder.partial_message_bytes
         try:

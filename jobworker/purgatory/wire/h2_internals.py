@@ -2,7 +2,8 @@
 h2 changes.
 
 The connection drives h2 through its public API except where that was too slow (the DATA and
-HEADERS fast paths serialize frames themselves and keep h2's books), too strict (a looser
+HEADERS fast paths serialize frames themselves, and inbound DATA frames are taken past h2's
+parser, keeping h2's books either way), too strict (a looser
 stream limit than the one announced, a frame size h2 would apply only after our SETTINGS are
 acknowledged) or leaky (dispose() empties h2's objects so that their cycles go without the
 collector). Each function below names the h2 behaviour it assumes; tests/purgatory/wire/
@@ -34,6 +35,8 @@ _DATA_STREAM_STATES = frozenset(
     {h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE}
 )
 _HALF_CLOSED_LOCAL = h2.stream.StreamState.HALF_CLOSED_LOCAL
+# The states in which h2 receives DATA quietly (RECV_DATA leaves them as they are).
+_RECEIVE_DATA_STREAM_STATES = frozenset({h2.stream.StreamState.OPEN, _HALF_CLOSED_LOCAL})
 _SEND_HEADERS_CONNECTION = h2.connection.ConnectionInputs.SEND_HEADERS
 _SEND_HEADERS = h2.stream.StreamInputs.SEND_HEADERS
 _SEND_END_STREAM = h2.stream.StreamInputs.SEND_END_STREAM
@@ -151,6 +154,41 @@ def emit_data(
     h2_stream.outbound_flow_control_window -= size
 
 
+# --- the inbound DATA fast path ----------------------------------------------------------------
+
+
+def take_inbound_data(connection: H2Connection, stream_id: int, length: int) -> bool:
+    """Receive a DATA frame of `length` bytes (unpadded, without END_STREAM) past h2's parser:
+    if h2 would take it quietly, keep h2's books as its receive_data() would and return True;
+    else change nothing and return False, and the frame must go through h2 (which raises or
+    answers what it does: a closed or unknown stream, a frame over a receive window, DATA
+    before the stream's headers or in a state that cannot take it, a body h2 checks against a
+    content-length) (assumes: for such a frame h2's _receive_data_frame() feeds RECV_DATA to
+    both state machines, which leave OPEN / HALF_CLOSED_LOCAL and CLIENT_OPEN / SERVER_OPEN
+    as they are and need `headers_received`; charges the connection's and the stream's
+    inbound window managers through window_consumed(), which fails below 0; and adds the
+    length to the stream's `_actual_content_length`, checked only against
+    `_expected_content_length`)."""
+    h2_stream = connection.streams.get(stream_id)
+    if h2_stream is None or connection.state_machine.state not in _DATA_CONNECTION_STATES:
+        return False
+    machine = h2_stream.state_machine
+    if (
+        machine.state not in _RECEIVE_DATA_STREAM_STATES
+        or not machine.headers_received
+        or h2_stream._expected_content_length is not None
+    ):
+        return False
+    connection_window = connection._inbound_flow_control_window_manager
+    stream_window = h2_stream._inbound_window_manager
+    if length > connection_window.current_window_size or length > stream_window.current_window_size:
+        return False
+    connection_window.current_window_size -= length
+    stream_window.current_window_size -= length
+    h2_stream._actual_content_length += length
+    return True
+
+
 # --- the HEADERS fast path ---------------------------------------------------------------------
 
 
@@ -248,5 +286,6 @@ __all__ = [
     "open_outbound_streams",
     "replace_local_settings",
     "set_max_inbound_frame_size",
+    "take_inbound_data",
     "whole_data_stream",
 ]

@@ -6,7 +6,10 @@ acknowledgements piling up unread, resets beyond the rate limit, a PING policy b
 refuses a stream over the stream limit alone (REFUSED_STREAM). Bodies are not copied: h2 gets
 the whole read in one call unless a decision needs the events of the frames before it, or a
 frame must be taken out: a GOAWAY that h2 must not see (see _on_goaway), because h2 closes its
-whole connection on any GOAWAY it receives (python-hyper/h2#1181).
+whole connection on any GOAWAY it receives (python-hyper/h2#1181), and the DATA frames of a
+stream in full flow (see _take_data), which are the bulk of a stream's bytes: h2 would copy
+each into its frame buffer, copy its body out again and run two state machines for it, where
+the connection only needs the body, as it arrives, in pieces if the frame spans reads.
 
 The budgets are here too, as DEFAULT_* constants: what one peer can make us hold or do (RFC
 9113 §10.5). `FrameScanner` is a base of the connection, not an object of its own, so that the
@@ -87,6 +90,9 @@ _CONTINUATION_TYPE = 0x9
 _ACK = 0x1
 END_STREAM = 0x1
 END_HEADERS = 0x4
+_PADDED = 0x8
+# DATA frames that change a stream's state (END_STREAM) or carry padding go through h2.
+_DATA_VIA_H2_FLAGS = END_STREAM | _PADDED
 
 
 def header_budgets(
@@ -156,6 +162,8 @@ class FrameScanner:
         self._preface = b"" if self.client_side else PREFACE  # what is still to come of it
         self._skip = len(self._preface)  # the preface, then the current frame's body
         self._drop = 0  # the rest of a frame taken out (a GOAWAY's debug data): h2 never sees it
+        self._data_left = 0  # the rest of a DATA frame's body taken past h2 (see _take_data)
+        self._data_stream = 0  # and its stream
         self._frame_bytes = self._skip  # the size of what _skip counts down
         self._block_stream = 0  # the stream of a header block still open, else 0
         self._block_bytes = 0
@@ -205,6 +213,10 @@ class FrameScanner:
         if self._skip:
             pos = min(self._skip, end)
             self._skip -= pos
+        elif self._data_left:
+            pos = start = min(self._data_left, end)
+            self._data_left -= pos
+            self._on_frame_data(self._data_stream, view[:pos], events)
         opened = 0
         while end - pos >= 9:
             word, flags, stream_id = FRAME_HEADER.unpack_from(view, pos)
@@ -215,7 +227,25 @@ class FrameScanner:
                     h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
                     f"frame of {length} bytes exceeds the limit of {self._max_frame_bytes}",
                 )
-            if frame_type != DATA_TYPE:
+            if frame_type == DATA_TYPE:
+                if not flags & _DATA_VIA_H2_FLAGS and not self._block_stream:
+                    # h2 must have read the frames before it: they may open, reset or
+                    # close its stream.
+                    self._feed_h2(view[start:pos], events)
+                    start = pos
+                    opened = 0
+                    stream_id &= 0x7FFFFFFF
+                    if self._take_data(stream_id, length):
+                        body = pos + 9
+                        pos = body + length
+                        self._on_frame_data(stream_id, view[body : min(pos, end)], events)
+                        if pos > end:
+                            self._data_left = pos - end
+                            self._data_stream = stream_id
+                            pos = end
+                        start = pos
+                        continue
+            else:
                 stream_id &= 0x7FFFFFFF
                 if frame_type == HEADERS_TYPE or frame_type == _PUSH_PROMISE_TYPE:
                     self._open_block(stream_id, flags, length)
@@ -354,4 +384,14 @@ class FrameScanner:
         raise NotImplementedError
 
     def _feed_h2(self, data: bytes | memoryview, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _take_data(self, stream_id: int, length: int) -> bool:
+        """Whether a DATA frame (unpadded, no END_STREAM, outside any header block) of `length`
+        bytes on `stream_id` is taken past h2; if so, h2's books are kept as if it had read it
+        and its body goes to _on_frame_data as it arrives."""
+        raise NotImplementedError
+
+    def _on_frame_data(self, stream_id: int, data: memoryview, events: list[Event]) -> None:
+        """A piece of the body of a DATA frame taken past h2 (see _take_data)."""
         raise NotImplementedError

@@ -631,3 +631,62 @@ def test_an_answer_on_a_stream_h2_has_already_forgotten_is_dropped(client_stream
         (RstStreamFrame, 1, h2.errors.ErrorCodes.STREAM_CLOSED),
         (RstStreamFrame, 3, h2.errors.ErrorCodes.PROTOCOL_ERROR),
     ]
+
+
+# --- inbound DATA taken past h2 -----------------------------------------------------------------
+
+
+def streaming_client() -> tuple[ClientConnection, h2.connection.H2Connection, int]:
+    """Our client with one call open and a plain h2 server that has answered its headers."""
+    client = ClientConnection(authority="localhost")
+    client.initiate()
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    raw.initiate_connection()
+    raw.receive_data(client.data_to_send())
+    stream_id = client.start_call(METHOD)
+    client.end_input(stream_id)
+    raw.receive_data(client.data_to_send())
+    client.receive_data(raw.data_to_send())
+    raw.receive_data(client.data_to_send())
+    raw.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    client.receive_data(raw.data_to_send())
+    return client, raw, stream_id
+
+
+def test_messages_of_a_data_frame_arrive_as_its_pieces_do():
+    # One DATA frame carrying two messages, read in three pieces: the first message is
+    # delivered with the piece that completes it, not when the whole frame is in (as h2's
+    # own frame buffer would have it), and every byte is counted once.
+    client, raw, stream_id = streaming_client()
+    first, second = encode_message(b"a" * 20_000), encode_message(b"b" * 30_000)
+    raw.send_data(stream_id, first + second)
+    wire = raw.data_to_send()
+    cut = len(wire) - len(second) + 1000  # the first message and a bit of the second
+    got = [client.receive_data(piece) for piece in (wire[:100], wire[100:cut], wire[cut:])]
+    payloads = [[e.payload for e in events if isinstance(e, MessageReceived)] for events in got]
+    assert payloads == [[], [b"a" * 20_000], [b"b" * 30_000]]
+    for events in got:
+        for m in events:
+            if isinstance(m, MessageReceived):
+                client.acknowledge(m.stream_id, m.flow_controlled_bytes)
+    assert client.acknowledged_bytes == len(first) + len(second)
+
+
+def test_data_beyond_the_window_is_still_a_flow_control_error():
+    # A peer ignoring our window: the frame that overflows it ends the connection (GOAWAY
+    # FLOW_CONTROL_ERROR), whether the DATA before it was taken past h2 or not.
+    client, raw, stream_id = streaming_client()
+    window = raw.local_flow_control_window(stream_id)
+    frame = 2**14
+    sent = 0
+    with pytest.raises(ConnectionBroken, match=r"[Ff]low control"):
+        while True:
+            header = (frame << 8).to_bytes(4, "big") + b"\0" + stream_id.to_bytes(4, "big")
+            client.receive_data(header + bytes(frame))
+            sent += frame
+            assert sent <= window + frame  # it never takes more than the window
+    assert sent == window  # the frame past it was the one refused
+    (away,) = [f for f in parse(client.data_to_send()) if f.__class__.__name__ == "GoAwayFrame"]
+    assert away.error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR

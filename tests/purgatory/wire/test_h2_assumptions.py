@@ -258,6 +258,75 @@ def test_data_stream_refuses_where_h2_send_data_raises() -> None:
     assert h2_internals.data_stream(server, stream_id) is None
 
 
+# --- the inbound DATA fast path ----------------------------------------------------------------
+
+
+def _books(connection: h2.connection.H2Connection, stream_id: int) -> tuple:
+    h2_stream = connection.streams[stream_id]
+    return (
+        connection._inbound_flow_control_window_manager.current_window_size,
+        h2_stream._inbound_window_manager.current_window_size,
+        h2_stream._actual_content_length,
+        h2_stream.state_machine.state,
+        connection.state_machine.state,
+    )
+
+
+@pytest.mark.parametrize("receiver_is_client", [True, False])
+def test_take_inbound_data_keeps_the_books_h2_receive_data_keeps(receiver_is_client: bool) -> None:
+    """The same DATA frames read by h2 and taken past it: the same windows, content length
+    and states, and acknowledging them gives the peer the same WINDOW_UPDATEs."""
+    payload = b"0123456789" * 1000
+    results = []
+    for ours in (False, True):
+        client, server = _pair()
+        stream_id = _open_stream(client, server)
+        sender, receiver = (server, client) if receiver_is_client else (client, server)
+        for _ in range(2):
+            sender.send_data(stream_id, payload)
+            wire = sender.data_to_send()
+            if ours:
+                assert h2_internals.take_inbound_data(receiver, stream_id, len(payload))
+            else:
+                (event,) = receiver.receive_data(wire)
+                assert isinstance(event, h2.events.DataReceived)
+        books = _books(receiver, stream_id)
+        receiver.acknowledge_received_data(2 * len(payload), stream_id)
+        updates = receiver.data_to_send()
+        sender.receive_data(updates)
+        results.append((books, updates, sender.local_flow_control_window(stream_id)))
+    assert results[0] == results[1]
+
+
+def test_take_inbound_data_refuses_what_h2_would_not_take_quietly() -> None:
+    client, server = _pair()
+    take = h2_internals.take_inbound_data
+    # Before the response headers: h2 refuses DATA (a protocol error), so must see it.
+    stream_id = _open_stream(client, server, respond=False)
+    assert not take(client, stream_id, 10)
+    server.send_headers(stream_id, RESPONSE)
+    _exchange(client, server)
+    assert take(client, stream_id, 10)
+    # Over a receive window: h2 raises its FlowControlError, nothing is charged here.
+    before = _books(client, stream_id)
+    window = client.streams[stream_id]._inbound_window_manager.current_window_size
+    assert not take(client, stream_id, window + 1)
+    assert _books(client, stream_id) == before
+    # A stream h2 does not know, and one a content-length is checked on.
+    assert not take(client, 99, 1)
+    other = _open_stream(client, server, respond=False)
+    server.send_headers(other, [*RESPONSE, (b"content-length", b"5")])
+    _exchange(client, server)
+    assert not take(client, other, 1)
+    # A stream the peer ended (trailers): closed for DATA.
+    server.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
+    _exchange(client, server)
+    assert not take(client, stream_id, 1)
+    # A connection that is over.
+    client.close_connection()
+    assert not take(client, other, 1)
+
+
 # --- the HEADERS fast path ---------------------------------------------------------------------
 
 
