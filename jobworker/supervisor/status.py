@@ -16,7 +16,8 @@ class JobState(enum.Enum):
 
     RUNNING = "running"
     FINISHED = "finished"  # exited 0 on its own
-    FAILED = "failed"  # exited non-zero, or was killed by a signal nobody asked for (e.g. OOM)
+    # Exited non-zero, or was killed by a signal not from a stop (the OOM killer, Job.signal).
+    FAILED = "failed"
     STOPPED = "stopped"  # ended after a stop request
     ERROR = "error"  # could not be created
 
