@@ -365,14 +365,29 @@ def status_from_proto(message: pb.JobStatus) -> JobStatus:
 
 
 def chunk_to_proto(chunk: OutputChunk) -> pb.LogChunk:
-    return pb.LogChunk(
-        data=chunk.data, stream=_STREAM_TO_PROTO[chunk.stream], offset=chunk.offset, lost=chunk.lost
+    message = pb.LogChunk(
+        data=chunk.data,
+        stream=_STREAM_TO_PROTO.get(chunk.stream, pb.LogChunk.STREAM_UNSPECIFIED),  # a drop: None
+        offset=chunk.offset,
+        lost=chunk.lost,
+        dropped=chunk.dropped,
     )
+    if chunk.time_ns is not None:
+        message.time.FromNanoseconds(chunk.time_ns)
+    return message
 
 
 def chunk_from_proto(message: pb.LogChunk) -> OutputChunk:
-    try:
-        stream = _STREAM_FROM_PROTO[message.stream]
-    except KeyError:
-        raise ValueError(f"unknown output stream {message.stream}") from None
-    return OutputChunk(stream, message.offset, message.data, message.lost)
+    """The chunk a LogChunk stands for; ValueError for a stream that is not one (a drop has
+    none)."""
+    if message.dropped:
+        stream = None
+    else:
+        try:
+            stream = _STREAM_FROM_PROTO[message.stream]
+        except KeyError:
+            raise ValueError(f"unknown output stream {message.stream}") from None
+    time_ns = message.time.ToNanoseconds() if message.HasField("time") else None
+    return OutputChunk(
+        stream, message.offset, message.data, message.lost, message.dropped, time_ns=time_ns
+    )

@@ -48,11 +48,10 @@ from jobworker.supervisor import (
     JobNotEnded,
     JobNotFound,
     JobStatus,
-    OutputDropped,
     Supervisor,
 )
 
-from . import convert, references
+from . import convert, logs, references
 from .authz import Action, Decision, authorize
 from .errors import (
     InvalidRequest,
@@ -388,39 +387,50 @@ class JobService:
         return pb.SignalJobResponse()
 
     async def get_job_logs(self, request: pb.GetJobLogsRequest, call: ServerCall) -> None:
-        """History from `offset`, then (with follow) live output until the job has ended.
+        """History from `offset`, then (with follow) live output until the job has ended,
+        narrowed by `streams`, `since` and `tail_lines` (service/logs.py; INVALID_ARGUMENT for
+        a stream or a time that is not one).
 
-        An offset before what retention keeps: OUT_OF_RANGE naming the first retained offset
-        (also in the ``jobworker-retained-start`` trailer); likewise when a slow follower falls
-        behind retention mid-stream (it resumes from there with a new call). An offset beyond
-        the end is not an error: offsets are positions in a log that grows, so without follow
-        the stream is empty, with follow it begins once the output reaches that offset (and is
-        empty if the job ends first) — `tail -c +N -f`.
+        Output that retention removed before the reader got to it — before `offset`, or from
+        under a slow follower mid-stream, or all of an ended job's whose output the budget
+        removed — is one chunk with `dropped` set (how many bytes), and the stream goes on from
+        the first byte still kept: never an error. An offset beyond the end is not an error
+        either: offsets are positions in a log that grows, so without follow the stream is
+        empty, with follow it begins once the output reaches that offset (and is empty if the
+        job ends first) — `tail -c +N -f`.
         """
         who = _caller(call)
         job_id = convert.job_id_of(request.job_id)
+        selection = logs.selection_of(request)
         self._log_streams.take(who.name)
         try:
-            await self._send_logs(who, job_id, request, call)
+            await self._send_logs(who, job_id, request, selection, call)
         finally:
             self._log_streams.give_back(who.name)
 
     async def _send_logs(
-        self, who: Identity, job_id: str, request: pb.GetJobLogsRequest, call: ServerCall
+        self,
+        who: Identity,
+        job_id: str,
+        request: pb.GetJobLogsRequest,
+        selection: logs.LogSelection,
+        call: ServerCall,
     ) -> None:
         job = await self._find(who, Action.READ_LOGS, job_id)
         if isinstance(job, Record):
             try:
-                stored = await trio.to_thread.run_sync(self._supervisor.stored_output, job_id)
+                stored = await trio.to_thread.run_sync(self._supervisor.stored_output, job.id)
             except FileNotFoundError:
                 # Removed by the output budget: everything before its end is dropped.
-                raise OutputDropped(request.offset, job.output_end) from None
-            chunks = stored.reader(request.offset, max_chunk_bytes=LOG_CHUNK_BYTES)
+                for chunk in logs.all_dropped(request.offset, job.output_end):
+                    await call.send_serialized(convert.chunk_to_proto(chunk).SerializeToString())
+                return
+            reader = stored.reader(request.offset, max_chunk_bytes=LOG_CHUNK_BYTES)
         else:
-            chunks = job.output(
+            reader = job.output(
                 request.offset, follow=request.follow, max_chunk_bytes=LOG_CHUNK_BYTES
             )
-        async for chunk in chunks:
+        async for chunk in selection.apply(reader):
             # Only the serialized bytes stay alive while a slow client holds the stream back:
             # a stalled reader costs one chunk of memory, not the chunk plus its message.
             payload = convert.chunk_to_proto(chunk).SerializeToString()

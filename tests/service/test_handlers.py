@@ -371,41 +371,39 @@ async def test_an_offset_beyond_the_end_gives_an_empty_stream(served: Served) ->
     assert await alice.logs(job_id, offset=1000, follow=True) == []  # ended: nothing to wait for
 
 
-async def test_output_dropped_by_retention_is_out_of_range_naming_where_to_resume(
+async def test_output_dropped_by_retention_is_a_chunk_saying_how_much_then_the_rest(
     served: Served,
 ) -> None:
     alice = served.client("alice")
     job_id = await alice.start("head", "-c", str(4 * RETENTION_BYTES), "/dev/zero")
     await alice.wait_ended(job_id)
-    error = await raises(Status.OUT_OF_RANGE, alice.logs(job_id))
-    [(key, retained)] = error.trailers
-    assert key == "jobworker-retained-start"
-    assert 0 < int(retained) < 4 * RETENTION_BYTES
-    assert f"read from offset {retained}" in error.message
-    rest = await alice.logs(job_id, offset=int(retained))
-    assert sum(len(c.data) for c in rest) == 4 * RETENTION_BYTES - int(retained)
+    first, *rest = await alice.logs(job_id)
+    assert (first.offset, first.stream, first.data) == (0, pb.LogChunk.STREAM_UNSPECIFIED, b"")
+    retained = first.dropped
+    assert 0 < retained < 4 * RETENTION_BYTES
+    assert rest[0].offset == retained
+    assert sum(len(c.data) for c in rest) == 4 * RETENTION_BYTES - retained
+    assert not any(c.dropped for c in rest)
 
 
-async def test_a_follower_that_falls_behind_retention_gets_out_of_range(
+async def test_a_follower_that_falls_behind_retention_is_told_and_goes_on(
     served: Served, shared_path: Path
 ) -> None:
     alice = served.client("alice")
     go = fifo(shared_path)
     total = 32 * RETENTION_BYTES  # far more than retention plus the stream's 1 MiB window
     job_id = await alice.start("sh", "-c", f"echo first; cat {go}; head -c {total} /dev/zero")
-    received = 0
-    with pytest.raises(GrpcError) as caught:
-        async with alice.logs_stream(job_id, follow=True) as stream:
-            assert (await stream.__anext__()).data == b"first\n"
-            await release(go)
-            await alice.wait_ended(job_id)  # all written while we did not read
-            async for chunk in stream:
-                assert chunk.offset == 6 + received
-                received += len(chunk.data)
-    assert caught.value.status is Status.OUT_OF_RANGE
-    retained = int(dict(caught.value.trailers)["jobworker-retained-start"])
-    assert 6 + received < retained <= 6 + total  # it was behind what is kept
-    assert f"read from offset {retained}" in caught.value.message
+    received = dropped = 0
+    async with alice.logs_stream(job_id, follow=True) as stream:
+        assert (await stream.__anext__()).data == b"first\n"
+        await release(go)
+        await alice.wait_ended(job_id)  # all written while we did not read
+        async for chunk in stream:
+            assert chunk.offset == 6 + received + dropped  # nothing skipped unannounced
+            received += len(chunk.data)
+            dropped += chunk.dropped
+    assert dropped > 0  # it was behind what is kept
+    assert received + dropped == total
 
 
 # --- removing jobs, listing pages -----------------------------------------------------------------

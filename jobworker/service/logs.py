@@ -1,0 +1,62 @@
+"""What a GetJobLogs request selects — streams, a time, a number of last lines — checked once,
+before any job is looked up, and applied to an output reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.supervisor import OutputChunk, OutputStream
+from jobworker.supervisor.output import OutputReader
+
+from .errors import InvalidRequest
+
+# The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+_STREAMS = {
+    pb.LogChunk.STREAM_STDOUT: OutputStream.STDOUT,
+    pb.LogChunk.STREAM_STDERR: OutputStream.STDERR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LogSelection:
+    streams: frozenset[OutputStream] | None  # None: both
+    since_ns: int | None
+    tail_lines: int
+
+    def apply(self, reader: OutputReader) -> OutputReader:
+        return reader.select(
+            streams=self.streams, since_ns=self.since_ns, tail_lines=self.tail_lines
+        )
+
+
+def selection_of(request: pb.GetJobLogsRequest) -> LogSelection:
+    """The request's selection, or InvalidRequest for a stream that is not one or a `since`
+    that is not a valid Timestamp."""
+    streams = None
+    if request.streams:
+        unknown = [value for value in request.streams if value not in _STREAMS]
+        if unknown:
+            raise InvalidRequest(
+                f"streams: {unknown[0]} is not a stream (STREAM_STDOUT = 1, STREAM_STDERR = 2)"
+            )
+        streams = frozenset(_STREAMS[value] for value in request.streams)
+    since_ns = None
+    if request.HasField("since"):
+        since = request.since
+        if not (_MIN_SECONDS <= since.seconds <= _MAX_SECONDS and 0 <= since.nanos < 10**9):
+            raise InvalidRequest(
+                f"since: not a valid Timestamp (seconds {since.seconds}, nanos {since.nanos}):"
+                " years 1 to 9999, nanos 0 to 999999999"
+            )
+        since_ns = since.seconds * 10**9 + since.nanos
+    return LogSelection(streams, since_ns, request.tail_lines)
+
+
+def all_dropped(offset: int, end: int) -> list[OutputChunk]:
+    """What a reader from ``offset`` is told of output that is gone up to ``end``: one drop, or
+    nothing if there was nothing there."""
+    return [OutputChunk(None, offset, b"", dropped=end - offset)] if offset < end else []
