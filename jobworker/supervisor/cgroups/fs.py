@@ -35,12 +35,21 @@ def write(path: Path, value: str) -> None:
         os.close(fd)
 
 
-def read(path: Path) -> str:
-    with open(path, encoding="ascii") as f:
-        return f.read()
+def read(path: Path | str) -> str:
+    # os.read, not open(): no buffered text layer around a file of a few bytes. Live usage is
+    # several of these per running job per status (ListJobs for `jobctl top` reads every
+    # running job's), where that layer cost more than the kernel's side.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii")
 
 
-def read_optional(path: Path) -> str | None:
+def read_optional(path: Path | str) -> str | None:
     try:
         return read(path)
     except FileNotFoundError:

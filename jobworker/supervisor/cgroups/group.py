@@ -135,13 +135,19 @@ class V2Group(CgroupGroup):
     def __init__(self, leaf: Path) -> None:
         super().__init__({"v2": leaf}, notify_dir=leaf)
         self._leaf = leaf
+        # Read for every status of a running job: the paths are made once.
+        self._usage_files = tuple(
+            os.fspath(leaf / name)
+            for name in ("cpu.stat", "memory.peak", "io.stat", "memory.current")
+        )
 
     def usage(self) -> Usage:
+        cpu_stat, memory_peak, io_stat, memory_current = self._usage_files
         return v2_usage(
-            fs.read(self._leaf / "cpu.stat"),
-            fs.read_optional(self._leaf / "memory.peak"),  # kernel >= 5.19
-            fs.read_optional(self._leaf / "io.stat"),
-            fs.read(self._leaf / "memory.current"),
+            fs.read(cpu_stat),
+            fs.read_optional(memory_peak),  # kernel >= 5.19
+            fs.read_optional(io_stat),
+            fs.read(memory_current),
         )
 
     def oom_kills(self) -> int:
@@ -152,16 +158,23 @@ class V2Group(CgroupGroup):
 
 
 class V1Group(CgroupGroup):
+    # What v1_usage reads, in its order, by controller. memory.usage_in_bytes: the charged
+    # pages, page cache included, which the memory limit is compared with.
+    _USAGE = (
+        ("cpuacct", "cpuacct.usage"),
+        ("cpu", "cpu.stat"),
+        ("memory", "memory.max_usage_in_bytes"),
+        ("blkio", "blkio.throttle.io_service_bytes"),
+        ("memory", "memory.usage_in_bytes"),
+    )
+
+    def __init__(self, dirs: dict[str, Path], *, notify_dir: Path | None) -> None:
+        super().__init__(dirs, notify_dir=notify_dir)
+        # Read for every status of a running job: the paths are made once.
+        self._usage_files = tuple(os.fspath(dirs[c] / name) for c, name in self._USAGE)
+
     def usage(self) -> Usage:
-        d = self.dirs
-        return v1_usage(
-            fs.read(d["cpuacct"] / "cpuacct.usage"),
-            fs.read(d["cpu"] / "cpu.stat"),
-            fs.read(d["memory"] / "memory.max_usage_in_bytes"),
-            fs.read(d["blkio"] / "blkio.throttle.io_service_bytes"),
-            # Charged pages, the page cache included: what the memory limit is compared with.
-            fs.read(d["memory"] / "memory.usage_in_bytes"),
-        )
+        return v1_usage(*(fs.read(path) for path in self._usage_files))
 
     def oom_kills(self) -> int:
         # v1 has no memory.events; failcnt is unreliable with memsw. oom_control counts kills.
