@@ -15,6 +15,7 @@ Every flag is also a config key, spelled like the flag without its dashes::
     keep = "7d"                 # ended jobs: how long, how many, and all output's budget
     keep-jobs = 10000
     output-budget = "10G"
+    output-retention = "256M"   # each job's output: the newest this much is kept
     isolation = "auto"          # auto (on as root), on, off
     transient-uids = "70000-79999"
     network = "host"            # jobs' default: host or none
@@ -64,7 +65,7 @@ from jobworker.supervisor import (
     Limits,
 )
 from jobworker.supervisor.sandbox import DEFAULT_TRANSIENT_UIDS, NETWORKS
-from jobworker.supervisor.supervisor import DEFAULT_GRACE_PERIOD_S
+from jobworker.supervisor.supervisor import DEFAULT_GRACE_PERIOD_S, DEFAULT_RETENTION_BYTES
 
 from .parsing import DEFAULT_PORT, Address, parse_address, parse_duration, parse_size
 
@@ -73,6 +74,8 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_DATA_DIR = Path("/var/lib/jobworker")
 DEFAULT_TLS_DIR = Path("/etc/jobworker")
 DEFAULT_MAX_JOBS = 100
+# A job's output log keeps at least 7/8 of its cap from here on (see supervisor/output.py).
+MIN_OUTPUT_RETENTION_BYTES = 512 * 2**10
 CGROUP_MODES = ("auto", "v2", "v1", "off")
 ISOLATION_MODES = ("auto", "on", "off")
 
@@ -100,6 +103,7 @@ class ServeSettings:
     policy: JobPolicy
     retention: Retention
     transport: ServerLimits
+    output_retention_bytes: int = DEFAULT_RETENTION_BYTES  # per job
 
 
 def _size(value: Any) -> int:
@@ -301,6 +305,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "keep": _duration,
     "keep-jobs": _count,
     "output-budget": _size,
+    "output-retention": _size,
     **{key: parser for key, (_, parser) in _LIMIT_KEYS.items()},
     **{f"max-{key}": parser for key, (_, parser) in _LIMIT_KEYS.items()},
     **{key: TRANSPORT_KEYS[key][1] for key in _TOP_LEVEL_TRANSPORT_KEYS},
@@ -392,6 +397,12 @@ def resolve(
         )
     except ValueError as exc:
         raise ConfigError(f"retention: {exc}") from None
+    output_retention = values.get("output-retention", DEFAULT_RETENTION_BYTES)
+    if output_retention < MIN_OUTPUT_RETENTION_BYTES:
+        raise ConfigError(
+            f"output-retention: at least {MIN_OUTPUT_RETENTION_BYTES // 1024}K, not"
+            f" {output_retention} bytes"
+        )
     if isolation == "off" and job_policy.needs_isolation:
         raise ConfigError(
             "run-as accounts and network none need isolation, which is off (isolation = off)"
@@ -420,6 +431,7 @@ def resolve(
         policy=job_policy,
         retention=retention,
         transport=transport,
+        output_retention_bytes=output_retention,
     )
 
 

@@ -254,6 +254,14 @@ def serve(
             help="All jobs' output on disk together, e.g. 2G (default 10G); the oldest goes first.",
         ),
     ] = None,
+    output_retention: Annotated[
+        str | None,
+        Parameter(
+            group=RETENTION,
+            help="Each job's output kept: the newest this much, e.g. 64M (default 256M). "
+            "Readers are told how much older output was dropped.",
+        ),
+    ] = None,
     verbose: Annotated[
         bool, Parameter(name=["--verbose", "-v"], negative="", help="Log the supervisor too.")
     ] = False,
@@ -292,6 +300,7 @@ def serve(
         "keep": keep,
         "keep-jobs": keep_jobs,
         "output-budget": output_budget,
+        "output-retention": output_retention,
     }
     try:
         table = load_config_file(config) if config is not None else None
@@ -387,6 +396,7 @@ async def _serve_with(
         limits=settings.limits,
         cgroups=settings.cgroups,
         grace_period_s=settings.grace_period_s,
+        retention_bytes=settings.output_retention_bytes,
         isolation=_isolation(settings, config_file),
     )
     entered = False

@@ -166,6 +166,18 @@ def test_isolation_settings_from_the_file_and_flags(tmp_path: Path) -> None:
         resolve({**NO_FLAGS, "run-as": ("carol",)})
 
 
+def test_output_retention_per_job_from_the_file_or_a_flag(tmp_path: Path) -> None:
+    assert resolve(NO_FLAGS).output_retention_bytes == 256 * 2**20
+    path = tmp_path / "jobworker.toml"
+    path.write_text('output-retention = "64M"\n')
+    assert resolve(NO_FLAGS, load_config_file(path)).output_retention_bytes == 64 * 2**20
+    flags = {**NO_FLAGS, "output-retention": "1M"}
+    assert resolve(flags, load_config_file(path)).output_retention_bytes == 2**20
+    # Below this, a job's log could not keep most of its cap readable.
+    with pytest.raises(ConfigError, match=r"^output-retention: at least 512K, not 4096 bytes"):
+        resolve({**NO_FLAGS, "output-retention": "4K"})
+
+
 def test_flag_mistakes_name_the_flag() -> None:
     with pytest.raises(ConfigError, match=r"^--io-read: not a size: 'fast'"):
         resolve({**NO_FLAGS, "io-read": "fast"})
