@@ -817,3 +817,79 @@ def test_cert_helper_writes_private_keys_0600(tmp_path: Path) -> None:
     leaf = ca.issue(tmp_path, "someone", client=True, key_type="rsa")
     for key_file in (ca.key_file, leaf.key_file):
         assert key_file.stat().st_mode & 0o777 == 0o600
+
+
+# ---------------------------------------------------------------------------------------------
+# what tls/openssl_internals.py assumes about pyOpenSSL
+
+
+def _bio_pair(certs: CertSet) -> tuple[SSL.Connection, SSL.Connection]:
+    """A client and a server pyOpenSSL connection over memory BIOs, handshake done."""
+    client = SSL.Connection(client_config(certs).context, None)
+    client.set_connect_state()
+    server = SSL.Connection(server_config(certs).context, None)
+    server.set_accept_state()
+    for _ in range(10):
+        for conn in (client, server):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for a, b in ((client, server), (server, client)):
+            try:
+                b.bio_write(a.bio_read(2**20))
+            except SSL.WantReadError:
+                pass
+    return client, server
+
+
+def _deliver(a: SSL.Connection, b: SSL.Connection) -> None:
+    b.bio_write(a.bio_read(2**20))
+
+
+def test_read_plaintext_reads_what_recv_reads_and_raises_what_it_raises(certs: CertSet) -> None:
+    from jobworker.purgatory.tls import openssl_internals as internals
+
+    assert internals.FAST_READ
+    client, server = _bio_pair(certs)
+    buffer, address = internals.scratch(64 * 1024)
+    for reader in ("ours", "recv"):
+        payload = os.urandom(40_000)  # three records
+        server.sendall(payload)
+        _deliver(server, client)
+        got = b""
+        while len(got) < len(payload):
+            if reader == "ours":
+                n = internals.read_plaintext(client, address, 64 * 1024)
+                got += bytes(buffer[:n])
+            else:
+                got += client.recv(64 * 1024)
+        assert got == payload
+        # Nothing left to read: the same exception either way.
+        with pytest.raises(SSL.WantReadError):
+            internals.read_plaintext(client, address, 1024)
+        with pytest.raises(SSL.WantReadError):
+            client.recv(1024)
+    server.shutdown()  # close_notify
+    _deliver(server, client)
+    with pytest.raises(SSL.ZeroReturnError):
+        internals.read_plaintext(client, address, 1024)
+    with pytest.raises(SSL.ZeroReturnError):
+        client.recv(1024)
+
+
+def test_scratch_is_one_buffer_per_thread_grown_when_needed() -> None:
+    import threading
+
+    from jobworker.purgatory.tls.openssl_internals import scratch
+
+    small, _ = scratch(1024)
+    again, _ = scratch(512)
+    assert again is small and len(small) >= 1024
+    large, _ = scratch(len(small) + 1)
+    assert large is not small and len(large) > len(small)
+    other: list[bytearray] = []
+    thread = threading.Thread(target=lambda: other.append(scratch(1024)[0]))
+    thread.start()
+    thread.join()
+    assert other[0] is not large

@@ -51,6 +51,7 @@ from .config import (
     failure_of,
     parse_ip,
 )
+from .openssl_internals import FAST_READ, read_plaintext, scratch
 
 if TYPE_CHECKING:
     from socket import socket as _Socket
@@ -302,43 +303,71 @@ class TLSStream(trio.abc.Stream):
         return encrypt
 
     def _decrypt(self, max_bytes: int) -> bytes:
+        """Up to `max_bytes` of plaintext: every whole record OpenSSL can give without waiting,
+        read into this thread's scratch buffer (see openssl_internals) and copied out once."""
         if self._read_eof:
             return b""
         if self._read_error is not None:
             error, self._read_error = self._read_error, None
             raise error
+        if not FAST_READ:  # pragma: no cover - see openssl_internals
+            return self._decrypt_by_records(max_bytes)
+        buffer, address = scratch(max_bytes)
+        conn = self._conn
+        total = 0
+        while total < max_bytes:
+            try:
+                got = read_plaintext(conn, address + total, max_bytes - total)
+            except Exception as exc:
+                if self._read_failed(exc, bool(total)):
+                    break
+                raise
+            if not got:
+                break
+            total += got
+        return bytes(memoryview(buffer)[:total])
+
+    def _decrypt_by_records(self, max_bytes: int) -> bytes:
         recv = self._conn.recv
         chunks: list[bytes] = []
         total = 0
         while total < max_bytes:
             try:
                 chunk = recv(min(max_bytes - total, MAX_RECORD_PLAINTEXT))
-            except SSL.WantReadError:
-                if chunks:
-                    self._socket_drained = True
+            except Exception as exc:
+                if self._read_failed(exc, bool(chunks)):
                     break
                 raise
-            except SSL.ZeroReturnError:  # close_notify
-                self._read_eof = True
-                break
-            except SSL.SysCallError as exc:
-                if exc.args and isinstance(exc.args[0], int) and exc.args[0] > 0:
-                    # The socket engine met a socket error (ECONNRESET...): not an EOF.
-                    self._mark_broken()
-                    raise TLSError(f"connection lost: {os.strerror(exc.args[0])}") from None
-                # The transport ended without close_notify: EOF too (see "End of stream").
-                # OpenSSL queues an alert about it; the peer is gone, so drop it.
-                self._read_eof = True
-                self._drain()
-                break
-            except SSL.Error as exc:
-                if not chunks:
-                    raise
-                self._read_error = exc  # hand over what we have; fail on the next call
-                break
             chunks.append(chunk)
             total += len(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _read_failed(self, exc: Exception, have_data: bool) -> bool:
+        """A read that met `exc`: True to return what was read so far (maybe nothing, at the
+        end of the stream), False to raise `exc`; raises a TLSError itself for a lost
+        connection."""
+        if isinstance(exc, SSL.WantReadError):
+            if have_data:
+                self._socket_drained = True
+                return True
+            return False
+        if isinstance(exc, SSL.ZeroReturnError):  # close_notify
+            self._read_eof = True
+            return True
+        if isinstance(exc, SSL.SysCallError):
+            if exc.args and isinstance(exc.args[0], int) and exc.args[0] > 0:
+                # The socket engine met a socket error (ECONNRESET...): not an EOF.
+                self._mark_broken()
+                raise TLSError(f"connection lost: {os.strerror(exc.args[0])}") from None
+            # The transport ended without close_notify: EOF too (see "End of stream").
+            # OpenSSL queues an alert about it; the peer is gone, so drop it.
+            self._read_eof = True
+            self._drain()
+            return True
+        if isinstance(exc, SSL.Error) and have_data:
+            self._read_error = exc  # hand over what we have; fail on the next call
+            return True
+        return False
 
     async def _fail(self, exc: BaseException) -> NoReturn:
         """Mark broken, get any alert OpenSSL queued to the peer, raise the TLSError."""
