@@ -225,11 +225,23 @@ class JobClient:
         return list(reply.job_ids)
 
     async def logs(
-        self, job_id: str, on_chunk: Callable[[pb.LogChunk], None], *, follow: bool
+        self,
+        job_id: str,
+        on_chunk: Callable[[pb.LogChunk], None],
+        *,
+        follow: bool,
+        tail_lines: int = 0,
+        since_ns: int | None = None,
+        streams: tuple[pb.LogChunk.Stream.ValueType, ...] = (),
     ) -> None:
         """Hand the job's output chunks to `on_chunk`, in order, until the server ends the
-        stream (no deadline: following lasts as long as the job)."""
-        request = pb.GetJobLogsRequest(job_id=job_id, follow=follow)
+        stream (no deadline: following lasts as long as the job). `tail_lines`, `since_ns`
+        (ns since the epoch) and `streams` narrow it as GetJobLogsRequest says."""
+        request = pb.GetJobLogsRequest(
+            job_id=job_id, follow=follow, tail_lines=tail_lines, streams=streams
+        )
+        if since_ns is not None:
+            request.since.FromNanoseconds(since_ns)
         try:
             async with self._channel.server_stream(
                 f"{SERVICE}/GetJobLogs", request, pb.LogChunk

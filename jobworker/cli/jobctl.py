@@ -7,7 +7,8 @@
     jobctl kill [-s SIGNAL] ID...                one signal, no escalation (default KILL)
     jobctl wait ID...            until each ends: prints its exit code, exits with it
     jobctl status ID [--json]
-    jobctl logs ID [-f]          stdout chunks to stdout, stderr chunks to stderr, byte-exact
+    jobctl logs ID [-f] [-n N] [--since 10m] [-t] [--stdout|--stderr]
+                                 stdout chunks to stdout, stderr chunks to stderr, byte-exact
     jobctl list|ls|ps [--all] [--state S]... [-n N] [-q] [--json]
     jobctl top [--all] [--interval 2s] [--no-stream]    live CPU, memory and IO (cli/top.py)
     jobctl rm ID... [--force]    remove ended jobs (record, output, working directory)
@@ -43,6 +44,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime
@@ -64,6 +66,7 @@ from .formatting import (
     format_status,
     to_json,
 )
+from .logs import Stamper, dropped_notice, parse_since, parse_tail
 from .parsing import (
     end_options_at_command,
     parse_duration,
@@ -280,19 +283,67 @@ def status(
 
 @app.command
 def logs(
-    job_id: Annotated[str, Parameter(name="ID")],
+    job_id: JobReference,
     /,
     *,
     follow: Annotated[
         bool, Parameter(name=["--follow", "-f"], negative="", help="Follow until the job ends.")
     ] = False,
+    tail: Annotated[
+        str | None,
+        Parameter(
+            name=["--tail", "-n"],
+            help="Only the last N lines kept (of the streams shown); 0: none, only what comes "
+            "next with -f. Default: all.",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        Parameter(
+            help="Only output read since then: a duration ago (10m, 1h30m) or a time "
+            "(2026-12-06T01:02:03Z; '2026-12-06 01:02:03' is local time).",
+        ),
+    ] = None,
+    timestamps: Annotated[
+        bool,
+        Flag,
+        Parameter(
+            name=["--timestamps", "-t"],
+            help="Begin each line with when the server read it (RFC 3339, UTC, nanoseconds).",
+        ),
+    ] = False,
+    stdout: Annotated[bool, Flag, Parameter(help="Only the job's stdout.")] = False,
+    stderr: Annotated[bool, Flag, Parameter(help="Only the job's stderr.")] = False,
     conn: ConnectionParameter = None,
 ) -> int:
-    """Write a job's output as it was produced: its stdout to stdout, its stderr to stderr."""
+    """Write a job's output as it was produced: its stdout to stdout, its stderr to stderr.
+    Output the server no longer keeps is said on stderr, with where it resumes."""
+    now_ns = time.time_ns()
+    try:
+        tail_lines = parse_tail(tail) if tail is not None else None
+    except ValueError as exc:
+        raise CliError(f"--tail: {exc}") from None
+    try:
+        since_ns = parse_since(since, now_ns=now_ns) if since is not None else None
+    except ValueError as exc:
+        raise CliError(f"--since: {exc}") from None
+    if tail_lines == 0:  # docker's -n 0: no line of what was kept, so only what comes next
+        since_ns = max(since_ns or 0, now_ns)
+    streams = ((pb.LogChunk.STREAM_STDOUT,) if stdout else ()) + (
+        (pb.LogChunk.STREAM_STDERR,) if stderr else ()
+    )
+    writer = _OutputWriter(timestamps=timestamps)
 
     async def body(client: JobClient) -> int:
         interrupted = await _cancel_on_ctrl_c(
-            lambda: client.logs(job_id, _write_chunk, follow=follow)
+            lambda: client.logs(
+                job_id,
+                writer,
+                follow=follow,
+                tail_lines=min(tail_lines or 0, 2**32 - 1),
+                since_ns=since_ns,
+                streams=streams,
+            )
         )
         return EXIT_INTERRUPTED if interrupted else 0
 
@@ -713,22 +764,39 @@ def _report_end(job_id: str, job: pb.JobStatus, *, stopped_here: bool) -> int:
     return job_exit_code(job)
 
 
-def _write_chunk(chunk: pb.LogChunk) -> None:
-    # Blocking writes: this process does nothing else meanwhile, and a slow reader of our
-    # stdout slows the server's stream down through HTTP/2 flow control, as it should.
-    target = sys.stderr if chunk.stream == pb.LogChunk.STREAM_STDERR else sys.stdout
-    if chunk.lost:
-        # Never silent: the output the server could not keep is said where it was, on stderr
-        # (the output's own streams stay byte-exact otherwise).
-        name = "stderr" if chunk.stream == pb.LogChunk.STREAM_STDERR else "stdout"
-        _say(f"{chunk.lost} bytes of the job's {name} lost here (the server's disk was full)")
-        return
-    try:
-        target.buffer.write(chunk.data)
-        target.buffer.flush()
-    except BrokenPipeError:
-        _silence(target)
-        raise CliError("", EXIT_BROKEN_PIPE) from None
+class _OutputWriter:
+    """Writes a job's output chunks where they belong: its stdout to ours, its stderr to ours,
+    byte-exact unless timestamps are asked for; what the server could not give is said on
+    stderr instead, once per gap, and the output goes on after it."""
+
+    def __init__(self, *, timestamps: bool = False) -> None:
+        self._stamper = Stamper() if timestamps else None
+
+    def __call__(self, chunk: pb.LogChunk) -> None:
+        # Blocking writes: this process does nothing else meanwhile, and a slow reader of our
+        # stdout slows the server's stream down through HTTP/2 flow control, as it should.
+        if chunk.dropped:
+            # Never silent (the output's own streams stay byte-exact otherwise).
+            _say(dropped_notice(chunk))
+            if self._stamper is not None:
+                self._stamper.resume()
+            return
+        target = sys.stderr if chunk.stream == pb.LogChunk.STREAM_STDERR else sys.stdout
+        if chunk.lost:
+            # Said where it was, on stderr, likewise.
+            name = "stderr" if chunk.stream == pb.LogChunk.STREAM_STDERR else "stdout"
+            _say(f"{chunk.lost} bytes of the job's {name} lost here (the server's disk was full)")
+            return
+        data = chunk.data if self._stamper is None else self._stamper.stamp(chunk)
+        try:
+            target.buffer.write(data)
+            target.buffer.flush()
+        except BrokenPipeError:
+            _silence(target)
+            raise CliError("", EXIT_BROKEN_PIPE) from None
+
+
+_write_chunk = _OutputWriter()  # as `run` shows its job's output
 
 
 def _write_text(text: str) -> None:
