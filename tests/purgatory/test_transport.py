@@ -12,6 +12,7 @@ from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
 from jobworker.purgatory import GrpcError, RpcMethod, Server, Status
 from jobworker.purgatory.testing import memory_channel
+from jobworker.purgatory.wire.client_side import CLIENT_STREAM_WINDOW_BYTES
 
 
 class Recorder:
@@ -156,11 +157,12 @@ async def test_a_client_that_stops_reading_holds_the_server_handler(setup):
         await recorder.started.wait()
         await trio.testing.wait_all_tasks_blocked()
         stalled_at = recorder.sent
-        # Bounded by the windows (1 MiB stream window, 64 KiB messages), not by the flood.
-        assert stalled_at <= 2**20 // 65536 + 2
+        # Bounded by the windows (the client's stream window, 64 KiB messages), not by the
+        # flood.
+        assert stalled_at <= CLIENT_STREAM_WINDOW_BYTES // 65536 + 2
         await replies.__anext__()
         await trio.testing.wait_all_tasks_blocked()
-        assert recorder.sent <= stalled_at + 2**20 // 65536 + 2
+        assert recorder.sent <= stalled_at + CLIENT_STREAM_WINDOW_BYTES // 65536 + 2
 
 
 async def test_oversize_request_is_resource_exhausted():

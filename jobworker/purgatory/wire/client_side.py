@@ -26,6 +26,14 @@ from .status import (
 from .streams import CONTENT_TYPE, EndOfOutput, Stream, failure
 from .timeout import encode_grpc_timeout
 
+# A client's receive windows are larger than core's defaults (which a server's are): a server
+# streaming to us keeps this much in flight, so its sends rarely wait for our WINDOW_UPDATE
+# (each of which costs us a write), and the client is one process reading its own calls, not
+# a server holding windows for many peers. Still bounded: what a consumer that stops reading
+# can be sent is one stream window, and all its calls together one connection window.
+CLIENT_STREAM_WINDOW_BYTES = 4 * 2**20
+CLIENT_CONNECTION_WINDOW_BYTES = 16 * 2**20
+
 
 class ClientConnection(GrpcConnection):
     """The client's side of one gRPC connection: starts calls and reads their answers."""
@@ -33,6 +41,8 @@ class ClientConnection(GrpcConnection):
     client_side = True
 
     def __init__(self, *, authority: str, user_agent: str = "purgatory", **kwargs: Any) -> None:
+        kwargs.setdefault("stream_window_bytes", CLIENT_STREAM_WINDOW_BYTES)
+        kwargs.setdefault("connection_window_bytes", CLIENT_CONNECTION_WINDOW_BYTES)
         super().__init__(**kwargs)
         self._authority = authority.encode()
         self._user_agent = user_agent.encode()

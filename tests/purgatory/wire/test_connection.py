@@ -31,6 +31,7 @@ from jobworker.purgatory.wire import (
     decode_metadata,
     encode_message,
 )
+from jobworker.purgatory.wire.client_side import CLIENT_STREAM_WINDOW_BYTES
 
 from .peers import METHOD, Pair, goaway, parse, raw_client, raw_exchange
 
@@ -105,13 +106,15 @@ def test_a_consumer_that_stops_reading_stops_the_sender_after_one_window():
     stream_id = unary_request(pair)
     pair.take("server", MessageReceived)
     chunk = b"x" * 65536
-    for _ in range(64):  # 4 MiB, four times the client's stream window
+    window = CLIENT_STREAM_WINDOW_BYTES
+    messages = 4 * window // len(chunk)  # four times the client's stream window
+    for _ in range(messages):
         pair.server.send_message(stream_id, chunk)
     pair.exchange()
     received = pair.take("client", MessageReceived)
     delivered = sum(len(m.payload) for m in received)
-    assert delivered <= 2**20  # one stream window, not more
-    assert pair.server.outbound_pending(stream_id) >= 4 * 2**20 - 2**20 - 64 * 5 - 65536
+    assert delivered <= window  # one stream window, not more
+    assert pair.server.outbound_pending(stream_id) >= 3 * window - messages * 5 - 65536
     # Consuming releases the next window, and so on until everything has arrived.
     while received:
         for m in received:
@@ -119,7 +122,7 @@ def test_a_consumer_that_stops_reading_stops_the_sender_after_one_window():
         pair.exchange()
         received = pair.take("client", MessageReceived)
         delivered += sum(len(m.payload) for m in received)
-    assert delivered == 64 * 65536
+    assert delivered == messages * 65536
     assert pair.server.outbound_pending(stream_id) == 0
     assert pair.take("server", OutboxDrained)
 
@@ -158,7 +161,7 @@ def test_client_reset_reaches_the_server_as_cancelled():
 def test_trailers_wait_behind_pending_messages():
     pair = Pair()
     stream_id = unary_request(pair)
-    for _ in range(40):  # 2.5 MiB: more than a window
+    for _ in range(CLIENT_STREAM_WINDOW_BYTES // 65536 + 8):  # more than a window
         pair.server.send_message(stream_id, b"z" * 65536)
     pair.server.send_trailers(stream_id, Status.OK)
     pair.exchange()
@@ -508,7 +511,7 @@ def test_a_sender_slicing_messages_across_frames_still_gets_only_one_window():
     raw.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
     message = encode_message(b"m" * 60_000)
     delivered = 0
-    for _ in range(200):  # 12 MB offered
+    for _ in range(400):  # 24 MB offered
         for part in (message[:59_000], message[59_000:]):
             if raw.local_flow_control_window(stream_id) < len(part):
                 break
@@ -517,7 +520,7 @@ def test_a_sender_slicing_messages_across_frames_still_gets_only_one_window():
         delivered += sum(len(e.payload) for e in events if isinstance(e, MessageReceived))
         raw.receive_data(client.data_to_send())  # whatever WINDOW_UPDATEs the client grants
     # Nothing consumed: at most one stream window of messages, plus one message in progress.
-    assert 0 < delivered <= 2**20 + 60_000
+    assert 0 < delivered <= CLIENT_STREAM_WINDOW_BYTES + 60_000
 
 
 def test_a_message_that_fits_the_windows_is_one_data_frame_and_the_windows_stay_exact():
