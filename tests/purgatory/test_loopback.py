@@ -9,6 +9,7 @@ from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
 from jobworker.purgatory import GrpcError, RpcMethod, Server, Status, TLSStream, open_channel_over
 from jobworker.purgatory.testing import CertSet, client_config, make_cert_set, serve, server_config
+from jobworker.purgatory.wire.client_side import CLIENT_STREAM_WINDOW_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,10 @@ async def test_a_full_socket_holds_the_sender_and_loses_no_byte(nursery, certs):
     waits for the writer, see Driver.push) while a slow client reads: every message arrives,
     whole and in order, and the other calls on the connection go on meanwhile. A socket pair,
     not the kit's loopback listener: the buffers must be tiny on both ends from the start."""
-    messages = [bytes([i]) * (50_000 + i) for i in range(40)]  # 2 MB: beyond any window
+    # Twice the client's stream window: beyond any window.
+    messages = [
+        bytes([i % 256]) * (50_000 + i) for i in range(2 * CLIENT_STREAM_WINDOW_BYTES // 50_000)
+    ]
     sent = 0
 
     async def burst(request: StringValue, call) -> None:
