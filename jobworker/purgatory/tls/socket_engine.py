@@ -158,8 +158,11 @@ class SocketTLSStream(TLSStream):
             lock.release()
 
     def _cork(self, on: bool) -> None:
-        with contextlib.suppress(OSError):  # the socket is closing: nothing left to coalesce
+        # Twice per large send: a plain try, not contextlib.suppress's generator machinery.
+        try:
             self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
+        except OSError:  # the socket is closing: nothing left to coalesce
+            pass
 
     def _drain(self) -> bytes:
         return b""  # OpenSSL has written it to the socket already
