@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-from fractions import Fraction
 
 from jobworker.purgatory.wire.errors import ProtocolError
 from jobworker.purgatory.wire.metadata import header_bytes
@@ -59,9 +58,11 @@ def encode_grpc_timeout(seconds: float) -> str:
         return "1n"
     if seconds >= MAX_TIMEOUT_S:
         return f"{_MAX_DIGITS_VALUE}H"
-    exact = Fraction(seconds)
+    # The float's exact value as a ratio of integers, so that rounding up is integer
+    # arithmetic (and no import of fractions, which costs every client's start-up).
+    top, bottom = seconds.as_integer_ratio()
     for unit, (numerator, denominator) in _UNITS.items():
-        count = math.ceil(exact * denominator / numerator)
+        count = -(-top * denominator // (bottom * numerator))  # ceil, exactly
         if count > _MAX_DIGITS_VALUE:
             continue
         # The float the peer parses may round up to `seconds` one step earlier than the exact
