@@ -256,6 +256,7 @@ async def test_signalling_is_the_owners_or_an_admins(served: Served) -> None:
 async def test_stopping_an_ended_job_is_ok_and_says_it_had_ended(served: Served) -> None:
     alice, bob, vera = served.client("alice"), served.client("bob"), served.client("vera")
     job_id = await alice.start("sh", "-c", "exit 3")
+    await alice.wait(job_id)  # else the stop may find it still running: no race to win
     live_or_kept = await alice.call("StopJob", pb.StopJobRequest(job_id=job_id))
     assert live_or_kept.already_ended and live_or_kept.status.exit_code == 3
     await served.service.recorded(job_id)  # now only the store knows it
