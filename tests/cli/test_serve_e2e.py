@@ -149,7 +149,7 @@ def test_config_file_and_flags(server_factory, certs_dir: Path, tmp_path: Path) 
     limits = json.loads(jobctl.ok("status", job_id, "--json"))["limits"]
     assert (limits["memory_bytes"], limits["pids"]) == (str(256 * 2**20), 50)
     refused = jobctl("start", "--memory", "1G", "--", "true")
-    assert refused.returncode == 1
+    assert refused.returncode == 2  # the request was invalid: a usage error, as docker's
     assert b"above the maximum" in refused.stderr
 
 

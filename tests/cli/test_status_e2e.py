@@ -144,7 +144,9 @@ def test_stopped_by_sigkill_after_the_grace_period(jobctl: Jobctl) -> None:
 
 
 def test_creation_error(jobctl: Jobctl) -> None:
-    job_id = jobctl.start("foobar-no-such-command")
+    started = jobctl("start", "--", "foobar-no-such-command")
+    assert started.returncode == 127  # the job exists (its id), though it never ran
+    job_id = started.stdout.decode().strip()
     lines = status_lines(jobctl, job_id)
     assert lines[:3] == [
         f"Job:         {job_id}",
