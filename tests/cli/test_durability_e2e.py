@@ -5,6 +5,7 @@ again (with jobctl, and with grpcio for offsets).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -30,6 +31,17 @@ DEAF_TICKS = "trap '' PIPE; " + TICKS
 
 # One chunk of a job's output: (stream, offset, data, bytes lost).
 Chunk = tuple[int, int, bytes, int]
+
+
+@contextlib.contextmanager
+def stopped_on_failure(server: Server):
+    """The part of a test before its planned crash or stop: a failure there must not leave the
+    server (and its jobs) running."""
+    try:
+        yield server
+    except BaseException:
+        server.terminate()
+        raise
 
 
 def subtree_of_job(jobctl: Jobctl, job_id: str) -> str:
@@ -97,14 +109,15 @@ def test_after_a_crash_jobs_are_lost_not_forgotten_and_nothing_is_left(
 ) -> None:
     data = tmp_path / "data"
     server = start_server(certs_dir, "--data-dir", str(data))
-    jobctl = Jobctl(certs_dir, server.address)
-    ended = jobctl.start("echo", "done before the crash")
-    jobctl.wait_ended(ended)
-    running = [jobctl.start("sh", "-c", TICKS) for _ in range(5)]
-    for job_id in running:
-        first_line(jobctl, job_id)
-    subtree = subtree_of_job(jobctl, running[0])
-    pids = [json.loads(jobctl.ok("status", j, "--json"))["pid"] for j in running]
+    with stopped_on_failure(server):
+        jobctl = Jobctl(certs_dir, server.address)
+        ended = jobctl.start("echo", "done before the crash")
+        jobctl.wait_ended(ended)
+        running = [jobctl.start("sh", "-c", TICKS) for _ in range(5)]
+        for job_id in running:
+            first_line(jobctl, job_id)
+        subtree = subtree_of_job(jobctl, running[0])
+        pids = [json.loads(jobctl.ok("status", j, "--json"))["pid"] for j in running]
     crash(server)
 
     server = start_server(certs_dir, "--data-dir", str(data))
@@ -140,11 +153,12 @@ def test_unisolated_orphans_of_a_crash_are_killed_at_restart(
     # server finds them through its records, kills them and removes their groups.
     data = tmp_path / "data"
     server = start_server(certs_dir, "--data-dir", str(data), "--isolation", "off")
-    jobctl = Jobctl(certs_dir, server.address)
-    job_id = jobctl.start("sh", "-c", DEAF_TICKS)
-    first_line(jobctl, job_id)
-    pid = json.loads(jobctl.ok("status", job_id, "--json"))["pid"]
-    subtree = subtree_of_job(jobctl, job_id)
+    with stopped_on_failure(server):
+        jobctl = Jobctl(certs_dir, server.address)
+        job_id = jobctl.start("sh", "-c", DEAF_TICKS)
+        first_line(jobctl, job_id)
+        pid = json.loads(jobctl.ok("status", job_id, "--json"))["pid"]
+        subtree = subtree_of_job(jobctl, job_id)
     crash(server)
     assert alive(pid)  # an orphan now
 
@@ -160,13 +174,14 @@ def test_unisolated_orphans_of_a_crash_are_killed_at_restart(
 def test_a_clean_restart_keeps_every_ended_job_byte_exact(certs_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     server = start_server(certs_dir, "--data-dir", str(data))
-    jobctl = Jobctl(certs_dir, server.address)
-    script = "head -c 300000 /dev/urandom; head -c 70000 /dev/urandom >&2; echo end; exit 7"
-    jobs = [jobctl.start("sh", "-c", script) for _ in range(3)]
-    for job_id in jobs:
-        jobctl.wait_ended(job_id)
-    before = {job_id: logs_with_offsets(certs_dir, server, job_id) for job_id in jobs}
-    statuses = {job_id: json.loads(jobctl.ok("status", job_id, "--json")) for job_id in jobs}
+    with stopped_on_failure(server):
+        jobctl = Jobctl(certs_dir, server.address)
+        script = "head -c 300000 /dev/urandom; head -c 70000 /dev/urandom >&2; echo end; exit 7"
+        jobs = [jobctl.start("sh", "-c", script) for _ in range(3)]
+        for job_id in jobs:
+            jobctl.wait_ended(job_id)
+        before = {job_id: logs_with_offsets(certs_dir, server, job_id) for job_id in jobs}
+        statuses = {job_id: json.loads(jobctl.ok("status", job_id, "--json")) for job_id in jobs}
     assert server.terminate() == 0  # SIGTERM: a clean stop
 
     server = start_server(certs_dir, "--data-dir", str(data))
@@ -195,7 +210,7 @@ def test_crashes_at_random_moments_leave_a_consistent_store(
     iterations = 30
     for _ in range(iterations):
         server = start_server(certs_dir, "--data-dir", str(data), "--grace-period", "1s")
-        with channel_as("alice", certs_dir, server) as channel:
+        with stopped_on_failure(server), channel_as("alice", certs_dir, server) as channel:
             api = Api(channel)
             check_consistent(api)
             for _ in range(rng.randrange(1, 4)):
