@@ -16,13 +16,10 @@ from jobworker.supervisor import (
     JobNotEnded,
     JobNotFound,
     LimitOutOfRange,
-    OutputDropped,
     TransientUsersExhausted,
 )
 
 from .store import StoreUnavailable
-
-RETAINED_START_KEY = "jobworker-retained-start"
 
 
 class ServiceError(Exception):
@@ -108,7 +105,6 @@ STATUS_OF: dict[type[Exception], Status] = {
     PermissionDenied: Status.PERMISSION_DENIED,
     TooManyJobs: Status.RESOURCE_EXHAUSTED,
     TooManyLogStreams: Status.RESOURCE_EXHAUSTED,
-    OutputDropped: Status.OUT_OF_RANGE,
     ShuttingDown: Status.UNAVAILABLE,
     TransientUsersExhausted: Status.RESOURCE_EXHAUSTED,
     JobNotEnded: Status.FAILED_PRECONDITION,
@@ -135,7 +131,7 @@ def as_grpc_error(exc: Exception) -> GrpcError | None:
     """The status and message for a domain error; None for anything else (a bug)."""
     for cls, status in STATUS_OF.items():
         if isinstance(exc, cls):
-            return GrpcError(status, _message(exc), trailers=_trailers(exc))
+            return GrpcError(status, _message(exc))
     return None
 
 
@@ -151,23 +147,12 @@ def _message(exc: Exception) -> str:
         return f"job {exc.job_id} has already ended ({exc.state}): it has no process left"
     if isinstance(exc, JobNotEnded):
         return f"job {exc.job_id} is still running: stop it first (or force the removal)"
-    if isinstance(exc, OutputDropped):
-        return (
-            f"the output before offset {exc.retained_start} is no longer kept (retention limit);"
-            f" asked for offset {exc.requested_offset}: read from offset {exc.retained_start}"
-        )
     if isinstance(exc, LimitOutOfRange):
         # Whether a default or a maximum, it is about the field the request set (or left).
         return f"{api_limit_name(exc.name)} {exc.detail}"
     if isinstance(exc, InvalidJobSpec):
         return _LIMIT_NAME.sub(lambda m: _API_LIMIT_NAMES[m.group(1)], str(exc))
     return str(exc)
-
-
-def _trailers(exc: Exception) -> tuple[tuple[str, str], ...]:
-    if isinstance(exc, OutputDropped):
-        return ((RETAINED_START_KEY, str(exc.retained_start)),)
-    return ()
 
 
 def not_found_message(job_id: str) -> str:

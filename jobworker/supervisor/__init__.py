@@ -15,7 +15,6 @@ from .errors import (
     JobNotEnded,
     JobNotFound,
     LimitOutOfRange,
-    OutputDropped,
     SupervisorError,
     TransientUsersExhausted,
 )
@@ -52,7 +51,6 @@ __all__ = [
     "Limits",
     "OutputChunk",
     "OutputLog",
-    "OutputDropped",
     "OutputStream",
     "RunAs",
     "Supervisor",

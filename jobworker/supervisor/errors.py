@@ -70,18 +70,3 @@ class IsolationUnavailable(SupervisorError):
 
 class TransientUsersExhausted(IsolationUnavailable):
     """Every transient uid of the configured range is held by a live job."""
-
-
-class OutputDropped(SupervisorError):
-    """A reader asked for output that the retention cap has already dropped.
-
-    ``retained_start`` is the first offset still held; a reader may resume from there.
-    """
-
-    def __init__(self, requested_offset: int, retained_start: int) -> None:
-        super().__init__(
-            f"output before offset {retained_start} was dropped by the retention cap "
-            f"(asked for offset {requested_offset}); retained output starts at {retained_start}"
-        )
-        self.requested_offset = requested_offset
-        self.retained_start = retained_start

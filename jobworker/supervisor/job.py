@@ -164,7 +164,8 @@ class Job:
         self, offset: int = 0, *, follow: bool = False, max_chunk_bytes: int = 64 * 2**10
     ) -> OutputReader:
         """Chunks of output from `offset`: history first, then (with follow) live until the job
-        has ended and everything is delivered. Raises OutputDropped for retention-dropped output."""
+        has ended and everything is delivered. Output retention dropped before a reader got to it
+        is one chunk with ``dropped`` set, and the reader goes on from what is kept."""
         return self._log.reader(offset, follow=follow, max_chunk_bytes=max_chunk_bytes)
 
     async def stop(

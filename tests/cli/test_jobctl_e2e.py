@@ -259,7 +259,7 @@ def test_server_from_another_ca_is_exit_2(
         (["start", "--memory", "lots", "--", "true"], b"jobctl: --memory: not a size: 'lots'"),
         (["stop", "x", "--grace", "soon"], b"jobctl: --grace: not a duration: 'soon'"),
         (["start", "--env", "NOEQUALS", "--", "true"], b"jobctl: --env: expected KEY=VALUE"),
-        (["run", "--frob", "--", "true"], b"jobctl: Unknown option: --frob (jobctl's options go before CMD"),
+        (["run", "--frob", "--", "true"], b"jobctl: Unknown option: --frob (jobctl's options go"),
         (["frobnicate"], b"jobctl: Unknown command"),
         (["--cert", "/nonexistent/alice.crt", "list"], b"jobctl: cannot read certificate file"),
     ],

@@ -36,7 +36,6 @@ from jobworker.supervisor import (
     LimitPolicy,
     Limits,
     OutputChunk,
-    OutputDropped,
     OutputStream,
     TransientUsersExhausted,
     Usage,
@@ -280,7 +279,6 @@ CASES = [
     (PermissionDenied("vera may not stop jobs"), Status.PERMISSION_DENIED),
     (TooManyJobs(5, per_user=True), Status.RESOURCE_EXHAUSTED),
     (TooManyLogStreams(5, per_user=False), Status.RESOURCE_EXHAUSTED),
-    (OutputDropped(0, 4096), Status.OUT_OF_RANGE),
     (ShuttingDown("going"), Status.UNAVAILABLE),
     (TransientUsersExhausted("every transient uid is in use"), Status.RESOURCE_EXHAUSTED),
     (JobNotEnded("5c1b7f1e-3a9d-4f6e-9b2a-0d4c8e7f6a51"), Status.FAILED_PRECONDITION),
@@ -305,9 +303,6 @@ def test_anything_else_is_left_to_the_transport_as_a_bug() -> None:
 
 
 def test_messages_say_what_to_do() -> None:
-    [dropped] = [as_grpc_error(OutputDropped(10, 4096))]
-    assert dropped is not None and "read from offset 4096" in dropped.message
-    assert dropped.trailers == (("jobworker-retained-start", "4096"),)
     spec = as_grpc_error(InvalidJobSpec("requested io_read_bps 2M is above the maximum 1M"))
     assert spec is not None and "io_read_bytes_per_second 2M" in spec.message
     ended = as_grpc_error(JobEnded(job_id, "stopped"))
