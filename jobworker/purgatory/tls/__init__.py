@@ -5,6 +5,8 @@
 - stream.py: `TLSStream`, what both engines share (state, handshake, reading, closing);
 - socket_engine.py: OpenSSL on a socket's descriptor (production);
 - memory_engine.py: OpenSSL between memory BIOs, over any stream (tests, proxies).
+- openssl_internals.py: what tls relies on inside pyOpenSSL beyond its API (reading records
+  straight into a reused buffer), checked by tests.
 
 ``TLSStream(transport, config)`` picks the engine once, by the transport.
 """
