@@ -340,7 +340,7 @@ def logs(
                 job_id,
                 writer,
                 follow=follow,
-                tail_lines=min(tail_lines or 0, 2**32 - 1),
+                tail_lines=min(tail_lines or 0, UINT32_MAX),
                 since_ns=since_ns,
                 streams=streams,
             )
@@ -682,18 +682,13 @@ def _with_client(conn: Connection | None, body: Callable[[JobClient], Awaitable[
         # their own Ctrl-C meaning (logs -f, run, wait, top) open their own receiver inside
         # this one, and the innermost receives.
         outcome = EXIT_INTERRUPTED
-        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
-            async with trio.open_nursery() as nursery:
 
-                async def on_ctrl_c() -> None:
-                    async for _ in interrupts:
-                        nursery.cancel_scope.cancel()
-                        return
+        async def connected() -> None:
+            nonlocal outcome
+            async with connect(conn or DEFAULT_CONNECTION) as client:
+                outcome = await body(client)
 
-                nursery.start_soon(on_ctrl_c)
-                async with connect(conn or DEFAULT_CONNECTION) as client:
-                    outcome = await body(client)
-                nursery.cancel_scope.cancel()
+        await _cancel_on_ctrl_c(connected)
         return outcome
 
     return trio.run(session)
@@ -726,7 +721,7 @@ async def _run_in_foreground(client: JobClient, request: pb.StartJobRequest) -> 
         try:
             await client.stop(job_id, grace_s)
         except CliError as exc:
-            if exc.exit_code != EXIT_RPC:  # refused: it ended meanwhile, as we wanted
+            if not exc.answered:  # an answer can only be about the job ending meanwhile
                 _say(f"could not stop job {job_id}: {exc.message}")
 
     with trio.open_signal_receiver(signal.SIGINT) as signals:
