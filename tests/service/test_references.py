@@ -294,10 +294,11 @@ async def test_a_job_found_while_it_is_being_started_is_answered_once_it_runs(
     # Its record is written before its process starts, and the Supervisor holds it while it
     # spawns: a name or prefix may find it then, when there is nothing to stop yet.
     alice = served.client("alice")
-    proceed = trio.Event()
+    proceed, reached = trio.Event(), trio.Event()
     step = getattr(served.supervisor, held)
 
     async def held_step(*args, **kwargs):
+        reached.set()
         await proceed.wait()
         return await step(*args, **kwargs)
 
@@ -309,10 +310,14 @@ async def test_a_job_found_while_it_is_being_started_is_answered_once_it_runs(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call, "id", functools.partial(alice.start, *SLEEP, name="early"))
-        await trio.testing.wait_all_tasks_blocked()  # recorded, its start held
+        # Not wait_all_tasks_blocked: a task waiting on the store's worker thread counts as
+        # blocked, so it could return before the record is written or the lookups are done.
+        await reached.wait()  # recorded, its start held
         nursery.start_soon(call, "status", alice.status, "early")
         nursery.start_soon(call, "stop", alice.stop, "early")
-        await trio.testing.wait_all_tasks_blocked()
+        [starting] = served.service._starting.values()
+        while starting.statistics().tasks_waiting < 2:  # both found it, and wait for its start
+            await trio.testing.wait_all_tasks_blocked()
         assert got == {}  # neither answers from a record whose job does not run yet
         proceed.set()
     status, stopped = got["status"], got["stop"]
