@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from jobworker.supervisor import (
     JobNotFound,
     JobStatus,
     Supervisor,
+    signal_name,
 )
 
 from . import convert, logs, references
@@ -383,7 +383,7 @@ class JobService:
                 owner=job.owner,
                 by=who.name,
                 roles=who.role_names,
-                signal=_signal_name(signum),
+                signal=signal_name(signum),
             ),
         )
         return pb.SignalJobResponse()
@@ -774,13 +774,6 @@ def _caller(call: ServerCall) -> Identity:
         return identity
     # A Server made without identify=identify: identify each call instead of trusting nothing.
     return identify(call.peer_certificate)
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def _status_of(record: Record) -> pb.JobStatus:

@@ -29,7 +29,7 @@ from .limits import (
 )
 from .output import OutputChunk, OutputLog, OutputStream
 from .sandbox import Isolation
-from .status import JobState, JobStatus, RunAs, Usage
+from .status import JobState, JobStatus, RunAs, Usage, signal_name
 from .supervisor import Supervisor
 
 __all__ = [
@@ -59,4 +59,5 @@ __all__ = [
     "Usage",
     "format_bytes",
     "parse_bytes",
+    "signal_name",
 ]

@@ -38,7 +38,7 @@ from .escalation import Escalation
 from .limits import Limits
 from .output import OutputLog, OutputReader, OutputStream
 from .spawn import Spawned
-from .status import JobState, JobStatus, RunAs, Usage, exit_code_of
+from .status import JobState, JobStatus, RunAs, Usage, exit_code_of, signal_name
 
 log = logging.getLogger("jobworker.supervisor")
 
@@ -219,7 +219,7 @@ class Job:
             group.signal(signum)
         except OSError as exc:  # the group's listing is gone: removed behind our back
             raise CgroupError(f"cannot signal the processes of job {self.id}: {exc}") from exc
-        log.info("job %s: sent %s", self.id, _signal_name(signum))
+        log.info("job %s: sent %s", self.id, signal_name(signum))
 
     async def wait(self) -> JobStatus:
         """Wait until the job has ended (output complete, group removed); its final status."""
@@ -537,13 +537,6 @@ class _KillTarget:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def _pipe_holders(spawned: Spawned) -> list[int]:
