@@ -223,7 +223,7 @@ _STREAM_TO_PROTO = {
     OutputStream.STDOUT: pb.LogChunk.STREAM_STDOUT,
     OutputStream.STDERR: pb.LogChunk.STREAM_STDERR,
 }
-_STREAM_FROM_PROTO = {value: stream for stream, value in _STREAM_TO_PROTO.items()}
+STREAM_FROM_PROTO = {value: stream for stream, value in _STREAM_TO_PROTO.items()}
 
 
 def state_to_proto(state: JobState) -> pb.JobState.ValueType:
@@ -384,7 +384,7 @@ def chunk_from_proto(message: pb.LogChunk) -> OutputChunk:
         stream = None
     else:
         try:
-            stream = _STREAM_FROM_PROTO[message.stream]
+            stream = STREAM_FROM_PROTO[message.stream]
         except KeyError:
             raise ValueError(f"unknown output stream {message.stream}") from None
     time_ns = message.time.ToNanoseconds() if message.HasField("time") else None

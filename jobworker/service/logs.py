@@ -9,16 +9,8 @@ from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.supervisor import OutputChunk, OutputStream
 from jobworker.supervisor.output import OutputReader
 
+from .convert import STREAM_FROM_PROTO
 from .errors import InvalidRequest
-
-# The range google.protobuf.Timestamp allows: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
-_MIN_SECONDS = -62_135_596_800
-_MAX_SECONDS = 253_402_300_799
-
-_STREAMS = {
-    pb.LogChunk.STREAM_STDOUT: OutputStream.STDOUT,
-    pb.LogChunk.STREAM_STDERR: OutputStream.STDERR,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,21 +30,22 @@ def selection_of(request: pb.GetJobLogsRequest) -> LogSelection:
     that is not a valid Timestamp."""
     streams = None
     if request.streams:
-        unknown = [value for value in request.streams if value not in _STREAMS]
+        unknown = [value for value in request.streams if value not in STREAM_FROM_PROTO]
         if unknown:
             raise InvalidRequest(
                 f"streams: {unknown[0]} is not a stream (STREAM_STDOUT = 1, STREAM_STDERR = 2)"
             )
-        streams = frozenset(_STREAMS[value] for value in request.streams)
+        streams = frozenset(STREAM_FROM_PROTO[value] for value in request.streams)
     since_ns = None
     if request.HasField("since"):
         since = request.since
-        if not (_MIN_SECONDS <= since.seconds <= _MAX_SECONDS and 0 <= since.nanos < 10**9):
+        try:
+            since_ns = since.ToNanoseconds()  # checks Timestamp's own range
+        except ValueError:
             raise InvalidRequest(
                 f"since: not a valid Timestamp (seconds {since.seconds}, nanos {since.nanos}):"
                 " years 1 to 9999, nanos 0 to 999999999"
-            )
-        since_ns = since.seconds * 10**9 + since.nanos
+            ) from None
     return LogSelection(streams, since_ns, request.tail_lines)
 
 
