@@ -265,7 +265,7 @@ class FrameScanner:
                         self._continue_block(flags, length)
                 elif frame_type == _PING_TYPE or frame_type == _SETTINGS_TYPE:
                     if not flags & _ACK:
-                        self._owe_ack()
+                        self._owe(1, "PING and SETTINGS acknowledgements")
                         if frame_type == _PING_TYPE and self._now is not None:
                             self._judge_ping(self._now)
                 elif frame_type == _RST_STREAM_TYPE:
@@ -330,13 +330,14 @@ class FrameScanner:
         if flags & END_HEADERS:
             self._block_stream = self._block_bytes = self._block_frames = 0
 
-    def _owe_ack(self) -> None:
-        self._pending_acks += 1
+    def _owe(self, frames: int, what: str) -> None:
+        """Frames the peer's frames make us send: a peer that never reads them may not make
+        them pile up past the budget."""
+        self._pending_acks += frames
         if self._pending_acks > self._max_pending_acks:
             raise Refusal(
                 h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
-                f"more than {self._max_pending_acks} PING and SETTINGS acknowledgements "
-                "queued and not read",
+                f"more than {self._max_pending_acks} {what} queued and not read",
             )
 
     def _count_answers(self, output: bytes) -> None:
@@ -349,13 +350,7 @@ class FrameScanner:
                 answers += 1
             pos += 9 + (word >> 8)
         if answers:
-            self._pending_acks += answers
-            if self._pending_acks > self._max_pending_acks:
-                raise Refusal(
-                    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
-                    f"more than {self._max_pending_acks} acknowledgements and RST_STREAM "
-                    "answers queued and not read",
-                )
+            self._owe(answers, "acknowledgements and RST_STREAM answers")
 
     def _spend_reset(self) -> None:
         """A stream reset by the peer, or one we refused or reset because of it."""

@@ -496,19 +496,7 @@ def test_corrupted_streams_raise_only_the_protocols_own_errors(sizes, cuts, edit
 
 def test_a_sender_slicing_messages_across_frames_still_gets_only_one_window():
     # Acknowledging partial messages on arrival would let such a sender push without limit.
-    client = ClientConnection(authority="localhost")
-    client.initiate()
-    raw = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None)
-    )
-    raw.initiate_connection()
-    raw.receive_data(client.data_to_send())
-    stream_id = client.start_call(METHOD)
-    client.end_input(stream_id)
-    raw.receive_data(client.data_to_send())
-    client.receive_data(raw.data_to_send())
-    raw.receive_data(client.data_to_send())
-    raw.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    client, raw, stream_id = streaming_client()
     message = encode_message(b"m" * 60_000)
     delivered = 0
     for _ in range(400):  # 24 MB offered
