@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -232,6 +233,19 @@ class Jobctl:
         job_id = self.ok("start", "--", *command, user=user).strip()
         assert re.fullmatch(r"[0-9a-f-]{36}", job_id), job_id
         return job_id
+
+    def first_line(self, job_id: str, user: str = "alice") -> bytes:
+        """The job's first line of output, once it has written it (logs -f delivers it live,
+        and it is then on the server's disk)."""
+        follower = self.popen("logs", "-f", job_id, user=user)
+        try:
+            assert follower.stdout is not None
+            ready, _, _ = select.select([follower.stdout], [], [], TIMEOUT_S)
+            assert ready, "the job said nothing"
+            return follower.stdout.readline()
+        finally:
+            follower.kill()
+            follower.communicate()
 
     def wait_ended(self, job_id: str, user: str = "alice") -> None:
         """Block until the job has ended: following its output returns exactly then."""

@@ -62,18 +62,6 @@ def alive(pid: int) -> bool:
     return state != b"Z"
 
 
-def first_line(jobctl: Jobctl, job_id: str) -> None:
-    """Return once the job has written its first line: its output is on disk."""
-    follower = jobctl.popen("logs", "-f", job_id)
-    assert follower.stdout is not None
-    assert follower.stdout.readline()
-    follower.kill()
-    follower.wait()
-    follower.stdout.close()
-    assert follower.stderr is not None
-    follower.stderr.close()
-
-
 def crash(server: Server) -> None:
     server.process.send_signal(signal.SIGKILL)
     server.process.wait()
@@ -115,7 +103,7 @@ def test_after_a_crash_jobs_are_lost_not_forgotten_and_nothing_is_left(
         jobctl.wait_ended(ended)
         running = [jobctl.start("sh", "-c", TICKS) for _ in range(5)]
         for job_id in running:
-            first_line(jobctl, job_id)
+            jobctl.first_line(job_id)
         subtree = subtree_of_job(jobctl, running[0])
         pids = [json.loads(jobctl.ok("status", j, "--json"))["pid"] for j in running]
     crash(server)
@@ -156,7 +144,7 @@ def test_unisolated_orphans_of_a_crash_are_killed_at_restart(
     with stopped_on_failure(server):
         jobctl = Jobctl(certs_dir, server.address)
         job_id = jobctl.start("sh", "-c", DEAF_TICKS)
-        first_line(jobctl, job_id)
+        jobctl.first_line(job_id)
         pid = json.loads(jobctl.ok("status", job_id, "--json"))["pid"]
         subtree = subtree_of_job(jobctl, job_id)
     crash(server)

@@ -12,6 +12,7 @@ import secrets
 import select
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -41,19 +42,6 @@ def status_json(jobctl: Jobctl, job: str, user: str = "alice") -> dict:
     return json.loads(jobctl.ok("status", job, "--json", user=user))
 
 
-def first_line(jobctl: Jobctl, job_id: str) -> bytes:
-    """The job's first line of output, once it has written it (logs -f delivers it live)."""
-    follower = jobctl.popen("logs", "-f", job_id)
-    try:
-        assert follower.stdout is not None
-        ready, _, _ = select.select([follower.stdout], [], [], TIMEOUT_S)
-        assert ready, "the job said nothing"
-        return follower.stdout.readline()
-    finally:
-        follower.kill()
-        follower.communicate()
-
-
 def unique(stem: str) -> str:
     """A job name no other test (or run of this module) uses: names are unique per owner."""
     return f"{stem}-{secrets.token_hex(6)}"
@@ -75,8 +63,10 @@ def wait_until_connected(process: subprocess.Popen) -> None:
     """Until `process` holds an established TCP connection: jobctl is past Python's start-up
     (a Ctrl-C before that is a fatal error in the interpreter's own imports) and inside its
     Trio run, where a Ctrl-C is jobctl's to handle."""
+    deadline = time.monotonic() + TIMEOUT_S
     while True:
         assert process.poll() is None, "jobctl ended before it connected"
+        assert time.monotonic() < deadline, f"jobctl not connected within {TIMEOUT_S}s"
         sockets = set()
         for fd in os.listdir(f"/proc/{process.pid}/fd"):
             try:
@@ -199,14 +189,14 @@ def test_ctrl_c_ends_the_wait_and_leaves_the_job_running(jobctl: Jobctl) -> None
 def test_kill_sends_the_signal_asked_for_by_name_or_number(jobctl: Jobctl) -> None:
     for spelling in ("usr1", "SIGUSR1", str(signal.SIGUSR1)):
         job_id = jobctl.start(PYTHON, "-c", TRAPS_USR1)
-        assert first_line(jobctl, job_id) == b"ready\n"
+        assert jobctl.first_line(job_id) == b"ready\n"
         assert jobctl.ok("kill", "-s", spelling, job_id) == ""
         assert jobctl("wait", job_id).stdout == b"7\n", spelling  # its handler ran
 
 
 def test_kill_defaults_to_sigkill_with_no_grace(jobctl: Jobctl) -> None:
     job_id = jobctl.start("sh", "-c", "trap '' TERM; echo ready; sleep 30")
-    assert first_line(jobctl, job_id) == b"ready\n"
+    assert jobctl.first_line(job_id) == b"ready\n"
     assert jobctl.ok("kill", job_id) == ""
     done = jobctl("wait", job_id)
     assert (done.returncode, done.stdout) == (137, b"137\n")
@@ -236,7 +226,7 @@ def test_top_no_stream_shows_each_running_job_once(jobctl: Jobctl) -> None:
     mine = jobctl.start("sh", "-c", "echo ready; sleep 30")
     theirs = jobctl.start("sleep", "30", user="bob")
     try:
-        assert first_line(jobctl, mine) == b"ready\n"
+        assert jobctl.first_line(mine) == b"ready\n"
         done = jobctl("top", "--no-stream", "--interval", "200ms")
         assert done.returncode == 0 and done.stderr == b"", done.stderr
         lines = done.stdout.decode().splitlines()
