@@ -58,7 +58,7 @@ from pathlib import Path
 # Run the checkout this file is in, whatever the environment has installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import loadavg, own_children, progress  # tools/benchlib.py
+from benchlib import loadavg, own_children, progress, rotated  # tools/benchlib.py
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,7 +299,7 @@ class Api:
                 break
             if time.monotonic() > deadline:
                 raise BenchError(f"job {command} {args} still running")
-            time.sleep(0.05)  # a tool polling a server, not a test: nothing to wait on here
+            time.sleep(0.05)  # polls: a --baseline tree before WaitJob has no call to wait on
         if job.state != pb.JOB_STATE_FINISHED or job.exit_code != 0:
             raise BenchError(f"job {command} {args} ended {pb.JobState.Name(job.state)}")
         return job_id
@@ -365,11 +365,6 @@ def count_output(command: Command) -> int:
     if process.returncode != 0:
         raise BenchError(f"{command.label}: exit {process.returncode}")
     return total
-
-
-def rotated(items: Sequence, k: int) -> list:
-    k %= len(items)
-    return list(items[k:]) + list(items[:k])
 
 
 def alternate(

@@ -73,7 +73,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from benchlib import loadavg, own_children, percentile, progress  # tools/benchlib.py
+from benchlib import (  # tools/benchlib.py
+    loadavg,
+    own_children,
+    percentile,
+    progress,
+    rotated,
+)
 from google.protobuf.wrappers_pb2 import BytesValue
 
 KINDS = ("purgatory", "grpcio-sync", "grpcio-aio", "grpclib")
@@ -695,11 +701,6 @@ def phase_memory(client: Client, kind: str, certs_dir: Path, connections: int) -
 
 # =============================================================================================
 # Rounds and the report
-
-
-def rotated(kinds: Sequence[str], round_index: int) -> list[str]:
-    k = round_index % len(kinds)
-    return list(kinds[k:]) + list(kinds[:k])
 
 
 def make_certs(directory: Path) -> CertFiles:

@@ -38,3 +38,10 @@ def own_children() -> list[int]:
             except OSError:
                 pass
     return children
+
+
+def rotated(items: Sequence, k: int) -> list:
+    """`items` started at position k (mod its length): round k of an alternating run begins
+    with a different peer each time, so no peer always runs first (or right after another)."""
+    k %= len(items)
+    return list(items[k:]) + list(items[:k])
