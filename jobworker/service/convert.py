@@ -30,13 +30,11 @@ from jobworker.supervisor import (
 )
 
 from . import references
-from .errors import InvalidRequest
+from .errors import InvalidRequest, shown
 
 # One hour: a stop that waits longer than that for a job to clean up is a typo (60h for 60s),
 # and StopJob holds the caller until the job has ended.
 MAX_GRACE_PERIOD_S = 3600.0
-
-_SHOWN_CHARS = 60  # of a malformed value echoed in an error message
 
 # --- requests ------------------------------------------------------------------------------
 
@@ -101,7 +99,7 @@ def env_of(request: pb.StartJobRequest) -> dict[str, str]:
         if not key:
             raise InvalidRequest("env: a variable has an empty name")
         if "=" in key or "\0" in key:
-            raise InvalidRequest(f"env: invalid variable name {_shown(key)} (contains '=' or NUL)")
+            raise InvalidRequest(f"env: invalid variable name {shown(key)} (contains '=' or NUL)")
         if "\0" in value:
             raise InvalidRequest(f"env: the value of {key} contains a NUL byte")
     return env
@@ -115,7 +113,7 @@ def working_dir_of(request: pb.StartJobRequest) -> str | None:
     if not request.working_dir.startswith("/"):
         # Relative to what? The caller's directory is on another machine, the server's is none
         # of its business (docker -w and systemd's WorkingDirectory= refuse it too).
-        raise InvalidRequest(f"working_dir must be absolute, got {_shown(request.working_dir)}")
+        raise InvalidRequest(f"working_dir must be absolute, got {shown(request.working_dir)}")
     return request.working_dir
 
 
@@ -152,7 +150,7 @@ def newest_first_of(request: pb.ListJobsRequest) -> bool:
     order = " ".join(request.order_by.split()).lower()
     if order not in _ORDERS:
         raise InvalidRequest(
-            f'order_by must be "created_at" or "created_at desc", not {_shown(request.order_by)}'
+            f'order_by must be "created_at" or "created_at desc", not {shown(request.order_by)}'
         )
     return _ORDERS[order]
 
@@ -200,12 +198,6 @@ def grace_period_of(
     if grace_s > maximum_s:
         raise InvalidRequest(f"grace_period {grace_s:g}s is above the maximum {maximum_s:g}s")
     return grace_s
-
-
-def _shown(text: str) -> str:
-    if len(text) > _SHOWN_CHARS:
-        text = text[:_SHOWN_CHARS] + "…"
-    return repr(text)
 
 
 # --- responses -----------------------------------------------------------------------------

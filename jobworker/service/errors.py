@@ -157,3 +157,14 @@ def _message(exc: Exception) -> str:
 
 def not_found_message(job_id: str) -> str:
     return f"job {job_id} not found"
+
+
+_SHOWN_CHARS = 60  # of a malformed value echoed in an error message
+
+
+def shown(text: str) -> str:
+    """A value the caller sent, fit to quote in a message: repr'd (control characters
+    escaped) and cut short."""
+    if len(text) > _SHOWN_CHARS:
+        text = text[:_SHOWN_CHARS] + "…"
+    return repr(text)

@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidRequest, NoSuchJob
+from .errors import InvalidRequest, NoSuchJob, shown
 from .store import Record
 
 # What a name may be (StartJobRequest.name): short, printable, safe in a shell and a path.
@@ -42,7 +42,6 @@ _DASHES = (8, 13, 18, 23)  # where a canonical id has its dashes
 _ID_CHARS = 36
 # Candidates an ambiguity names: enough to pick one, few enough for one line of a terminal.
 SHOWN_CANDIDATES = 5
-_SHOWN_CHARS = 60
 _NAME_RULE = "1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
 
 
@@ -62,7 +61,7 @@ def parse(text: str) -> Reference:
         raise InvalidRequest("job_id is empty: give a job's id, a unique prefix of it, or its name")
     if len(text) > MAX_NAME_CHARS:
         raise InvalidRequest(
-            f"job_id {_shown(text)} is {len(text)} characters long: a job id has {_ID_CHARS},"
+            f"job_id {shown(text)} is {len(text)} characters long: a job id has {_ID_CHARS},"
             f" a name at most {MAX_NAME_CHARS}"
         )
     full = full_id(text)
@@ -72,7 +71,7 @@ def parse(text: str) -> Reference:
     prefix = id_prefix(text)
     if name is None and prefix is None:
         raise InvalidRequest(
-            f"job_id {_shown(text)} is neither a job id, nor the start of one, nor a job name"
+            f"job_id {shown(text)} is neither a job id, nor the start of one, nor a job name"
             f" ({_NAME_RULE})"
         )
     return Reference(text, name=name, prefix=prefix)
@@ -114,10 +113,10 @@ def name_of(text: str) -> str:
     if not text:
         return ""
     if not _NAME.fullmatch(text):
-        raise InvalidRequest(f"name {_shown(text)} is not a job name: {_NAME_RULE}")
+        raise InvalidRequest(f"name {shown(text)} is not a job name: {_NAME_RULE}")
     if full_id(text) is not None:
         raise InvalidRequest(
-            f"name {_shown(text)} reads as a job id: a name may not be a UUID or 32 hex digits"
+            f"name {shown(text)} reads as a job id: a name may not be a UUID or 32 hex digits"
         )
     return text
 
@@ -167,9 +166,3 @@ def _candidates(records: Sequence[Record]) -> str:
     if len(records) > SHOWN_CANDIDATES:
         shown.append("and more")
     return ", ".join(shown)
-
-
-def _shown(text: str) -> str:
-    if len(text) > _SHOWN_CHARS:
-        text = text[:_SHOWN_CHARS] + "…"
-    return repr(text)
