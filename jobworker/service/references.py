@@ -159,10 +159,10 @@ def not_found(ref: Reference) -> str:
 
 
 def _candidates(records: Sequence[Record]) -> str:
-    shown = []
+    listed = []
     for record in records[:SHOWN_CANDIDATES]:
         named = f"name {record.name}, " if record.name else ""
-        shown.append(f"{record.job_id} ({named}owner {record.owner})")
+        listed.append(f"{record.job_id} ({named}owner {record.owner})")
     if len(records) > SHOWN_CANDIDATES:
-        shown.append("and more")
-    return ", ".join(shown)
+        listed.append("and more")
+    return ", ".join(listed)
