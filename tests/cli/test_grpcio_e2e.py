@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from jobworker._pb.grpc.health.v1 import health_pb2
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import Server
 
@@ -53,20 +53,20 @@ def test_grpcio_runs_a_job_on_the_real_server(server: Server, certs_dir: Path) -
         logs = channel.unary_stream(
             SERVICE + "GetJobLogs",
             request_serializer=pb.GetJobLogsRequest.SerializeToString,
-            response_deserializer=pb.LogChunk.FromString,
+            response_deserializer=pb.GetJobLogsResponse.FromString,
         )
         chunks = list(logs(pb.GetJobLogsRequest(job_id=started.job_id, follow=True), timeout=20))
         assert b"".join(c.data for c in chunks) == b"from grpcio"
         status = unary(
             channel, SERVICE + "GetJobStatus", pb.GetJobStatusRequest(job_id=started.job_id),
-            pb.JobStatus,
-        )  # fmt: skip
+            pb.GetJobStatusResponse,
+        ).status  # fmt: skip
         assert (status.owner, status.state, status.exit_code) == ("bob", pb.JOB_STATE_FAILED, 4)
 
     with channel_as("alice", certs_dir, server) as channel, pytest.raises(grpc.RpcError) as err:
         unary(
             channel, SERVICE + "GetJobStatus", pb.GetJobStatusRequest(job_id=started.job_id),
-            pb.JobStatus,
+            pb.GetJobStatusResponse,
         )  # fmt: skip
     assert err.value.code() is grpc.StatusCode.NOT_FOUND
     assert err.value.details() == f"job {started.job_id} not found"
