@@ -83,3 +83,70 @@ def test_the_api_imports_as_its_proto_package_says_beside_the_library() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['JobService']"
+
+
+# --- buf: the schema's lint and evolution rules, which CI runs (tools/buf.sh) ---------------
+
+BUF = next((ROOT / "tools" / ".cache").glob("buf-*/node_modules/.bin/buf"), None)
+needs_buf = pytest.mark.skipif(BUF is None, reason="buf is not installed: bash tools/buf.sh")
+
+
+def _schema_copy(tmp_path: Path, edit: tuple[str, str] | None = None) -> Path:
+    copy = tmp_path / "schema"
+    shutil.copytree(ROOT / "schema", copy)
+    if edit is not None:
+        proto = copy / "jobworker" / "v1" / "jobworker.proto"
+        text = proto.read_text()
+        assert edit[0] in text
+        proto.write_text(text.replace(edit[0], edit[1], 1))
+    return copy
+
+
+def _buf(*args: str) -> subprocess.CompletedProcess[str]:
+    assert BUF is not None
+    return subprocess.run([str(BUF), *args], capture_output=True, text=True, timeout=120)
+
+
+@needs_buf
+@pytest.mark.parametrize(
+    ("edit", "complaint"),
+    [
+        (("string name = 27;", "string label = 27;"), 'changed name from "name" to "label"'),
+        (("  uint64 dropped = 5;\n", ""), 'Previously present field "5" with name "dropped"'),
+        (("bool force = 2;", "bool force = 3;"), 'Previously present field "2" with name "force"'),
+    ],
+)
+def test_buf_breaking_refuses_what_would_break_a_client(
+    tmp_path: Path, edit: tuple[str, str], complaint: str
+) -> None:
+    """The rules CI checks the schema with catch a rename, a removal and a renumbering; an
+    addition passes."""
+    changed = _buf("breaking", str(_schema_copy(tmp_path, edit)), "--against", str(ROOT / "schema"))
+    assert changed.returncode != 0 and complaint in changed.stdout, changed.stdout
+    added = ("string name = 27;", "string name = 27;\n  string added = 99;")
+    shutil.rmtree(tmp_path / "schema")
+    grown = _buf("breaking", str(_schema_copy(tmp_path, added)), "--against", str(ROOT / "schema"))
+    assert grown.returncode == 0, grown.stdout
+
+
+@needs_buf
+def test_buf_lint_passes_and_would_catch_a_bare_response(tmp_path: Path) -> None:
+    assert _buf("lint", str(ROOT / "schema")).returncode == 0
+    bare = (
+        "returns (GetJobStatusResponse);",
+        "returns (JobStatus);",
+    )
+    linted = _buf("lint", str(_schema_copy(tmp_path, bare)))
+    assert linted.returncode != 0 and "GetJobStatusResponse" in linted.stdout, linted.stdout
+
+
+def test_the_breaking_baseline_is_a_commit_of_this_history() -> None:
+    baseline = next(
+        line for line in (ROOT / "schema" / "BREAKING_BASELINE").read_text().splitlines()
+        if not line.startswith("#")
+    )  # fmt: skip
+    result = subprocess.run(
+        ["git", "-C", str(ROOT), "merge-base", "--is-ancestor", baseline, "HEAD"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{baseline} is not an ancestor of HEAD: {result.stderr}"
