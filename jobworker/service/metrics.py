@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 from jobworker.supervisor import Job, JobState, JobStatus
 
 if TYPE_CHECKING:
-    from jobworker.purgatory import CallEnded, Server
+    from jobworker.purgatory import CallEnded, Server, Status
 
 log = logging.getLogger("jobworker.metrics")
 
@@ -109,6 +109,7 @@ class Metrics:
         self._running: dict[str, Job] = {}
         self._ended_output_bytes = 0
         self._server: Server | None = None
+        self._calls: dict[tuple[str | None, Status], tuple[Any, Any]] = {}
         registry.register(_Live(self))
 
     def watch_server(self, server: Server) -> None:
@@ -118,9 +119,19 @@ class Metrics:
     # --- what the transport and the service tell -----------------------------------------------
 
     def observe_call(self, ended: CallEnded) -> None:
-        service, method, kind = _labels(ended)
-        self._handled.labels(service, method, kind, ended.status.name).inc()
-        self._handling.labels(service, method, kind).observe(ended.duration_s)
+        key = (ended.method.path if ended.method is not None else None, ended.status)
+        children = self._calls.get(key)
+        if children is None:
+            # labels() looks the child up under a lock, each time: a fifth of the cost per
+            # call once cached. Keys are registered methods (or None) times codes: bounded.
+            service, method, kind = _labels(ended)
+            children = self._calls[key] = (
+                self._handled.labels(service, method, kind, ended.status.name),
+                self._handling.labels(service, method, kind),
+            )
+        handled, handling = children
+        handled.inc()
+        handling.observe(ended.duration_s)
 
     def job_started(self, job: Job) -> None:
         self._started.inc()
