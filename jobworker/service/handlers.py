@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -68,6 +68,9 @@ from .health import Health
 from .identity import Identity, identify
 from .policy import JobPolicy, Retention
 from .store import JobStore, NameInUse, Query, Record, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("jobworker.service")
 
@@ -151,8 +154,10 @@ class JobService:
         policy: JobPolicy | None = None,
         retention: Retention | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self._supervisor = supervisor
+        self._metrics = metrics
         self._nursery = nursery
         self._store = store
         self._run_id = run_id
@@ -315,6 +320,8 @@ class JobService:
                 error=status.error,
             ),
         )
+        if self._metrics is not None:
+            self._metrics.job_started(job)
         self._recording[job.id] = trio.Event()
         self._nursery.start_soon(self._watch, job)  # no checkpoint since start: never orphaned
         return pb.StartJobResponse(job_id=job.id, status=convert.status_to_proto(status))
@@ -441,8 +448,11 @@ class JobService:
             # Only the serialized bytes stay alive while a slow client holds the stream back:
             # a stalled reader costs one chunk of memory, not the chunk plus its message.
             payload = convert.chunk_to_proto(chunk).SerializeToString()
+            size = len(chunk.data)
             del chunk
             await call.send_serialized(payload)  # waits while the client is slow
+            if self._metrics is not None:
+                self._metrics.output_streamed(size)
 
     async def list_jobs(self, request: pb.ListJobsRequest, call: ServerCall) -> pb.ListJobsResponse:
         who = _caller(call)
@@ -649,6 +659,8 @@ class JobService:
             # already accounts for it, should the server die right now.
             await self._save(job.status())
             status = await job.wait()
+            if self._metrics is not None:
+                self._metrics.job_ended(job, status)
         finally:
             self._jobs.give_back(job.owner)
         events.info(
