@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import GrpcError, Status
 from jobworker.service import audit_call
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import Certs
 from .observing import Observed, observed_server

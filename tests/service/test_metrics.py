@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import GrpcError, Status
 from jobworker.service.metrics import MAX_REQUEST_HEAD_BYTES
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import PYTHON, Certs, fifo, release
 from .observing import Observed, get, observed_server, per_job, rpcs, value
