@@ -10,6 +10,7 @@ Every flag is also a config key, spelled like the flag without its dashes::
     max-jobs-per-user = 50
     max-log-streams = 1000      # open GetJobLogs streams: in all, and per identity (half)
     max-log-streams-per-user = 500
+    cpu = "50%"                 # cores (0.5, 2) or a percentage of one core ("50%" = 0.5)
     memory = "512M"             # sizes: "512M", "1G", or a number of bytes
     max-memory = "4G"
     keep = "7d"                 # ended jobs: how long, how many, and all output's budget
@@ -67,7 +68,14 @@ from jobworker.supervisor import (
 from jobworker.supervisor.sandbox import DEFAULT_TRANSIENT_UIDS, NETWORKS
 from jobworker.supervisor.supervisor import DEFAULT_GRACE_PERIOD_S, DEFAULT_RETENTION_BYTES
 
-from .parsing import DEFAULT_PORT, Address, parse_address, parse_duration, parse_size
+from .parsing import (
+    DEFAULT_PORT,
+    Address,
+    parse_address,
+    parse_cpu,
+    parse_duration,
+    parse_size,
+)
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 # Where a server keeps its state when not told: the FHS place as root, else the user's own.
@@ -141,7 +149,9 @@ def _number(value: Any, what: str) -> float:
 
 
 def _cpu(value: Any) -> float:
-    return _number(value, "a number of cores (examples: 0.5, 2)")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'not a number of cores or a percentage: {value!r} (0.5, 2, "50%")')
+    return parse_cpu(value if isinstance(value, str) else float(value))
 
 
 def _rate(value: Any) -> float:

@@ -127,7 +127,10 @@ def serve(
             "else ~/.local/state/jobworker."
         ),
     ] = None,
-    cpu: Annotated[float | None, Parameter(group=LIMITS, help="CPU cores (default 0.5).")] = None,
+    cpu: Annotated[
+        str | None,
+        Parameter(group=LIMITS, help="CPU cores, or % of one core: 2, 50% (default 0.5)."),
+    ] = None,
     memory: Annotated[str | None, Parameter(group=LIMITS, help="Memory (default 1G).")] = None,
     io_read: Annotated[
         str | None, Parameter(group=LIMITS, help="Read bytes per second (default 100M).")
@@ -139,8 +142,10 @@ def serve(
         int | None, Parameter(group=LIMITS, help="Processes and threads (default 4096).")
     ] = None,
     max_cpu: Annotated[
-        float | None,
-        Parameter(group=MAXIMUMS, help="CPU cores (default: the CPUs this server may use)."),
+        str | None,
+        Parameter(
+            group=MAXIMUMS, help="CPU cores or % of one core (default: the CPUs this server has)."
+        ),
     ] = None,
     max_memory: Annotated[
         str | None, Parameter(group=MAXIMUMS, help="Memory, e.g. 4G (default: the host's RAM).")

@@ -90,7 +90,22 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
             {"memory": "2G", "max-memory": "1G"},
             "limits: memory 2G is above the maximum 1G (allowed: 1M to 1G)",
         ),
-        ({"cpu": 0}, "limits: cpu 0 is below the minimum 0.01 (allowed: at least 0.01)"),
+        ({"cpu": 0.001}, "limits: cpu 0.001 is below the minimum 0.01 (allowed: at least 0.01)"),
+        (
+            {"cpu": 0},
+            "config: cpu: must be a positive number of cores or a percentage of one core,"
+            " got '0' (examples: 0.5, 2, 50%)",
+        ),
+        (
+            {"max-cpu": "nan%"},
+            "config: max-cpu: must be a positive number of cores or a percentage of one core,"
+            " got 'nan%' (examples: 0.5, 2, 50%)",
+        ),
+        (
+            {"cpu": [1]},
+            'config: cpu: not a number of cores or a percentage: [1] (0.5, 2, "50%")',
+        ),
+        ({"cpu": "0.5%"}, "limits: cpu 0.005 is below the minimum 0.01 (allowed: at least 0.01)"),
         (
             {"max-cpu": 3},
             "limits: max-cpu 3 is above this host's 2 CPUs (allowed: 0.01 to 2)",
@@ -176,6 +191,17 @@ def test_output_retention_per_job_from_the_file_or_a_flag(tmp_path: Path) -> Non
     # Below this, a job's log could not keep most of its cap readable.
     with pytest.raises(ConfigError, match=r"^output-retention: at least 512K, not 4096 bytes"):
         resolve({**NO_FLAGS, "output-retention": "4K"})
+
+
+def test_cpu_as_a_percentage_of_one_core_in_the_file_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "jobworker.toml"
+    path.write_text('cpu = "25%"\nmax-cpu = "150%"\n')
+    settings = resolve(NO_FLAGS, load_config_file(path), host=HOST)
+    assert (settings.limits.defaults.cpu, settings.limits.maximums.cpu) == (0.25, 1.5)
+    settings = resolve({**NO_FLAGS, "cpu": "75%"}, load_config_file(path), host=HOST)
+    assert settings.limits.defaults.cpu == 0.75
+    with pytest.raises(ConfigError, match=r"^--cpu: must be a positive number of cores"):
+        resolve({**NO_FLAGS, "cpu": "-5%"}, host=HOST)
 
 
 def test_flag_mistakes_name_the_flag() -> None:
