@@ -26,7 +26,6 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -51,11 +50,14 @@ from .config import (
     DEFAULT_TLS_DIR,
     ConfigError,
     ServeSettings,
+    changed_settings,
     default_data_dir,
+    keep_restart_settings,
     load_config_file,
     resolve,
 )
 from .errors import CliError, run_cli
+from .logsetup import configure_logging
 from .parsing import Address, format_duration
 
 if TYPE_CHECKING:  # the service package is imported when serving, not for `certs`
@@ -93,6 +95,7 @@ FAIRNESS = "Caps (in all, and per identity so no one user takes every slot)"
 CONNECTIONS = "Connections (the rest of the transport's budgets: the [transport] config table)"
 ISOLATION = "Isolation (who jobs run as, what they see)"
 RETENTION = "Retention (ended jobs, and the output kept on disk)"
+ACCESS = "Access and logging"
 
 
 @app.command
@@ -267,11 +270,37 @@ def serve(
             "Readers are told how much older output was dropped.",
         ),
     ] = None,
+    allow: Annotated[
+        tuple[str, ...],
+        Parameter(
+            negative="",
+            group=ACCESS,
+            help="Only these clients may call: a certificate CN (alice) or a SAN "
+            "(dns:ci.example.com, email:bob@example.com, uri:spiffe://example.org/ci, "
+            "ip:10.0.0.7); repeatable, added to the config file's list. Default: every "
+            "certificate the CA signed.",
+        ),
+    ] = (),
+    log_format: Annotated[
+        Literal["text", "json"] | None,
+        Parameter(group=ACCESS, help="text (default) or json: one object per line."),
+    ] = None,
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"] | None,
+        Parameter(group=ACCESS, help="The least severe lines logged (default info)."),
+    ] = None,
     verbose: Annotated[
-        bool, Parameter(name=["--verbose", "-v"], negative="", help="Log the supervisor too.")
+        bool,
+        Parameter(
+            name=["--verbose", "-v"],
+            negative="",
+            group=ACCESS,
+            help="Short for --log-level debug: the supervisor's lines too.",
+        ),
     ] = False,
 ) -> int:
-    """Serve the JobService in the foreground until SIGINT or SIGTERM (twice: at once)."""
+    """Serve the JobService in the foreground until SIGINT or SIGTERM (twice: at once).
+    SIGHUP reloads the config file."""
     flags: dict[str, Any] = {
         "listen": listen,
         "cert": cert,
@@ -306,45 +335,31 @@ def serve(
         "keep-jobs": keep_jobs,
         "output-budget": output_budget,
         "output-retention": output_retention,
+        "allow": allow,
+        "log-format": log_format,
+        "log-level": "debug" if verbose else log_level,
     }
     try:
-        table = load_config_file(config) if config is not None else None
-        settings = resolve(flags, table, source=f"config file {config}")
+        settings = _load(flags, config)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    configure_logging(verbose=verbose)
-    return trio.run(_serve, settings, config)
+    configure_logging(format=settings.log_format, level=settings.log_level)
+    return trio.run(_serve, settings, config, flags)
 
 
-class _Formatter(logging.Formatter):
-    """One line per record: UTC timestamp with milliseconds, logger, level, message."""
-
-    converter = time.gmtime
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z"
+def _load(flags: dict[str, Any], config: Path | None) -> ServeSettings:
+    """The settings from the flags over the file (read now); ConfigError says what is wrong."""
+    table = load_config_file(config) if config is not None else None
+    return resolve(flags, table, source=f"config file {config}")
 
 
-def configure_logging(*, verbose: bool = False) -> None:
-    """Everything under the "jobworker" logger to stderr: events (job created, stopped, ended,
-    authorization failures), the transport's connection problems, and our own lines. The
-    supervisor's per-job lines repeat the events, so they show only with --verbose (its
-    warnings and errors always do)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger("jobworker")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    logging.getLogger("jobworker.supervisor").setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-async def _serve(settings: ServeSettings, config_file: Path | None = None) -> int:
+async def _serve(
+    settings: ServeSettings, config_file: Path | None = None, flags: dict[str, Any] | None = None
+) -> int:
     # Imported here: the service package is the layer above; `jobworker certs` needs none of it.
     from jobworker.service import StoreUnavailable, open_store, recover
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
             tls = TLSConfig.server(
                 cert_file=settings.cert_file,
@@ -377,7 +392,9 @@ async def _serve(settings: ServeSettings, config_file: Path | None = None) -> in
                     len(plan.lost),
                     len(plan.groups) + len(plan.subtrees),
                 )
-            return await _serve_with(settings, config_file, tls, signals, data_dir, store)
+            return await _serve_with(
+                settings, config_file, flags or {}, tls, signals, data_dir, store
+            )
         except StoreUnavailable as exc:
             raise CliError(str(exc)) from None
         finally:
@@ -389,6 +406,7 @@ async def _serve(settings: ServeSettings, config_file: Path | None = None) -> in
 async def _serve_with(
     settings: ServeSettings,
     config_file: Path | None,
+    flags: dict[str, Any],
     tls: TLSConfig,
     signals: Any,
     data_dir: Path,
@@ -417,6 +435,7 @@ async def _serve_with(
                 max_log_streams_per_user=settings.max_log_streams_per_user,
                 policy=settings.policy,
                 retention=settings.retention,
+                allowed=settings.allowed,
             ) as service:
                 server = Server(
                     service.methods(),
@@ -425,7 +444,7 @@ async def _serve_with(
                     errors=as_grpc_error,
                     limits=settings.transport,
                 )
-                run = _Run(settings, supervisor, service, server)
+                run = _Run(settings, supervisor, service, server, config_file, flags)
                 return await run.serve(signals)
     except CgroupError as exc:  # CgroupsUnavailable included: its message names the fix
         if entered:
@@ -476,12 +495,23 @@ def _isolation(settings: ServeSettings, config_file: Path | None) -> Isolation |
 class _Run:
     """One server run: bind, announce, wait for signals, shut down."""
 
-    def __init__(self, settings: ServeSettings, supervisor: Supervisor, service, server) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        supervisor: Supervisor,
+        service,
+        server,
+        config_file: Path | None = None,
+        flags: dict[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.supervisor = supervisor
         self.service = service
         self.server = server
+        self.config_file = config_file
+        self.flags = flags or {}
         self.exit_code = 0
+        self.stopping = False
 
     async def serve(self, signals) -> int:
         listen = self.settings.listen
@@ -537,6 +567,14 @@ class _Run:
             else "never",
             self.supervisor.data_dir,
         )
+        self._announce_access()
+
+    def _announce_access(self) -> None:
+        allowed = self.settings.allowed
+        if allowed is None:
+            log.info("every client whose certificate the CA signed may call (no allow-list)")
+        else:
+            log.info("only these clients may call (allow-list): %s", allowed)
 
     def _isolation_summary(self) -> str:
         isolation = self.supervisor.isolation
@@ -555,9 +593,13 @@ class _Run:
     async def _watch(self, signals, nursery: trio.Nursery) -> None:
         received = 0
         async for signum in signals:
-            received += 1
             name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                await self._reload()
+                continue
+            received += 1
             if received == 1:
+                self.stopping = True
                 log.info("%s: shutting down (again to kill every job at once)", name)
                 nursery.start_soon(self._shutdown, nursery)
             else:
@@ -567,6 +609,60 @@ class _Run:
                 nursery.cancel_scope.cancel()
                 return
 
+    async def _reload(self) -> None:
+        """SIGHUP: the config file again, with the same flags over it, for every call from
+        now on. All or nothing: a file that cannot be read or used changes nothing and says why
+        in one line; settings only a restart can change are kept, and named in one line."""
+        if self.stopping:
+            log.info("SIGHUP: shutting down, nothing reloaded")
+            return
+        if self.config_file is None:
+            log.warning("SIGHUP: no config file to reload (serve --config FILE), nothing changed")
+            return
+        where = f"config file {self.config_file}"
+        try:
+            # A thread: reading the file and probing the host are blocking I/O.
+            new = await trio.to_thread.run_sync(_load_checked, self.flags, self.config_file)
+        except ConfigError as exc:
+            log.error("SIGHUP: not reloaded, the configuration is unchanged: %s", exc)
+            return
+        old = self.settings
+        restart = changed_settings(old, new, restart_only=True)
+        new = keep_restart_settings(old, new)
+        try:
+            self.service.reconfigure(
+                limits=new.limits,
+                grace_period_s=new.grace_period_s,
+                retention_bytes=new.output_retention_bytes,
+                max_running_jobs=new.max_jobs,
+                max_running_jobs_per_user=new.max_jobs_per_user,
+                max_log_streams=new.max_log_streams,
+                max_log_streams_per_user=new.max_log_streams_per_user,
+                policy=new.policy,
+                retention=new.retention,
+                allowed=new.allowed,
+            )
+        except ValueError as exc:
+            log.error("SIGHUP: not reloaded, the configuration is unchanged: %s: %s", where, exc)
+            return
+        # The service took it (nothing above awaited since): logging follows, then the record.
+        configure_logging(format=new.log_format, level=new.log_level)
+        self.settings = new
+        changed = changed_settings(old, new)
+        log.info(
+            "SIGHUP: reloaded %s: %s",
+            where,
+            f"changed {', '.join(changed)}" if changed else "nothing changed",
+        )
+        if restart:
+            log.warning(
+                "SIGHUP: kept %s as before: a change there takes a restart (%s)",
+                ", ".join(restart),
+                where,
+            )
+        if "allow" in changed:
+            self._announce_access()
+
     async def _shutdown(self, nursery: trio.Nursery) -> None:
         # The service closes while connections drain: a StartJob that still arrives on an
         # open stream is refused, and every stop request is an event line like any other.
@@ -575,6 +671,17 @@ class _Run:
             steps.start_soon(self.server.shutdown, drain_s)
             steps.start_soon(self.service.close)
         nursery.cancel_scope.cancel()
+
+
+def _load_checked(flags: dict[str, Any], config: Path) -> ServeSettings:
+    """`_load`, and the run-as accounts exist (as at startup)."""
+    settings = _load(flags, config)
+    for account in settings.policy.run_as.values():
+        try:
+            sandbox.account(account)
+        except InvalidJobSpec as exc:
+            raise ConfigError(f"config file {config}: run-as: {exc}") from None
+    return settings
 
 
 def _show(name: str, value: float) -> str:
@@ -637,12 +744,20 @@ def certs_add(
     *,
     user: UserOption = (),
     key_type: KeyTypeOption = "ecdsa",
+    san: Annotated[
+        tuple[str, ...],
+        Parameter(
+            negative="",
+            help="A subject alternative name for the one --user: dns:NAME, email:ADDRESS, "
+            "uri:URI or ip:ADDRESS (repeatable); a server's --allow may name it so.",
+        ),
+    ] = (),
     force: Annotated[bool, Parameter(negative="", help="Replace existing files.")] = False,
 ) -> int:
     """Issue client certificates for more users with the CA that `certs init` made in DIR."""
     try:
         users = [certs_lib.parse_user(u) for u in user]
-        written = certs_lib.add_users(directory, users, key_type=key_type, force=force)
+        written = certs_lib.add_users(directory, users, key_type=key_type, force=force, sans=san)
     except certs_lib.CertsError as exc:
         raise CliError(str(exc)) from None
     _report(written)

@@ -27,12 +27,13 @@ from .errors import (
     as_grpc_error,
 )
 from .handlers import SERVICE_NAME, JobService
-from .identity import Identity, Role, identify
+from .identity import AllowList, Identity, Role, identify
 from .policy import JobPolicy, Retention
 from .recovery import recover
 from .store import JobStore, StoreUnavailable, open_store
 
 __all__ = [
+    "AllowList",
     "SERVICE_NAME",
     "STATUS_OF",
     "Action",

@@ -15,6 +15,7 @@ from jobworker.supervisor import Supervisor
 
 from .convert import MAX_GRACE_PERIOD_S
 from .handlers import JobService
+from .identity import AllowList
 from .policy import DEFAULT_MAX_LOG_STREAMS, JobPolicy, Retention, per_user_share
 from .store import JobStore, open_store
 
@@ -31,6 +32,7 @@ async def open_job_service(
     max_grace_period_s: float = MAX_GRACE_PERIOD_S,
     policy: JobPolicy | None = None,
     retention: Retention | None = None,
+    allowed: AllowList | None = None,
     clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[JobService]:
     """The service, ready for `Server(service.methods(), identify=identify, ...)`.
@@ -52,6 +54,8 @@ async def open_job_service(
     - policy: the accounts identities' jobs run as, and their network (`JobPolicy`); mapping
       accounts or a network other than the host's needs a Supervisor that isolates jobs.
     - retention: how long ended jobs are kept, and the output budget (`Retention`).
+    - allowed: the certificates that may call at all, by CN or SAN (`AllowList`); others get
+      PERMISSION_DENIED. None: every certificate the transport verified.
     - clock: seconds since the epoch, for when jobs ended and retention (tests pass their own).
 
     The service owns a nursery that watches every job it started, to record and log its end,
@@ -96,6 +100,7 @@ async def open_job_service(
                 max_grace_period_s=max_grace_period_s,
                 policy=policy,
                 retention=retention,
+                allowed=allowed,
                 clock=clock,
             )
             janitor = trio.CancelScope()

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.cli.config import KEYS, ConfigError, load_config_file, resolve
+from jobworker.cli.config import (
+    KEYS,
+    ConfigError,
+    changed_settings,
+    keep_restart_settings,
+    load_config_file,
+    resolve,
+)
 from jobworker.cli.parsing import Address
 from jobworker.purgatory import ServerLimits
 from jobworker.supervisor import HostCapacity, LimitOverrides, Limits
@@ -259,3 +266,74 @@ def test_transport_mistakes_are_named(tmp_path: Path, text: str, error: str) -> 
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(error)):
         resolve(NO_FLAGS, load_config_file(path))
+
+
+def test_allow_list_and_log_settings_from_the_file_and_flags(tmp_path: Path) -> None:
+    settings = resolve(NO_FLAGS, host=HOST)
+    assert (settings.allowed, settings.log_format, settings.log_level) == (None, "text", "info")
+    path = tmp_path / "jobworker.toml"
+    path.write_text('allow = ["alice", "dns:CI.example.com"]\nlog-format = "json"\n')
+    flags = {**NO_FLAGS, "allow": ("email:bob@example.com",), "log-level": "warning"}
+    settings = resolve(flags, load_config_file(path), host=HOST)
+    # The flags add to the file's list, as --run-as adds to its table.
+    assert settings.allowed is not None
+    assert settings.allowed.entries == {
+        ("cn", "alice"),
+        ("dns", "ci.example.com"),
+        ("email", "bob@example.com"),
+    }
+    assert (settings.log_format, settings.log_level) == ("json", "warning")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"allow": []},
+            "config: allow: an empty list would refuse every client: leave the key out instead",
+        ),
+        (
+            {"allow": "alice"},
+            "config: allow: expected a list such as [\"alice\", \"dns:ci.example.com\"],"
+            " got 'alice'",
+        ),
+        ({"allow": ["ip:nowhere"]}, "config: allow: 'ip:nowhere': 'nowhere' is not an IP address"),
+        ({"log-format": "xml"}, "config: log-format: expected one of text, json, got 'xml'"),
+        ({"log-level": "loud"},
+         "config: log-level: expected one of debug, info, warning, error, got 'loud'"),
+    ],
+)  # fmt: skip
+def test_allow_and_log_mistakes_are_named(table: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve(NO_FLAGS, table, host=HOST)
+    assert str(caught.value) == message
+
+
+def test_what_a_reload_changes_and_what_it_keeps_until_a_restart() -> None:
+    old = resolve(NO_FLAGS, {"memory": "1G", "max-jobs": 10}, host=HOST)
+    new = resolve(
+        NO_FLAGS,
+        {"memory": "256M", "max-memory": "2G", "max-jobs": 10, "allow": ["alice"],
+         "listen": ":7000", "cert": "/x.crt", "transport": {"max-frame": "64K"},
+         "log-format": "json"},
+        host=HOST,
+    )  # fmt: skip
+    assert changed_settings(old, new, restart_only=True) == ["listen", "cert", "max-frame"]
+    assert changed_settings(old, new) == [
+        "listen",
+        "cert",
+        "max-frame",
+        "defaults (memory=256M)",
+        "maximums (max-memory=2G)",
+        "allow",
+        "log-format",
+    ]
+    kept = keep_restart_settings(old, new)
+    assert (kept.listen, kept.cert_file, kept.transport) == (
+        old.listen,
+        old.cert_file,
+        old.transport,
+    )
+    assert (kept.limits, kept.allowed, kept.log_format) == (new.limits, new.allowed, "json")
+    assert changed_settings(old, kept, restart_only=True) == []
+    assert changed_settings(old, old) == []
