@@ -16,6 +16,14 @@ period plus a margin to finish; then the service, the Supervisor (which removes 
 and the process end, with exit code 0. A second signal cuts it short: every job still running
 is killed at once (SIGKILL to its whole cgroup), everything else is cancelled, and the exit
 code is 128 + the signal's number.
+
+SIGHUP reloads the config file (`_Run._reload`), the flags still over it. The file is read and
+checked in a worker thread (it is blocking I/O, as is probing the host); then, back on the Trio
+thread and without a checkpoint in between, the service takes the new settings, logging is
+reconfigured and the run's settings replaced: no call sees half of them. What only a restart can
+change (the listener, TLS, data directory, cgroups, isolation, the transport's budgets) is kept
+and named in one warning line; a file that cannot be used changes nothing, in one error line.
+Connections, log streams and jobs are untouched: a running job keeps the limits it started with.
 """
 
 from __future__ import annotations
