@@ -110,7 +110,8 @@ ACCESS = "Access and logging"
 def serve(
     *,
     config: Annotated[
-        Path | None, Parameter(help="A TOML file; its keys are these flags' names.")
+        Path | None,
+        Parameter(help="A TOML file; its keys are these flags' names. SIGHUP reloads it."),
     ] = None,
     listen: Annotated[
         str | None,

@@ -181,3 +181,14 @@ def test_sighup_reloads_the_file_under_a_running_job_and_an_open_log_stream(
         follower.kill()
         follower.communicate()
     assert server.terminate() == 0, server.stderr()
+
+
+def test_log_level_warning_leaves_out_the_info_lines(server_factory, certs_dir: Path) -> None:
+    server: Server = server_factory("--log-level", "warning")
+    jobctl = Jobctl(certs_dir, server.address)
+    job_id = jobctl.start("true")
+    assert jobctl("status", job_id, user="bob").returncode == 1  # hidden from bob: a warning
+    line = server.wait_for_log("authorization failure")
+    assert " jobworker.events WARNING authorization failure identity=bob " in line
+    # Lines come in order: the job's creation, an info line, would be above it by now.
+    assert "job created" not in server.stderr() and "serving on" not in server.stderr()
