@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -237,8 +238,11 @@ class JobService:
                 "run-as accounts and network none need isolated jobs, and this server does not"
                 " isolate them (a restart with isolation on would)"
             )
-        if retention_bytes < 1 or grace_period_s < 0:
-            raise ValueError("retention_bytes and grace_period_s cannot be negative")
+        if retention_bytes < 1 or not 0 <= grace_period_s < math.inf:
+            raise ValueError(
+                f"retention_bytes must be positive ({retention_bytes}) and grace_period_s finite"
+                f" and not negative ({grace_period_s})"
+            )
         self._supervisor.policy = limits
         self._supervisor.grace_period_s = grace_period_s
         self._supervisor.retention_bytes = retention_bytes

@@ -11,6 +11,9 @@ Decisions:
   organisation's usual OUs (``engineering``) must not lock anyone out. Ignored values are
   logged, so a typo such as ``Admin`` is visible to the operator.
 * A certificate with both ``admin`` and ``viewer`` has both roles; authz grants the union.
+* The allow-list (`AllowList`, optional) is a gate before all this, not a role: a certificate
+  it does not name is refused PERMISSION_DENIED (the CA vouched for it; this server does not
+  want it), checked on every call by the service so a reloaded list holds on open connections.
 * The CN must be exactly one non-empty attribute of printable characters: it is the job owner,
   appears in every event line and is compared for equality, so a CN with a newline (a forged
   log line) or two CNs (which one owns the job?) is refused rather than guessed at.
@@ -99,7 +102,7 @@ def _refuse(reason: str, subject: x509.Name | None) -> GrpcError:
 # --- the allow-list -----------------------------------------------------------------------------
 
 # How an allow-list entry names a certificate: by its subject CN (a bare name, or "cn:NAME"), or
-# by one of its subject alternative names, spelled as OpenSSL prints them, lower case.
+# by one of its subject alternative names, the kinds named as OpenSSL does, in lower case.
 ALLOW_KINDS = ("cn", "dns", "email", "uri", "ip")
 _SAN_TYPES: dict[str, type[x509.GeneralName]] = {
     "dns": x509.DNSName,
@@ -142,13 +145,9 @@ class AllowList:
         return any(entry in self.entries for entry in names_of(cert, identity))
 
     def __str__(self) -> str:
-        return ", ".join(sorted(name if kind == "cn" else f"{kind}:{name}" for kind, name in self))
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
+        return ", ".join(
+            sorted(name if kind == "cn" else f"{kind}:{name}" for kind, name in self.entries)
+        )
 
 
 def names_of(cert: x509.Certificate | None, identity: Identity) -> list[tuple[str, str]]:

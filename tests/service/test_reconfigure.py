@@ -88,6 +88,7 @@ async def test_new_defaults_and_caps_apply_to_the_next_job_not_to_running_ones(
         {"max_running_jobs": 0},
         {"max_log_streams_per_user": True},
         {"retention_bytes": 0},
+        {"grace_period_s": float("nan")},
     ],
 )
 async def test_a_refused_reconfiguration_changes_nothing(served: Served, changes: dict) -> None:
