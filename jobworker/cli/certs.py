@@ -118,18 +118,53 @@ def init(
 
 
 def add_users(
-    directory: Path, users: Sequence[UserSpec], *, key_type: KeyType = "ecdsa", force: bool = False
+    directory: Path,
+    users: Sequence[UserSpec],
+    *,
+    key_type: KeyType = "ecdsa",
+    force: bool = False,
+    sans: Sequence[str] = (),
 ) -> list[Written]:
-    """Issue more client certificates with the CA already in `directory`."""
+    """Issue more client certificates with the CA already in `directory`. `sans`: subject
+    alternative names (``dns:NAME``, ``email:ADDRESS``, ``uri:URI``, ``ip:ADDRESS``) for the
+    one user named, what a server's allow-list may name it by besides its CN."""
     _check_unique(users)
     if not users:
         raise CertsError("name at least one --user")
+    if sans and len(users) > 1:
+        raise CertsError("--san names one user's certificate: give exactly one --user with it")
+    names = [parse_san(san) for san in sans]
     ca = _load_authority(directory)
     _refuse_existing([f for user in users for f in _user_files(directory, user.name)], force)
     written: list[Written] = []
     for user in users:
-        written += _write_user(directory, ca, user, key_type)
+        written += _write_user(directory, ca, user, key_type, names)
     return written
+
+
+_SAN_KINDS = ("dns", "email", "uri", "ip")
+
+
+def parse_san(text: str) -> x509.GeneralName:
+    """``dns:ci.example.com``, ``email:bob@example.com``, ``uri:spiffe://example.org/ci``,
+    ``ip:10.0.0.7``: the spelling of a server's allow-list entries."""
+    kind, sep, value = text.partition(":")
+    kind, value = kind.strip().lower(), value.strip()
+    if not sep or kind not in _SAN_KINDS or not value:
+        raise CertsError(
+            f"bad --san {text!r}: expected KIND:VALUE with KIND one of {', '.join(_SAN_KINDS)}"
+            " (dns:ci.example.com, email:bob@example.com, uri:spiffe://example.org/ci)"
+        )
+    try:
+        if kind == "ip":
+            return x509.IPAddress(ipaddress.ip_address(value))
+        if kind == "dns":
+            return x509.DNSName(value)
+        if kind == "email":
+            return x509.RFC822Name(value)
+        return x509.UniformResourceIdentifier(value)
+    except ValueError as exc:  # an address that is no address; a non-ASCII name
+        raise CertsError(f"bad --san {text!r}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,9 +213,13 @@ def _refuse_existing(files: Iterable[Path], force: bool) -> None:
 
 
 def _write_user(
-    directory: Path, ca: _Authority, user: UserSpec, key_type: KeyType
+    directory: Path,
+    ca: _Authority,
+    user: UserSpec,
+    key_type: KeyType,
+    sans: Sequence[x509.GeneralName] = (),
 ) -> list[Written]:
-    certificate, key = _issue(ca, user.name, user.roles, key_type)
+    certificate, key = _issue(ca, user.name, user.roles, key_type, client_names=sans)
     user_dir = _make_dir(directory / user.name)
     roles = ", ".join(user.roles) or "user"
     return [
@@ -320,6 +359,7 @@ def _issue(
     key_type: KeyType,
     *,
     server_names: Sequence[str] = (),
+    client_names: Sequence[x509.GeneralName] = (),
 ) -> tuple[x509.Certificate, PrivateKey]:
     key = _generate_key(key_type)
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
@@ -360,4 +400,8 @@ def _issue(
             for n in server_names
         ]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    elif client_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(list(client_names)), critical=False
+        )
     return builder.sign(ca.key, _digest(ca.key)), key

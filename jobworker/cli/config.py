@@ -10,6 +10,7 @@ Every flag is also a config key, spelled like the flag without its dashes::
     max-jobs-per-user = 50
     max-log-streams = 1000      # open GetJobLogs streams: in all, and per identity (half)
     max-log-streams-per-user = 500
+    cpu = "50%"                 # cores (0.5, 2) or a percentage of one core ("50%" = 0.5)
     memory = "512M"             # sizes: "512M", "1G", or a number of bytes
     max-memory = "4G"
     keep = "7d"                 # ended jobs: how long, how many, and all output's budget
@@ -25,6 +26,10 @@ Every flag is also a config key, spelled like the flag without its dashes::
     idle-timeout = "5m"         # "off" keeps them
     audit = true                # one line per call on the jobworker.audit logger
     metrics = "127.0.0.1:9464"  # Prometheus metrics over plain HTTP; a bare port: loopback
+    allow = ["alice", "dns:ci.example.com"]   # who may call: CNs or SANs (default: everyone
+                                # whose certificate the CA signed); see service.AllowList
+    log-format = "text"         # or "json": one object per line
+    log-level = "info"          # debug, info, warning, error
     [run-as]                    # identity = local account; others run as transient users
     alice = "alice"
     [transport]                 # the rest of the transport's budgets (see TRANSPORT_KEYS)
@@ -41,6 +46,7 @@ maximums; tests pass their own): the caller reads the file and reports `ConfigEr
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import math
@@ -52,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from jobworker.purgatory import ServerLimits
+from jobworker.service.identity import AllowList
 from jobworker.service.policy import (
     DEFAULT_MAX_LOG_STREAMS,
     JobPolicy,
@@ -68,8 +75,16 @@ from jobworker.supervisor import (
 )
 from jobworker.supervisor.sandbox import DEFAULT_TRANSIENT_UIDS, NETWORKS
 from jobworker.supervisor.supervisor import DEFAULT_GRACE_PERIOD_S, DEFAULT_RETENTION_BYTES
+from jobworker.units import format_bytes
 
-from .parsing import DEFAULT_PORT, Address, parse_address, parse_duration, parse_size
+from .parsing import (
+    DEFAULT_PORT,
+    Address,
+    parse_address,
+    parse_cpu,
+    parse_duration,
+    parse_size,
+)
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 # Where a server keeps its state when not told: the FHS place as root, else the user's own.
@@ -80,6 +95,8 @@ DEFAULT_MAX_JOBS = 100
 MIN_OUTPUT_RETENTION_BYTES = 512 * 2**10
 METRICS_HOST = "127.0.0.1"  # where --metrics PORT listens
 CGROUP_MODES = ("auto", "v2", "v1", "off")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 ISOLATION_MODES = ("auto", "on", "off")
 
 
@@ -110,6 +127,9 @@ class ServeSettings:
     # Observing the server: the audit log, and where metrics are served (None: nowhere).
     audit: bool = False
     metrics: Address | None = None
+    allowed: AllowList | None = None  # None: every certificate the CA signed
+    log_format: str = "text"
+    log_level: str = "info"
 
 
 def _size(value: Any) -> int:
@@ -147,7 +167,9 @@ def _number(value: Any, what: str) -> float:
 
 
 def _cpu(value: Any) -> float:
-    return _number(value, "a number of cores (examples: 0.5, 2)")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'not a number of cores or a percentage: {value!r} (0.5, 2, "50%")')
+    return parse_cpu(value if isinstance(value, str) else float(value))
 
 
 def _rate(value: Any) -> float:
@@ -226,6 +248,25 @@ def _network(value: Any) -> str:
     if value not in NETWORKS:
         raise ValueError(f"expected one of {', '.join(NETWORKS)}, got {value!r}")
     return value
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _allow(value: Any) -> AllowList:
+    """From the file: a list of CNs or KIND:NAMEs; from flags: the same, one per --allow."""
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ValueError(f'expected a list such as ["alice", "dns:ci.example.com"], got {value!r}')
+    if not value:
+        # Refusing everyone is never what an empty list means to say; no list allows everyone.
+        raise ValueError("an empty list would refuse every client: leave the key out instead")
+    return AllowList.parse(value)
 
 
 def _flag(value: Any) -> bool:
@@ -327,6 +368,9 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     # Observing the server
     "audit": _flag,
     "metrics": _metrics_address,
+    "allow": _allow,
+    "log-format": _one_of(*LOG_FORMATS),
+    "log-level": _one_of(*LOG_LEVELS),
     **{key: parser for key, (_, parser) in _LIMIT_KEYS.items()},
     **{f"max-{key}": parser for key, (_, parser) in _LIMIT_KEYS.items()},
     **{key: TRANSPORT_KEYS[key][1] for key in _TOP_LEVEL_TRANSPORT_KEYS},
@@ -375,6 +419,8 @@ def resolve(
         parsed = _parse(key, raw, f"--{key}")
         if key == "run-as":  # the flags add to the file's table, one identity at a time
             parsed = {**values.get(key, {}), **parsed}
+        elif key == "allow" and key in values:  # and to the file's allow-list
+            parsed = AllowList(values[key].entries | parsed.entries)
         values[key] = parsed
 
     tls_dir = DEFAULT_TLS_DIR
@@ -455,6 +501,9 @@ def resolve(
         output_retention_bytes=output_retention,
         audit=values.get("audit", False),
         metrics=values.get("metrics"),
+        allowed=values.get("allow"),
+        log_format=values.get("log-format", "text"),
+        log_level=values.get("log-level", "info"),
     )
 
 
@@ -496,3 +545,83 @@ def default_data_dir(euid: int, environ: Mapping[str, str]) -> Path:
         return DEFAULT_DATA_DIR
     state = environ.get("XDG_STATE_HOME") or os.path.join(environ.get("HOME", "/"), ".local/state")
     return Path(state) / "jobworker"
+
+
+# --- reloading (SIGHUP) -------------------------------------------------------------------------
+
+# What each setting is called in the file, for the reload's log lines. The first group needs a
+# restart: the listener and TLS context are built once, the data directory is locked and holds
+# the store, cgroups and isolation are the Supervisor's from its start, and the transport's
+# budgets are the admission it counts every open connection against.
+_RESTART_ONLY = {
+    "listen": "listen",
+    "cert_file": "cert",
+    "key_file": "key",
+    "ca_file": "ca",
+    "data_dir": "data-dir",
+    "cgroups": "cgroups",
+    "isolation": "isolation",
+    "transient_uids": "transient-uids",
+    "transport": "transport",
+    # The observers are wired into the transport and the metrics listener bound at start.
+    "audit": "audit",
+    "metrics": "metrics",
+}
+_RELOADABLE = {
+    "limits": "limits",
+    "grace_period_s": "grace-period",
+    "max_jobs": "max-jobs",
+    "max_jobs_per_user": "max-jobs-per-user",
+    "max_log_streams": "max-log-streams",
+    "max_log_streams_per_user": "max-log-streams-per-user",
+    "policy": "run-as/network",
+    "retention": "retention",
+    "output_retention_bytes": "output-retention",
+    "allowed": "allow",
+    "log_format": "log-format",
+    "log_level": "log-level",
+}
+
+
+def changed_settings(
+    old: ServeSettings, new: ServeSettings, *, restart_only: bool = False
+) -> list[str]:
+    """The names of what differs (only those that need a restart, if so asked)."""
+    names = dict(_RESTART_ONLY) if restart_only else {**_RESTART_ONLY, **_RELOADABLE}
+    changed = []
+    for field, key in names.items():
+        before, after = getattr(old, field), getattr(new, field)
+        if field == "limits":
+            for part, spelled in (("defaults", "defaults"), ("maximums", "maximums")):
+                if getattr(before, part) != getattr(after, part):
+                    changed.append(f"{spelled} ({_limits_diff(before, after, part)})")
+        elif field == "transport" and before != after:
+            changed += [
+                key
+                for key, (name, _) in TRANSPORT_KEYS.items()
+                if getattr(before, name) != getattr(after, name)
+            ]
+        elif before != after:
+            changed.append(key)
+    return changed
+
+
+def _limits_diff(before: LimitPolicy, after: LimitPolicy, part: str) -> str:
+    old, new = getattr(before, part), getattr(after, part)
+    prefix = "" if part == "defaults" else "max-"
+    return " ".join(
+        f"{prefix}{key}={_shown(name, getattr(new, name))}"
+        for key, (name, _) in _LIMIT_KEYS.items()
+        if getattr(old, name) != getattr(new, name)
+    )
+
+
+def _shown(name: str, value: float | None) -> str:
+    if value is None:
+        return "the host's"  # a maximum no longer set: what the host has
+    return f"{value:g}" if name in ("cpu", "pids") else format_bytes(int(value))
+
+
+def keep_restart_settings(old: ServeSettings, new: ServeSettings) -> ServeSettings:
+    """`new` with what only a restart can change taken from `old`."""
+    return dataclasses.replace(new, **{field: getattr(old, field) for field in _RESTART_ONLY})

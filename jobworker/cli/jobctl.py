@@ -40,7 +40,6 @@ Whatever jobctl prints for a person escapes control characters (terminal.py); --
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -69,6 +68,7 @@ from .formatting import (
 from .logs import Stamper, dropped_notice, parse_since, parse_tail
 from .parsing import (
     end_options_at_command,
+    parse_cpu,
     parse_duration,
     parse_env,
     parse_signal,
@@ -111,7 +111,9 @@ JOB_GROUP = Group("Job", sort_key=1)
 class JobOptions:
     """What to run the job with. Limits left out take the server's defaults."""
 
-    cpu: Annotated[float | None, Parameter(help="CPU cores, e.g. 0.5.")] = None
+    cpu: Annotated[
+        str | None, Parameter(help="CPU cores, or a percentage of one core: 0.5, 2, 50%.")
+    ] = None
     memory: Annotated[str | None, Parameter(help="Memory limit, e.g. 512M or 1G.")] = None
     io_read: Annotated[str | None, Parameter(help="Read bandwidth per second, e.g. 50M.")] = None
     io_write: Annotated[str | None, Parameter(help="Write bandwidth per second, e.g. 50M.")] = None
@@ -169,9 +171,10 @@ def build_start_request(
         raise CliError(f"--env: {exc}") from None
     limits = request.limits
     if options.cpu is not None:
-        if not math.isfinite(options.cpu) or options.cpu <= 0:
-            raise CliError(f"--cpu: must be a positive number of cores, got {options.cpu:g}")
-        limits.cpu = options.cpu
+        try:
+            limits.cpu = parse_cpu(options.cpu)
+        except ValueError as exc:
+            raise CliError(f"--cpu: {exc}") from None
     for flag, field_name, value in (
         ("--memory", "memory_bytes", options.memory),
         ("--io-read", "io_read_bytes_per_second", options.io_read),

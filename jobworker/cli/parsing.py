@@ -20,6 +20,7 @@ __all__ = [
     "end_options_at_command",
     "format_duration",
     "parse_address",
+    "parse_cpu",
     "parse_duration",
     "parse_env",
     "parse_signal",
@@ -67,6 +68,25 @@ def format_duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s"
+
+
+def parse_cpu(text: str | float) -> float:
+    """Cores from ``0.5``, ``2`` or a percentage of one core: ``50%`` is 0.5, ``250%`` 2.5
+    (top's and docker stats' spelling). Above zero and finite: nan and inf are refused here,
+    since a comparison with nan is always false and would slip past every range check."""
+    shown = text if isinstance(text, str) else f"{text:g}"
+    spelled = text.strip() if isinstance(text, str) else text
+    percent = isinstance(spelled, str) and spelled.endswith("%")
+    try:
+        value = float(spelled[:-1] if percent else spelled)  # type: ignore[index]
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"must be a positive number of cores or a percentage of one core, got {shown!r}"
+            " (examples: 0.5, 2, 50%)"
+        )
+    return value / 100 if percent else value
 
 
 def parse_size(text: str) -> int:

@@ -16,6 +16,14 @@ period plus a margin to finish; then the service, the Supervisor (which removes 
 and the process end, with exit code 0. A second signal cuts it short: every job still running
 is killed at once (SIGKILL to its whole cgroup), everything else is cancelled, and the exit
 code is 128 + the signal's number.
+
+SIGHUP reloads the config file (`_Run._reload`), the flags still over it. The file is read and
+checked in a worker thread (it is blocking I/O, as is probing the host); then, back on the Trio
+thread and without a checkpoint in between, the service takes the new settings, logging is
+reconfigured and the run's settings replaced: no call sees half of them. What only a restart can
+change (the listener, TLS, data directory, cgroups, isolation, the transport's budgets) is kept
+and named in one warning line; a file that cannot be used changes nothing, in one error line.
+Connections, log streams and jobs are untouched: a running job keeps the limits it started with.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import math
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -52,11 +59,14 @@ from .config import (
     DEFAULT_TLS_DIR,
     ConfigError,
     ServeSettings,
+    changed_settings,
     default_data_dir,
+    keep_restart_settings,
     load_config_file,
     resolve,
 )
 from .errors import CliError, run_cli
+from .logsetup import configure_logging
 from .parsing import Address, format_duration
 
 if TYPE_CHECKING:  # the service package is imported when serving, not for `certs`
@@ -96,13 +106,15 @@ CONNECTIONS = "Connections (the rest of the transport's budgets: the [transport]
 ISOLATION = "Isolation (who jobs run as, what they see)"
 RETENTION = "Retention (ended jobs, and the output kept on disk)"
 OBSERVING = "Observing (the audit log, metrics)"
+ACCESS = "Access and logging"
 
 
 @app.command
 def serve(
     *,
     config: Annotated[
-        Path | None, Parameter(help="A TOML file; its keys are these flags' names.")
+        Path | None,
+        Parameter(help="A TOML file; its keys are these flags' names. SIGHUP reloads it."),
     ] = None,
     listen: Annotated[
         str | None,
@@ -130,7 +142,10 @@ def serve(
             "else ~/.local/state/jobworker."
         ),
     ] = None,
-    cpu: Annotated[float | None, Parameter(group=LIMITS, help="CPU cores (default 0.5).")] = None,
+    cpu: Annotated[
+        str | None,
+        Parameter(group=LIMITS, help="CPU cores, or % of one core: 2, 50% (default 0.5)."),
+    ] = None,
     memory: Annotated[str | None, Parameter(group=LIMITS, help="Memory (default 1G).")] = None,
     io_read: Annotated[
         str | None, Parameter(group=LIMITS, help="Read bytes per second (default 100M).")
@@ -142,8 +157,10 @@ def serve(
         int | None, Parameter(group=LIMITS, help="Processes and threads (default 4096).")
     ] = None,
     max_cpu: Annotated[
-        float | None,
-        Parameter(group=MAXIMUMS, help="CPU cores (default: the CPUs this server may use)."),
+        str | None,
+        Parameter(
+            group=MAXIMUMS, help="CPU cores or % of one core (default: the CPUs this server has)."
+        ),
     ] = None,
     max_memory: Annotated[
         str | None, Parameter(group=MAXIMUMS, help="Memory, e.g. 4G (default: the host's RAM).")
@@ -282,11 +299,37 @@ def serve(
             "PORT is 127.0.0.1 (default: no metrics).",
         ),
     ] = None,
+    allow: Annotated[
+        tuple[str, ...],
+        Parameter(
+            negative="",
+            group=ACCESS,
+            help="Only these clients may call: a certificate CN (alice) or a SAN "
+            "(dns:ci.example.com, email:bob@example.com, uri:spiffe://example.org/ci, "
+            "ip:10.0.0.7); repeatable, added to the config file's list. Default: every "
+            "certificate the CA signed.",
+        ),
+    ] = (),
+    log_format: Annotated[
+        Literal["text", "json"] | None,
+        Parameter(group=ACCESS, help="text (default) or json: one object per line."),
+    ] = None,
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"] | None,
+        Parameter(group=ACCESS, help="The least severe lines logged (default info)."),
+    ] = None,
     verbose: Annotated[
-        bool, Parameter(name=["--verbose", "-v"], negative="", help="Log the supervisor too.")
+        bool,
+        Parameter(
+            name=["--verbose", "-v"],
+            negative="",
+            group=ACCESS,
+            help="Short for --log-level debug: the supervisor's lines too.",
+        ),
     ] = False,
 ) -> int:
-    """Serve the JobService in the foreground until SIGINT or SIGTERM (twice: at once)."""
+    """Serve the JobService in the foreground until SIGINT or SIGTERM (twice: at once).
+    SIGHUP reloads the config file."""
     flags: dict[str, Any] = {
         "listen": listen,
         "cert": cert,
@@ -323,48 +366,34 @@ def serve(
         "output-retention": output_retention,
         "audit": audit,
         "metrics": metrics,
+        "allow": allow,
+        "log-format": log_format,
+        "log-level": "debug" if verbose else log_level,
     }
     try:
-        table = load_config_file(config) if config is not None else None
-        settings = resolve(flags, table, source=f"config file {config}")
+        settings = _load(flags, config)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    configure_logging(verbose=verbose)
+    configure_logging(format=settings.log_format, level=settings.log_level)
     if settings.audit:
         # Asked for by name: audit lines show whatever level the rest of the log is kept at.
         logging.getLogger("jobworker.audit").setLevel(logging.INFO)
-    return trio.run(_serve, settings, config)
+    return trio.run(_serve, settings, config, flags)
 
 
-class _Formatter(logging.Formatter):
-    """One line per record: UTC timestamp with milliseconds, logger, level, message."""
-
-    converter = time.gmtime
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z"
+def _load(flags: dict[str, Any], config: Path | None) -> ServeSettings:
+    """The settings from the flags over the file (read now); ConfigError says what is wrong."""
+    table = load_config_file(config) if config is not None else None
+    return resolve(flags, table, source=f"config file {config}")
 
 
-def configure_logging(*, verbose: bool = False) -> None:
-    """Everything under the "jobworker" logger to stderr: events (job created, stopped, ended,
-    authorization failures), the transport's connection problems, and our own lines. The
-    supervisor's per-job lines repeat the events, so they show only with --verbose (its
-    warnings and errors always do)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger("jobworker")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
-    logging.getLogger("jobworker.supervisor").setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-async def _serve(settings: ServeSettings, config_file: Path | None = None) -> int:
+async def _serve(
+    settings: ServeSettings, config_file: Path | None = None, flags: dict[str, Any] | None = None
+) -> int:
     # Imported here: the service package is the layer above; `jobworker certs` needs none of it.
     from jobworker.service import StoreUnavailable, open_store, recover
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         try:
             tls = TLSConfig.server(
                 cert_file=settings.cert_file,
@@ -397,7 +426,9 @@ async def _serve(settings: ServeSettings, config_file: Path | None = None) -> in
                     len(plan.lost),
                     len(plan.groups) + len(plan.subtrees),
                 )
-            return await _serve_with(settings, config_file, tls, signals, data_dir, store)
+            return await _serve_with(
+                settings, config_file, flags or {}, tls, signals, data_dir, store
+            )
         except StoreUnavailable as exc:
             raise CliError(str(exc)) from None
         finally:
@@ -409,6 +440,7 @@ async def _serve(settings: ServeSettings, config_file: Path | None = None) -> in
 async def _serve_with(
     settings: ServeSettings,
     config_file: Path | None,
+    flags: dict[str, Any],
     tls: TLSConfig,
     signals: Any,
     data_dir: Path,
@@ -444,6 +476,7 @@ async def _serve_with(
                 policy=settings.policy,
                 retention=settings.retention,
                 metrics=metrics,
+                allowed=settings.allowed,
             ) as service:
                 server = Server(
                     service.methods(),
@@ -455,7 +488,7 @@ async def _serve_with(
                 )
                 if metrics is not None:
                     metrics.watch_server(server)
-                run = _Run(settings, supervisor, service, server, metrics)
+                run = _Run(settings, supervisor, service, server, config_file, flags, metrics)
                 return await run.serve(signals)
     except CgroupError as exc:  # CgroupsUnavailable included: its message names the fix
         if entered:
@@ -519,14 +552,24 @@ class _Run:
     """One server run: bind, announce, wait for signals, shut down."""
 
     def __init__(
-        self, settings: ServeSettings, supervisor: Supervisor, service, server, metrics=None
+        self,
+        settings: ServeSettings,
+        supervisor: Supervisor,
+        service,
+        server,
+        config_file: Path | None = None,
+        flags: dict[str, Any] | None = None,
+        metrics=None,
     ) -> None:
         self.settings = settings
         self.supervisor = supervisor
         self.service = service
         self.server = server
         self.metrics = metrics
+        self.config_file = config_file
+        self.flags = flags or {}
         self.exit_code = 0
+        self.stopping = False
 
     async def serve(self, signals) -> int:
         from jobworker.service import serve_metrics
@@ -601,6 +644,14 @@ class _Run:
             else "never",
             self.supervisor.data_dir,
         )
+        self._announce_access()
+
+    def _announce_access(self) -> None:
+        allowed = self.settings.allowed
+        if allowed is None:
+            log.info("every client whose certificate the CA signed may call (no allow-list)")
+        else:
+            log.info("only these clients may call (allow-list): %s", allowed)
 
     def _isolation_summary(self) -> str:
         isolation = self.supervisor.isolation
@@ -619,9 +670,13 @@ class _Run:
     async def _watch(self, signals, nursery: trio.Nursery) -> None:
         received = 0
         async for signum in signals:
-            received += 1
             name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                await self._reload()
+                continue
+            received += 1
             if received == 1:
+                self.stopping = True
                 log.info("%s: shutting down (again to kill every job at once)", name)
                 nursery.start_soon(self._shutdown, nursery)
             else:
@@ -631,6 +686,60 @@ class _Run:
                 nursery.cancel_scope.cancel()
                 return
 
+    async def _reload(self) -> None:
+        """SIGHUP: the config file again, with the same flags over it, for every call from
+        now on. All or nothing: a file that cannot be read or used changes nothing and says why
+        in one line; settings only a restart can change are kept, and named in one line."""
+        if self.stopping:
+            log.info("SIGHUP: shutting down, nothing reloaded")
+            return
+        if self.config_file is None:
+            log.warning("SIGHUP: no config file to reload (serve --config FILE), nothing changed")
+            return
+        where = f"config file {self.config_file}"
+        try:
+            # A thread: reading the file and probing the host are blocking I/O.
+            new = await trio.to_thread.run_sync(_load_checked, self.flags, self.config_file)
+        except ConfigError as exc:
+            log.error("SIGHUP: not reloaded, the configuration is unchanged: %s", exc)
+            return
+        old = self.settings
+        restart = changed_settings(old, new, restart_only=True)
+        new = keep_restart_settings(old, new)
+        try:
+            self.service.reconfigure(
+                limits=new.limits,
+                grace_period_s=new.grace_period_s,
+                retention_bytes=new.output_retention_bytes,
+                max_running_jobs=new.max_jobs,
+                max_running_jobs_per_user=new.max_jobs_per_user,
+                max_log_streams=new.max_log_streams,
+                max_log_streams_per_user=new.max_log_streams_per_user,
+                policy=new.policy,
+                retention=new.retention,
+                allowed=new.allowed,
+            )
+        except ValueError as exc:
+            log.error("SIGHUP: not reloaded, the configuration is unchanged: %s: %s", where, exc)
+            return
+        # The service took it (nothing above awaited since): logging follows, then the record.
+        configure_logging(format=new.log_format, level=new.log_level)
+        self.settings = new
+        changed = changed_settings(old, new)
+        log.info(
+            "SIGHUP: reloaded %s: %s",
+            where,
+            f"changed {', '.join(changed)}" if changed else "nothing changed",
+        )
+        if restart:
+            log.warning(
+                "SIGHUP: kept %s as before: a change there takes a restart (%s)",
+                ", ".join(restart),
+                where,
+            )
+        if "allow" in changed:
+            self._announce_access()
+
     async def _shutdown(self, nursery: trio.Nursery) -> None:
         # The service closes while connections drain: a StartJob that still arrives on an
         # open stream is refused, and every stop request is an event line like any other.
@@ -639,6 +748,17 @@ class _Run:
             steps.start_soon(self.server.shutdown, drain_s)
             steps.start_soon(self.service.close)
         nursery.cancel_scope.cancel()
+
+
+def _load_checked(flags: dict[str, Any], config: Path) -> ServeSettings:
+    """`_load`, and the run-as accounts exist (as at startup)."""
+    settings = _load(flags, config)
+    for account in settings.policy.run_as.values():
+        try:
+            sandbox.account(account)
+        except InvalidJobSpec as exc:
+            raise ConfigError(f"config file {config}: run-as: {exc}") from None
+    return settings
 
 
 def _show(name: str, value: float) -> str:
@@ -701,12 +821,20 @@ def certs_add(
     *,
     user: UserOption = (),
     key_type: KeyTypeOption = "ecdsa",
+    san: Annotated[
+        tuple[str, ...],
+        Parameter(
+            negative="",
+            help="A subject alternative name for the one --user: dns:NAME, email:ADDRESS, "
+            "uri:URI or ip:ADDRESS (repeatable); a server's --allow may name it so.",
+        ),
+    ] = (),
     force: Annotated[bool, Parameter(negative="", help="Replace existing files.")] = False,
 ) -> int:
     """Issue client certificates for more users with the CA that `certs init` made in DIR."""
     try:
         users = [certs_lib.parse_user(u) for u in user]
-        written = certs_lib.add_users(directory, users, key_type=key_type, force=force)
+        written = certs_lib.add_users(directory, users, key_type=key_type, force=force, sans=san)
     except certs_lib.CertsError as exc:
         raise CliError(str(exc)) from None
     _report(written)

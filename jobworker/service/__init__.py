@@ -30,13 +30,14 @@ from .errors import (
     as_grpc_error,
 )
 from .handlers import SERVICE_NAME, JobService
-from .identity import Identity, Role, identify
+from .identity import AllowList, Identity, Role, identify
 from .metrics import Metrics, serve_metrics
 from .policy import JobPolicy, Retention
 from .recovery import recover
 from .store import JobStore, StoreUnavailable, open_store
 
 __all__ = [
+    "AllowList",
     "SERVICE_NAME",
     "STATUS_OF",
     "Action",

@@ -15,6 +15,7 @@ from jobworker.supervisor import Supervisor
 
 from .convert import MAX_GRACE_PERIOD_S
 from .handlers import JobService
+from .identity import AllowList
 from .metrics import Metrics
 from .policy import DEFAULT_MAX_LOG_STREAMS, JobPolicy, Retention, per_user_share
 from .store import JobStore, open_store
@@ -32,6 +33,7 @@ async def open_job_service(
     max_grace_period_s: float = MAX_GRACE_PERIOD_S,
     policy: JobPolicy | None = None,
     retention: Retention | None = None,
+    allowed: AllowList | None = None,
     clock: Callable[[], float] = time.time,
     metrics: Metrics | None = None,
 ) -> AsyncIterator[JobService]:
@@ -54,6 +56,8 @@ async def open_job_service(
     - policy: the accounts identities' jobs run as, and their network (`JobPolicy`); mapping
       accounts or a network other than the host's needs a Supervisor that isolates jobs.
     - retention: how long ended jobs are kept, and the output budget (`Retention`).
+    - allowed: the certificates that may call at all, by CN or SAN (`AllowList`); others get
+      PERMISSION_DENIED. None: every certificate the transport verified.
     - clock: seconds since the epoch, for when jobs ended and retention (tests pass their own).
     - metrics: where jobs started and ended, and output streamed, are counted (`Metrics`).
 
@@ -99,6 +103,7 @@ async def open_job_service(
                 max_grace_period_s=max_grace_period_s,
                 policy=policy,
                 retention=retention,
+                allowed=allowed,
                 clock=clock,
                 metrics=metrics,
             )

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from jobworker.supervisor import (
     JobNotEnded,
     JobNotFound,
     JobStatus,
+    LimitPolicy,
     Supervisor,
     signal_name,
 )
@@ -63,9 +65,9 @@ from .errors import (
     TooManyLogStreams,
     Unavailable,
 )
-from .events import events, exit_cause, fields
+from .events import caller, events, exit_cause, fields
 from .health import Health
-from .identity import Identity, identify
+from .identity import AllowList, Identity, identify, refuse_unlisted
 from .policy import JobPolicy, Retention
 from .store import JobStore, NameInUse, Query, Record, StoreUnavailable
 
@@ -153,6 +155,7 @@ class JobService:
         max_log_streams_per_user: int | None = None,
         policy: JobPolicy | None = None,
         retention: Retention | None = None,
+        allowed: AllowList | None = None,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
     ) -> None:
@@ -164,6 +167,7 @@ class JobService:
         self._max_grace_period_s = max_grace_period_s
         self._policy = policy or JobPolicy()
         self._retention = retention or Retention()
+        self._allowed = allowed  # None: every verified certificate
         # Seconds since the epoch: when the store saw each job end, and what retention
         # compares that with (tests pass their own).
         self._clock = clock
@@ -210,6 +214,57 @@ class JobService:
             *self.health.methods(),
         ]
 
+    def reconfigure(
+        self,
+        *,
+        limits: LimitPolicy,
+        grace_period_s: float,
+        retention_bytes: int,
+        max_running_jobs: int | None,
+        max_running_jobs_per_user: int | None,
+        max_log_streams: int | None,
+        max_log_streams_per_user: int | None,
+        policy: JobPolicy,
+        retention: Retention,
+        allowed: AllowList | None,
+    ) -> None:
+        """Take new settings (a reload of the configuration) for every call from now on.
+
+        Everything is checked before anything changes, and nothing here checkpoints: no call
+        ever sees half of the old settings and half of the new. What is running keeps what it
+        was given: a job keeps its limits, a log stream stays open, holdings above a lowered
+        cap stay (new ones are refused until they fall below it). ValueError: nothing changed.
+        """
+        for name, cap in (
+            ("max_running_jobs", max_running_jobs),
+            ("max_running_jobs_per_user", max_running_jobs_per_user),
+            ("max_log_streams", max_log_streams),
+            ("max_log_streams_per_user", max_log_streams_per_user),
+        ):
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+                raise ValueError(f"{name} must be at least 1, got {cap!r}")
+        if policy.needs_isolation and self._supervisor.isolation is None:
+            raise ValueError(
+                "run-as accounts and network none need isolated jobs, and this server does not"
+                " isolate them (a restart with isolation on would)"
+            )
+        if retention_bytes < 1 or not 0 <= grace_period_s < math.inf:
+            raise ValueError(
+                f"retention_bytes must be positive ({retention_bytes}) and grace_period_s finite"
+                f" and not negative ({grace_period_s})"
+            )
+        self._supervisor.policy = limits
+        self._supervisor.grace_period_s = grace_period_s
+        self._supervisor.retention_bytes = retention_bytes
+        self._jobs.cap, self._jobs.cap_per_user = max_running_jobs, max_running_jobs_per_user
+        self._log_streams.cap = max_log_streams
+        self._log_streams.cap_per_user = max_log_streams_per_user
+        self._policy = policy
+        if retention != self._retention:
+            self._retention = retention
+            self._tidy.set()  # a shorter retention applies now, not at the next job's end
+        self._allowed = allowed
+
     def set_serving(self, serving: bool) -> None:
         """What the health service reports: SERVING (True) or NOT_SERVING (False)."""
         self.health.set_serving(serving)
@@ -235,7 +290,7 @@ class JobService:
     # --- handlers --------------------------------------------------------------------------------
 
     async def start_job(self, request: pb.StartJobRequest, call: ServerCall) -> pb.StartJobResponse:
-        who = _caller(call)
+        who = self._caller(call)
         self._authorize(who, Action.START, is_owner=True, job_id=None)
         limits = convert.overrides_of(request, self._supervisor.policy)
         env = convert.env_of(request)
@@ -330,7 +385,7 @@ class JobService:
         """Idempotent (docker stop): a job that has already ended — or whose processes are
         already gone, its end being recorded — is answered with its status and
         already_ended, having signalled nothing."""
-        who = _caller(call)
+        who = self._caller(call)
         job_id = convert.job_id_of(request.job_id)
         grace_s = convert.grace_period_of(request, self._max_grace_period_s)
         job = await self._find(who, Action.STOP, job_id)
@@ -352,7 +407,7 @@ class JobService:
     async def get_job_status(
         self, request: pb.GetJobStatusRequest, call: ServerCall
     ) -> pb.GetJobStatusResponse:
-        who = _caller(call)
+        who = self._caller(call)
         job_id = convert.job_id_of(request.job_id)
         job = await self._find(who, Action.READ_STATUS, job_id)
         if isinstance(job, Record):
@@ -363,7 +418,7 @@ class JobService:
         """The job's final status once it has ended (at once for one that has). The call's
         deadline, or the client going away, cancels the wait and nothing else: the handler
         waits on the job's own end event and starts no task."""
-        who = _caller(call)
+        who = self._caller(call)
         job_id = convert.job_id_of(request.job_id)
         job = await self._find(who, Action.READ_STATUS, job_id)
         if isinstance(job, Record):
@@ -377,7 +432,7 @@ class JobService:
         """One signal to every process of a running job (`Job.signal`): no escalation, and
         no stop recorded. A job it kills ends as killed by that signal (FAILED, exit code
         128+N, no stop_requested_by): the event log says who sent it."""
-        who = _caller(call)
+        who = self._caller(call)
         job_id = convert.job_id_of(request.job_id)
         signum = convert.signal_of(request)
         job = await self._find(who, Action.SIGNAL, job_id)
@@ -413,7 +468,7 @@ class JobService:
         empty, with follow it begins once the output reaches that offset (and is empty if the
         job ends first) — `tail -c +N -f`.
         """
-        who = _caller(call)
+        who = self._caller(call)
         job_id = convert.job_id_of(request.job_id)
         selection = logs.selection_of(request)
         self._log_streams.take(who.name)
@@ -455,7 +510,7 @@ class JobService:
                 self._metrics.output_streamed(size)
 
     async def list_jobs(self, request: pb.ListJobsRequest, call: ServerCall) -> pb.ListJobsResponse:
-        who = _caller(call)
+        who = self._caller(call)
         if request.owner and not request.all:
             raise InvalidRequest("owner filters every user's jobs: set all as well")
         self._authorize(who, Action.LIST, is_owner=not request.all, job_id=None)
@@ -479,7 +534,7 @@ class JobService:
     async def delete_job(
         self, request: pb.DeleteJobRequest, call: ServerCall
     ) -> pb.DeleteJobResponse:
-        who = _caller(call)
+        who = self._caller(call)
         job_id = convert.job_id_of(request.job_id)
         job = await self._find(who, Action.DELETE, job_id)
         if isinstance(job, Job) and not job.status().state.ended:
@@ -499,7 +554,7 @@ class JobService:
     async def prune_jobs(
         self, request: pb.PruneJobsRequest, call: ServerCall
     ) -> pb.PruneJobsResponse:
-        who = _caller(call)
+        who = self._caller(call)
         self._authorize(who, Action.DELETE, is_owner=not request.all, job_id=None)
         older_than_s = convert.older_than_of(request)
         records = await self._store.expired(
@@ -564,6 +619,21 @@ class JobService:
                     raise JobNotFound(ref.job_id)
                 raise NoSuchJob(references.not_found(ref))
         return found
+
+    def _caller(self, call: ServerCall) -> Identity:
+        """Who calls, if the allow-list admits them. Checked on every call, not once per
+        connection: a reload that takes someone off the list holds on connections already open.
+        """
+        identity = call.identity
+        if not isinstance(identity, Identity):
+            # A Server made without identify=identify: identify each call instead of trusting
+            # nothing.
+            identity = identify(call.peer_certificate)
+        caller.set(identity.name)  # this call's task only: its later log lines name it
+        allowed = self._allowed
+        if allowed is not None and not allowed.admits(call.peer_certificate, identity):
+            raise refuse_unlisted(identity, call.peer_certificate, call.connection.peer_address)
+        return identity
 
     def _authorize(
         self, who: Identity, action: Action, *, is_owner: bool, job_id: str | None
@@ -783,14 +853,6 @@ class JobService:
 
 
 _RETENTION = Identity("retention")
-
-
-def _caller(call: ServerCall) -> Identity:
-    identity = call.identity
-    if isinstance(identity, Identity):
-        return identity
-    # A Server made without identify=identify: identify each call instead of trusting nothing.
-    return identify(call.peer_certificate)
 
 
 def _status_of(record: Record) -> pb.JobStatus:

@@ -111,3 +111,40 @@ def test_add_needs_the_ca(tmp_path: Path) -> None:
     done = run([*JOBWORKER, "certs", "add", str(tmp_path), "--user", "x"])
     assert done.returncode == 2
     assert b"cannot read the CA in" in done.stderr and b"certs init" in done.stderr
+
+
+def test_add_with_subject_alternative_names(tmp_path: Path) -> None:
+    directory = tmp_path / "tls"
+    assert run([*JOBWORKER, "certs", "init", str(directory)]).returncode == 0
+    done = run([*JOBWORKER, "certs", "add", str(directory), "--user", "ci",
+                "--san", "dns:ci.example.com", "--san", "email:ci@example.com",
+                "--san", "uri:spiffe://example.org/ci", "--san", "ip:10.0.0.7"])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    client = cert(directory / "ci" / "client.crt")
+    assert client.subject.rfc4514_string() == "CN=ci"
+    sans = client.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["ci.example.com"]
+    assert sans.get_values_for_type(x509.RFC822Name) == ["ci@example.com"]
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://example.org/ci"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.7")]
+    usages = client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usages) == [ExtendedKeyUsageOID.CLIENT_AUTH]  # still a client's, not a server's
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--user", "x", "--san", "host:x"], b"jobworker: bad --san 'host:x': expected KIND:VALUE"),
+        (["--user", "x", "--san", "dns:"], b"jobworker: bad --san 'dns:': expected KIND:VALUE"),
+        (["--user", "x", "--san", "ip:1.2.3"], b"jobworker: bad --san 'ip:1.2.3': '1.2.3' does"),
+        (["--user", "x", "--user", "y", "--san", "dns:a"],
+         b"jobworker: --san names one user's certificate: give exactly one --user with it"),
+    ],
+)  # fmt: skip
+def test_bad_sans_write_nothing(tmp_path: Path, args: list[str], message: bytes) -> None:
+    directory = tmp_path / "tls"
+    assert run([*JOBWORKER, "certs", "init", str(directory)]).returncode == 0
+    done = run([*JOBWORKER, "certs", "add", str(directory), *args])
+    assert done.returncode == 2
+    assert done.stderr.startswith(message) and done.stderr.count(b"\n") == 1, done.stderr
+    assert not (directory / "x").exists()

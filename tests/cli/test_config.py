@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from jobworker.cli.config import KEYS, ConfigError, load_config_file, resolve
+from jobworker.cli.config import (
+    KEYS,
+    ConfigError,
+    changed_settings,
+    keep_restart_settings,
+    load_config_file,
+    resolve,
+)
 from jobworker.cli.parsing import Address
 from jobworker.purgatory import ServerLimits
 from jobworker.supervisor import HostCapacity, LimitOverrides, Limits
@@ -90,7 +97,22 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
             {"memory": "2G", "max-memory": "1G"},
             "limits: memory 2G is above the maximum 1G (allowed: 1M to 1G)",
         ),
-        ({"cpu": 0}, "limits: cpu 0 is below the minimum 0.01 (allowed: at least 0.01)"),
+        ({"cpu": 0.001}, "limits: cpu 0.001 is below the minimum 0.01 (allowed: at least 0.01)"),
+        (
+            {"cpu": 0},
+            "config: cpu: must be a positive number of cores or a percentage of one core,"
+            " got '0' (examples: 0.5, 2, 50%)",
+        ),
+        (
+            {"max-cpu": "nan%"},
+            "config: max-cpu: must be a positive number of cores or a percentage of one core,"
+            " got 'nan%' (examples: 0.5, 2, 50%)",
+        ),
+        (
+            {"cpu": [1]},
+            'config: cpu: not a number of cores or a percentage: [1] (0.5, 2, "50%")',
+        ),
+        ({"cpu": "0.5%"}, "limits: cpu 0.005 is below the minimum 0.01 (allowed: at least 0.01)"),
         (
             {"max-cpu": 3},
             "limits: max-cpu 3 is above this host's 2 CPUs (allowed: 0.01 to 2)",
@@ -178,6 +200,17 @@ def test_output_retention_per_job_from_the_file_or_a_flag(tmp_path: Path) -> Non
         resolve({**NO_FLAGS, "output-retention": "4K"})
 
 
+def test_cpu_as_a_percentage_of_one_core_in_the_file_and_flags(tmp_path: Path) -> None:
+    path = tmp_path / "jobworker.toml"
+    path.write_text('cpu = "25%"\nmax-cpu = "150%"\n')
+    settings = resolve(NO_FLAGS, load_config_file(path), host=HOST)
+    assert (settings.limits.defaults.cpu, settings.limits.maximums.cpu) == (0.25, 1.5)
+    settings = resolve({**NO_FLAGS, "cpu": "75%"}, load_config_file(path), host=HOST)
+    assert settings.limits.defaults.cpu == 0.75
+    with pytest.raises(ConfigError, match=r"^--cpu: must be a positive number of cores"):
+        resolve({**NO_FLAGS, "cpu": "-5%"}, host=HOST)
+
+
 def test_flag_mistakes_name_the_flag() -> None:
     with pytest.raises(ConfigError, match=r"^--io-read: not a size: 'fast'"):
         resolve({**NO_FLAGS, "io-read": "fast"})
@@ -233,3 +266,74 @@ def test_transport_mistakes_are_named(tmp_path: Path, text: str, error: str) -> 
     path.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(error)):
         resolve(NO_FLAGS, load_config_file(path))
+
+
+def test_allow_list_and_log_settings_from_the_file_and_flags(tmp_path: Path) -> None:
+    settings = resolve(NO_FLAGS, host=HOST)
+    assert (settings.allowed, settings.log_format, settings.log_level) == (None, "text", "info")
+    path = tmp_path / "jobworker.toml"
+    path.write_text('allow = ["alice", "dns:CI.example.com"]\nlog-format = "json"\n')
+    flags = {**NO_FLAGS, "allow": ("email:bob@example.com",), "log-level": "warning"}
+    settings = resolve(flags, load_config_file(path), host=HOST)
+    # The flags add to the file's list, as --run-as adds to its table.
+    assert settings.allowed is not None
+    assert settings.allowed.entries == {
+        ("cn", "alice"),
+        ("dns", "ci.example.com"),
+        ("email", "bob@example.com"),
+    }
+    assert (settings.log_format, settings.log_level) == ("json", "warning")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"allow": []},
+            "config: allow: an empty list would refuse every client: leave the key out instead",
+        ),
+        (
+            {"allow": "alice"},
+            "config: allow: expected a list such as [\"alice\", \"dns:ci.example.com\"],"
+            " got 'alice'",
+        ),
+        ({"allow": ["ip:nowhere"]}, "config: allow: 'ip:nowhere': 'nowhere' is not an IP address"),
+        ({"log-format": "xml"}, "config: log-format: expected one of text, json, got 'xml'"),
+        ({"log-level": "loud"},
+         "config: log-level: expected one of debug, info, warning, error, got 'loud'"),
+    ],
+)  # fmt: skip
+def test_allow_and_log_mistakes_are_named(table: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        resolve(NO_FLAGS, table, host=HOST)
+    assert str(caught.value) == message
+
+
+def test_what_a_reload_changes_and_what_it_keeps_until_a_restart() -> None:
+    old = resolve(NO_FLAGS, {"memory": "1G", "max-jobs": 10}, host=HOST)
+    new = resolve(
+        NO_FLAGS,
+        {"memory": "256M", "max-memory": "2G", "max-jobs": 10, "allow": ["alice"],
+         "listen": ":7000", "cert": "/x.crt", "transport": {"max-frame": "64K"},
+         "log-format": "json"},
+        host=HOST,
+    )  # fmt: skip
+    assert changed_settings(old, new, restart_only=True) == ["listen", "cert", "max-frame"]
+    assert changed_settings(old, new) == [
+        "listen",
+        "cert",
+        "max-frame",
+        "defaults (memory=256M)",
+        "maximums (max-memory=2G)",
+        "allow",
+        "log-format",
+    ]
+    kept = keep_restart_settings(old, new)
+    assert (kept.listen, kept.cert_file, kept.transport) == (
+        old.listen,
+        old.cert_file,
+        old.transport,
+    )
+    assert (kept.limits, kept.allowed, kept.log_format) == (new.limits, new.allowed, "json")
+    assert changed_settings(old, kept, restart_only=True) == []
+    assert changed_settings(old, old) == []

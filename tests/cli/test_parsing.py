@@ -12,6 +12,7 @@ from jobworker.cli.parsing import (
     end_options_at_command,
     format_duration,
     parse_address,
+    parse_cpu,
     parse_duration,
     parse_env,
     parse_signal,
@@ -179,3 +180,24 @@ def test_the_value_options_are_those_cyclopts_reads_as_taking_a_value() -> None:
                 takes_value.update(names)
     connection = {f"--{field}" for field in Connection.__dataclass_fields__}
     assert takes_value | connection == START_VALUE_OPTIONS
+
+
+@pytest.mark.parametrize(
+    ("text", "cores"),
+    [("0.5", 0.5), ("2", 2.0), (" 1.5 ", 1.5), ("50%", 0.5), ("250%", 2.5), ("1%", 0.01),
+     ("12.5%", 0.125), (0.25, 0.25)],
+)  # fmt: skip
+def test_cpu_in_cores_or_a_percentage_of_one_core(text: str | float, cores: float) -> None:
+    assert parse_cpu(text) == pytest.approx(cores)
+
+
+@pytest.mark.parametrize(
+    "text", ["0", "0%", "-1", "-50%", "nan", "nan%", "inf", "inf%", "", "%", "half", "50%%", "5 0"]
+)
+def test_cpu_that_is_no_positive_amount_is_refused_by_name(text: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_cpu(text)
+    assert str(caught.value) == (
+        f"must be a positive number of cores or a percentage of one core, got {text!r}"
+        " (examples: 0.5, 2, 50%)"
+    )

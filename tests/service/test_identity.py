@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
 import warnings
 
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from jobworker.purgatory import GrpcError, Status
-from jobworker.service import Identity, Role, identify
+from jobworker.service import AllowList, Identity, Role, identify
 
 _KEY = ec.generate_private_key(ec.SECP256R1())
 
@@ -97,3 +98,90 @@ def test_no_identity_is_unauthenticated_and_logged(
     [record] = [r for r in caplog.records if r.name == "jobworker.events"]
     assert record.getMessage().startswith("authentication failure ")
     assert "\n" not in record.getMessage()
+
+
+# --- the allow-list --------------------------------------------------------------------------
+
+
+def cert_with_sans(cn: str, *names: x509.GeneralName) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(CN, cn)]))
+        .issuer_name(x509.Name([x509.NameAttribute(CN, "CA")]))
+        .public_key(_KEY.public_key())
+        .serial_number(2)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+    return builder.sign(_KEY, hashes.SHA256())
+
+
+CI = cert_with_sans(
+    "build-7",
+    x509.DNSName("CI.Example.com"),
+    x509.RFC822Name("ci@example.com"),
+    x509.UniformResourceIdentifier("spiffe://example.org/ci"),
+    x509.IPAddress(ipaddress.ip_address("2001:db8::7")),
+)
+
+
+@pytest.mark.parametrize(
+    ("entries", "admitted"),
+    [
+        (["build-7"], True),  # a bare entry is a CN
+        (["cn:build-7"], True),
+        (["Build-7"], False),  # a CN compares exactly
+        (["build-"], False),  # no prefixes
+        (["dns:ci.example.com"], True),  # DNS without case
+        (["dns:ci.example.com."], True),  # nor the root's dot
+        (["dns:example.com"], False),  # no suffixes either
+        (["email:ci@example.com"], True),
+        (["email:CI@example.com"], False),
+        (["uri:spiffe://example.org/ci"], True),
+        (["uri:spiffe://example.org/c"], False),
+        (["ip:2001:db8:0::7"], True),  # as an address, whatever the spelling
+        (["ip:[2001:db8::7]"], True),
+        (["ip:2001:db8::8"], False),
+        (["alice", "bob"], False),
+        (["alice", "uri:spiffe://example.org/ci"], True),
+        (["dns:build-7"], False),  # the CN is not a DNS name, nor the other way round
+        (["ci.example.com"], False),
+    ],
+)
+def test_the_allow_list_admits_a_certificate_by_its_cn_or_a_san(
+    entries: list[str], admitted: bool
+) -> None:
+    assert AllowList.parse(entries).admits(CI, identify(CI)) is admitted
+
+
+def test_a_certificate_without_sans_is_admitted_by_its_cn_only() -> None:
+    plain = cert((CN, "alice"))
+    assert AllowList.parse(["alice"]).admits(plain, identify(plain))
+    assert not AllowList.parse(["dns:alice", "email:alice"]).admits(plain, identify(plain))
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("", "expected a CN or KIND:NAME, got ''"),
+        ("dns:", "'dns:' has nothing after 'dns:'"),
+        ("ip:10.0.0.300", "'ip:10.0.0.300': '10.0.0.300' is not an IP address"),
+        (7, "expected a CN or KIND:NAME, got 7"),
+    ],
+)
+def test_allow_list_mistakes_are_named(entry, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        AllowList.parse([entry])
+    assert str(caught.value) == message
+
+
+def test_an_unknown_kind_is_part_of_a_cn() -> None:
+    # "team:alice" is a CN with a colon (CNs may hold one), not a kind we do not know.
+    allowed = AllowList.parse(["team:alice"])
+    assert allowed.entries == frozenset({("cn", "team:alice")})
+    assert str(AllowList.parse(["bob", "DNS:CI.example.com", "ip:::1"])) == (
+        "bob, dns:ci.example.com, ip:::1"
+    )
