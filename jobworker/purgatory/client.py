@@ -331,17 +331,17 @@ class StreamingCall(Generic[R]):
 
     async def send(self, message: Message) -> None:
         """Send one request message (serialized at once, not kept while waiting)."""
-        if self._done_sending:
-            raise trio.ClosedResourceError("done_sending() was called: the request is over")
-        payload = message.SerializeToString()
-        del message
         channel, call = self._channel, self._call
         driver = channel._driver
-        if call.ended is not None:
+        if call.ended is not None:  # first: a cancelled call says CANCELLED, not "closed"
             await trio.lowlevel.checkpoint()
             if call.ended.status is not Status.OK:
                 raise GrpcError(call.ended.status, call.ended.message, trailers=call.ended.metadata)
             return
+        if self._done_sending:
+            raise trio.ClosedResourceError("done_sending() was called: the request is over")
+        payload = message.SerializeToString()
+        del message
         if not driver.stream_open(call.stream_id):
             await trio.lowlevel.checkpoint()
             raise GrpcError(

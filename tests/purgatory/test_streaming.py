@@ -71,6 +71,8 @@ def make_server(recorder: Recorder, **options) -> Server:
 
     async def fail_after_one(requests, call) -> None:
         async for _ in requests:
+            recorder.started.set()
+            await recorder.release.wait()
             raise GrpcError(Status.FAILED_PRECONDITION, "one is enough ☕")
 
     async def ignore(requests, call) -> Int64Value:
@@ -184,17 +186,32 @@ async def test_a_server_may_answer_before_the_client_has_finished(setup):
         assert (await call.response()).value == "again"
 
 
-async def test_a_handler_error_ends_the_call_and_stops_the_sender(setup):
-    channel, _ = setup
+async def test_a_handler_error_ends_the_call_and_wakes_a_blocked_sender(setup):
+    channel, recorder = setup
+    sent = 0
+    errors: list[GrpcError] = []
+
+    async def flood(call) -> None:
+        nonlocal sent
+        try:
+            while True:
+                await call.send(BytesValue(value=b"x" * CHUNK))
+                sent += 1
+        except GrpcError as exc:
+            errors.append(exc)
+
     with trio.fail_after(GUARD_S):
         async with channel.bidi_stream("/t.S/Fail", BytesValue) as call:
-            with pytest.raises(GrpcError) as caught:
-                # Large messages: the sender is soon waiting on flow control when the error
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood, call)
+                await recorder.started.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                # The handler reads no more: the sender waits on flow control when the error
                 # comes, and must wake up with it.
-                while True:
-                    await call.send(BytesValue(value=b"x" * CHUNK))
-    assert caught.value.status is Status.FAILED_PRECONDITION
-    assert caught.value.message == "one is enough ☕"
+                assert sent < 100
+                recorder.release.set()
+    (error,) = errors
+    assert (error.status, error.message) == (Status.FAILED_PRECONDITION, "one is enough ☕")
 
 
 async def test_cancel_resets_only_its_stream_and_cancels_the_handler(setup):
@@ -212,6 +229,28 @@ async def test_cancel_resets_only_its_stream_and_cancels_the_handler(setup):
         async with channel.client_stream("/t.S/Total", Int64Value) as call:
             await call.send(BytesValue(value=b"abc"))
             assert (await call.response()).value == 3
+
+
+async def test_cancel_from_another_task_wakes_a_sender_blocked_on_flow_control(setup):
+    channel, recorder = setup
+    errors: list[GrpcError] = []
+
+    async def flood(call) -> None:
+        try:
+            while True:
+                await call.send(BytesValue(value=b"x" * CHUNK))
+        except GrpcError as exc:
+            errors.append(exc)
+
+    with trio.fail_after(GUARD_S):
+        async with channel.client_stream("/t.S/Stall", Int64Value) as call:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood, call)
+                await recorder.started.wait()
+                await trio.testing.wait_all_tasks_blocked()  # the sender waits for a window
+                call.cancel()
+        await recorder.cancelled.wait()
+    assert [error.status for error in errors] == [Status.CANCELLED]
 
 
 async def test_leaving_the_block_early_cancels_the_handler(setup):
