@@ -54,6 +54,7 @@ class App:
         self.release = trio.Event()
         self.stalled = trio.Event()
         self.stall_cancelled = trio.Event()
+        self.stalls_running = 0
 
     async def echo(self, request: StringValue, call) -> StringValue:
         self.echoed += 1
@@ -67,9 +68,11 @@ class App:
     async def stall(self, requests, call) -> StringValue:
         """A client-streaming handler that never reads its requests."""
         self.stalled.set()
+        self.stalls_running += 1
         try:
             await trio.sleep_forever()
         finally:
+            self.stalls_running -= 1
             self.stall_cancelled.set()
 
 
@@ -210,6 +213,38 @@ async def test_a_stream_reset_while_its_handler_sends_cancels_it_quietly(certs, 
         await peer.read_until(ended, answer=False)
         assert not peer.closed, "the server closed the connection"
     assert app.streams_started == 0  # reset before they started: never run
+    assert purgatory_records(caplog, logging.INFO) == []
+
+
+async def test_client_streams_reset_while_their_handlers_wait_end_quietly(certs, caplog):
+    caplog.set_level(logging.DEBUG, logger="jobworker.purgatory")
+    app = App()
+    streams = 50
+    server = make_server(certs, app)
+    async with (
+        serve(server) as served,
+        served.connect_raw(client_config(certs)) as stream,
+    ):
+        peer = RawPeer(stream)
+        opened = []
+        for _ in range(streams):  # each sends a message and leaves its request open
+            stream_id = peer.h2.get_next_available_stream_id()
+            peer.h2.send_headers(stream_id, request_headers("/t.T/Stall"))
+            peer.h2.send_data(stream_id, encode_message(b""))
+            opened.append(stream_id)
+        await peer.flush()
+        await settle(lambda: app.stalls_running == streams)
+        for stream_id in opened:
+            peer.h2.reset_stream(stream_id)
+        echo_id = peer.queue_unary("/t.T/Echo", StringValue(value="hi").SerializeToString())
+        await peer.flush()
+        events = await peer.read_until(answered(echo_id))
+        assert not peer.closed, "the server closed the connection"
+        await settle(lambda: app.stalls_running == 0)  # every handler was cancelled
+        (connection,) = server._connections
+        assert connection._calls == {}
+    # The reset streams got no answer; only the bystander did.
+    assert [e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)] == [echo_id]
     assert purgatory_records(caplog, logging.INFO) == []
 
 
