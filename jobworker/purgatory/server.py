@@ -286,6 +286,9 @@ class RequestStream(Generic[Q]):
 
     async def __anext__(self) -> Q:
         call = self._call
+        # No scheduling round while messages wait (the handler's own awaits are its
+        # checkpoints), but a cancelled call (reset, deadline) stops here, not after its inbox.
+        await trio.lowlevel.checkpoint_if_cancelled()
         while not call._inbox:
             if call._input_ended.is_set():
                 raise StopAsyncIteration
