@@ -364,11 +364,6 @@ class Server:
             raise ValueError(f"{method.path} is registered twice")
         self._methods[method.path] = method
 
-    @property
-    def method_paths(self) -> list[str]:
-        """The paths of the registered methods, in the order they were added."""
-        return list(self._methods)
-
     def _takes_a_stream(self, path: str) -> bool:
         method = self._methods.get(path)
         return method is not None and method.client_streaming
