@@ -43,6 +43,7 @@ from cyclopts import App, Parameter
 
 import jobworker
 from jobworker.purgatory import Server, TLSConfig, TLSConfigError
+from jobworker.purgatory.reflection import reflection_methods, service_names
 from jobworker.supervisor import (
     CgroupError,
     InvalidJobSpec,
@@ -478,8 +479,11 @@ async def _serve_with(
                 metrics=metrics,
                 allowed=settings.allowed,
             ) as service:
+                methods = service.methods()
+                # Server reflection (grpcurl, Postman, Evans) for JobService, Health and itself.
+                methods += reflection_methods(service_names(methods))
                 server = Server(
-                    service.methods(),
+                    methods,
                     tls=tls,
                     identify=identify,
                     errors=as_grpc_error,

@@ -8,6 +8,9 @@ certificates).
                     limits=ServerLimits(max_concurrent_streams=50))
     async with open_channel(host, port, tls=TLSConfig.client(...)) as channel:
         reply = await channel.unary("/pkg.Svc/Method", request, Reply, timeout_s=5)
+
+Methods of all four kinds (unary, server, client and bidirectional streaming): see RpcMethod
+and Channel. `reflection` serves gRPC server reflection for the registered services.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .client import Channel, ResponseStream, open_channel, open_channel_over
+    from .client import Channel, ResponseStream, StreamingCall, open_channel, open_channel_over
     from .limits import ServerLimits, default_max_connections
     from .server import (
         CallEnded,
         CallObserver,
         ConnectionInfo,
         ErrorMapper,
+        RequestStream,
         RpcMethod,
         Server,
         ServerCall,
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "Channel": "client",
     "ResponseStream": "client",
+    "StreamingCall": "client",
     "open_channel": "client",
     "open_channel_over": "client",
     "ServerLimits": "limits",
@@ -52,6 +57,7 @@ _HOMES = {
     "CallObserver": "server",
     "ConnectionInfo": "server",
     "ErrorMapper": "server",
+    "RequestStream": "server",
     "RpcMethod": "server",
     "Server": "server",
     "ServerCall": "server",
@@ -78,12 +84,14 @@ __all__ = [
     "ErrorMapper",
     "GrpcError",
     "Metadata",
+    "RequestStream",
     "ResponseStream",
     "RpcMethod",
     "Server",
     "ServerCall",
     "ServerLimits",
     "Status",
+    "StreamingCall",
     "TLSCertificateRejected",
     "TLSConfig",
     "TLSConfigError",

@@ -5,12 +5,23 @@
         async with channel.server_stream("/pkg.Svc/Watch", request, ChunkType) as chunks:
             async for chunk in chunks:
                 ...
+        async with channel.client_stream("/pkg.Svc/Upload", ReplyType) as call:
+            for piece in pieces:
+                await call.send(piece)
+            reply = await call.response()  # half-closes, then the one response
+        async with channel.bidi_stream("/pkg.Svc/Chat", ReplyType) as call:
+            await call.send(hello)
+            call.done_sending()
+            async for reply in call:
+                ...
 
 A non-OK status raises `GrpcError` (code, message, trailing metadata). A deadline becomes
 DEADLINE_EXCEEDED locally as well as a grpc-timeout for the server. Leaving a stream early, or
-being cancelled mid-call, resets the stream (RST_STREAM CANCEL), so the server's handler is
-cancelled too. Received messages are acknowledged to HTTP/2 only as they are consumed, so a
-slow consumer slows the server down instead of filling memory.
+being cancelled mid-call, or `cancel()`, resets the stream (RST_STREAM CANCEL), so the server's
+handler is cancelled too. A streamed request's `send()` waits while the server's window is
+closed: a server that does not read holds its client after one window. Received messages are
+acknowledged to HTTP/2 only as they are consumed, so a slow consumer slows the server down
+instead of filling memory.
 """
 
 from __future__ import annotations
@@ -109,6 +120,51 @@ class Channel:
         raise GrpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
 
     @asynccontextmanager
+    async def client_stream(
+        self,
+        method: str,
+        response_type: type[R],
+        *,
+        timeout_s: float | None = None,
+        metadata: Metadata = (),
+    ) -> AsyncIterator[StreamingCall[R]]:
+        """A client-streaming call: `send()` the requests, then `await call.response()`."""
+        async with self._streaming(method, response_type, timeout_s, metadata) as call:
+            yield call
+
+    @asynccontextmanager
+    async def bidi_stream(
+        self,
+        method: str,
+        response_type: type[R],
+        *,
+        timeout_s: float | None = None,
+        metadata: Metadata = (),
+    ) -> AsyncIterator[StreamingCall[R]]:
+        """A bidirectional call: `send()` requests and iterate over the responses, in any order
+        (from two tasks, say); `done_sending()` half-closes."""
+        async with self._streaming(method, response_type, timeout_s, metadata) as call:
+            yield call
+
+    @asynccontextmanager
+    async def _streaming(
+        self,
+        method: str,
+        response_type: type[R],
+        timeout_s: float | None,
+        metadata: Metadata,
+    ) -> AsyncIterator[StreamingCall[R]]:
+        with _deadline_scope(timeout_s) as scope:
+            call = await self._start(method, None, metadata, timeout_s)
+            streaming = StreamingCall(self, call, response_type)
+            try:
+                yield streaming
+            finally:
+                self._finish(call, half_closed=streaming._done_sending)
+        if scope.cancelled_caught:
+            raise GrpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    @asynccontextmanager
     async def server_stream(
         self,
         method: str,
@@ -130,8 +186,10 @@ class Channel:
     # --- internals -----------------------------------------------------------------------------
 
     async def _start(
-        self, method: str, request: Message, metadata: Metadata, timeout_s: float | None
+        self, method: str, request: Message | None, metadata: Metadata, timeout_s: float | None
     ) -> _Call:
+        """Open the call; with `request`, send it and half-close (unary and server streaming),
+        without, leave the request stream open for `StreamingCall.send`."""
         # Past the server's MAX_CONCURRENT_STREAMS a call waits for a free stream, not fails.
         driver = self._driver
         while not driver.stream_available and not driver.closed.is_set():
@@ -140,9 +198,13 @@ class Channel:
             raise GrpcError(
                 Status.UNAVAILABLE, self._lost_reason("the connection is closed")
             ) from driver.broken
-        payload = request.SerializeToString()
         try:
-            stream_id = driver.start_call(method, metadata, timeout_s, payload)
+            if request is None:
+                stream_id = driver.open_call(method, metadata, timeout_s)
+            else:
+                stream_id = driver.start_call(
+                    method, metadata, timeout_s, request.SerializeToString()
+                )
         except ProtocolError as exc:  # the server sent GOAWAY
             raise GrpcError(Status.UNAVAILABLE, str(exc)) from None
         call = self._calls[stream_id] = _Call(stream_id)
@@ -169,12 +231,14 @@ class Channel:
         except DecodeError:
             raise GrpcError(Status.INTERNAL, "could not parse the response message") from None
 
-    def _finish(self, call: _Call) -> None:
-        """Leaving a call: if it has not ended, the server must stop working on it."""
+    def _finish(self, call: _Call, *, half_closed: bool = True) -> None:
+        """Leaving a call: if it has not ended, the server must stop working on it. One whose
+        request we never ended is reset even when the server has answered: our half of the
+        stream would otherwise stay open, and count against the server's stream limit."""
         driver = self._driver
         self._calls.pop(call.stream_id, None)
         driver.forget(call.stream_id)
-        if call.ended is None:
+        if call.ended is None or not half_closed:
             driver.reset(call.stream_id)
             self._free_stream()
         # Messages nobody will read: give their window back.
@@ -234,6 +298,104 @@ class ResponseStream(Generic[R]):
 
     async def __anext__(self) -> R:
         message = await self._channel._next(self._call, self._response_type)
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+
+class StreamingCall(Generic[R]):
+    """A call whose request is a stream of messages: client streaming (send, then
+    `response()`) or bidirectional (send and receive, iterating over the responses).
+
+    `send()` waits while HTTP/2 flow control holds the message back: at most one message is
+    queued per call. Once the server has ended the call, `send()` raises its GrpcError if the
+    status is not OK; after an OK end (a server may answer before the client has finished) what
+    is sent is dropped, as the server has asked (RST_STREAM NO_ERROR). `cancel()` resets the
+    stream (RST_STREAM CANCEL): the server's handler is cancelled, and this call's receives
+    raise GrpcError(CANCELLED).
+    """
+
+    def __init__(self, channel: Channel, call: _Call, response_type: type[R]) -> None:
+        self._channel = channel
+        self._call = call
+        self._response_type = response_type
+        self._done_sending = False
+
+    @property
+    def initial_metadata(self) -> Metadata:
+        return self._call.initial_metadata
+
+    @property
+    def trailing_metadata(self) -> Metadata:
+        return self._call.ended.metadata if self._call.ended is not None else ()
+
+    async def send(self, message: Message) -> None:
+        """Send one request message (serialized at once, not kept while waiting)."""
+        channel, call = self._channel, self._call
+        driver = channel._driver
+        if call.ended is not None:  # first: a cancelled call says CANCELLED, not "closed"
+            await trio.lowlevel.checkpoint()
+            if call.ended.status is not Status.OK:
+                raise GrpcError(call.ended.status, call.ended.message, trailers=call.ended.metadata)
+            return
+        if self._done_sending:
+            raise trio.ClosedResourceError("done_sending() was called: the request is over")
+        payload = message.SerializeToString()
+        del message
+        if not driver.stream_open(call.stream_id):
+            await trio.lowlevel.checkpoint()
+            raise GrpcError(
+                Status.UNAVAILABLE, channel._lost_reason("the connection was lost")
+            ) from driver.broken
+        try:
+            await driver.send_message(call.stream_id, payload)
+        except trio.BrokenResourceError:
+            raise GrpcError(
+                Status.UNAVAILABLE, channel._lost_reason("the connection was lost")
+            ) from driver.broken
+
+    def done_sending(self) -> None:
+        """Half-close: no more request messages (END_STREAM, behind those already sent).
+        Idempotent; nothing to do once the call has ended."""
+        if self._done_sending:
+            return
+        self._done_sending = True
+        driver = self._channel._driver
+        if self._call.ended is None and driver.stream_open(self._call.stream_id):
+            driver.end_input(self._call.stream_id)
+
+    async def receive(self) -> R | None:
+        """The next response message, or None once the call has ended OK; a non-OK status
+        raises GrpcError."""
+        return await self._channel._next(self._call, self._response_type)
+
+    async def response(self) -> R:
+        """Client streaming: half-close (if not done yet) and return the one response."""
+        self.done_sending()
+        response = await self.receive()
+        if response is None:
+            raise GrpcError(Status.INTERNAL, "the server sent no response message")
+        extra = await self.receive()
+        if extra is not None:
+            raise GrpcError(Status.INTERNAL, "the server sent more than one response")
+        return response
+
+    def cancel(self) -> None:
+        """Abandon the call: RST_STREAM CANCEL, so the server's handler is cancelled."""
+        call = self._call
+        if call.ended is not None:
+            return
+        channel = self._channel
+        channel._driver.reset(call.stream_id)
+        call.end(CallEnded(call.stream_id, Status.CANCELLED, "the call was cancelled", ()))
+        channel._free_stream()
+        self._done_sending = True
+
+    def __aiter__(self) -> StreamingCall[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        message = await self.receive()
         if message is None:
             raise StopAsyncIteration
         return message

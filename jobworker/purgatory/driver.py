@@ -37,7 +37,15 @@ from collections.abc import Callable
 
 import trio
 
-from .wire import ConnectionBroken, Event, Metadata, OutboxDrained, Status
+from .wire import (
+    CallEnded,
+    ConnectionBroken,
+    Event,
+    Metadata,
+    OutboxDrained,
+    Status,
+    StreamFailed,
+)
 
 # RST_STREAM error codes (RFC 9113 section 7).
 _REFUSED_STREAM = 0x7
@@ -136,6 +144,10 @@ class Driver:
     def reset(self, stream_id: int, error_code: int = _CANCEL) -> None:
         """Abandon a stream (RST_STREAM); harmless on one that already ended."""
         self.connection.reset(stream_id, error_code)
+        # Its outbox is dropped: a sender waiting on it (another task) must look again.
+        drained = self._drained.pop(stream_id, None)
+        if drained is not None:
+            drained.set()
         self._posted()
 
     def refuse(self, stream_id: int) -> None:
@@ -155,6 +167,19 @@ class Driver:
         connection.end_input(stream_id)
         self._posted()
         return stream_id
+
+    def open_call(self, method: str, metadata: Metadata, timeout_s: float | None) -> int:
+        """Client: open a stream for `method` whose request is a stream of messages, sent with
+        `send_message` and ended with `end_input`; the stream id. Raises wire.ProtocolError
+        once the server has sent GOAWAY."""
+        stream_id = self.connection.start_call(method, metadata, timeout_s=timeout_s)
+        self._posted()
+        return stream_id
+
+    def end_input(self, stream_id: int) -> None:
+        """Client: no more request messages (END_STREAM), behind those still queued."""
+        self.connection.end_input(stream_id)
+        self._posted()
 
     def start_graceful_shutdown(self) -> None:
         """Server: the first GOAWAY (2^31-1) and the PING that tells when it was seen."""
@@ -310,6 +335,13 @@ class Driver:
                         if drained is not None:
                             drained.set()
                     else:
+                        if isinstance(event, CallEnded | StreamFailed):
+                            # The stream is gone and so is its outbox: a sender waiting for
+                            # the peer's window (a client streaming its request) looks again
+                            # and finds nothing pending, rather than waiting forever.
+                            drained = self._drained.pop(event.stream_id, None)
+                            if drained is not None:
+                                drained.set()
                         on_event(event)
             finally:
                 self._dispatching = False

@@ -120,7 +120,8 @@ class ServerLimits:
     Connection timeouts (seconds; `math.inf` turns one off), counted once the TLS handshake is
     done: `preface_timeout_s` for the client's HTTP/2 preface, `first_request_timeout_s` for
     its first call, `request_timeout_s` for a call's request message to arrive in full after its
-    headers, `idle_timeout_s` without any open call before a graceful close.
+    headers (unary and server-streaming calls; a streaming request lasts as long as its call),
+    `idle_timeout_s` without any open call before a graceful close.
 
     Connection caps (see `Admission`): `max_connections` in all (None: from the descriptor
     limit, `default_max_connections`), `max_connections_per_identity` (None: an eighth of that,

@@ -15,12 +15,15 @@ Every knob is a field of one `ServerLimits` (limits.py). Connections are admitte
 the TLS handshake is bounded by the TLS config; then the client has `preface_timeout_s` to send
 its HTTP/2 preface, `first_request_timeout_s` to start a call, and once no call has been open
 for `idle_timeout_s` the connection is closed gracefully (GOAWAY, then close: grpc-go's
-MaxConnectionIdle). A call's request must arrive in full within `request_timeout_s` of its
-headers (DEADLINE_EXCEEDED otherwise): an open call keeps a connection from being idle, so
-streams of headers alone would hold it forever. A connection beyond its identity's cap answers
-its first call RESOURCE_EXHAUSTED, naming the cap, and closes (or closes after a second without
-a call): the client learns why, which a bare close or a GOAWAY before any stream would not tell
-it (clients retry those transparently, reconnecting in a loop). At most
+MaxConnectionIdle). A unary or server-streaming call's request must arrive in full within
+`request_timeout_s` of its headers (DEADLINE_EXCEEDED otherwise): an open call keeps a
+connection from being idle, so streams of headers alone would hold it forever. A streaming
+request (client-streaming, bidirectional) lasts as long as its call by design: its deadline and
+`max_concurrent_streams` bound it, and its unread messages are bounded by the stream's window
+(a message is acknowledged only once the handler has taken it). A connection beyond its
+identity's cap answers its first call RESOURCE_EXHAUSTED, naming the cap, and closes (or closes
+after a second without a call): the client learns why, which a bare close or a GOAWAY before
+any stream would not tell it (clients retry those transparently, reconnecting in a loop). At most
 `limits.REFUSALS_PER_IDENTITY` such connections per identity wait to be told; any more are
 closed right after the handshake.
 
@@ -45,13 +48,14 @@ it must be cheap, and whatever it raises is logged, never the call's concern.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 from cryptography import x509
@@ -75,6 +79,8 @@ from .wire import (
 )
 
 log = logging.getLogger("jobworker.purgatory")
+
+Q = TypeVar("Q", bound=Message)
 
 # The application's mapping of a handler's exception to a status: a GrpcError, or None for
 # "not mine" (then INTERNAL, logged).
@@ -100,10 +106,19 @@ class _StreamGone(trio.BrokenResourceError):
 
 @dataclass(frozen=True, slots=True)
 class RpcMethod:
-    """One method: its path, its message types, and its handler.
+    """One method: its path, its message types, and its handler. The two flags are the
+    .proto's ``stream`` keywords (as in a MethodDescriptorProto), and choose the handler's form:
 
     Unary: ``async def handler(request, call) -> response``.
     Server streaming: ``async def handler(request, call) -> None``, sending with ``call.send()``.
+    Client streaming: ``async def handler(requests, call) -> response``.
+    Bidirectional: ``async def handler(requests, call) -> None``, sending with ``call.send()``.
+
+    ``requests`` is a `RequestStream`: an async iterator of the decoded request messages that
+    ends when the client half-closes. Each message's flow-control window goes back to the
+    client only when the handler takes it, so a handler that does not read stops its client
+    after one window. A handler may answer (return, or raise) before the client has finished
+    sending: the call ends then, and the client is told to stop sending.
     """
 
     path: str  # "/package.Service/Method"
@@ -111,6 +126,7 @@ class RpcMethod:
     response_type: type[Message]
     handler: Callable[[Any, ServerCall], Awaitable[Any]]
     server_streaming: bool = False
+    client_streaming: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +168,10 @@ class ServerCall:
         self._scope = trio.CancelScope(deadline=self.deadline)
         self._request: tuple[bytes, int] | None = None
         self._extra_request = False
+        # A streaming request's messages, delivered and not yet taken by the handler: bounded
+        # by the stream's window, since none of them has been acknowledged.
+        self._inbox: collections.deque[MessageReceived] = collections.deque()
+        self._arrived = trio.Event()  # renewed each time: a message, the end, a failure
         self._input_ended = trio.Event()
         self._failed: StreamFailed | None = None
         self.started = False  # its task has begun: from then on it counts as a running handler
@@ -206,9 +226,13 @@ class ServerCall:
     # -- what the connection tells the call (from its reader task) --
 
     def deliver(self, event: MessageReceived) -> None:
-        """A request message arrived. The first is kept for the handler; any more make the
-        call fail (each method takes one), and their window goes back at once."""
-        if self._request is None:
+        """A request message arrived. A streaming request's are kept for the handler to take.
+        Otherwise the first is kept; any more make the call fail (the method takes one), and
+        their window goes back at once."""
+        if self.method.client_streaming:
+            self._inbox.append(event)
+            self._notify()
+        elif self._request is None:
             self._request = (event.payload, event.flow_controlled_bytes)
         else:
             self._extra_request = True
@@ -217,11 +241,24 @@ class ServerCall:
     def end_input(self) -> None:
         """The client has sent all of its request."""
         self._input_ended.set()
+        self._notify()
 
     def fail(self, event: StreamFailed) -> None:
         """The stream is gone: cancel the handler; the call ends without an answer."""
         self._failed = event
         self._scope.cancel()
+        self._notify()
+
+    def _notify(self) -> None:
+        arrived, self._arrived = self._arrived, trio.Event()
+        arrived.set()
+
+    def _release_unread(self) -> None:
+        """The call is over: give back the window of request messages nobody will read (the
+        connection's window too, which would otherwise shrink for good)."""
+        inbox, self._inbox = self._inbox, collections.deque()
+        for event in inbox:
+            self._driver.acknowledge(self.stream_id, event.flow_controlled_bytes)
 
     # -- the call's own task --
 
@@ -254,6 +291,45 @@ class ServerCall:
             # The client's bytes, not our fault: e.g. a string field that is not UTF-8.
             raise GrpcError(
                 Status.INVALID_ARGUMENT, f"could not parse the request message: {exc}"
+            ) from None
+
+
+class RequestStream(Generic[Q]):
+    """The request messages of a client-streaming or bidirectional call, decoded, in order; the
+    iteration ends when the client half-closes (END_STREAM).
+
+    A message is acknowledged to HTTP/2 (its window given back) when it is taken here, never
+    before: the client can run at most one stream window ahead of the handler. A message that
+    does not parse raises GrpcError(INVALID_ARGUMENT); the handler may catch it and read on.
+    """
+
+    def __init__(self, call: ServerCall) -> None:
+        self._call = call
+
+    def __aiter__(self) -> RequestStream[Q]:
+        return self
+
+    async def __anext__(self) -> Q:
+        call = self._call
+        # No scheduling round while messages wait (the handler's own awaits are its
+        # checkpoints), but a cancelled call (reset, deadline) stops here, not after its inbox.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not call._inbox:
+            if call._input_ended.is_set():
+                raise StopAsyncIteration
+            if call._failed is not None:
+                # The call's scope is cancelled (reset) and this checkpoint says so; otherwise
+                # the wire failed the stream and nobody is listening.
+                await trio.lowlevel.checkpoint()
+                raise _StreamGone(f"stream {call.stream_id} is closed")
+            await call._arrived.wait()
+        event = call._inbox.popleft()
+        call._driver.acknowledge(call.stream_id, event.flow_controlled_bytes)
+        try:
+            return call.method.request_type.FromString(event.payload)
+        except DecodeError as exc:
+            raise GrpcError(
+                Status.INVALID_ARGUMENT, f"could not parse a request message: {exc}"
             ) from None
 
 
@@ -348,6 +424,10 @@ class Server:
             self._observe(ended)
         except Exception:  # an observer's bug must not become the call's, nor go unseen
             log.exception("the call observer failed on %s", path)
+
+    def _takes_a_stream(self, path: str) -> bool:
+        method = self._methods.get(path)
+        return method is not None and method.client_streaming
 
     # --- serving -------------------------------------------------------------------------------
 
@@ -570,9 +650,11 @@ class _ServerConnection:
         wire = ServerConnection(
             max_message_bytes=limits.max_receive_message_bytes,
             max_concurrent_streams=limits.max_concurrent_streams,
-            # Every method here takes exactly one request message (no client streaming): a
-            # flood of extra messages ends its call at the wire, before any handler.
+            # A unary or server-streaming method takes exactly one request message: a flood
+            # of extra messages ends its call at the wire, before any handler. Methods with a
+            # streaming request take any number, each acknowledged only once read.
             max_request_messages=1,
+            streaming_request=server._takes_a_stream,
             **limits.wire_budgets(),
         )
         self._driver = Driver(wire, stream)  # which owns the wire from here on
@@ -805,8 +887,13 @@ class _ServerConnection:
             call.started = True
             with call._scope:
                 try:
-                    request = await call._receive_request()
-                    result = await call.method.handler(request, call)
+                    if call.method.client_streaming:
+                        # No request_timeout_s: a streaming request is as long as the call
+                        # (its deadline bounds it, and max_concurrent_streams their number).
+                        result = await call.method.handler(RequestStream(call), call)
+                    else:
+                        request = await call._receive_request()
+                        result = await call.method.handler(request, call)
                     if not call.method.server_streaming:
                         if not isinstance(result, call.method.response_type):
                             raise TypeError(
@@ -836,6 +923,7 @@ class _ServerConnection:
                 answered = True
         finally:
             self._calls.pop(stream_id, None)
+            call._release_unread()
             driver.forget(stream_id)
             if not answered:
                 status, message = Status.CANCELLED, "ended without an answer (reset, or gone)"

@@ -157,13 +157,21 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
+# go-grpc-prometheus's grpc_type values, by (client streaming, server streaming).
+_KINDS = {
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
+}
+
+
 def _labels(ended: CallEnded) -> tuple[str, str, str]:
     """(grpc_service, grpc_method, grpc_type): only registered methods name themselves."""
     if ended.method is None:
         return _UNKNOWN, _UNKNOWN, _UNKNOWN
     service, _, method = ended.method.path.lstrip("/").rpartition("/")
-    kind = "server_stream" if ended.method.server_streaming else "unary"
-    return service, method, kind
+    return service, method, _KINDS[ended.method.client_streaming, ended.method.server_streaming]
 
 
 class _Live(Collector):

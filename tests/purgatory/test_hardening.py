@@ -27,6 +27,8 @@ from jobworker.purgatory.testing import (
     serve,
     server_config,
 )
+from jobworker.purgatory.wire import encode_message
+from jobworker.purgatory.wire.core import DEFAULT_STREAM_WINDOW_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,9 @@ class App:
         self.echoed = 0
         self.streams_started = 0
         self.release = trio.Event()
+        self.stalled = trio.Event()
+        self.stall_cancelled = trio.Event()
+        self.stalls_running = 0
 
     async def echo(self, request: StringValue, call) -> StringValue:
         self.echoed += 1
@@ -60,12 +65,23 @@ class App:
         await call.send(BytesValue(value=b"started"))
         await self.release.wait()
 
+    async def stall(self, requests, call) -> StringValue:
+        """A client-streaming handler that never reads its requests."""
+        self.stalled.set()
+        self.stalls_running += 1
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stalls_running -= 1
+            self.stall_cancelled.set()
+
 
 def make_server(certs: CertSet, app: App, **options) -> Server:
     return Server(
         [
             RpcMethod("/t.T/Echo", StringValue, StringValue, app.echo),
             RpcMethod("/t.T/Hold", StringValue, BytesValue, app.hold, server_streaming=True),
+            RpcMethod("/t.T/Stall", BytesValue, StringValue, app.stall, client_streaming=True),
         ],
         tls=server_config(certs),
         identify=common_name,
@@ -83,6 +99,69 @@ async def echo_once(served: Served, tls) -> str:
     async with served.connect(tls) as channel:
         reply = await channel.unary("/t.T/Echo", StringValue(value="hi"), StringValue)
     return reply.value
+
+
+# --- a client stream flooded while its handler does not read ----------------------------------
+
+
+def answered(stream_id: int):
+    def done(events: list[object]) -> bool:
+        return any(
+            isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id for e in events
+        )
+
+    return done
+
+
+async def test_a_flooded_client_stream_whose_handler_does_not_read_stays_bounded(certs):
+    app = App()
+    server = make_server(certs, app)
+    async with (
+        serve(server) as served,
+        served.connect_raw(client_config(certs)) as stream,
+    ):
+        peer = RawPeer(stream)
+        await peer.flush()
+        # The server's SETTINGS (its stream window) and its connection window's increase.
+        await peer.read_until(
+            lambda events: any(
+                isinstance(e, h2.events.WindowUpdated) and e.stream_id == 0 for e in events
+            )
+        )
+        flood_id = peer.h2.get_next_available_stream_id()
+        peer.h2.send_headers(flood_id, request_headers("/t.T/Stall"))
+        message = encode_message(BytesValue(value=b"x" * 65536).SerializeToString())
+        sent = 0
+        # As much as flow control lets a well-behaved client send: one stream window.
+        while peer.h2.local_flow_control_window(flood_id) >= len(message):
+            peer.h2.send_data(flood_id, message)
+            sent += len(message)
+        # A bystander call behind the flood: once it is answered, every frame before it has
+        # been read, and any window the server gave back for the flood came before the answer.
+        echo_id = peer.queue_unary("/t.T/Echo", StringValue(value="hi").SerializeToString())
+        await peer.flush()
+        events = await peer.read_until(answered(echo_id))
+        assert not peer.closed
+        assert app.stalled.is_set()
+        given_back = [
+            e for e in events if isinstance(e, h2.events.WindowUpdated) and e.stream_id == flood_id
+        ]
+        assert given_back == [], "the server acknowledged messages its handler never read"
+        (connection,) = server._connections
+        held = sum(len(e.payload) for e in connection._calls[flood_id]._inbox)
+        assert sent > DEFAULT_STREAM_WINDOW_BYTES // 2  # the attack ran
+        assert held <= DEFAULT_STREAM_WINDOW_BYTES
+        # Past the window: a connection error (FLOW_CONTROL_ERROR), never a bigger buffer.
+        beyond = b"\0" * 65536
+        header = len(beyond).to_bytes(3, "big") + b"\x00\x00" + flood_id.to_bytes(4, "big")
+        await stream.send_all(header + beyond)
+        events = await peer.read_until_closed(answer=False)
+        (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway.error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
+        with trio.fail_after(5):  # a hang guard
+            await app.stall_cancelled.wait()
+        # Bystanders on other connections are served.
+        assert await echo_once(served, client_config(certs)) == "hi"
 
 
 # --- row 2: a call reset in the read that opened it --------------------------------------------
@@ -134,6 +213,38 @@ async def test_a_stream_reset_while_its_handler_sends_cancels_it_quietly(certs, 
         await peer.read_until(ended, answer=False)
         assert not peer.closed, "the server closed the connection"
     assert app.streams_started == 0  # reset before they started: never run
+    assert purgatory_records(caplog, logging.INFO) == []
+
+
+async def test_client_streams_reset_while_their_handlers_wait_end_quietly(certs, caplog):
+    caplog.set_level(logging.DEBUG, logger="jobworker.purgatory")
+    app = App()
+    streams = 50
+    server = make_server(certs, app)
+    async with (
+        serve(server) as served,
+        served.connect_raw(client_config(certs)) as stream,
+    ):
+        peer = RawPeer(stream)
+        opened = []
+        for _ in range(streams):  # each sends a message and leaves its request open
+            stream_id = peer.h2.get_next_available_stream_id()
+            peer.h2.send_headers(stream_id, request_headers("/t.T/Stall"))
+            peer.h2.send_data(stream_id, encode_message(b""))
+            opened.append(stream_id)
+        await peer.flush()
+        await settle(lambda: app.stalls_running == streams)
+        for stream_id in opened:
+            peer.h2.reset_stream(stream_id)
+        echo_id = peer.queue_unary("/t.T/Echo", StringValue(value="hi").SerializeToString())
+        await peer.flush()
+        events = await peer.read_until(answered(echo_id))
+        assert not peer.closed, "the server closed the connection"
+        await settle(lambda: app.stalls_running == 0)  # every handler was cancelled
+        (connection,) = server._connections
+        assert connection._calls == {}
+    # The reset streams got no answer; only the bystander did.
+    assert [e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)] == [echo_id]
     assert purgatory_records(caplog, logging.INFO) == []
 
 

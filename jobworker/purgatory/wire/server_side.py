@@ -3,6 +3,7 @@ the keepalive PING policy, refused streams and the graceful shutdown's two GOAWA
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import h2.errors
@@ -61,17 +62,24 @@ class ServerConnection(GrpcConnection):
         self,
         *,
         max_request_messages: int | None = None,
+        streaming_request: Callable[[str], bool] | None = None,
         min_ping_interval_s: float = DEFAULT_MIN_PING_INTERVAL_S,
         idle_ping_interval_s: float = DEFAULT_IDLE_PING_INTERVAL_S,
         max_ping_strikes: int = DEFAULT_MAX_PING_STRIKES,
         **kwargs: Any,
     ) -> None:
         """`max_request_messages`: how many messages a call's request may hold (None: any);
-        the next one ends the call with INTERNAL (a unary method takes exactly one). The other
-        budgets are the module's DEFAULT_* constants, under the same names in lowercase."""
+        the next one ends the call with INTERNAL (a unary method takes exactly one), except for
+        the paths `streaming_request` says take a stream of messages: those take any number,
+        each bounded by the message size limit and, while unread, by the stream's window. The
+        limit is set when the request's headers arrive, before any of its DATA is read (a
+        message in the same read as the headers would otherwise be judged by the wrong rule).
+        The other budgets are the module's DEFAULT_* constants, under the same names in
+        lowercase."""
         super().__init__(**kwargs)
         self._draining_last_stream_id: int | None = None
         self.max_request_messages = max_request_messages
+        self._streaming_request = streaming_request
         self._refused: set[int] = set()  # streams refused at the stream limit, not yet reset
         self._min_ping_interval_s = min_ping_interval_s
         self._idle_ping_interval_s = idle_ping_interval_s
@@ -209,13 +217,15 @@ class ServerConnection(GrpcConnection):
             self._answer_early(stream_id, Status.INTERNAL, str(exc))
             return
         stream = Stream(self.max_message_bytes)
-        stream.messages_left = self.max_request_messages
+        path = headers[b":path"].decode("utf-8", "replace")
+        streaming = self._streaming_request is not None and self._streaming_request(path)
+        stream.messages_left = None if streaming else self.max_request_messages
         stream.encoding = encoding
         self._streams[stream_id] = stream
         events.append(
             RequestReceived(
                 stream_id=stream_id,
-                method=headers[b":path"].decode("utf-8", "replace"),
+                method=path,
                 metadata=metadata,
                 timeout_s=timeout_s,
                 authority=headers.get(b":authority", b"").decode("utf-8", "replace"),

@@ -24,6 +24,8 @@ from jobworker.purgatory.testing import client_config, server_config
 
 UNARY = "/purgatory.interop.Echo/Unary"
 STREAM = "/purgatory.interop.Echo/Stream"
+UPLOAD = "/purgatory.interop.Echo/Upload"
+CHAT = "/purgatory.interop.Echo/Chat"
 MISSING = "/purgatory.interop.Echo/Nope"
 
 MAX_REQUEST_BYTES = 1 * 2**20  # both servers' receive limit
@@ -151,6 +153,7 @@ class TrioSpy:
 
     def __init__(self) -> None:
         self.ended = trio.Event()
+        self.started = trio.Event()  # an Upload's handler has taken its first chunk
         self.cancelled = False
         self.peers: set[str] = set()  # of rendezvous calls
         self._arrived = 0
@@ -208,9 +211,35 @@ def purgatory_methods(pb: Any, spy: TrioSpy) -> list[RpcMethod]:
             if request.hang:
                 await trio.sleep_forever()
 
+    async def upload(chunks: Any, call: ServerCall) -> Any:
+        with spy.watch(True):
+            sha = hashlib.sha256()
+            count = 0
+            async for chunk in chunks:
+                sha.update(chunk.data)
+                count += 1
+                spy.started.set()
+        return pb.Digest(count=count, sha256=sha.digest())
+
+    async def chat(requests: Any, call: ServerCall) -> None:
+        received = x_metadata(call.metadata)
+        async for request in requests:
+            if request.fail_code:
+                raise GrpcError(Status(request.fail_code), request.fail_message)
+            # Watched from before the reply: the client may cancel as soon as it has it.
+            with spy.watch(request.hang):
+                await call.send(make_reply(pb, request, received))
+                if request.hang:
+                    await trio.sleep_forever()
+        await call.send(pb.EchoReply(text="end"))
+
     return [
         RpcMethod(UNARY, pb.EchoRequest, pb.EchoReply, unary),
         RpcMethod(STREAM, pb.StreamRequest, pb.Chunk, stream, server_streaming=True),
+        RpcMethod(UPLOAD, pb.Chunk, pb.Digest, upload, client_streaming=True),
+        RpcMethod(
+            CHAT, pb.EchoRequest, pb.EchoReply, chat, client_streaming=True, server_streaming=True
+        ),
     ]
 
 
@@ -281,6 +310,28 @@ class GrpcioEcho:
             yield self._pb.Chunk(index=index, data=data)
         if call_over is not None:
             call_over.wait(HANG_LIMIT_S)
+
+    def Upload(self, chunks: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        sha = hashlib.sha256()
+        count = 0
+        for chunk in chunks:
+            sha.update(chunk.data)
+            count += 1
+        return self._pb.Digest(count=count, sha256=sha.digest())
+
+    def Chat(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        received = x_metadata(context.invocation_metadata())
+        for request in requests:
+            if request.fail_code:
+                context.abort(GRPC_CODES[request.fail_code], request.fail_message)
+            # Watched from before the reply: cancelled at the yield, the generator is never
+            # resumed (see ThreadSpy).
+            call_over = self._spy.watch(context) if request.hang else None
+            yield make_reply(self._pb, request, received)
+            if call_over is not None:
+                call_over.wait(HANG_LIMIT_S)
+                return
+        yield self._pb.EchoReply(text="end")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -434,6 +434,25 @@ def test_one_message_is_delivered_when_one_is_allowed():
     assert [type(e) for e in events] == [RequestReceived, MessageReceived, InputEnded]
 
 
+def test_a_streaming_path_takes_many_messages_even_in_the_read_that_opened_it():
+    # The rule is the path's, fixed when the headers arrive: the messages in the same read are
+    # judged by it, not by the unary limit.
+    path = dict(REQUEST)[b":path"].decode()
+    streaming = {path}
+    client, server = connected(max_request_messages=1, streaming_request=streaming.__contains__)
+    client.send_headers(1, REQUEST)
+    client.send_data(1, encode_message(b"one") + encode_message(b"two") + encode_message(b"3"))
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [RequestReceived, *[MessageReceived] * 3]
+    assert [e.payload for e in events if isinstance(e, MessageReceived)] == [b"one", b"two", b"3"]
+    # Another path on the same connection keeps the unary rule.
+    streaming.discard(path)
+    client.send_headers(3, REQUEST)
+    client.send_data(3, encode_message(b"one") + encode_message(b"two"))
+    events = server.receive_data(client.data_to_send())
+    assert [type(e) for e in events] == [RequestReceived, StreamFailed]
+
+
 # --- row 12: content-subtype -------------------------------------------------------------------
 
 
