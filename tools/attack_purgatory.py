@@ -83,7 +83,7 @@ import hpack  # only to read the server's header blocks
 from benchlib import percentile  # tools/benchlib.py
 
 from jobworker._pb.grpc.health.v1 import health_pb2
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2 as pb
 
 MiB = 2**20
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -1066,7 +1066,7 @@ class Context:
                 fn = ch.unary_stream(
                     SVC + "GetJobLogs",
                     request_serializer=pb.GetJobLogsRequest.SerializeToString,
-                    response_deserializer=pb.LogChunk.FromString,
+                    response_deserializer=pb.GetJobLogsResponse.FromString,
                 )
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:

@@ -76,7 +76,7 @@ GRPCIO_CLIENT = """\
 import os, sys
 sys.path.insert(0, {root!r})
 import grpc
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2 as pb
 
 def read(name):
     with open(os.environ[name], "rb") as f:
@@ -93,15 +93,15 @@ with grpc.secure_channel(os.environ["JOBCTL_SERVER"], credentials) as channel:
         call = channel.unary_unary(
             service + "GetJobStatus",
             request_serializer=pb.GetJobStatusRequest.SerializeToString,
-            response_deserializer=pb.JobStatus.FromString,
+            response_deserializer=pb.GetJobStatusResponse.FromString,
         )
-        job = call(pb.GetJobStatusRequest(job_id=sys.argv[2]), timeout=15)
+        job = call(pb.GetJobStatusRequest(job_id=sys.argv[2]), timeout=15).status
         print(job.job_id, pb.JobState.Name(job.state))
     else:
         call = channel.unary_stream(
             service + "GetJobLogs",
             request_serializer=pb.GetJobLogsRequest.SerializeToString,
-            response_deserializer=pb.LogChunk.FromString,
+            response_deserializer=pb.GetJobLogsResponse.FromString,
         )
         write = sys.stdout.buffer.write
         for chunk in call(pb.GetJobLogsRequest(job_id=sys.argv[2])):
@@ -269,7 +269,7 @@ class Api:
     def __init__(self, side: Side, certs: Path) -> None:
         import grpc
 
-        from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+        from jobworker.v1 import jobworker_pb2 as pb
 
         self.pb = pb
         credentials = grpc.ssl_channel_credentials(
@@ -294,7 +294,11 @@ class Api:
         job_id = self._call("StartJob", request, pb.StartJobResponse).job_id
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while True:
-            job = self._call("GetJobStatus", pb.GetJobStatusRequest(job_id=job_id), pb.JobStatus)
+            # ListJobs, whose reply is the same on every tree: a --baseline tree from before the
+            # v1 API was settled answers GetJobStatus with a bare JobStatus.
+            request = pb.ListJobsRequest(page_size=1000)
+            jobs = self._call("ListJobs", request, pb.ListJobsResponse).jobs
+            job = next(job for job in jobs if job.job_id == job_id)
             if job.state != pb.JOB_STATE_RUNNING:
                 break
             if time.monotonic() > deadline:

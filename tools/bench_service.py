@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trio
 from benchlib import percentile, progress  # tools/benchlib.py
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.service import Identity, Retention, open_job_service, open_store
 from jobworker.service.store import JobStore, Record
 from jobworker.supervisor import Supervisor
+from jobworker.v1 import jobworker_pb2 as pb
 
 TRUE = pb.StartJobRequest(command="/bin/true")
 

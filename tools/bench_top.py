@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trio
 from benchlib import loadavg, percentile, progress  # tools/benchlib.py
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.service import Identity, open_job_service, open_store
 from jobworker.supervisor import Supervisor
+from jobworker.v1 import jobworker_pb2 as pb
 
 
 @dataclass

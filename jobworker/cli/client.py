@@ -20,7 +20,6 @@ from typing import Annotated
 import trio
 from cyclopts import Parameter
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.api import duration_to_proto
 from jobworker.purgatory import (
     Channel,
@@ -33,6 +32,7 @@ from jobworker.purgatory import (
     TLSStream,
     open_channel_over,
 )
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .errors import EXIT_RPC, EXIT_USAGE, CliError
 from .parsing import DEFAULT_PORT, Address, parse_address
@@ -166,9 +166,8 @@ class JobClient:
         self._channel = channel
         self.server = server
 
-    async def start(self, request: pb.StartJobRequest) -> str:
-        reply = await self._unary("StartJob", request, pb.StartJobResponse)
-        return reply.job_id
+    async def start(self, request: pb.StartJobRequest) -> pb.StartJobResponse:
+        return await self._unary("StartJob", request, pb.StartJobResponse)
 
     async def stop(self, job_id: str, grace_period_s: float | None = None) -> pb.StopJobResponse:
         """Stop the job and return once it has ended: its final status, and whether it had
@@ -193,9 +192,8 @@ class JobClient:
         await self._unary("SignalJob", request, pb.SignalJobResponse)
 
     async def status(self, job_id: str) -> pb.JobStatus:
-        return await self._unary(
-            "GetJobStatus", pb.GetJobStatusRequest(job_id=job_id), pb.JobStatus
-        )
+        request = pb.GetJobStatusRequest(job_id=job_id)
+        return (await self._unary("GetJobStatus", request, pb.GetJobStatusResponse)).status
 
     async def list(
         self, request: pb.ListJobsRequest, *, limit: int | None = None
@@ -227,12 +225,12 @@ class JobClient:
     async def logs(
         self,
         job_id: str,
-        on_chunk: Callable[[pb.LogChunk], None],
+        on_chunk: Callable[[pb.GetJobLogsResponse], None],
         *,
         follow: bool,
         tail_lines: int = 0,
         since_ns: int | None = None,
-        streams: tuple[pb.LogChunk.Stream.ValueType, ...] = (),
+        streams: tuple[pb.LogStream.ValueType, ...] = (),
     ) -> None:
         """Hand the job's output chunks to `on_chunk`, in order, until the server ends the
         stream (no deadline: following lasts as long as the job). `tail_lines`, `since_ns`
@@ -244,7 +242,7 @@ class JobClient:
             request.since.FromNanoseconds(since_ns)
         try:
             async with self._channel.server_stream(
-                f"{SERVICE}/GetJobLogs", request, pb.LogChunk
+                f"{SERVICE}/GetJobLogs", request, pb.GetJobLogsResponse
             ) as chunks:
                 async for chunk in chunks:
                     on_chunk(chunk)

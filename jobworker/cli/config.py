@@ -23,6 +23,8 @@ Every flag is also a config key, spelled like the flag without its dashes::
     max-connections = 512       # connections: in all (default: from the descriptor limit),
     max-connections-per-user = 64   # per identity (an eighth), and idle ones close after
     idle-timeout = "5m"         # "off" keeps them
+    audit = true                # one line per call on the jobworker.audit logger
+    metrics = "127.0.0.1:9464"  # Prometheus metrics over plain HTTP; a bare port: loopback
     [run-as]                    # identity = local account; others run as transient users
     alice = "alice"
     [transport]                 # the rest of the transport's budgets (see TRANSPORT_KEYS)
@@ -76,6 +78,7 @@ DEFAULT_TLS_DIR = Path("/etc/jobworker")
 DEFAULT_MAX_JOBS = 100
 # A job's output log keeps at least 7/8 of its cap from here on (see supervisor/output.py).
 MIN_OUTPUT_RETENTION_BYTES = 512 * 2**10
+METRICS_HOST = "127.0.0.1"  # where --metrics PORT listens
 CGROUP_MODES = ("auto", "v2", "v1", "off")
 ISOLATION_MODES = ("auto", "on", "off")
 
@@ -104,6 +107,9 @@ class ServeSettings:
     retention: Retention
     transport: ServerLimits
     output_retention_bytes: int = DEFAULT_RETENTION_BYTES  # per job
+    # Observing the server: the audit log, and where metrics are served (None: nowhere).
+    audit: bool = False
+    metrics: Address | None = None
 
 
 def _size(value: Any) -> int:
@@ -190,6 +196,18 @@ def _text(value: Any) -> str:
 
 def _listen(value: Any) -> Address:
     return parse_address(_text(value), default_port=DEFAULT_PORT)
+
+
+def _metrics_address(value: Any) -> Address:
+    """HOST:PORT, or a bare PORT for loopback: the metrics are plain HTTP without
+    authentication, so they reach beyond this machine only when an address says so
+    (":PORT" is every interface, as for listen)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    text = _text(value).strip()
+    if text.isdigit():
+        text = f"{METRICS_HOST}:{text}"
+    return parse_address(text)
 
 
 def _cgroup_mode(value: Any) -> str:
@@ -306,6 +324,9 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "keep-jobs": _count,
     "output-budget": _size,
     "output-retention": _size,
+    # Observing the server
+    "audit": _flag,
+    "metrics": _metrics_address,
     **{key: parser for key, (_, parser) in _LIMIT_KEYS.items()},
     **{f"max-{key}": parser for key, (_, parser) in _LIMIT_KEYS.items()},
     **{key: TRANSPORT_KEYS[key][1] for key in _TOP_LEVEL_TRANSPORT_KEYS},
@@ -432,6 +453,8 @@ def resolve(
         retention=retention,
         transport=transport,
         output_retention_bytes=output_retention,
+        audit=values.get("audit", False),
+        metrics=values.get("metrics"),
     )
 
 

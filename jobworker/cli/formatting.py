@@ -25,8 +25,8 @@ from datetime import UTC, datetime, tzinfo
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.units import format_bytes
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .parsing import format_duration
 from .terminal import printable, shell_word
@@ -81,17 +81,17 @@ def format_status(
     reason = describe_reason(status)
     if reason:
         lines.append(("Reason", reason))
-    if status.HasField("started_at"):
-        started = _timestamp(status.started_at)
+    if status.HasField("start_time"):
+        started = _timestamp(status.start_time)
         text = _clock(started, tz)
         if status.state == pb.JOB_STATE_RUNNING and now is not None:
             text += f" ({format_duration(max(0.0, (now - started).total_seconds()))} ago)"
         lines.append(("Started", text))
-    if status.HasField("ended_at") and status.state != pb.JOB_STATE_ERROR:
-        ended = _timestamp(status.ended_at)
+    if status.HasField("end_time") and status.state != pb.JOB_STATE_ERROR:
+        ended = _timestamp(status.end_time)
         text = _clock(ended, tz)
-        if status.HasField("started_at"):
-            ran = (ended - _timestamp(status.started_at)).total_seconds()
+        if status.HasField("start_time"):
+            ran = (ended - _timestamp(status.start_time)).total_seconds()
             text += f" (ran {format_duration(max(0.0, ran))})"
         lines.append(("Ended", text))
     if status.HasField("run_as"):  # a server that says who ran the job says how it was kept
@@ -147,8 +147,11 @@ def describe_isolation(status: pb.JobStatus) -> str:
     return f"namespaces {', '.join(status.namespaces)}; network {network}"
 
 
+_CGROUP_VERSIONS = {pb.CGROUP_VERSION_V1: "v1", pb.CGROUP_VERSION_V2: "v2"}
+
+
 def describe_limits(status: pb.JobStatus) -> str:
-    if status.cgroups == "off":
+    if status.cgroup_version == pb.CGROUP_VERSION_NONE:
         return "none (the server runs without cgroups)"
     if not status.HasField("limits"):
         return ""
@@ -165,8 +168,9 @@ def describe_limits(status: pb.JobStatus) -> str:
     if limits.HasField("pids"):
         parts.append(f"pids {limits.pids}")
     text = ", ".join(parts)
-    if text and status.cgroups:
-        text += f" (cgroup {status.cgroups})"
+    version = _CGROUP_VERSIONS.get(status.cgroup_version)
+    if text and version:
+        text += f" (cgroup {version})"
     return text
 
 
@@ -198,7 +202,7 @@ def format_list(jobs: Sequence[pb.JobStatus], *, tz: tzinfo | None = None) -> st
     header = (*LIST_COLUMNS[:1], "NAME", *LIST_COLUMNS[1:]) if named else LIST_COLUMNS
     rows = [header]
     for job in jobs:
-        when = job.started_at if job.HasField("started_at") else job.created_at
+        when = job.start_time if job.HasField("start_time") else job.create_time
         row = (
             job.job_id,
             *((printable(job.name) or "-",) if named else ()),

@@ -54,7 +54,7 @@ import trio
 from cyclopts import App, CycloptsError, Group, Parameter, UnknownOptionError
 
 import jobworker
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .client import Connection, JobClient, connect
 from .errors import EXIT_INTERRUPTED, EXIT_NOT_CREATED, EXIT_RPC, CliError, run_cli, say
@@ -226,11 +226,13 @@ def start(
     request = build_start_request(command, args, options)
 
     async def body(client: JobClient) -> int:
-        job_id = await client.start(request)
+        started = await client.start(request)
+        job_id = started.job_id
         _write_text(job_id + "\n")
         # StartJob succeeds for a command that cannot run (the job exists, in ERROR, so its
-        # reason can be read later); the person who typed it wants to know now.
-        job = await client.status(job_id)
+        # reason can be read later); the person who typed it wants to know now. A server from
+        # before StartJobResponse carried the status is asked for it.
+        job = started.status if started.HasField("status") else await client.status(job_id)
         if job.state == pb.JOB_STATE_ERROR:
             _say(f"job {job_id} {exit_cause(job)}")
             return EXIT_NOT_CREATED
@@ -329,8 +331,8 @@ def logs(
         raise CliError(f"--since: {exc}") from None
     if tail_lines == 0:  # docker's -n 0: no line of what was kept, so only what comes next
         since_ns = max(since_ns or 0, now_ns)
-    streams = ((pb.LogChunk.STREAM_STDOUT,) if stdout else ()) + (
-        (pb.LogChunk.STREAM_STDERR,) if stderr else ()
+    streams = ((pb.LOG_STREAM_STDOUT,) if stdout else ()) + (
+        (pb.LOG_STREAM_STDERR,) if stderr else ()
     )
     writer = _OutputWriter(timestamps=timestamps)
 
@@ -379,7 +381,7 @@ def list_jobs(
         raise CliError(f"--last: must be at least 1, got {last}")
     request = pb.ListJobsRequest(all=all_jobs, states=[_STATE_VALUES[s] for s in state])
     if last is not None:
-        request.order_by = "created_at desc"
+        request.order_by = "create_time desc"
 
     async def body(client: JobClient) -> int:
         jobs = await client.list(request, limit=last)
@@ -714,7 +716,7 @@ async def _cancel_on_ctrl_c(work: Callable[[], Awaitable[Any]]) -> bool:
 
 
 async def _run_in_foreground(client: JobClient, request: pb.StartJobRequest) -> int:
-    job_id = await client.start(request)
+    job_id = (await client.start(request)).job_id
     presses = 0
 
     async def stop(grace_s: float | None) -> None:
@@ -767,7 +769,7 @@ class _OutputWriter:
     def __init__(self, *, timestamps: bool = False) -> None:
         self._stamper = Stamper() if timestamps else None
 
-    def __call__(self, chunk: pb.LogChunk) -> None:
+    def __call__(self, chunk: pb.GetJobLogsResponse) -> None:
         # Blocking writes: this process does nothing else meanwhile, and a slow reader of our
         # stdout slows the server's stream down through HTTP/2 flow control, as it should.
         if chunk.dropped:
@@ -776,10 +778,10 @@ class _OutputWriter:
             if self._stamper is not None:
                 self._stamper.resume()
             return
-        target = sys.stderr if chunk.stream == pb.LogChunk.STREAM_STDERR else sys.stdout
+        target = sys.stderr if chunk.stream == pb.LOG_STREAM_STDERR else sys.stdout
         if chunk.lost:
             # Said where it was, on stderr, likewise.
-            name = "stderr" if chunk.stream == pb.LogChunk.STREAM_STDERR else "stdout"
+            name = "stderr" if chunk.stream == pb.LOG_STREAM_STDERR else "stdout"
             _say(f"{chunk.lost} bytes of the job's {name} lost here (the server's disk was full)")
             return
         data = chunk.data if self._stamper is None else self._stamper.stamp(chunk)

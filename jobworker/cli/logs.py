@@ -8,7 +8,7 @@ import re
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .parsing import parse_duration
 
@@ -82,9 +82,9 @@ class Stamper:
     """
 
     def __init__(self) -> None:
-        self._at_line_start = {pb.LogChunk.STREAM_STDOUT: True, pb.LogChunk.STREAM_STDERR: True}
+        self._at_line_start = {pb.LOG_STREAM_STDOUT: True, pb.LOG_STREAM_STDERR: True}
 
-    def stamp(self, chunk: pb.LogChunk) -> bytes:
+    def stamp(self, chunk: pb.GetJobLogsResponse) -> bytes:
         data = chunk.data
         at_start = self._at_line_start.get(chunk.stream, True)
         self._at_line_start[chunk.stream] = data.endswith(b"\n")
@@ -101,7 +101,7 @@ class Stamper:
             self._at_line_start[stream] = True
 
 
-def dropped_notice(chunk: pb.LogChunk) -> str:
+def dropped_notice(chunk: pb.GetJobLogsResponse) -> str:
     """The line on stderr for output the server's retention removed before we read it."""
     return (
         f"{approximate_bytes(chunk.dropped)} of output dropped by the server's retention;"

@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -59,6 +60,7 @@ from .errors import CliError, run_cli
 from .parsing import Address, format_duration
 
 if TYPE_CHECKING:  # the service package is imported when serving, not for `certs`
+    from jobworker.purgatory import CallEnded
     from jobworker.service import JobStore
 
 log = logging.getLogger("jobworker.serve")
@@ -93,6 +95,7 @@ FAIRNESS = "Caps (in all, and per identity so no one user takes every slot)"
 CONNECTIONS = "Connections (the rest of the transport's budgets: the [transport] config table)"
 ISOLATION = "Isolation (who jobs run as, what they see)"
 RETENTION = "Retention (ended jobs, and the output kept on disk)"
+OBSERVING = "Observing (the audit log, metrics)"
 
 
 @app.command
@@ -262,6 +265,23 @@ def serve(
             "Readers are told how much older output was dropped.",
         ),
     ] = None,
+    audit: Annotated[
+        bool | None,
+        Parameter(
+            group=OBSERVING,
+            negative="",
+            help="Log one line per call (identity, method, job, status code, duration), "
+            "refused calls and reads included, on the jobworker.audit logger (default off).",
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        Parameter(
+            group=OBSERVING,
+            help="[HOST:]PORT to serve Prometheus metrics on, plain HTTP at /metrics; a bare "
+            "PORT is 127.0.0.1 (default: no metrics).",
+        ),
+    ] = None,
     verbose: Annotated[
         bool, Parameter(name=["--verbose", "-v"], negative="", help="Log the supervisor too.")
     ] = False,
@@ -301,6 +321,8 @@ def serve(
         "keep-jobs": keep_jobs,
         "output-budget": output_budget,
         "output-retention": output_retention,
+        "audit": audit,
+        "metrics": metrics,
     }
     try:
         table = load_config_file(config) if config is not None else None
@@ -308,6 +330,9 @@ def serve(
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     configure_logging(verbose=verbose)
+    if settings.audit:
+        # Asked for by name: audit lines show whatever level the rest of the log is kept at.
+        logging.getLogger("jobworker.audit").setLevel(logging.INFO)
     return trio.run(_serve, settings, config)
 
 
@@ -389,7 +414,7 @@ async def _serve_with(
     data_dir: Path,
     store: JobStore,
 ) -> int:
-    from jobworker.service import as_grpc_error, identify, open_job_service
+    from jobworker.service import Metrics, as_grpc_error, audit_call, identify, open_job_service
 
     supervisor = Supervisor(
         data_dir=data_dir,
@@ -399,6 +424,12 @@ async def _serve_with(
         retention_bytes=settings.output_retention_bytes,
         isolation=_isolation(settings, config_file),
     )
+    metrics = Metrics() if settings.metrics is not None else None
+    observers = []
+    if settings.audit:
+        observers.append(audit_call)
+    if metrics is not None:
+        observers.append(metrics.observe_call)
     entered = False
     try:
         async with supervisor:
@@ -412,6 +443,7 @@ async def _serve_with(
                 max_log_streams_per_user=settings.max_log_streams_per_user,
                 policy=settings.policy,
                 retention=settings.retention,
+                metrics=metrics,
             ) as service:
                 server = Server(
                     service.methods(),
@@ -419,8 +451,11 @@ async def _serve_with(
                     identify=identify,
                     errors=as_grpc_error,
                     limits=settings.transport,
+                    observe=_fan_out(observers),
                 )
-                run = _Run(settings, supervisor, service, server)
+                if metrics is not None:
+                    metrics.watch_server(server)
+                run = _Run(settings, supervisor, service, server, metrics)
                 return await run.serve(signals)
     except CgroupError as exc:  # CgroupsUnavailable included: its message names the fix
         if entered:
@@ -435,6 +470,18 @@ async def _serve_with(
             raise
         where = f" {exc.filename}" if exc.filename else ""
         raise CliError(f"cannot use the data directory{where}: {exc.strerror}") from None
+
+
+def _fan_out(observers: list[Callable[[CallEnded], None]]) -> Callable[[CallEnded], None] | None:
+    """One call observer for the server out of several (None for none: no cost per call)."""
+    if len(observers) <= 1:
+        return observers[0] if observers else None
+
+    def observe(ended: CallEnded) -> None:
+        for observer in observers:
+            observer(ended)
+
+    return observe
 
 
 def _lock_data_dir(data_dir: Path) -> int:
@@ -471,33 +518,55 @@ def _isolation(settings: ServeSettings, config_file: Path | None) -> Isolation |
 class _Run:
     """One server run: bind, announce, wait for signals, shut down."""
 
-    def __init__(self, settings: ServeSettings, supervisor: Supervisor, service, server) -> None:
+    def __init__(
+        self, settings: ServeSettings, supervisor: Supervisor, service, server, metrics=None
+    ) -> None:
         self.settings = settings
         self.supervisor = supervisor
         self.service = service
         self.server = server
+        self.metrics = metrics
         self.exit_code = 0
 
     async def serve(self, signals) -> int:
-        listen = self.settings.listen
-        bind_error: OSError | None = None
+        from jobworker.service import serve_metrics
+
+        listen, metrics_at = self.settings.listen, self.settings.metrics
+        bind_error: tuple[str, OSError] | None = None
         async with trio.open_nursery() as nursery:
+            # The metrics listener first: one that cannot bind stops the start before any
+            # client is served. It lives in this nursery, so it ends with the server.
+            binding = f"for metrics on {metrics_at}"
             try:
+                metrics_addresses = []
+                if metrics_at is not None:
+                    metrics_addresses = await nursery.start(
+                        serve_metrics, self.metrics, metrics_at.host, metrics_at.port
+                    )
+                binding = f"on {listen}"
                 addresses = await nursery.start(self.server.serve, listen.host, listen.port)
             except OSError as exc:
-                bind_error = exc
+                bind_error = (binding, exc)
+                nursery.cancel_scope.cancel()
             else:
-                self._announce(addresses)
+                self._announce(addresses, metrics_addresses)
                 nursery.start_soon(self._watch, signals, nursery)
         if bind_error is not None:
-            reason = bind_error.strerror or str(bind_error)
-            raise CliError(f"cannot listen on {listen}: {reason.lower()}")
+            binding, exc = bind_error
+            reason = exc.strerror or str(exc)
+            raise CliError(f"cannot listen {binding}: {reason.lower()}")
         log.info("stopped")
         return self.exit_code
 
-    def _announce(self, addresses) -> None:
+    def _announce(self, addresses, metrics_addresses=()) -> None:
         for host, port in addresses:
             print(f"jobworker: listening on {Address(host, port)}", flush=True)
+        for host, port in metrics_addresses:
+            url = f"http://{Address(host, port)}/metrics"
+            print(f"jobworker: metrics on {url}", flush=True)
+            log.info("metrics on %s", url)
+        if self.settings.audit:
+            log.info("audit: one line per call, on the jobworker.audit logger")
         s = self.settings
         limits = (
             "no limits (cgroups off)"

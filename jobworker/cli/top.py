@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import trio
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .client import JobClient
 from .formatting import align, command_line, human_bytes

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .client import Channel, ResponseStream, open_channel, open_channel_over
     from .limits import ServerLimits, default_max_connections
-    from .server import ConnectionInfo, ErrorMapper, RpcMethod, Server, ServerCall
+    from .server import (
+        CallEnded,
+        CallObserver,
+        ConnectionInfo,
+        ErrorMapper,
+        RpcMethod,
+        Server,
+        ServerCall,
+    )
     from .tls import (
         TLSCertificateRejected,
         TLSConfig,
@@ -40,6 +48,8 @@ _HOMES = {
     "open_channel_over": "client",
     "ServerLimits": "limits",
     "default_max_connections": "limits",
+    "CallEnded": "server",
+    "CallObserver": "server",
     "ConnectionInfo": "server",
     "ErrorMapper": "server",
     "RpcMethod": "server",
@@ -61,6 +71,8 @@ _HOMES = {
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "CallEnded",
+    "CallObserver",
     "Channel",
     "ConnectionInfo",
     "ErrorMapper",

@@ -34,11 +34,19 @@ Graceful shutdown is a ladder (`Server.shutdown`): stop accepting; GOAWAY(2^31-1
 every connection; once the PING is answered (the client has seen the GOAWAY) the second GOAWAY
 with the real last stream id; then in-flight calls have until the grace deadline to finish;
 whatever is left is cancelled.
+
+Observing: the server's `observe` hook is told of every call once it has ended (`CallEnded`:
+method, connection and identity, status, duration, the request and response when there were
+some), refused ones included — a connection whose `identify` failed, an unknown method, a
+stream refused while handlers linger; a call that ended without an answer (reset by the
+client, its connection gone) is CANCELLED. The hook runs on the call's path, synchronously:
+it must be cheap, and whatever it raises is logged, never the call's concern.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable, Iterable
@@ -72,6 +80,7 @@ log = logging.getLogger("jobworker.purgatory")
 # "not mine" (then INTERNAL, logged).
 ErrorMapper = Callable[[Exception], "GrpcError | None"]
 Identify = Callable[[x509.Certificate | None], Any]
+CallObserver = Callable[["CallEnded"], None]
 
 # The client's connection preface (24 bytes) and the header of its first frame, SETTINGS: once
 # this much has arrived (and h2 did not reject it) the client speaks HTTP/2.
@@ -81,6 +90,8 @@ _PREFACE_BYTES = 24 + 9
 _IDLE_GOAWAY_S = 10.0
 # How long a connection beyond its identity's cap waits for the call it will refuse.
 _OVER_CAP_FIRST_REQUEST_S = 1.0
+# How much of an unverified certificate subject a failed handshake's log line shows.
+_SUBJECT_CHARS = 256
 
 
 class _StreamGone(trio.BrokenResourceError):
@@ -102,6 +113,20 @@ class RpcMethod:
     server_streaming: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    """One call, once it has ended: what the server's `observe` hook is told."""
+
+    path: str  # what the client asked for, registered or not
+    method: RpcMethod | None  # None: no such method (UNIMPLEMENTED)
+    connection: ConnectionInfo
+    status: Status
+    message: str  # the status message sent ("" for OK)
+    duration_s: float  # from its headers to its trailers (or its end), on the Trio clock
+    request: Message | None = None  # decoded, if it got that far
+    response: Message | None = None  # a unary call's answer
+
+
 class ServerCall:
     """What a handler sees of its call."""
 
@@ -119,9 +144,9 @@ class ServerCall:
         self.stream_id = stream_id
         self.method = method
         self.metadata: Metadata = request.metadata
-        self.deadline = (
-            trio.current_time() + request.timeout_s if request.timeout_s is not None else math.inf
-        )
+        self.began = trio.current_time()
+        timeout_s = request.timeout_s
+        self.deadline = self.began + timeout_s if timeout_s is not None else math.inf
         self.connection = connection_info
         self.trailing_metadata: Metadata = ()
         self._scope = trio.CancelScope(deadline=self.deadline)
@@ -250,6 +275,7 @@ class Server:
         identify: Identify | None = None,
         errors: ErrorMapper | None = None,
         limits: ServerLimits | None = None,
+        observe: CallObserver | None = None,
         **knobs: Any,
     ) -> None:
         """`tls=None` serves plaintext h2c: for tests over memory streams only.
@@ -266,6 +292,9 @@ class Server:
 
         `limits`: every knob of the transport (`ServerLimits`: timeouts, connection caps, the
         wire's budgets); any of its fields may also be given as a keyword, overriding it.
+
+        `observe` is told of every call once it has ended (`CallEnded`; see the module
+        docstring): one hook for an audit log and for metrics.
         """
         limits = limits if limits is not None else ServerLimits()
         if knobs:
@@ -277,6 +306,7 @@ class Server:
         self._tls = tls
         self._identify = identify
         self._errors = errors
+        self._observe = observe
         self.admission = limits.admission()
         self._log = RateLimitedLog(log)
         self._connections: set[_ServerConnection] = set()
@@ -287,6 +317,37 @@ class Server:
         if method.path in self._methods:
             raise ValueError(f"{method.path} is registered twice")
         self._methods[method.path] = method
+
+    @property
+    def open_connections(self) -> int:
+        """Connections past their TLS handshake, not yet closed."""
+        return len(self._connections)
+
+    @property
+    def open_calls(self) -> int:
+        """Calls whose handlers run now (those of reset streams still finishing included)."""
+        return sum(len(connection._calls) for connection in self._connections)
+
+    def _observed(
+        self,
+        path: str,
+        method: RpcMethod | None,
+        info: ConnectionInfo,
+        status: Status,
+        message: str,
+        began: float,
+        request: Message | None = None,
+        response: Message | None = None,
+    ) -> None:
+        if self._observe is None:
+            return
+        ended = CallEnded(
+            path, method, info, status, message, trio.current_time() - began, request, response
+        )
+        try:
+            self._observe(ended)
+        except Exception:  # an observer's bug must not become the call's, nor go unseen
+            log.exception("the call observer failed on %s", path)
 
     # --- serving -------------------------------------------------------------------------------
 
@@ -364,7 +425,12 @@ class Server:
                     await tls_stream.do_handshake()  # bounded by the config's handshake timeout
                 except TLSError as exc:
                     self._log(
-                        logging.INFO, "handshake", "TLS handshake with %s failed: %s", peer, exc
+                        logging.INFO,
+                        "handshake",
+                        "TLS handshake with %s (%s) failed: %s",
+                        peer,
+                        _presented(tls_stream.presented_subject),
+                        exc,
                     )
                     await trio.aclose_forcefully(stream)
                     return
@@ -669,9 +735,19 @@ class _ServerConnection:
     def _start_call(self, request: RequestReceived) -> None:
         stream_id = request.stream_id
         self._requests_seen = True
+        server, info = self._server, self._info
         if self._refusal is not None:
             self._driver.send_trailers(stream_id, self._refusal.status, self._refusal.message)
             self._quiet_since = trio.current_time()
+            method = server._methods.get(request.method)
+            server._observed(
+                request.method,
+                method,
+                info,
+                self._refusal.status,
+                self._refusal.message,
+                self._quiet_since,
+            )
             if self._over_cap and not self._draining:
                 assert self._nursery is not None
                 self._nursery.start_soon(self.drain, trio.current_time() + _IDLE_GOAWAY_S)
@@ -680,6 +756,10 @@ class _ServerConnection:
             # Only handlers of reset streams can fill this (the wire keeps open streams within
             # max_concurrent_streams): refuse until they finish. The client may retry.
             self._driver.refuse(stream_id)
+            began = trio.current_time()
+            method = server._methods.get(request.method)
+            refused = "refused stream: handlers of reset streams are still running"
+            server._observed(request.method, method, info, Status.UNAVAILABLE, refused, began)
             self._server._log(
                 logging.INFO,
                 "lingering",
@@ -690,10 +770,12 @@ class _ServerConnection:
             return
         method = self._server._methods.get(request.method)
         if method is None:
-            self._driver.send_trailers(
-                stream_id, Status.UNIMPLEMENTED, f"method {request.method} is not implemented"
-            )
+            unknown = f"method {request.method} is not implemented"
+            self._driver.send_trailers(stream_id, Status.UNIMPLEMENTED, unknown)
             self._quiet_since = trio.current_time()
+            server._observed(
+                request.method, None, info, Status.UNIMPLEMENTED, unknown, self._quiet_since
+            )
             return
         call = ServerCall(
             self._driver,
@@ -713,6 +795,8 @@ class _ServerConnection:
         driver, stream_id = self._driver, call.stream_id
         status, message, trailers = Status.OK, "", ()
         response: bytes | None = None
+        request = result = None
+        answered = False  # the trailers went out: else the call ended unanswered (CANCELLED)
         try:
             if call.failed:
                 # Reset in the very read that opened it (HEADERS, DATA, RST_STREAM at once):
@@ -749,9 +833,22 @@ class _ServerConnection:
                     response=response,
                     others_running=len(self._calls) > 1,
                 )
+                answered = True
         finally:
             self._calls.pop(stream_id, None)
             driver.forget(stream_id)
+            if not answered:
+                status, message = Status.CANCELLED, "ended without an answer (reset, or gone)"
+            self._server._observed(
+                call.method.path,
+                call.method,
+                self._info,
+                status,
+                message,
+                call.began,
+                request,
+                result if answered and status is Status.OK else None,
+            )
             if not self._calls:
                 self._quiet_since = trio.current_time()
                 self._idle.set()
@@ -769,6 +866,16 @@ async def _first_of(*events: trio.Event) -> None:
 
         for event in events:
             nursery.start_soon(wait, event)
+
+
+def _presented(subject: str | None) -> str:
+    """The client certificate a failed handshake saw, for its log line. Unverified, so any
+    stranger's words: quoted (JSON, ASCII), never able to break the line, and bounded."""
+    if subject is None:
+        return "no client certificate seen"
+    if len(subject) > _SUBJECT_CHARS:
+        subject = subject[:_SUBJECT_CHARS] + "..."
+    return f"client certificate {json.dumps(subject)}"
 
 
 def _peer_host(stream: trio.SocketStream) -> str:

@@ -13,10 +13,13 @@
 
 Identity is the client certificate's subject CN, roles its OU values (identity.py); what each
 role may do is one table (authz.py); errors map to statuses in one table (errors.py); request
-and response conversions live in convert.py. Events are logged on ``jobworker.events``.
+and response conversions live in convert.py. Events are logged on ``jobworker.events``; with
+``Server(observe=audit_call)`` every call on ``jobworker.audit`` (audit.py); `Metrics` counts
+for Prometheus (metrics.py).
 """
 
 from .app import open_job_service
+from .audit import audit_call
 from .authz import Action, Decision, authorize
 from .errors import (
     STATUS_OF,
@@ -28,6 +31,7 @@ from .errors import (
 )
 from .handlers import SERVICE_NAME, JobService
 from .identity import Identity, Role, identify
+from .metrics import Metrics, serve_metrics
 from .policy import JobPolicy, Retention
 from .recovery import recover
 from .store import JobStore, StoreUnavailable, open_store
@@ -42,6 +46,7 @@ __all__ = [
     "JobPolicy",
     "JobService",
     "JobStore",
+    "Metrics",
     "Retention",
     "StoreUnavailable",
     "PermissionDenied",
@@ -49,9 +54,11 @@ __all__ = [
     "TooManyJobs",
     "TooManyLogStreams",
     "as_grpc_error",
+    "audit_call",
     "authorize",
     "identify",
     "open_job_service",
     "open_store",
     "recover",
+    "serve_metrics",
 ]

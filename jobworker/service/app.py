@@ -15,6 +15,7 @@ from jobworker.supervisor import Supervisor
 
 from .convert import MAX_GRACE_PERIOD_S
 from .handlers import JobService
+from .metrics import Metrics
 from .policy import DEFAULT_MAX_LOG_STREAMS, JobPolicy, Retention, per_user_share
 from .store import JobStore, open_store
 
@@ -32,6 +33,7 @@ async def open_job_service(
     policy: JobPolicy | None = None,
     retention: Retention | None = None,
     clock: Callable[[], float] = time.time,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[JobService]:
     """The service, ready for `Server(service.methods(), identify=identify, ...)`.
 
@@ -53,6 +55,7 @@ async def open_job_service(
       accounts or a network other than the host's needs a Supervisor that isolates jobs.
     - retention: how long ended jobs are kept, and the output budget (`Retention`).
     - clock: seconds since the epoch, for when jobs ended and retention (tests pass their own).
+    - metrics: where jobs started and ended, and output streamed, are counted (`Metrics`).
 
     The service owns a nursery that watches every job it started, to record and log its end,
     and enforces retention. Leaving the block (normally or by exception) says NOT_SERVING,
@@ -97,6 +100,7 @@ async def open_job_service(
                 policy=policy,
                 retention=retention,
                 clock=clock,
+                metrics=metrics,
             )
             janitor = trio.CancelScope()
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import signal
 from datetime import datetime
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
-
 # The well-known types' conversions live in jobworker.api, which jobctl shares; the names stay
 # importable from here, where the handlers use them.
 from jobworker.api import duration_to_proto as duration_to_proto
@@ -28,6 +26,7 @@ from jobworker.supervisor import (
     RunAs,
     Usage,
 )
+from jobworker.v1 import jobworker_pb2 as pb
 
 from . import references
 from .errors import InvalidRequest, shown
@@ -137,7 +136,14 @@ def network_to_proto(network: str) -> pb.Network.ValueType:
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_ORDERS = {"": False, "created_at": False, "created_at asc": False, "created_at desc": True}
+# AIP-132 spells the field as the API does (create_time); clients from before the API was
+# settled said created_at, which still means the same.
+_ORDERS = {
+    f"{field}{direction}": direction == " desc"
+    for field in ("", "create_time", "created_at")
+    for direction in ("", " asc", " desc")
+    if field or not direction
+}
 
 
 def page_size_of(request: pb.ListJobsRequest) -> int:
@@ -150,7 +156,7 @@ def newest_first_of(request: pb.ListJobsRequest) -> bool:
     order = " ".join(request.order_by.split()).lower()
     if order not in _ORDERS:
         raise InvalidRequest(
-            f'order_by must be "created_at" or "created_at desc", not {shown(request.order_by)}'
+            f'order_by must be "create_time" or "create_time desc", not {shown(request.order_by)}'
         )
     return _ORDERS[order]
 
@@ -212,8 +218,8 @@ _STATE_TO_PROTO = {
 _STATE_FROM_PROTO = {value: state for state, value in _STATE_TO_PROTO.items()}
 
 _STREAM_TO_PROTO = {
-    OutputStream.STDOUT: pb.LogChunk.STREAM_STDOUT,
-    OutputStream.STDERR: pb.LogChunk.STREAM_STDERR,
+    OutputStream.STDOUT: pb.LOG_STREAM_STDOUT,
+    OutputStream.STDERR: pb.LOG_STREAM_STDERR,
 }
 STREAM_FROM_PROTO = {value: stream for stream, value in _STREAM_TO_PROTO.items()}
 
@@ -282,8 +288,8 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
         escalated=status.escalated,
         oom_killed=status.oom_killed,
         pids_limit_hit=status.pids_limit_hit,
-        created_at=timestamp_to_proto(status.created_at),
-        cgroups=status.cgroups,
+        create_time=timestamp_to_proto(status.created_at),
+        cgroup_version=_CGROUPS_TO_PROTO[status.cgroups],
         usage=usage_to_proto(status.usage),
         namespaces=status.namespaces,
         network=network_to_proto(status.network),
@@ -302,12 +308,39 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
             )
         )
     if status.started_at is not None:
-        message.started_at.CopyFrom(timestamp_to_proto(status.started_at))
+        message.start_time.CopyFrom(timestamp_to_proto(status.started_at))
     if status.ended_at is not None:
-        message.ended_at.CopyFrom(timestamp_to_proto(status.ended_at))
+        message.end_time.CopyFrom(timestamp_to_proto(status.ended_at))
     if status.limits is not None:
         message.limits.CopyFrom(limits_to_proto(status.limits))
     return message
+
+
+_CGROUPS_TO_PROTO = {
+    "off": pb.CGROUP_VERSION_NONE,
+    "v1": pb.CGROUP_VERSION_V1,
+    "v2": pb.CGROUP_VERSION_V2,
+}
+_CGROUPS_FROM_PROTO = {value: name for name, value in _CGROUPS_TO_PROTO.items()}
+# Before the v1 API was settled, JobStatus field 18 was `string cgroups` ("v2", "v1", "off");
+# it is reserved now, and statuses stored then still carry it.
+_LEGACY_CGROUPS_FIELD = 18
+
+
+def stored_status(blob: bytes) -> pb.JobStatus:
+    """A JobStatus the store kept, brought up to this API: a status stored before the API was
+    settled says its cgroup version in the legacy field, which becomes `cgroup_version`."""
+    from google.protobuf import unknown_fields
+
+    status = pb.JobStatus.FromString(blob)
+    if status.cgroup_version == pb.CGROUP_VERSION_UNSPECIFIED:
+        for field in unknown_fields.UnknownFieldSet(status):
+            if field.field_number == _LEGACY_CGROUPS_FIELD and isinstance(field.data, bytes):
+                name = field.data.decode("utf-8", "replace")
+                status.cgroup_version = _CGROUPS_TO_PROTO.get(name, pb.CGROUP_VERSION_UNSPECIFIED)
+        # Dropped, so that the status goes out as the settled API has it.
+        status.DiscardUnknownFields()
+    return status
 
 
 def status_from_proto(message: pb.JobStatus) -> JobStatus:
@@ -319,9 +352,9 @@ def status_from_proto(message: pb.JobStatus) -> JobStatus:
     def moment(name: str) -> datetime | None:
         return timestamp_from_proto(getattr(message, name)) if message.HasField(name) else None
 
-    created_at = moment("created_at")
+    created_at = moment("create_time")
     if created_at is None:
-        raise ValueError("a JobStatus without created_at")
+        raise ValueError("a JobStatus without create_time")
     run_as = None
     if message.HasField("run_as"):
         given = message.run_as
@@ -334,8 +367,8 @@ def status_from_proto(message: pb.JobStatus) -> JobStatus:
         state=state_from_proto(message.state),
         created_at=created_at,
         pid=optional("pid"),
-        started_at=moment("started_at"),
-        ended_at=moment("ended_at"),
+        started_at=moment("start_time"),
+        ended_at=moment("end_time"),
         exit_code=optional("exit_code"),
         signal=optional("signal"),
         error=message.error or None,
@@ -344,7 +377,7 @@ def status_from_proto(message: pb.JobStatus) -> JobStatus:
         oom_killed=message.oom_killed,
         pids_limit_hit=message.pids_limit_hit,
         limits=limits_from_proto(message.limits) if message.HasField("limits") else None,
-        cgroups=message.cgroups,
+        cgroups=_CGROUPS_FROM_PROTO.get(message.cgroup_version, "off"),
         usage=usage_from_proto(message.usage),
         run_as=run_as,
         namespaces=tuple(message.namespaces),
@@ -356,10 +389,10 @@ def status_from_proto(message: pb.JobStatus) -> JobStatus:
     )
 
 
-def chunk_to_proto(chunk: OutputChunk) -> pb.LogChunk:
-    message = pb.LogChunk(
+def chunk_to_proto(chunk: OutputChunk) -> pb.GetJobLogsResponse:
+    message = pb.GetJobLogsResponse(
         data=chunk.data,
-        stream=_STREAM_TO_PROTO.get(chunk.stream, pb.LogChunk.STREAM_UNSPECIFIED),  # a drop: None
+        stream=_STREAM_TO_PROTO.get(chunk.stream, pb.LOG_STREAM_UNSPECIFIED),  # a drop: None
         offset=chunk.offset,
         lost=chunk.lost,
         dropped=chunk.dropped,
@@ -369,9 +402,9 @@ def chunk_to_proto(chunk: OutputChunk) -> pb.LogChunk:
     return message
 
 
-def chunk_from_proto(message: pb.LogChunk) -> OutputChunk:
-    """The chunk a LogChunk stands for; ValueError for a stream that is not one (a drop has
-    none)."""
+def chunk_from_proto(message: pb.GetJobLogsResponse) -> OutputChunk:
+    """The chunk a GetJobLogsResponse stands for; ValueError for a stream that is not one (a
+    drop has none)."""
     if message.dropped:
         stream = None
     else:

@@ -34,11 +34,10 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import RpcMethod, ServerCall
 from jobworker.supervisor import (
     CgroupError,
@@ -50,6 +49,7 @@ from jobworker.supervisor import (
     Supervisor,
     signal_name,
 )
+from jobworker.v1 import jobworker_pb2 as pb
 
 from . import convert, logs, references
 from .authz import Action, Decision, authorize
@@ -69,13 +69,16 @@ from .identity import Identity, identify
 from .policy import JobPolicy, Retention
 from .store import JobStore, NameInUse, Query, Record, StoreUnavailable
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 log = logging.getLogger("jobworker.service")
 
 SERVICE_NAME = "jobworker.v1.JobService"
-# Output bytes per LogChunk message at most. A stream whose reader stalls (a zero window) holds
-# one chunk, and one identity may hold hundreds of such streams: that bound is what a network
-# peer can pin, so it wins over throughput. 256 KiB chunks cost a quarter less CPU per GB at
-# each end, and four times the memory a stalled stream holds.
+# Output bytes per GetJobLogsResponse message at most. A stream whose reader stalls (a zero
+# window) holds one chunk, and one identity may hold hundreds of such streams: that bound is
+# what a network peer can pin, so it wins over throughput. 256 KiB chunks cost a quarter less
+# CPU per GB at each end, and four times the memory a stalled stream holds.
 LOG_CHUNK_BYTES = 64 * 2**10
 SHUTDOWN_REQUESTER = "server shutdown"
 # How often retention and the output budget are enforced: after jobs end, but no more than
@@ -151,8 +154,10 @@ class JobService:
         policy: JobPolicy | None = None,
         retention: Retention | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self._supervisor = supervisor
+        self._metrics = metrics
         self._nursery = nursery
         self._store = store
         self._run_id = run_id
@@ -184,11 +189,16 @@ class JobService:
         return [
             rpc("StartJob", pb.StartJobRequest, pb.StartJobResponse, self.start_job),
             rpc("StopJob", pb.StopJobRequest, pb.StopJobResponse, self.stop_job),
-            rpc("GetJobStatus", pb.GetJobStatusRequest, pb.JobStatus, self.get_job_status),
+            rpc(
+                "GetJobStatus",
+                pb.GetJobStatusRequest,
+                pb.GetJobStatusResponse,
+                self.get_job_status,
+            ),
             rpc(
                 "GetJobLogs",
                 pb.GetJobLogsRequest,
-                pb.LogChunk,
+                pb.GetJobLogsResponse,
                 self.get_job_logs,
                 server_streaming=True,
             ),
@@ -250,7 +260,7 @@ class JobService:
                 command=request.command,
                 args=request.args,
                 state=pb.JOB_STATE_RUNNING,
-                created_at=convert.timestamp_to_proto(datetime.now(UTC)),
+                create_time=convert.timestamp_to_proto(datetime.now(UTC)),
                 name=name,
             )
             try:
@@ -310,9 +320,11 @@ class JobService:
                 error=status.error,
             ),
         )
+        if self._metrics is not None:
+            self._metrics.job_started(job)
         self._recording[job.id] = trio.Event()
         self._nursery.start_soon(self._watch, job)  # no checkpoint since start: never orphaned
-        return pb.StartJobResponse(job_id=job.id)
+        return pb.StartJobResponse(job_id=job.id, status=convert.status_to_proto(status))
 
     async def stop_job(self, request: pb.StopJobRequest, call: ServerCall) -> pb.StopJobResponse:
         """Idempotent (docker stop): a job that has already ended — or whose processes are
@@ -339,13 +351,13 @@ class JobService:
 
     async def get_job_status(
         self, request: pb.GetJobStatusRequest, call: ServerCall
-    ) -> pb.JobStatus:
+    ) -> pb.GetJobStatusResponse:
         who = _caller(call)
         job_id = convert.job_id_of(request.job_id)
         job = await self._find(who, Action.READ_STATUS, job_id)
         if isinstance(job, Record):
-            return _status_of(job)
-        return convert.status_to_proto(job.status())
+            return pb.GetJobStatusResponse(status=_status_of(job))
+        return pb.GetJobStatusResponse(status=convert.status_to_proto(job.status()))
 
     async def wait_job(self, request: pb.WaitJobRequest, call: ServerCall) -> pb.WaitJobResponse:
         """The job's final status once it has ended (at once for one that has). The call's
@@ -436,8 +448,11 @@ class JobService:
             # Only the serialized bytes stay alive while a slow client holds the stream back:
             # a stalled reader costs one chunk of memory, not the chunk plus its message.
             payload = convert.chunk_to_proto(chunk).SerializeToString()
+            size = len(chunk.data)
             del chunk
             await call.send_serialized(payload)  # waits while the client is slow
+            if self._metrics is not None:
+                self._metrics.output_streamed(size)
 
     async def list_jobs(self, request: pb.ListJobsRequest, call: ServerCall) -> pb.ListJobsResponse:
         who = _caller(call)
@@ -584,7 +599,7 @@ class JobService:
             job_id=message.job_id,
             owner=message.owner,
             state=message.state,
-            created_at=convert.timestamp_from_proto(message.created_at).timestamp(),
+            created_at=convert.timestamp_from_proto(message.create_time).timestamp(),
             status=message.SerializeToString(),
             ended_at=self._clock() if ended else None,
             output_bytes=job.output_stored_bytes if job else 0,
@@ -644,6 +659,8 @@ class JobService:
             # already accounts for it, should the server die right now.
             await self._save(job.status())
             status = await job.wait()
+            if self._metrics is not None:
+                self._metrics.job_ended(job, status)
         finally:
             self._jobs.give_back(job.owner)
         events.info(
@@ -777,7 +794,7 @@ def _caller(call: ServerCall) -> Identity:
 
 
 def _status_of(record: Record) -> pb.JobStatus:
-    status = pb.JobStatus.FromString(record.status)
+    status = convert.stored_status(record.status)
     status.output_removed = record.output_removed
     return status
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.supervisor import OutputChunk, OutputStream
 from jobworker.supervisor.output import OutputReader
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .convert import STREAM_FROM_PROTO
 from .errors import InvalidRequest
@@ -33,7 +33,8 @@ def selection_of(request: pb.GetJobLogsRequest) -> LogSelection:
         unknown = [value for value in request.streams if value not in STREAM_FROM_PROTO]
         if unknown:
             raise InvalidRequest(
-                f"streams: {unknown[0]} is not a stream (STREAM_STDOUT = 1, STREAM_STDERR = 2)"
+                f"streams: {unknown[0]} is not a stream"
+                " (LOG_STREAM_STDOUT = 1, LOG_STREAM_STDERR = 2)"
             )
         streams = frozenset(STREAM_FROM_PROTO[value] for value in request.streams)
     since_ns = None

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import trio
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.supervisor import OutputLog
 from jobworker.supervisor.cgroups import fs
 from jobworker.supervisor.cgroups.group import CgroupGroup, left_behind
 from jobworker.supervisor.errors import CgroupError
+from jobworker.v1 import jobworker_pb2 as pb
 
+from . import convert
 from .store import JobStore, Record, Run
 
 log = logging.getLogger("jobworker.service")
@@ -112,12 +113,12 @@ def lost(record: Record, now: float, kept: tuple[int, int] = (0, 0)) -> Record:
     """The record of a job whose server stopped while it ran: failed, exit code unknown. Its
     end time is unknown too: the status says none (the record keeps `now`, for retention).
     `kept`: what its output holds on disk, (bytes stored, end offset)."""
-    status = pb.JobStatus.FromString(record.status)
+    status = convert.stored_status(record.status)
     status.state = pb.JOB_STATE_FAILED
     status.error = LOST
     status.ClearField("exit_code")
     status.ClearField("signal")
-    status.ClearField("ended_at")
+    status.ClearField("end_time")
     return Record(
         job_id=record.job_id,
         owner=record.owner,

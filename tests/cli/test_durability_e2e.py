@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import Jobctl, Server, start_server
 from .test_grpcio_e2e import SERVICE, channel_as
@@ -76,7 +76,7 @@ def logs_with_offsets(
         logs = channel.unary_stream(
             SERVICE + "GetJobLogs",
             request_serializer=pb.GetJobLogsRequest.SerializeToString,
-            response_deserializer=pb.LogChunk.FromString,
+            response_deserializer=pb.GetJobLogsResponse.FromString,
         )
         chunks = logs(pb.GetJobLogsRequest(job_id=job_id), timeout=20)
         return [(c.stream, c.offset, c.data, c.lost) for c in chunks]
@@ -178,7 +178,7 @@ def test_a_clean_restart_keeps_every_ended_job_byte_exact(certs_dir: Path, tmp_p
         for job_id in jobs:
             after = logs_with_offsets(certs_dir, server, job_id)
             assert per_offset(after) == per_offset(before[job_id])
-            assert sum(len(d) for s, _, d, _ in after if s == pb.LogChunk.STREAM_STDERR) == 70000
+            assert sum(len(d) for s, _, d, _ in after if s == pb.LOG_STREAM_STDERR) == 70000
             assert json.loads(jobctl.ok("status", job_id, "--json")) == statuses[job_id]
     finally:
         assert server.terminate() == 0, server.stderr()
@@ -239,20 +239,20 @@ class Api:
             )
 
         self._start = unary("StartJob", pb.StartJobRequest, pb.StartJobResponse)
-        self._status = unary("GetJobStatus", pb.GetJobStatusRequest, pb.JobStatus)
+        self._status = unary("GetJobStatus", pb.GetJobStatusRequest, pb.GetJobStatusResponse)
         self._stop = unary("StopJob", pb.StopJobRequest, pb.StopJobResponse)
         self._list = unary("ListJobs", pb.ListJobsRequest, pb.ListJobsResponse)
         self._logs = channel.unary_stream(
             SERVICE + "GetJobLogs",
             request_serializer=pb.GetJobLogsRequest.SerializeToString,
-            response_deserializer=pb.LogChunk.FromString,
+            response_deserializer=pb.GetJobLogsResponse.FromString,
         )
 
     def start(self, request: pb.StartJobRequest) -> str:
         return self._start(request, timeout=20).job_id
 
     def status(self, job_id: str) -> pb.JobStatus:
-        return self._status(pb.GetJobStatusRequest(job_id=job_id), timeout=20)
+        return self._status(pb.GetJobStatusRequest(job_id=job_id), timeout=20).status
 
     def stop_in_flight(self, job_id: str) -> None:
         self._stop.future(pb.StopJobRequest(job_id=job_id), timeout=20)  # not waited for

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.cli.formatting import (
     ended_summary,
     exit_cause,
@@ -23,21 +22,22 @@ from jobworker.cli.formatting import (
 )
 from jobworker.cli.terminal import printable, shell_word
 from jobworker.cli.top import Sample, format_top, top_rows
+from jobworker.v1 import jobworker_pb2 as pb
 
 ID = "0b8e3c57-6f1d-4c5e-9a39-3f0f6d2c9a11"
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def job(**fields) -> pb.JobStatus:
-    status = pb.JobStatus(job_id=ID, owner="alice", cgroups="v2", **fields)
-    status.created_at.FromDatetime(T0)
+    status = pb.JobStatus(job_id=ID, owner="alice", cgroup_version=pb.CGROUP_VERSION_V2, **fields)
+    status.create_time.FromDatetime(T0)
     return status
 
 
 def started(status: pb.JobStatus, ran_s: float | None = None) -> pb.JobStatus:
-    status.started_at.FromDatetime(T0)
+    status.start_time.FromDatetime(T0)
     if ran_s is not None:
-        status.ended_at.FromDatetime(T0 + timedelta(seconds=ran_s))
+        status.end_time.FromDatetime(T0 + timedelta(seconds=ran_s))
     return status
 
 
@@ -109,7 +109,7 @@ def test_seed_stopped_by_sigterm_and_by_sigkill() -> None:
 def test_seed_creation_error() -> None:
     status = job(command="foobar", state=pb.JOB_STATE_ERROR,
                  error="cannot run 'foobar': No such file or directory")  # fmt: skip
-    status.ended_at.FromDatetime(T0)
+    status.end_time.FromDatetime(T0)
     assert format_status(status, tz=UTC).splitlines() == [
         f"Job:         {ID}",
         "Status:      error",
@@ -123,7 +123,7 @@ def test_oom_pids_and_no_cgroups() -> None:
     status = started(job(command="sh", args=["-c", "x=$(yes)"], state=pb.JOB_STATE_FAILED,
                          exit_code=137, signal=9, oom_killed=True, pids_limit_hit=True),
                      ran_s=3)  # fmt: skip
-    status.cgroups = "off"
+    status.cgroup_version = pb.CGROUP_VERSION_NONE
     lines = format_status(status, tz=UTC).splitlines()
     assert "Command:     sh -c 'x=$(yes)'" in lines
     assert (
@@ -162,7 +162,7 @@ def test_who_ran_it_how_it_was_kept_and_what_the_kernel_does_not_enforce() -> No
     status.namespaces.extend(["pid", "mount", "ipc", "uts", "cgroup", "net"])
     status.network = pb.NETWORK_NONE
     status.limit_caveats.append("io write limit: buffered writes are not throttled")
-    status.cgroups, status.limits.pids = "v1", 64
+    status.cgroup_version, status.limits.pids = pb.CGROUP_VERSION_V1, 64
     lines = format_status(status, now=T0, tz=UTC).splitlines()
     assert lines[-4:] == [
         "User:        transient uid 70012 (gid 70012, no account)",

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.cli.logs import (
     Stamper,
     approximate_bytes,
@@ -18,9 +17,10 @@ from jobworker.cli.logs import (
     parse_since,
     parse_tail,
 )
+from jobworker.v1 import jobworker_pb2 as pb
 
 NOW = 1_800_000_000 * 10**9 + 123  # 2027-01-15T08:00:00.000000123Z
-OUT, ERR = pb.LogChunk.STREAM_STDOUT, pb.LogChunk.STREAM_STDERR
+OUT, ERR = pb.LOG_STREAM_STDOUT, pb.LOG_STREAM_STDERR
 
 
 @pytest.fixture
@@ -74,8 +74,8 @@ def test_tail_is_a_count_or_all() -> None:
             parse_tail(bad)
 
 
-def chunk(stream, data: bytes, ns: int | None) -> pb.LogChunk:
-    message = pb.LogChunk(stream=stream, data=data)
+def chunk(stream, data: bytes, ns: int | None) -> pb.GetJobLogsResponse:
+    message = pb.GetJobLogsResponse(stream=stream, data=data)
     if ns is not None:
         message.time.FromNanoseconds(ns)
     return message
@@ -97,7 +97,7 @@ def test_the_stamper_stamps_each_line_once_per_stream() -> None:
 
 
 def test_the_drop_notice_says_how_much_and_where_output_resumes() -> None:
-    drop = pb.LogChunk(offset=235_270_656, dropped=4_764_729_344)
+    drop = pb.GetJobLogsResponse(offset=235_270_656, dropped=4_764_729_344)
     assert dropped_notice(drop) == (
         "4.4 GiB of output dropped by the server's retention; resuming at offset 5000000000"
     )

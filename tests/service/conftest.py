@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import Channel, Server, TLSConfig
 from jobworker.purgatory.testing import CA, Leaf, make_ca, write_pem
 from jobworker.purgatory.testing import serve as serve_on_loopback
@@ -37,6 +36,7 @@ from jobworker.service import (
 )
 from jobworker.supervisor import LimitOverrides, LimitPolicy, Limits, Supervisor
 from jobworker.supervisor.limits import MiB
+from jobworker.v1 import jobworker_pb2 as pb
 
 from ..supervisor.helpers import PYTHON  # noqa: F401  (for the tests here: jobs can run it)
 
@@ -61,7 +61,7 @@ CAST = {
 RESPONSES = {
     "StartJob": pb.StartJobResponse,
     "StopJob": pb.StopJobResponse,
-    "GetJobStatus": pb.JobStatus,
+    "GetJobStatus": pb.GetJobStatusResponse,
     "ListJobs": pb.ListJobsResponse,
     "DeleteJob": pb.DeleteJobResponse,
     "PruneJobs": pb.PruneJobsResponse,
@@ -141,7 +141,7 @@ class Client:
         return (await self.call("StartJob", request)).job_id
 
     async def status(self, job_id: str) -> pb.JobStatus:
-        return await self.call("GetJobStatus", pb.GetJobStatusRequest(job_id=job_id))
+        return (await self.call("GetJobStatus", pb.GetJobStatusRequest(job_id=job_id))).status
 
     async def stop(self, job_id: str, **fields) -> pb.JobStatus:
         response = await self.call("StopJob", pb.StopJobRequest(job_id=job_id, **fields))
@@ -164,7 +164,7 @@ class Client:
 
     async def logs(
         self, job_id: str, *, follow: bool = False, offset: int = 0
-    ) -> list[pb.LogChunk]:
+    ) -> list[pb.GetJobLogsResponse]:
         chunks = []
         async with self.logs_stream(job_id, follow=follow, offset=offset) as stream:
             async for chunk in stream:
@@ -174,7 +174,7 @@ class Client:
     def logs_stream(self, job_id: str, *, follow: bool = False, offset: int = 0):
         request = pb.GetJobLogsRequest(job_id=job_id, follow=follow, offset=offset)
         return self.channel.server_stream(
-            f"/{SERVICE_NAME}/GetJobLogs", request, pb.LogChunk, timeout_s=CALL_TIMEOUT_S
+            f"/{SERVICE_NAME}/GetJobLogs", request, pb.GetJobLogsResponse, timeout_s=CALL_TIMEOUT_S
         )
 
 

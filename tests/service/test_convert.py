@@ -11,7 +11,6 @@ from google.protobuf.duration_pb2 import Duration
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import Status
 from jobworker.service import STATUS_OF, InvalidRequest, PermissionDenied, as_grpc_error, convert
 from jobworker.service.errors import (
@@ -40,6 +39,7 @@ from jobworker.supervisor import (
     TransientUsersExhausted,
     Usage,
 )
+from jobworker.v1 import jobworker_pb2 as pb
 
 U64 = 2**64 - 1
 moments = st.datetimes(
@@ -104,16 +104,16 @@ def test_every_state_has_its_own_api_value() -> None:
 def test_a_status_of_a_running_job_leaves_the_end_unset() -> None:
     status = JobStatus("id", "alice", "yes", (), JobState.RUNNING, datetime.now(UTC), pid=7)
     message = convert.status_to_proto(status)
-    for name in ("exit_code", "signal", "ended_at", "limits"):
+    for name in ("exit_code", "signal", "end_time", "limits"):
         assert not message.HasField(name), name
-    assert message.pid == 7 and message.HasField("created_at")
+    assert message.pid == 7 and message.HasField("create_time")
 
 
 def test_log_chunks_keep_stream_offset_and_bytes() -> None:
     for stream in OutputStream:
         chunk = OutputChunk(stream, 12345, b"\x00\xff data")
         message = convert.chunk_to_proto(chunk)
-        assert message.stream != pb.LogChunk.STREAM_UNSPECIFIED
+        assert message.stream != pb.LOG_STREAM_UNSPECIFIED
         assert convert.chunk_from_proto(message) == chunk
 
 
@@ -309,3 +309,59 @@ def test_messages_say_what_to_do() -> None:
     assert ended is not None and job_id in ended.message and "stopped" in ended.message
     taken = as_grpc_error(JobNameTaken("build", job_id, "running"))
     assert taken is not None and job_id in taken.message and '"build"' in taken.message
+
+
+@pytest.mark.parametrize(
+    ("legacy", "version"),
+    [
+        (b"v1", pb.CGROUP_VERSION_V1),
+        (b"v2", pb.CGROUP_VERSION_V2),
+        (b"off", pb.CGROUP_VERSION_NONE),
+    ],
+)
+def test_a_status_stored_before_the_api_was_settled_keeps_its_cgroup_version(
+    legacy: bytes, version: int
+) -> None:
+    """Such a status says its cgroups in field 18, a string then, reserved now: what `jobctl
+    status` showed of an ended job must survive the upgrade, and the legacy field must not go
+    out to clients."""
+    settled = pb.JobStatus(job_id="j", owner="alice", state=pb.JOB_STATE_FINISHED, exit_code=0)
+    blob = settled.SerializeToString() + b"\x92\x01" + bytes([len(legacy)]) + legacy
+    status = convert.stored_status(blob)
+    assert status.cgroup_version == version
+    assert (status.job_id, status.owner, status.exit_code) == ("j", "alice", 0)
+    assert (
+        status.SerializeToString()
+        == pb.JobStatus(
+            job_id="j",
+            owner="alice",
+            state=pb.JOB_STATE_FINISHED,
+            exit_code=0,
+            cgroup_version=version,
+        ).SerializeToString()
+    )
+
+
+def test_a_status_stored_now_reads_back_unchanged() -> None:
+    stored = pb.JobStatus(job_id="j", owner="bob", cgroup_version=pb.CGROUP_VERSION_V2)
+    assert convert.stored_status(stored.SerializeToString()) == stored
+
+
+@pytest.mark.parametrize(
+    ("order_by", "newest_first"),
+    [
+        ("", False),
+        ("create_time", False),
+        ("create_time asc", False),
+        (" Create_Time   DESC ", True),
+        ("created_at desc", True),  # as clients from before the API was settled said it
+    ],
+)
+def test_order_by_takes_the_field_as_the_api_names_it(order_by: str, newest_first: bool) -> None:
+    assert convert.newest_first_of(pb.ListJobsRequest(order_by=order_by)) is newest_first
+
+
+@pytest.mark.parametrize("order_by", ["desc", "owner", "create_time sideways", " asc"])
+def test_order_by_refuses_anything_else(order_by: str) -> None:
+    with pytest.raises(InvalidRequest, match='order_by must be "create_time" or'):
+        convert.newest_first_of(pb.ListJobsRequest(order_by=order_by))

@@ -14,11 +14,11 @@ import pytest
 import trio
 from google.protobuf.duration_pb2 import Duration
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import GrpcError, Status
 from jobworker.service import Identity, JobStore
 from jobworker.service.store import Record
 from jobworker.supervisor import LimitPolicy
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import DEFAULT_LIMITS, Certs, Client, Served, serve
 
@@ -189,11 +189,11 @@ class Call:
 
     identity: Identity
     peer_certificate: None = None
-    sent: list[pb.LogChunk] = field(default_factory=list)
+    sent: list[pb.GetJobLogsResponse] = field(default_factory=list)
     first: trio.Event = field(default_factory=trio.Event)
 
     async def send_serialized(self, payload: bytes) -> None:
-        self.sent.append(pb.LogChunk.FromString(payload))
+        self.sent.append(pb.GetJobLogsResponse.FromString(payload))
         self.first.set()
 
 

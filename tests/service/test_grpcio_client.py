@@ -1,6 +1,6 @@
 """A real grpcio client (C-core, BoringSSL) calls the real service over mutual TLS with ECDSA
-certificates. Its stubs are generated from schema/ at test time with grpc_tools; they use our
-own message classes (the same descriptors the server has), so nothing is registered twice.
+certificates, with the stubs jobworker ships for it (jobworker.v1.jobworker_pb2_grpc). They
+use the same message classes as the server, so nothing is registered twice.
 
 grpcio's calls block: they run in worker threads, each with its own deadline as a backstop.
 """
@@ -20,7 +20,8 @@ import pytest
 import trio
 
 from jobworker._pb.grpc.health.v1 import health_pb2
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2 as pb
+from jobworker.v1 import jobworker_pb2_grpc
 
 from .conftest import Certs, Served
 
@@ -32,32 +33,30 @@ TIMEOUT_S = 20.0
 
 @pytest.fixture(scope="session")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModuleType]:
-    """jobworker_pb2_grpc and health_pb2_grpc, generated now, importing jobworker._pb."""
+    """The stubs a grpcio user has: jobworker's own, as shipped in jobworker.v1, and Health's,
+    generated now (jobworker keeps its copy of health.proto private), importing ours."""
     from grpc_tools import protoc
 
     out = tmp_path_factory.mktemp("grpcio-stubs")
-    protos = ["jobworker/v1/jobworker.proto", "grpc/health/v1/health.proto"]
+    proto = "grpc/health/v1/health.proto"
     well_known = resources.files("grpc_tools") / "_proto"
     status = protoc.main(
         ["protoc", f"--proto_path={SCHEMA}", f"--proto_path={well_known}",
-         f"--grpc_python_out={out}", *protos]
+         f"--grpc_python_out={out}", proto]
     )  # fmt: skip
     assert status == 0, "protoc failed"
-    modules = {}
-    for proto in protos:
-        path = out / proto.replace(".proto", "_pb2_grpc.py")
-        # `from jobworker.v1 import jobworker_pb2` -> our generated package, jobworker._pb
-        source = re.sub(
-            r"^from (\S+) import (\w+_pb2) as", r"from jobworker._pb.\1 import \2 as",
-            path.read_text(), flags=re.M,
-        )  # fmt: skip
-        path.write_text(source)
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        modules[path.stem] = module
-    return modules
+    path = out / proto.replace(".proto", "_pb2_grpc.py")
+    # `from grpc.health.v1 import health_pb2` -> jobworker's private copy, jobworker._pb
+    source = re.sub(
+        r"^from (\S+) import (\w+_pb2) as", r"from jobworker._pb.\1 import \2 as",
+        path.read_text(), flags=re.M,
+    )  # fmt: skip
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    health = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(health)
+    return {"jobworker_pb2_grpc": jobworker_pb2_grpc, "health_pb2_grpc": health}
 
 
 @pytest.fixture
@@ -91,18 +90,19 @@ async def test_grpcio_starts_a_job_reads_its_status_and_logs(
     job_id = (await in_thread(stub.StartJob, request, timeout=TIMEOUT_S)).job_id
     assert served.supervisor.get(job_id).owner == "alice"  # identified by its certificate
 
-    def logs() -> list[pb.LogChunk]:
+    def logs() -> list[pb.GetJobLogsResponse]:
         request = pb.GetJobLogsRequest(job_id=job_id, follow=True)
         return list(stub.GetJobLogs(request, timeout=TIMEOUT_S))
 
     chunks = await in_thread(logs)
     assert {(c.stream, c.data) for c in chunks} == {
-        (pb.LogChunk.STREAM_STDOUT, b"out\n"),
-        (pb.LogChunk.STREAM_STDERR, b"err"),
+        (pb.LOG_STREAM_STDOUT, b"out\n"),
+        (pb.LOG_STREAM_STDERR, b"err"),
     }
-    status = await in_thread(
+    reply = await in_thread(
         stub.GetJobStatus, pb.GetJobStatusRequest(job_id=job_id), timeout=TIMEOUT_S
     )
+    status = reply.status
     assert (status.state, status.exit_code, status.owner) == (pb.JOB_STATE_FINISHED, 0, "alice")
 
 

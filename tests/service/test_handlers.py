@@ -15,9 +15,9 @@ import trio
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import GrpcError, Status
 from jobworker.supervisor import JobState
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import MAX_RUNNING_JOBS, PYTHON, RETENTION_BYTES, Served, fifo, release
 
@@ -53,9 +53,12 @@ async def test_a_job_runs_and_its_status_says_how_it_ended(served: Served) -> No
     assert list(status.args) == ["-c", "exit 3"]
     assert status.state == pb.JOB_STATE_FAILED
     assert status.exit_code == 3 and not status.HasField("signal")
-    assert status.HasField("pid") and status.cgroups in ("v1", "v2")
-    assert status.created_at.ToDatetime() <= status.started_at.ToDatetime()
-    assert status.started_at.ToDatetime() <= status.ended_at.ToDatetime()
+    assert status.HasField("pid") and status.cgroup_version in (
+        pb.CGROUP_VERSION_V1,
+        pb.CGROUP_VERSION_V2,
+    )
+    assert status.create_time.ToDatetime() <= status.start_time.ToDatetime()
+    assert status.start_time.ToDatetime() <= status.end_time.ToDatetime()
     assert status.usage.HasField("cpu_seconds")
 
 
@@ -109,11 +112,26 @@ async def test_without_a_working_dir_a_job_gets_a_new_one_of_its_own(served: Ser
 
 async def test_a_command_that_cannot_run_is_a_job_in_error(served: Served) -> None:
     alice = served.client("alice")
-    job_id = await alice.start("/nonexistent/command")
-    status = await alice.status(job_id)
-    assert status.state == pb.JOB_STATE_ERROR
-    assert "/nonexistent/command" in status.error
-    assert not status.HasField("exit_code")
+    started = await alice.call("StartJob", pb.StartJobRequest(command="/nonexistent/command"))
+    # StartJob's answer says so already, as GetJobStatus does after it
+    for status in (started.status, await alice.status(started.job_id)):
+        assert (status.job_id, status.state) == (started.job_id, pb.JOB_STATE_ERROR)
+        assert "/nonexistent/command" in status.error
+        assert not status.HasField("exit_code")
+
+
+async def test_start_answers_with_the_status_of_the_job_it_started(served: Served) -> None:
+    alice = served.client("alice")
+    request = pb.StartJobRequest(command="sleep", args=["60"], limits=pb.Limits(pids=9))
+    started = await alice.call("StartJob", request)
+    status = started.status
+    assert (status.job_id, status.owner, status.state) == (
+        started.job_id,
+        "alice",
+        pb.JOB_STATE_RUNNING,
+    )
+    assert status.HasField("pid") and status.limits.pids == 9
+    await alice.stop(started.job_id)
 
 
 @pytest.mark.parametrize(
@@ -315,9 +333,9 @@ for i in range(50):
 """
 
 
-def by_stream(chunks: list[pb.LogChunk], offset: int = 0) -> dict[int, bytes]:
+def by_stream(chunks: list[pb.GetJobLogsResponse], offset: int = 0) -> dict[int, bytes]:
     """Per stream, the bytes of `chunks`, checking that offsets are contiguous from `offset`."""
-    out: dict[int, bytes] = {pb.LogChunk.STREAM_STDOUT: b"", pb.LogChunk.STREAM_STDERR: b""}
+    out: dict[int, bytes] = {pb.LOG_STREAM_STDOUT: b"", pb.LOG_STREAM_STDERR: b""}
     for chunk in chunks:
         assert chunk.offset == offset
         offset += len(chunk.data)
@@ -328,8 +346,8 @@ def by_stream(chunks: list[pb.LogChunk], offset: int = 0) -> dict[int, bytes]:
 async def test_logs_are_byte_exact_with_their_streams_history_and_follow(served: Served) -> None:
     alice = served.client("alice")
     expected = {
-        pb.LogChunk.STREAM_STDOUT: b"".join(bytes(range(256)) + b"out %d\n" % i for i in range(50)),
-        pb.LogChunk.STREAM_STDERR: b"".join(b"err %d \xff\x00\n" % i for i in range(50)),
+        pb.LOG_STREAM_STDOUT: b"".join(bytes(range(256)) + b"out %d\n" % i for i in range(50)),
+        pb.LOG_STREAM_STDERR: b"".join(b"err %d \xff\x00\n" % i for i in range(50)),
     }
     job_id = await alice.start(PYTHON, "-c", WRITER)
     followed = await alice.logs(job_id, follow=True)  # from while it runs until it has ended
@@ -352,13 +370,11 @@ async def test_follow_delivers_live_output_and_ends_with_the_job(
     job_id = await alice.start("sh", "-c", f"echo before; cat {go}; echo after >&2")
     async with alice.logs_stream(job_id, follow=True) as stream:
         first = await stream.__anext__()
-        assert (first.data, first.stream) == (b"before\n", pb.LogChunk.STREAM_STDOUT)
+        assert (first.data, first.stream) == (b"before\n", pb.LOG_STREAM_STDOUT)
         assert (await alice.status(job_id)).state == pb.JOB_STATE_RUNNING
         await release(go)
         rest = [chunk async for chunk in stream]
-    assert [(c.data, c.stream, c.offset) for c in rest] == [
-        (b"after\n", pb.LogChunk.STREAM_STDERR, 7)
-    ]
+    assert [(c.data, c.stream, c.offset) for c in rest] == [(b"after\n", pb.LOG_STREAM_STDERR, 7)]
     assert (await alice.status(job_id)).state == pb.JOB_STATE_FINISHED
 
 
@@ -378,7 +394,7 @@ async def test_output_dropped_by_retention_is_a_chunk_saying_how_much_then_the_r
     job_id = await alice.start("head", "-c", str(4 * RETENTION_BYTES), "/dev/zero")
     await alice.wait_ended(job_id)
     first, *rest = await alice.logs(job_id)
-    assert (first.offset, first.stream, first.data) == (0, pb.LogChunk.STREAM_UNSPECIFIED, b"")
+    assert (first.offset, first.stream, first.data) == (0, pb.LOG_STREAM_UNSPECIFIED, b"")
     retained = first.dropped
     assert 0 < retained < 4 * RETENTION_BYTES
     assert rest[0].offset == retained
@@ -501,14 +517,14 @@ async def test_list_pages_filters_and_refuses_a_token_of_another_query(served: S
                 return result
 
     assert await pages(alice, page_size=2) == [alices[0:2], alices[2:4], alices[4:]]
-    newest = await pages(alice, page_size=3, order_by="created_at desc")
+    newest = await pages(alice, page_size=3, order_by="create_time desc")
     assert newest == [alices[:1:-1], alices[1::-1]]
     everyone = await pages(adam, all=True, page_size=4)
     assert [j for page in everyone for j in page] == [*alices, bobs]
     assert await pages(adam, all=True, owner="bob") == [[bobs]]
     assert await pages(adam, all=True, states=[pb.JOB_STATE_RUNNING]) == [[bobs]]
     # Between the creations of the third and fourth jobs (milliseconds apart).
-    third, fourth = [(await alice.status(j)).created_at.ToNanoseconds() for j in alices[2:4]]
+    third, fourth = [(await alice.status(j)).create_time.ToNanoseconds() for j in alices[2:4]]
     since = Timestamp()
     since.FromNanoseconds((third + fourth) // 2)
     assert await pages(alice, created_after=since) == [alices[3:]]

@@ -12,13 +12,13 @@ import pytest
 import trio
 import trio.testing
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import GrpcError, Status
 from jobworker.service import Identity, open_job_service, open_store, recover
 from jobworker.service.handlers import SERVICE_NAME
 from jobworker.service.recovery import LOST
 from jobworker.service.store import Record
 from jobworker.supervisor import Supervisor
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import PYTHON, Served, answered, fifo, release
 
@@ -77,7 +77,7 @@ async def test_wait_returns_the_final_status_once_the_job_has_ended(
         await release(go)
     [status] = waited
     assert (status.job_id, status.state, status.exit_code) == (job_id, pb.JOB_STATE_FAILED, 7)
-    assert status.HasField("ended_at")
+    assert status.HasField("end_time")
     # What WaitJob said is what the server keeps saying.
     await served.service.recorded(job_id)
     assert await alice.status(job_id) == status
@@ -148,7 +148,7 @@ async def test_wait_stop_and_signal_after_a_restart_see_the_recorded_end(tmp_pat
         crashed = await store.begin_run(99999, [])
         lost = "0badc0de-0000-4000-8000-000000000001"
         created = pb.JobStatus(job_id=lost, owner="alice", state=pb.JOB_STATE_RUNNING)
-        created.created_at.GetCurrentTime()
+        created.create_time.GetCurrentTime()
         await store.insert(
             Record(
                 lost,

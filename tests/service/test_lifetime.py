@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import GrpcError, Status
 from jobworker.service import Identity, open_job_service, open_store
 from jobworker.supervisor import Supervisor
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import answered
 
@@ -137,7 +137,9 @@ async def test_stop_all_jobs_uses_the_given_grace_period_and_logs_each_request(
             break  # "ready": the trap is set
         await service.stop_all_jobs(0, requested_by="ops")  # 0: SIGKILL right after SIGTERM
         statuses = {
-            job_id: await service.get_job_status(pb.GetJobStatusRequest(job_id=job_id), ALICE)
+            job_id: (
+                await service.get_job_status(pb.GetJobStatusRequest(job_id=job_id), ALICE)
+            ).status
             for job_id in (plain, trapping)
         }
         assert {s.state for s in statuses.values()} == {pb.JOB_STATE_STOPPED}

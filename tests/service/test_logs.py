@@ -9,27 +9,27 @@ from pathlib import Path
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import GrpcError, Status
 from jobworker.service import SERVICE_NAME, convert
 from jobworker.supervisor import OutputChunk, OutputStream
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import CALL_TIMEOUT_S, RETENTION_BYTES, Served, fifo, release
 
 pytestmark = pytest.mark.cgroups
 
-OUT, ERR = pb.LogChunk.STREAM_STDOUT, pb.LogChunk.STREAM_STDERR
+OUT, ERR = pb.LOG_STREAM_STDOUT, pb.LOG_STREAM_STDERR
 
 
-async def get_logs(client, job_id: str, **fields) -> list[pb.LogChunk]:
+async def get_logs(client, job_id: str, **fields) -> list[pb.GetJobLogsResponse]:
     request = pb.GetJobLogsRequest(job_id=job_id, **fields)
     async with client.channel.server_stream(
-        f"/{SERVICE_NAME}/GetJobLogs", request, pb.LogChunk, timeout_s=CALL_TIMEOUT_S
+        f"/{SERVICE_NAME}/GetJobLogs", request, pb.GetJobLogsResponse, timeout_s=CALL_TIMEOUT_S
     ) as stream:
         return [chunk async for chunk in stream]
 
 
-def text(chunks: list[pb.LogChunk], stream: int | None = None) -> bytes:
+def text(chunks: list[pb.GetJobLogsResponse], stream: int | None = None) -> bytes:
     return b"".join(c.data for c in chunks if stream is None or c.stream == stream)
 
 
@@ -78,7 +78,7 @@ async def test_a_follower_with_tail_gets_the_last_lines_then_what_comes(
             seen += (await stream.__anext__()).data
     request = pb.GetJobLogsRequest(job_id=job_id, follow=True, tail_lines=3)
     async with alice.channel.server_stream(
-        f"/{SERVICE_NAME}/GetJobLogs", request, pb.LogChunk, timeout_s=CALL_TIMEOUT_S
+        f"/{SERVICE_NAME}/GetJobLogs", request, pb.GetJobLogsResponse, timeout_s=CALL_TIMEOUT_S
     ) as stream:
         got = b""
         while got != b"998\n999\n1000\n":
@@ -127,7 +127,7 @@ async def test_retention_drops_with_tail_and_since(served: Served) -> None:
     assert not any(c.dropped for c in last)
     # More lines than are kept: the drop first (stream unspecified), then all that is kept.
     first, *rest = await get_logs(alice, job_id, tail_lines=100_000)
-    assert (first.offset, first.stream, first.data) == (0, pb.LogChunk.STREAM_UNSPECIFIED, b"")
+    assert (first.offset, first.stream, first.data) == (0, pb.LOG_STREAM_UNSPECIFIED, b"")
     assert 0 < first.dropped and end - first.dropped <= RETENTION_BYTES
     assert rest[0].offset == first.dropped and len(text(rest)) == end - first.dropped
     # Since a time before anything was kept: the same drop.
@@ -139,7 +139,7 @@ async def test_retention_drops_with_tail_and_since(served: Served) -> None:
 @pytest.mark.parametrize(
     "fields",
     [
-        {"streams": [pb.LogChunk.STREAM_UNSPECIFIED]},
+        {"streams": [pb.LOG_STREAM_UNSPECIFIED]},
         {"streams": [OUT, 7]},
         {"since": Timestamp(seconds=0, nanos=-1)},
         {"since": Timestamp(seconds=0, nanos=10**9)},
@@ -160,7 +160,7 @@ def test_drops_and_times_round_trip_through_the_message() -> None:
     drop = OutputChunk(None, 10, b"", dropped=4096)
     message = convert.chunk_to_proto(drop)
     assert (message.stream, message.dropped, message.HasField("time")) == (
-        pb.LogChunk.STREAM_UNSPECIFIED,
+        pb.LOG_STREAM_UNSPECIFIED,
         4096,
         False,
     )

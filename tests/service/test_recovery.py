@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.service.recovery import LOST, plan_recovery, recover
 from jobworker.service.store import Record, Run, open_store
 from jobworker.supervisor import OutputLog, OutputStream
 from jobworker.supervisor.cgroups.discover import current_layout
+from jobworker.v1 import jobworker_pb2 as pb
 
 JOB = "5c1b7f1e-3a9d-4f6e-9b2a-0d4c8e7f6a51"
 OTHER = "6d2c8a2f-4b0e-4a7f-8c3b-1e5d9f8a7b62"
@@ -105,7 +105,7 @@ async def test_an_orphan_of_a_crashed_run_is_killed_its_groups_removed_its_recor
         record = await store.get(JOB)
         status = pb.JobStatus.FromString(record.status)
         assert (status.state, status.error) == (pb.JOB_STATE_FAILED, LOST)
-        assert not status.HasField("exit_code") and not status.HasField("ended_at")
+        assert not status.HasField("exit_code") and not status.HasField("end_time")
         assert record.ended_at is not None  # for retention
         assert await store.unfinished() == []
         assert (await store.runs())[run_id].ended_at is not None

@@ -14,10 +14,10 @@ import pytest
 import trio
 import trio.testing
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import GrpcError, Status
 from jobworker.service import InvalidRequest, handlers
 from jobworker.service.references import SHOWN_CANDIDATES, name_of, parse
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import Served
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.purgatory import GrpcError, Status
 from jobworker.service import Identity, Retention, open_job_service, open_store
 from jobworker.supervisor import Supervisor
+from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import answered
 
@@ -93,16 +93,18 @@ async def test_over_the_output_budget_the_oldest_ended_output_goes_first_and_say
     ):
         jobs = [await run_to_end(service, write) for _ in range(3)]
         await service.tidy()
-        oldest = await service.get_job_status(pb.GetJobStatusRequest(job_id=jobs[0]), ALICE)
+        request = pb.GetJobStatusRequest(job_id=jobs[0])
+        oldest = (await service.get_job_status(request, ALICE)).status
         assert oldest.output_removed  # its record stays, and says so
         assert not (supervisor.data_dir / "jobs" / jobs[0]).exists()
         for job_id in jobs[1:]:  # 2 x 256 KiB fit in 600 KiB
-            status = await service.get_job_status(pb.GetJobStatusRequest(job_id=job_id), ALICE)
+            request = pb.GetJobStatusRequest(job_id=job_id)
+            status = (await service.get_job_status(request, ALICE)).status
             assert not status.output_removed
         # A reader of the removed output is told how much is gone, never given silence.
         sink = _Sink()
         await answered(service.get_job_logs(pb.GetJobLogsRequest(job_id=jobs[0]), sink))
-        assert sink.chunks == [pb.LogChunk(offset=0, dropped=256 * KiB)]
+        assert sink.chunks == [pb.GetJobLogsResponse(offset=0, dropped=256 * KiB)]
     await store.aclose()
     assert any(
         r.getMessage().startswith("output removed ") and f"job={jobs[0]}" in r.getMessage()
@@ -144,7 +146,7 @@ class _Sink:
     peer_certificate = None
 
     def __init__(self) -> None:
-        self.chunks: list[pb.LogChunk] = []
+        self.chunks: list[pb.GetJobLogsResponse] = []
 
     async def send_serialized(self, payload: bytes) -> None:
-        self.chunks.append(pb.LogChunk.FromString(payload))
+        self.chunks.append(pb.GetJobLogsResponse.FromString(payload))

@@ -13,7 +13,6 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobworker._pb.jobworker.v1 import jobworker_pb2 as pb
 from jobworker.service.store import (
     _MIGRATIONS,
     SCHEMA_VERSION,
@@ -23,6 +22,7 @@ from jobworker.service.store import (
     StoreUnavailable,
     open_store,
 )
+from jobworker.v1 import jobworker_pb2 as pb
 
 STATES = (1, 2, 3, 4, 5)  # jobworker.v1.JobState values
 

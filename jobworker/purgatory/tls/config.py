@@ -288,11 +288,14 @@ def _spki(public_key: object) -> bytes:
 class Findings:
     """What the callbacks learned about one connection, for a readable error."""
 
-    __slots__ = ("alpn_offered", "verify_error")
+    __slots__ = ("alpn_offered", "presented_subject", "verify_error")
 
     def __init__(self) -> None:
         self.verify_error: str | None = None
         self.alpn_offered: list[bytes] | None = None
+        # The subject of the leaf certificate the peer presented, accepted or not: after a
+        # failed handshake OpenSSL keeps no peer certificate, and the log should name it.
+        self.presented_subject: str | None = None
 
 
 class NoH2Offered(Exception):
@@ -326,6 +329,8 @@ def _make_verify_callback(server_name: str | None) -> _VerifyCallback:
 
     def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         findings = conn.get_app_data()
+        if depth == 0 and isinstance(findings, Findings) and findings.presented_subject is None:
+            findings.presented_subject = cert.to_cryptography().subject.rfc4514_string()
         if not ok:
             if isinstance(findings, Findings) and findings.verify_error is None:
                 reason = _X509_ERRORS.get(errno, f"X.509 verify error {errno}")

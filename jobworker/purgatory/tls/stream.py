@@ -171,6 +171,13 @@ class TLSStream(trio.abc.Stream):
         return self._peer_certificate
 
     @property
+    def presented_subject(self) -> str | None:
+        """The subject (RFC 4514) of the leaf certificate the peer presented, even one the
+        handshake then rejected; None when it presented none, or verification never reached
+        its leaf (a chain rejected at an issuer)."""
+        return self._findings.presented_subject
+
+    @property
     def alpn_protocol(self) -> str | None:
         if not self._handshake_done:
             return None

@@ -18,6 +18,12 @@ class Network(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NETWORK_HOST: _ClassVar[Network]
     NETWORK_NONE: _ClassVar[Network]
 
+class LogStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOG_STREAM_UNSPECIFIED: _ClassVar[LogStream]
+    LOG_STREAM_STDOUT: _ClassVar[LogStream]
+    LOG_STREAM_STDERR: _ClassVar[LogStream]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -26,29 +32,47 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_STOPPED: _ClassVar[JobState]
     JOB_STATE_ERROR: _ClassVar[JobState]
+
+class CgroupVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CGROUP_VERSION_UNSPECIFIED: _ClassVar[CgroupVersion]
+    CGROUP_VERSION_NONE: _ClassVar[CgroupVersion]
+    CGROUP_VERSION_V1: _ClassVar[CgroupVersion]
+    CGROUP_VERSION_V2: _ClassVar[CgroupVersion]
 NETWORK_UNSPECIFIED: Network
 NETWORK_HOST: Network
 NETWORK_NONE: Network
+LOG_STREAM_UNSPECIFIED: LogStream
+LOG_STREAM_STDOUT: LogStream
+LOG_STREAM_STDERR: LogStream
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_RUNNING: JobState
 JOB_STATE_FINISHED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_STOPPED: JobState
 JOB_STATE_ERROR: JobState
+CGROUP_VERSION_UNSPECIFIED: CgroupVersion
+CGROUP_VERSION_NONE: CgroupVersion
+CGROUP_VERSION_V1: CgroupVersion
+CGROUP_VERSION_V2: CgroupVersion
 
 class Limits(_message.Message):
-    __slots__ = ("cpu", "memory_bytes", "io_read_bytes_per_second", "io_write_bytes_per_second", "pids")
+    __slots__ = ("cpu", "memory_bytes", "io_read_bytes_per_second", "io_write_bytes_per_second", "pids", "io_read_iops", "io_write_iops")
     CPU_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     IO_READ_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     IO_WRITE_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     PIDS_FIELD_NUMBER: _ClassVar[int]
+    IO_READ_IOPS_FIELD_NUMBER: _ClassVar[int]
+    IO_WRITE_IOPS_FIELD_NUMBER: _ClassVar[int]
     cpu: float
     memory_bytes: int
     io_read_bytes_per_second: int
     io_write_bytes_per_second: int
     pids: int
-    def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., io_read_bytes_per_second: _Optional[int] = ..., io_write_bytes_per_second: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
+    io_read_iops: int
+    io_write_iops: int
+    def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., io_read_bytes_per_second: _Optional[int] = ..., io_write_bytes_per_second: _Optional[int] = ..., pids: _Optional[int] = ..., io_read_iops: _Optional[int] = ..., io_write_iops: _Optional[int] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
     __slots__ = ("command", "args", "limits", "env", "working_dir", "network", "name")
@@ -88,10 +112,12 @@ class RunAs(_message.Message):
     def __init__(self, user: _Optional[str] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., transient: _Optional[bool] = ...) -> None: ...
 
 class StartJobResponse(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "status")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    status: JobStatus
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
 
 class StopJobRequest(_message.Message):
     __slots__ = ("job_id", "grace_period")
@@ -139,6 +165,12 @@ class GetJobStatusRequest(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class GetJobStatusResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: JobStatus
+    def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
+
 class GetJobLogsRequest(_message.Message):
     __slots__ = ("job_id", "follow", "offset", "tail_lines", "since", "streams")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -152,19 +184,11 @@ class GetJobLogsRequest(_message.Message):
     offset: int
     tail_lines: int
     since: _timestamp_pb2.Timestamp
-    streams: _containers.RepeatedScalarFieldContainer[LogChunk.Stream]
-    def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ..., offset: _Optional[int] = ..., tail_lines: _Optional[int] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., streams: _Optional[_Iterable[_Union[LogChunk.Stream, str]]] = ...) -> None: ...
+    streams: _containers.RepeatedScalarFieldContainer[LogStream]
+    def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ..., offset: _Optional[int] = ..., tail_lines: _Optional[int] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., streams: _Optional[_Iterable[_Union[LogStream, str]]] = ...) -> None: ...
 
-class LogChunk(_message.Message):
+class GetJobLogsResponse(_message.Message):
     __slots__ = ("data", "stream", "offset", "lost", "dropped", "time")
-    class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-        __slots__ = ()
-        STREAM_UNSPECIFIED: _ClassVar[LogChunk.Stream]
-        STREAM_STDOUT: _ClassVar[LogChunk.Stream]
-        STREAM_STDERR: _ClassVar[LogChunk.Stream]
-    STREAM_UNSPECIFIED: LogChunk.Stream
-    STREAM_STDOUT: LogChunk.Stream
-    STREAM_STDERR: LogChunk.Stream
     DATA_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -172,12 +196,12 @@ class LogChunk(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    stream: LogChunk.Stream
+    stream: LogStream
     offset: int
     lost: int
     dropped: int
     time: _timestamp_pb2.Timestamp
-    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[LogChunk.Stream, str]] = ..., offset: _Optional[int] = ..., lost: _Optional[int] = ..., dropped: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[LogStream, str]] = ..., offset: _Optional[int] = ..., lost: _Optional[int] = ..., dropped: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("all", "page_size", "page_token", "states", "created_after", "owner", "order_by")
@@ -248,7 +272,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., cpu_throttled_seconds: _Optional[float] = ..., memory_peak_bytes: _Optional[int] = ..., io_read_bytes: _Optional[int] = ..., io_write_bytes: _Optional[int] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "stop_requested_by", "escalated", "oom_killed", "pids_limit_hit", "created_at", "started_at", "ended_at", "limits", "cgroups", "usage", "run_as", "namespaces", "network", "limit_caveats", "survivors", "output_lost_bytes", "output_removed", "name")
+    __slots__ = ("job_id", "owner", "command", "args", "state", "pid", "exit_code", "signal", "error", "stop_requested_by", "escalated", "oom_killed", "pids_limit_hit", "create_time", "start_time", "end_time", "limits", "usage", "run_as", "namespaces", "network", "limit_caveats", "survivors", "output_lost_bytes", "output_removed", "name", "cgroup_version")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -262,11 +286,10 @@ class JobStatus(_message.Message):
     ESCALATED_FIELD_NUMBER: _ClassVar[int]
     OOM_KILLED_FIELD_NUMBER: _ClassVar[int]
     PIDS_LIMIT_HIT_FIELD_NUMBER: _ClassVar[int]
-    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
-    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
-    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
-    CGROUPS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     RUN_AS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +299,7 @@ class JobStatus(_message.Message):
     OUTPUT_LOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_REMOVED_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_VERSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     owner: str
     command: str
@@ -289,11 +313,10 @@ class JobStatus(_message.Message):
     escalated: bool
     oom_killed: bool
     pids_limit_hit: bool
-    created_at: _timestamp_pb2.Timestamp
-    started_at: _timestamp_pb2.Timestamp
-    ended_at: _timestamp_pb2.Timestamp
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
     limits: Limits
-    cgroups: str
     usage: Usage
     run_as: RunAs
     namespaces: _containers.RepeatedScalarFieldContainer[str]
@@ -303,4 +326,5 @@ class JobStatus(_message.Message):
     output_lost_bytes: int
     output_removed: bool
     name: str
-    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., stop_requested_by: _Optional[str] = ..., escalated: _Optional[bool] = ..., oom_killed: _Optional[bool] = ..., pids_limit_hit: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cgroups: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., run_as: _Optional[_Union[RunAs, _Mapping]] = ..., namespaces: _Optional[_Iterable[str]] = ..., network: _Optional[_Union[Network, str]] = ..., limit_caveats: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[int]] = ..., output_lost_bytes: _Optional[int] = ..., output_removed: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+    cgroup_version: CgroupVersion
+    def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., stop_requested_by: _Optional[str] = ..., escalated: _Optional[bool] = ..., oom_killed: _Optional[bool] = ..., pids_limit_hit: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., run_as: _Optional[_Union[RunAs, _Mapping]] = ..., namespaces: _Optional[_Iterable[str]] = ..., network: _Optional[_Union[Network, str]] = ..., limit_caveats: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[int]] = ..., output_lost_bytes: _Optional[int] = ..., output_removed: _Optional[bool] = ..., name: _Optional[str] = ..., cgroup_version: _Optional[_Union[CgroupVersion, str]] = ...) -> None: ...
