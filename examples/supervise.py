@@ -5,14 +5,18 @@
 
 Three jobs run side by side in their own cgroups: one prints and finishes, one ignores SIGTERM
 and is stopped (escalated to SIGKILL after a one-second grace period), one runs out of memory.
-Every line of their output is followed live, tagged with the stream it came from. As root each
+Every line of their output is followed live, tagged with the stream it came from. Then the
+one-call way, as trio.run_process: `run()` with bytes as stdin, a job whose stdin we write as a
+trio stream, and the error `run()` raises for a job that fails. As root each
 runs isolated, as a transient user of its own: which is why the hungry one runs the system's
 Python, not this virtualenv's, which lives in root's home where that user may not go.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
 import sys
 
 import trio
@@ -34,16 +38,7 @@ def show(status: jobworker.JobStatus) -> None:
     print(f"Job:         {status.id}")
     print(f"Status:      {status.state.value}")
     print(f"Command:     {status.command_line}")
-    if status.exit_code is not None:
-        print(f"Exit Code:   {status.exit_code}")
-    causes = [
-        f"signal {status.signal_name}" if status.signal else "",
-        "escalated to SIGKILL" if status.escalated else "",
-        "OOM-killed" if status.oom_killed else "",
-        f"stop requested by {status.stop_requested_by}" if status.stop_requested_by else "",
-    ]
-    if any(causes):
-        print(f"Reason:      {', '.join(c for c in causes if c)}")
+    print(f"Ended:       {status.cause}")  # exit code, signal, OOM kill, who stopped it
     if status.run_as is not None:
         print(f"User:        {status.run_as.describe()}")
     print(f"Isolation:   {', '.join(status.namespaces) or 'none'}")
@@ -75,6 +70,24 @@ async def main(cgroups: str) -> None:
             await stubborn.stop(requested_by="the example")
         for _, job in jobs:
             show(job.status())
+
+        data = os.urandom(4 * 2**20)
+        status = await sup.run(["sha256sum"], stdin=data)  # start, feed, wait; check=True
+        digest = b"".join([chunk.data async for chunk in sup.get(status.id).output()])
+        print(f"run sha256sum: {status.cause}; it read what we sent: ", end="")
+        print(digest.split()[0].decode() == hashlib.sha256(data).hexdigest())
+
+        upper = await sup.start(["tr", "a-z", "A-Z"], stdin=subprocess.PIPE)
+        for word in (b"streamed ", b"into ", b"the job\n"):
+            await upper.stdin.send_all(word)  # waits while the job does not read
+        await upper.stdin.aclose()  # EOF: tr finishes
+        await upper.wait()
+        print("tr read:", b"".join([c.data async for c in upper.output()]).decode(), end="")
+
+        try:
+            await sup.run(["sh", "-c", "echo oops >&2; exit 3"])
+        except jobworker.JobFailed as failed:
+            print(f"JobFailed: {failed}")
 
 
 if __name__ == "__main__":

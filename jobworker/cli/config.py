@@ -343,6 +343,8 @@ _LIMIT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "io-read": ("io_read_bps", _size),
     "io-write": ("io_write_bps", _size),
     "pids": ("pids", _count),
+    "io-read-iops": ("io_read_iops", _count),  # unset: no IOPS limit (a maximum needs one)
+    "io-write-iops": ("io_write_iops", _count),
 }
 _KEYS: dict[str, Callable[[Any], Any]] = {
     "listen": _listen,

@@ -167,6 +167,11 @@ def describe_limits(status: pb.JobStatus) -> str:
         parts.append(f"io write {_bytes(limits.io_write_bytes_per_second)}/s")
     if limits.HasField("pids"):
         parts.append(f"pids {limits.pids}")
+    # Unset: the job has no IOPS limit (they are opt-in).
+    if limits.HasField("io_read_iops"):
+        parts.append(f"io read {limits.io_read_iops} IOPS")
+    if limits.HasField("io_write_iops"):
+        parts.append(f"io write {limits.io_write_iops} IOPS")
     text = ", ".join(parts)
     version = _CGROUP_VERSIONS.get(status.cgroup_version)
     if text and version:

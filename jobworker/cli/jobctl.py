@@ -1,6 +1,7 @@
 """`jobctl`: start, stop, inspect and follow jobs on a jobworker server.
 
     jobctl start [--cpu 0.5] [--memory 512M] [--io-read 50M] [--io-write 50M] [--pids N]
+                 [--io-read-iops N] [--io-write-iops N]
                  [--env K=V]... [--cwd DIR] [--network host|none] [--name NAME] CMD [ARGS...]
                                                                   prints the job id alone
     jobctl stop ID [--grace 5s]  an already ended job: said on stderr, exit 0 (docker stop)
@@ -118,6 +119,12 @@ class JobOptions:
     io_read: Annotated[str | None, Parameter(help="Read bandwidth per second, e.g. 50M.")] = None
     io_write: Annotated[str | None, Parameter(help="Write bandwidth per second, e.g. 50M.")] = None
     pids: Annotated[int | None, Parameter(help="Maximum processes and threads.")] = None
+    io_read_iops: Annotated[
+        int | None, Parameter(help="Read operations per second per disk, e.g. 500.")
+    ] = None
+    io_write_iops: Annotated[
+        int | None, Parameter(help="Write operations per second per disk, e.g. 500.")
+    ] = None
     env: Annotated[
         tuple[str, ...],
         Parameter(
@@ -192,6 +199,14 @@ def build_start_request(
         if not 1 <= options.pids <= UINT32_MAX:
             raise CliError(f"--pids: must be between 1 and {UINT32_MAX}, got {options.pids}")
         limits.pids = options.pids
+    for flag, field_name, count in (
+        ("--io-read-iops", "io_read_iops", options.io_read_iops),
+        ("--io-write-iops", "io_write_iops", options.io_write_iops),
+    ):
+        if count is not None:
+            if not 1 <= count <= UINT64_MAX:
+                raise CliError(f"{flag}: must be between 1 and {UINT64_MAX}, got {count}")
+            setattr(limits, field_name, count)
     if not request.limits.ListFields():
         request.ClearField("limits")
     return request
@@ -621,8 +636,9 @@ def _launcher(
 # job's command begins is the first token that is none of these options nor their values.
 # (tests/cli/test_parsing.py checks this list against what cyclopts parses.)
 START_VALUE_OPTIONS = frozenset(
-    {"--cpu", "--memory", "--io-read", "--io-write", "--pids", "--env", "-e", "--cwd",
-     "--network", "--name", "--server", "--cert", "--key", "--ca"}
+    {"--cpu", "--memory", "--io-read", "--io-write", "--pids", "--io-read-iops",
+     "--io-write-iops", "--env", "-e", "--cwd", "--network", "--name", "--server", "--cert",
+     "--key", "--ca"}
 )  # fmt: skip
 
 

@@ -157,6 +157,14 @@ def serve(
     pids: Annotated[
         int | None, Parameter(group=LIMITS, help="Processes and threads (default 4096).")
     ] = None,
+    io_read_iops: Annotated[
+        int | None,
+        Parameter(group=LIMITS, help="Read operations per second per disk (default: no limit)."),
+    ] = None,
+    io_write_iops: Annotated[
+        int | None,
+        Parameter(group=LIMITS, help="Write operations per second per disk (default: no limit)."),
+    ] = None,
     max_cpu: Annotated[
         str | None,
         Parameter(
@@ -177,6 +185,20 @@ def serve(
     max_pids: Annotated[
         int | None,
         Parameter(group=MAXIMUMS, help="Processes and threads (default: kernel.pid_max)."),
+    ] = None,
+    max_io_read_iops: Annotated[
+        int | None,
+        Parameter(
+            group=MAXIMUMS,
+            help="Read operations per second (default: none; needs --io-read-iops too).",
+        ),
+    ] = None,
+    max_io_write_iops: Annotated[
+        int | None,
+        Parameter(
+            group=MAXIMUMS,
+            help="Write operations per second (default: none; needs --io-write-iops too).",
+        ),
     ] = None,
     grace_period: Annotated[
         str | None, Parameter(help="Time between SIGTERM and SIGKILL when stopping (default 10s).")
@@ -342,11 +364,15 @@ def serve(
         "io-read": io_read,
         "io-write": io_write,
         "pids": pids,
+        "io-read-iops": io_read_iops,
+        "io-write-iops": io_write_iops,
         "max-cpu": max_cpu,
         "max-memory": max_memory,
         "max-io-read": max_io_read,
         "max-io-write": max_io_write,
         "max-pids": max_pids,
+        "max-io-read-iops": max_io_read_iops,
+        "max-io-write-iops": max_io_write_iops,
         "grace-period": grace_period,
         "max-jobs": max_jobs,
         "max-jobs-per-user": max_jobs_per_user,
@@ -624,7 +650,7 @@ class _Run:
         # The io maximums are the kernel's (no host figure bounds a rate): not worth a line.
         maximums = {name: s.limits.maximum(name)[0] for name in ("cpu", "memory_bytes", "pids")} | {
             name: value
-            for name in ("io_read_bps", "io_write_bps")
+            for name in ("io_read_bps", "io_write_bps", "io_read_iops", "io_write_iops")
             if (value := getattr(s.limits.maximums, name)) is not None
         }
         log.info(

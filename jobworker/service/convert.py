@@ -70,7 +70,11 @@ _LIMIT_FIELDS = (
     ("io_read_bytes_per_second", "io_read_bps"),
     ("io_write_bytes_per_second", "io_write_bps"),
     ("pids", "pids"),
+    ("io_read_iops", "io_read_iops"),
+    ("io_write_iops", "io_write_iops"),
 )
+# Limits a job may run without (None in `Limits`): unset in a JobStatus means "no limit".
+_OPTIONAL_LIMITS = frozenset({"io_read_iops", "io_write_iops"})
 
 
 def overrides_of(request: pb.StartJobRequest, policy: LimitPolicy) -> LimitOverrides | None:
@@ -236,15 +240,26 @@ def state_from_proto(value: pb.JobState.ValueType) -> JobState:
 
 
 def limits_to_proto(limits: Limits) -> pb.Limits:
-    return pb.Limits(**{api: getattr(limits, ours) for api, ours in _LIMIT_FIELDS})
+    return pb.Limits(
+        **{
+            api: value
+            for api, ours in _LIMIT_FIELDS
+            if (value := getattr(limits, ours)) is not None
+        }
+    )
 
 
 def limits_from_proto(message: pb.Limits) -> Limits:
-    """A complete Limits (as a JobStatus carries them): every field must be set."""
-    missing = [api for api, _ in _LIMIT_FIELDS if not message.HasField(api)]
+    """A complete Limits (as a JobStatus carries them): every field must be set but the
+    optional ones (IOPS), whose absence means the job had no such limit."""
+    missing = [
+        api for api, _ in _LIMIT_FIELDS if api not in _OPTIONAL_LIMITS and not message.HasField(api)
+    ]
     if missing:
         raise ValueError(f"limits lack {', '.join(missing)}")
-    return Limits(**{ours: getattr(message, api) for api, ours in _LIMIT_FIELDS})
+    return Limits(
+        **{ours: getattr(message, api) for api, ours in _LIMIT_FIELDS if message.HasField(api)}
+    )
 
 
 _USAGE_FIELDS = (

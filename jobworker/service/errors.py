@@ -112,7 +112,8 @@ STATUS_OF: dict[type[Exception], Status] = {
     StoreUnavailable: Status.UNAVAILABLE,
 }
 
-# The supervisor names two limits differently from the API (schema/jobworker/v1/jobworker.proto).
+# The supervisor names two limits differently from the API (schema/jobworker/v1/jobworker.proto);
+# the others, io_read_iops and io_write_iops included, are spelled alike.
 _API_LIMIT_NAMES = {
     "io_read_bps": "io_read_bytes_per_second",
     "io_write_bps": "io_write_bytes_per_second",

@@ -6,6 +6,11 @@ class to one gRPC status in a single table; nothing here knows about gRPC.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .status import JobStatus
+
 
 class SupervisorError(Exception):
     """Base class for every error the supervisor raises on purpose."""
@@ -53,6 +58,24 @@ class JobNotEnded(SupervisorError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id} is still running")
         self.job_id = job_id
+
+
+class JobFailed(SupervisorError):
+    """`Supervisor.run(check=True)`: the job did not finish with exit code 0 (subprocess's
+    CalledProcessError). `status` is its final status: the exit code, the signal, whether the
+    OOM killer or the pids limit was involved, who stopped it; the message says which."""
+
+    def __init__(self, status: JobStatus) -> None:
+        super().__init__(f"job {status.id} ({status.command_line}) {status.cause}")
+        self.status = status
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.status.exit_code
+
+    @property
+    def signal(self) -> int | None:
+        return self.status.signal
 
 
 class CgroupError(SupervisorError):

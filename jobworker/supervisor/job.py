@@ -8,10 +8,12 @@ nursery runs `Job.run`, the job's own tree:
 
     Job.run
     ├── pumps nursery:  stdout pump, stderr pump      (pipe → OutputLog until EOF)
-    │   └── life nursery: waiter (process.wait), escalation watchdog (SIGTERM → grace → SIGKILL)
+    │   └── life nursery: waiter (process.wait), escalation watchdog (SIGTERM → grace → SIGKILL),
+    │                     stdin feeder (bytes or a stream → the job's stdin, then EOF; if any)
     └── finally, shielded: escalate if still alive, kill stragglers, wait for the group to empty,
         read the exit cause and usage, remove the group, close the log, mark the job ended.
 
+The feeder lives only as long as the leader: once it has exited, nothing will read the rest.
 The job ends when its leader exits. Anything it left behind in the group (a daemonized
 grandchild, a background helper) is killed right then, which also closes the last copies of
 the pipes so the pumps see EOF: output is complete when the status says "ended".
@@ -39,6 +41,7 @@ from .limits import Limits
 from .output import OutputLog, OutputReader, OutputStream
 from .spawn import Spawned
 from .status import JobState, JobStatus, RunAs, Usage, exit_code_of, signal_name
+from .stdin import PIPE, JobStdin, feed
 
 log = logging.getLogger("jobworker.supervisor")
 
@@ -83,6 +86,7 @@ class Job:
         grace_period_s: float,
         caveats: tuple[str, ...] = (),
         release: Callable[[], Awaitable[None]] | None = None,
+        stdin: bytes | trio.abc.ReceiveStream | int | None = None,
     ) -> None:
         self.id = job_id
         self.spec = spec
@@ -113,6 +117,17 @@ class Job:
         # Processes outlived SIGKILL: the group and what the job held wait for them to go.
         self._lingering = False
         self._released = trio.Event()  # run() has returned: nothing of the job is left
+        # What the job's tree feeds into its stdin, once; PIPE: the caller writes `stdin`.
+        self._stdin_source = stdin if isinstance(stdin, (bytes, trio.abc.ReceiveStream)) else None
+        self._stdin_wanted = stdin is not None
+        self._stdin_for_caller = isinstance(stdin, int) and stdin == PIPE
+        self._stdin: JobStdin | None = None
+
+    @property
+    def stdin(self) -> JobStdin | None:
+        """The job's stdin to write, for a job started with ``stdin=subprocess.PIPE``; None
+        otherwise. A job that could not be created has one that raises BrokenResourceError."""
+        return self._stdin if self._stdin_for_caller else None
 
     @property
     def owner(self) -> str:
@@ -175,9 +190,13 @@ class Job:
         wait until the job has ended, and return its final status.
 
         Safe to call concurrently: the first call signals; a later one with a shorter grace
-        period brings the SIGKILL closer. Raises JobEnded if the job had already ended.
+        period brings the SIGKILL closer. A job that has already ended (or could not be
+        created) is left as it is: its final status is returned, its cause unchanged.
         """
-        self.request_stop(grace_period_s, requested_by=requested_by)
+        try:
+            self.request_stop(grace_period_s, requested_by=requested_by)
+        except JobEnded:
+            pass  # ended, or ending (its leader has exited): the final status follows
         return await self.wait()
 
     def request_stop(
@@ -252,12 +271,17 @@ class Job:
         self._state = JobState.ERROR
         self._error = reason
         self._ended_at = self._created_at
+        if self._stdin_wanted:
+            self._stdin = JobStdin(self.id, None)
         self._log.close()
         self._ended.set()
         self._released.set()
         log.warning("job %s: could not be created: %s", self.id, reason)
 
-    def started(self, spawned: Spawned, group: JobGroup) -> None:
+    def started(self, spawned: Spawned, group: JobGroup, stdin_fd: int | None = None) -> None:
+        """The job runs; `stdin_fd` is the write end of its stdin pipe, now the job's to own."""
+        if stdin_fd is not None:
+            self._stdin = JobStdin(self.id, stdin_fd)
         self._spawned = spawned
         self._group = group
         self._escalation = Escalation(_KillTarget(self, group))
@@ -327,6 +351,11 @@ class Job:
             if not self._exited.is_set():
                 async with trio.open_nursery() as life:
                     life.start_soon(self._escalate, escalation, life.cancel_scope, spawned)
+                    source, self._stdin_source = self._stdin_source, None
+                    if source is not None and self._stdin is not None:
+                        # Once: supervision resumed after a cancellation does not feed again
+                        # (the feeder closed the job's stdin on its way out).
+                        life.start_soon(feed, self.id, source, self._stdin)
                     await spawned.process.wait()
                     self._leader_exited(spawned)
                     life.cancel_scope.cancel()
@@ -453,6 +482,8 @@ class Job:
         the group, complete the output, mark the job ended."""
         for stream in (spawned.stdout, spawned.stderr):
             await stream.aclose()
+        if self._stdin is not None:
+            self._stdin.job_ended()
         try:
             await self._kill_group(group)
             with trio.move_on_after(_KILL_WAIT_S) as waited:

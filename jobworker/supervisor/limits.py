@@ -42,6 +42,10 @@ PID_MAX_LIMIT = 4 * 2**20
 # io.max and blkio.throttle.*_bps_device read a u64, and U64_MAX itself means "max" (no limit):
 # the largest rate that is still a limit. No host figure bounds a rate (disks differ).
 MAX_IO_BPS = 2**64 - 2
+# IOPS are an unsigned int in the kernel (blk-throttle): io.max clamps a larger riops/wiops to
+# UINT_MAX, which means "max", and v1's *_iops_device silently truncates (2^32 read back as 0).
+# Measured on v1 here: 4294967294 is kept, 4294967295 clears the limit, 4294967296 reads "0".
+MAX_IOPS = 2**32 - 2
 
 _MINIMUMS: dict[str, float] = {
     "cpu": MIN_CPU,
@@ -49,7 +53,13 @@ _MINIMUMS: dict[str, float] = {
     "io_read_bps": 1,
     "io_write_bps": 1,
     "pids": MIN_PIDS,
+    "io_read_iops": 1,
+    "io_write_iops": 1,
 }
+# Limits that may be None in a `Limits`: no limit at all (the kernel's "max"), their default.
+# IOPS limits are opt-in: a default would slow every job doing small IO, where the bandwidth
+# defaults already bound what a job moves.
+_OPTIONAL = frozenset({"io_read_iops", "io_write_iops"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +71,8 @@ class Limits:
     io_read_bps: int = 100 * MiB  # per whole disk the job can reach
     io_write_bps: int = 100 * MiB
     pids: int = 4096
+    io_read_iops: int | None = None  # read operations per second per disk; None: no limit
+    io_write_iops: int | None = None
 
     def __post_init__(self) -> None:
         for name in _MINIMUMS:
@@ -76,6 +88,8 @@ class Limits:
             f"cpu={self.cpu:g} memory={format_bytes(self.memory_bytes)} "
             f"io-read={format_bytes(self.io_read_bps)}/s "
             f"io-write={format_bytes(self.io_write_bps)}/s pids={self.pids}"
+            + (f" io-read-iops={self.io_read_iops}" if self.io_read_iops is not None else "")
+            + (f" io-write-iops={self.io_write_iops}" if self.io_write_iops is not None else "")
         )
 
 
@@ -88,6 +102,8 @@ class LimitOverrides:
     io_read_bps: int | None = None
     io_write_bps: int | None = None
     pids: int | None = None
+    io_read_iops: int | None = None
+    io_write_iops: int | None = None
 
     def __post_init__(self) -> None:
         # Validate eagerly so a bad value is reported with its own name, not as a failed merge.
@@ -130,6 +146,8 @@ class HostCapacity:
             return self.memory_bytes, f"this host's {format_bytes(self.memory_bytes)} of RAM"
         if name == "pids":
             return self.pids, f"this host's pid_max {self.pids}"
+        if name in _OPTIONAL:
+            return MAX_IOPS, "the largest IOPS limit the kernel takes"
         return MAX_IO_BPS, "the largest rate the kernel takes"
 
 
@@ -183,13 +201,18 @@ def _check(
     name: str, value: object, ceiling: tuple[float, str] | None = None, *, what: str = ""
 ) -> None:
     """The one range check: LimitOutOfRange, naming the limit and its allowed range, unless
-    `value` is a number `name` can be, at least its minimum and at most `ceiling` (if any)."""
+    `value` is a number `name` can be, at least its minimum and at most `ceiling` (if any).
+    None ("no limit", for the optional ones) is above any ceiling but the kernel's own."""
     low = _MINIMUMS[name]
     if ceiling is None:
         allowed = f"at least {_show(name, low)}"
     else:
         allowed = f"{_show(name, low)} to {_show(name, ceiling[0])}"
-    if isinstance(value, bool):
+    if value is None and name in _OPTIONAL:
+        if ceiling is None or ceiling[0] >= MAX_IOPS:
+            return
+        problem = f"is above {ceiling[1]}"
+    elif isinstance(value, bool):
         problem = "is not a number"
     elif name == "cpu" and not (isinstance(value, (int, float)) and math.isfinite(value)):
         problem = "is not a finite number of cores"
@@ -206,11 +229,13 @@ def _check(
 
 def _show(name: str, value: object) -> str:
     """A limit's value as messages spell it: cores, a count, or an exact size."""
+    if value is None:
+        return "unset (no limit)"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return repr(value)
     if name == "cpu" or not isinstance(value, int):
         return f"{value:g}"  # 0.5, nan, 1e+300
-    if name == "pids":
+    if name == "pids" or name in _OPTIONAL:
         return str(value)
     return format_bytes(value)
 

@@ -62,8 +62,10 @@ async def spawn(
     env: Mapping[str, str],
     cwd: str,
     procs_files: Sequence[Path],
+    stdin: int | None = None,
 ) -> Spawned:
-    """Start `argv` with stdin from /dev/null and stdout/stderr into pipes of our own.
+    """Start `argv` with stdin from the fd `stdin` (None: /dev/null; the caller closes its
+    copy) and stdout/stderr into pipes of our own.
 
     The child is placed into every file of `procs_files` before exec, and leads a new session
     (so a terminal's Ctrl-C reaches the supervisor, never its jobs directly).
@@ -86,7 +88,7 @@ async def spawn(
     try:
         process = await trio.lowlevel.open_process(
             list(argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=out_w,
             stderr=err_w,
             cwd=cwd,
@@ -115,8 +117,14 @@ async def spawn(
 _CAGE_EXIT_WAIT_S = 5.0
 
 
-async def spawn_caged(plan: CagePlan, *, env: Mapping[str, str], lifeline_fd: int) -> Spawned:
+async def spawn_caged(
+    plan: CagePlan, *, env: Mapping[str, str], lifeline_fd: int, stdin: int | None = None
+) -> Spawned:
     """Start the job of `plan` in its cage; return once it has exec'd its command.
+
+    `stdin` (None: /dev/null) becomes the keeper's fd 0, which the init and then the job
+    inherit; the keeper and the init swap theirs for /dev/null once they have forked
+    (cage.c), so the job's processes end up holding the only read ends.
 
     The cage reports on a pipe: one line "pids INIT JOB" when the job was forked, or
     "error STAGE ERRNO\tDETAIL" when a step failed (then no job runs: SpawnError), and the pipe
@@ -132,7 +140,7 @@ async def spawn_caged(plan: CagePlan, *, env: Mapping[str, str], lifeline_fd: in
         argv = cage_argv(plan, report_fd=report_w, env_fd=env_fd, lifeline_fd=lifeline_fd)
         process = await trio.lowlevel.open_process(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=out_w,
             stderr=err_w,
             env={},

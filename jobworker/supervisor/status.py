@@ -8,7 +8,7 @@ import signal
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .limits import Limits
+from .limits import Limits, format_bytes
 
 
 class JobState(enum.Enum):
@@ -106,6 +106,35 @@ class JobStatus:
     @property
     def signal_name(self) -> str | None:
         return None if self.signal is None else signal_name(self.signal)
+
+    @property
+    def cause(self) -> str:
+        """How the job ended, in words: ``exited with code 3``, ``was killed by SIGKILL: the
+        OOM killer at its memory limit 64M``, ``was stopped by alice (SIGTERM)``, ``could not
+        be created: ...``; empty while it runs."""
+        if self.state is JobState.RUNNING:
+            return ""
+        if self.state is JobState.ERROR:
+            return f"could not be created: {self.error or 'no reason given'}"
+        if self.exit_code is None:
+            return f"ended unobserved: {self.error or 'its leader was never reaped'}"
+        how = f"exited with code {self.exit_code}"
+        if self.signal is not None:
+            how = f"was killed by {self.signal_name}"
+        if self.state is JobState.STOPPED:
+            by = f" by {self.stop_requested_by}" if self.stop_requested_by else ""
+            end = "SIGKILL after the grace period" if self.escalated else how
+            return f"was stopped{by} ({end.removeprefix('was killed by ')})"
+        extra = []
+        if self.oom_killed:
+            limit = ""
+            if self.limits is not None:
+                limit = f" at its memory limit {format_bytes(self.limits.memory_bytes)}"
+            extra.append(f"the OOM killer{limit}")
+        if self.pids_limit_hit:
+            limit = f" of {self.limits.pids}" if self.limits is not None else ""
+            extra.append(f"a fork failed at its pids limit{limit}")
+        return f"{how}: {', '.join(extra)}" if extra else how
 
     @property
     def command_line(self) -> str:

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -18,7 +19,7 @@ import trio
 
 from .cgroups import Backend, CgroupMode, JobGroup, open_backend
 from .cgroups.discover import cgroup_filesystems
-from .errors import CgroupError, InvalidJobSpec, JobEnded, JobNotEnded, JobNotFound
+from .errors import CgroupError, InvalidJobSpec, JobFailed, JobNotEnded, JobNotFound
 from .job import Job, JobSpec
 from .limits import LimitOverrides, LimitPolicy, Limits
 from .output import OutputLog
@@ -35,7 +36,8 @@ from .sandbox import (
     this_process,
 )
 from .spawn import Spawned, SpawnError, spawn, spawn_caged
-from .status import NAMESPACES, RunAs
+from .status import NAMESPACES, JobState, JobStatus, RunAs
+from .stdin import PIPE, StdinSource, check_source, stdin_pipe
 
 log = logging.getLogger("jobworker.supervisor")
 
@@ -188,15 +190,9 @@ class Supervisor:
         return suppress
 
     async def _stop_all(self) -> None:
-        async def stop(job: Job) -> None:
-            try:
-                await job.stop(requested_by="supervisor shutdown")
-            except JobEnded:
-                pass
-
         async with trio.open_nursery() as nursery:
             for job in list(self._jobs.values()):
-                nursery.start_soon(stop, job)
+                nursery.start_soon(partial(job.stop, requested_by="supervisor shutdown"))
 
     def _open_isolation(self) -> Isolation | None:
         setting = self._isolation_setting
@@ -250,9 +246,10 @@ class Supervisor:
     @trio.lowlevel.enable_ki_protection  # Ctrl-C arrives at a checkpoint, never mid-bookkeeping
     async def start(
         self,
-        command: str,
-        args: Sequence[str] = (),
+        command: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        args: Sequence[str | os.PathLike[str]] = (),
         *,
+        stdin: StdinSource = None,
         owner: str = "",
         limits: LimitOverrides | Limits | None = None,
         env: Mapping[str, str] | None = None,
@@ -262,8 +259,18 @@ class Supervisor:
         job_id: str | None = None,
         name: str = "",
     ) -> Job:
-        """Start `command` with `args` as a new job, and return it once it runs in its group.
+        """Start a new job, and return it once it runs in its group.
 
+        The command is the whole argv as a sequence, as trio.run_process takes it
+        (``start(["echo", "hi"])``), or the program with its arguments apart
+        (``start("echo", ["hi"])``); never through a shell.
+
+        - stdin: None, /dev/null; bytes, written to the job and then closed (EOF); a
+          trio.abc.ReceiveStream, read until its EOF and written to the job by the job's own
+          tree (not closed: it is the caller's); or subprocess.PIPE: write `Job.stdin`, a
+          trio SendStream, yourself. A job that stops reading holds its writer back (a pipe,
+          nothing buffered beyond it); what it no longer reads is dropped (fed input), or
+          raises trio.BrokenResourceError (`Job.stdin`).
         - user: the local account (name or uid; 0 or "root" for root) an isolated job runs as;
           None: a transient user of its own. Unisolated jobs run as this process's user.
         - network: "host" (this machine's network) or "none" (a loopback of its own; isolated
@@ -279,6 +286,7 @@ class Supervisor:
         """
         if self._nursery is None or self._backend is None or self._closing:
             raise RuntimeError("the Supervisor is not running (use `async with Supervisor()`)")
+        source = check_source(stdin)
         spec = self._spec(command, args, owner, limits, env, cwd, user, network)
         spec = dataclasses.replace(spec, name=name)
         job_id = self._new_id(job_id)
@@ -297,6 +305,7 @@ class Supervisor:
             grace_period_s=self.grace_period_s,
             caveats=self._backend.caveats,
             release=held.release,
+            stdin=source,
         )
         self._jobs[job_id] = job
         try:
@@ -313,9 +322,20 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await held.release()
             raise
+        job_end = our_end = None
         try:
-            spawned = await self._spawn(spec, group, own_workdir=held.workdir is not None)
+            if source is not None:
+                job_end, our_end = stdin_pipe()
+            try:
+                spawned = await self._spawn(
+                    spec, group, own_workdir=held.workdir is not None, stdin=job_end
+                )
+            finally:
+                if job_end is not None:
+                    os.close(job_end)  # the job has its copy: writers get EPIPE once it is gone
         except BaseException as exc:
+            if our_end is not None:
+                os.close(our_end)
             # No process exists (a cancellation can only arrive before Popen runs, or is
             # handled by the cage's spawn, which ends the cage): undo the group. A spawn
             # failure is the job's fate; anything else is the caller's, and the caller never
@@ -331,9 +351,48 @@ class Supervisor:
             return job
         # No checkpoint between the spawn and handing the process to its tree: a cancellation
         # here cannot orphan it.
-        job.started(spawned, group)
+        job.started(spawned, group, stdin_fd=our_end)
         self._nursery.start_soon(self._run_job, job, spawned)
         return job
+
+    async def run(
+        self,
+        command: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        args: Sequence[str | os.PathLike[str]] = (),
+        *,
+        check: bool = True,
+        stdin: bytes | bytearray | memoryview | trio.abc.ReceiveStream | None = None,
+        **options: object,
+    ) -> JobStatus:
+        """Start a job and wait until it has ended, as trio.run_process does: its final status.
+
+        With `check` (the default), a job that did not finish with exit code 0 raises JobFailed,
+        whose `status` and message carry the cause (exit code, signal, OOM kill, pids limit,
+        who stopped it, or why it could not be created). `options` are `start`'s.
+
+        Cancelling `run` stops the job (SIGTERM, grace period, SIGKILL) and waits for its end
+        before the cancellation goes on: the caller holds no handle to the job, so nothing
+        else would. (Cancelling `Job.wait` leaves the job running: its handle is yours.)
+
+        Output is not captured into memory: the job's output log keeps it, bounded by
+        retention, for ``sup.get(status.id).output()`` to read, as long as the job is not
+        forgotten.
+        """
+        if isinstance(stdin, int) and stdin == PIPE:
+            raise InvalidJobSpec(
+                "run() gives no handle to write the job's stdin with: pass bytes or a stream, "
+                "or use start(stdin=subprocess.PIPE)"
+            )
+        job = await self.start(command, args, stdin=stdin, **options)  # type: ignore[arg-type]
+        try:
+            status = await job.wait()
+        except BaseException:
+            with trio.CancelScope(shield=True):  # bounded: the grace period and the kill wait
+                await job.stop(requested_by="cancellation")
+            raise
+        if check and status.state is not JobState.FINISHED:
+            raise JobFailed(status)
+        return status
 
     def _give_identity(self, spec: JobSpec, job_id: str, held: _Held) -> JobSpec:
         """The job's user (a transient uid from the pool when it names none) and, unless it
@@ -362,13 +421,16 @@ class Supervisor:
             env = defaults | env
         return dataclasses.replace(spec, run_as=run_as, cwd=cwd, env=env)
 
-    async def _spawn(self, spec: JobSpec, group: JobGroup, *, own_workdir: bool) -> Spawned:
+    async def _spawn(
+        self, spec: JobSpec, group: JobGroup, *, own_workdir: bool, stdin: int | None
+    ) -> Spawned:
         if self._isolation is None:
             return await spawn(
                 (spec.command, *spec.args),
                 env=spec.env,
                 cwd=spec.cwd,
                 procs_files=group.procs_files,
+                stdin=stdin,
             )
         assert self._lifeline is not None
         plan = CagePlan(
@@ -383,7 +445,7 @@ class Supervisor:
             bind=[spec.cwd] if own_workdir else [],
             mqueue=self._mqueue,
         )
-        return await spawn_caged(plan, env=spec.env, lifeline_fd=self._lifeline[0])
+        return await spawn_caged(plan, env=spec.env, lifeline_fd=self._lifeline[0], stdin=stdin)
 
     async def _run_job(self, job: Job, spawned: Spawned) -> None:
         # The containment boundary: the job's tree has already cleaned up after itself on its
@@ -447,8 +509,8 @@ class Supervisor:
 
     def _spec(
         self,
-        command: str,
-        args: Sequence[str],
+        command: object,
+        args: object,
         owner: str,
         limits: LimitOverrides | Limits | None,
         env: Mapping[str, str] | None,
@@ -456,13 +518,7 @@ class Supervisor:
         user: str | int | None,
         network: str,
     ) -> JobSpec:
-        if not isinstance(command, str) or not command:
-            raise InvalidJobSpec("the command must be a non-empty string")
-        if isinstance(args, str) or not all(isinstance(a, str) for a in args):
-            raise InvalidJobSpec("args must be a sequence of strings")
-        for text in (command, *args):
-            if "\0" in text:
-                raise InvalidJobSpec("the command and its arguments cannot contain NUL bytes")
+        argv = _argv(command, args)
         job_env = dict(self._base_env)
         for key, value in (env or {}).items():
             if not isinstance(key, str) or not isinstance(value, str):
@@ -510,8 +566,8 @@ class Supervisor:
                 wanted.add("net")
             namespaces = tuple(n for n in NAMESPACES if n in wanted)
         return JobSpec(
-            command=command,
-            args=tuple(args),
+            command=argv[0],
+            args=argv[1:],
             owner=owner,
             env=job_env,
             cwd=job_cwd,
@@ -550,6 +606,39 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
     except FileNotFoundError:
         pass
+
+
+def _argv(command: object, args: object) -> tuple[str, ...]:
+    """The job's argv from `start`'s two forms, or InvalidJobSpec naming what is wrong.
+    Path-like items are taken as their path (trio does too); bytes are not (argv is text
+    here: a status shows it, a server sends it)."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise InvalidJobSpec(f"args must be a sequence of strings, not {type(args).__name__}")
+    if isinstance(command, (str, os.PathLike)):
+        items: Sequence[object] = (command, *args)
+    elif isinstance(command, Sequence) and not isinstance(command, (bytes, bytearray)):
+        if args:
+            raise InvalidJobSpec(
+                "the command is a sequence, the whole argv: put its arguments in it, not in args"
+            )
+        if not command:
+            raise InvalidJobSpec("the command is an empty sequence: it needs a program to run")
+        items = command
+    else:
+        raise InvalidJobSpec(
+            f"the command must be a string or a sequence of strings, not {type(command).__name__}"
+        )
+    argv = []
+    for index, item in enumerate(items):
+        text = os.fspath(item) if isinstance(item, os.PathLike) else item
+        if not isinstance(text, str):
+            raise InvalidJobSpec(f"argv[{index}] must be a string, not {type(item).__name__}")
+        if "\0" in text:
+            raise InvalidJobSpec(f"argv[{index}] contains a NUL byte: {text!r}")
+        argv.append(text)
+    if not argv[0]:
+        raise InvalidJobSpec("the command must be a non-empty string (argv[0] is empty)")
+    return tuple(argv)
 
 
 def _sole_exception(error: BaseException) -> BaseException:

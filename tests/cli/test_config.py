@@ -130,6 +130,20 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
             "limits: cpu 4 is above this host's 2 CPUs (allowed: 0.01 to 2)",
         ),
         (
+            {"max-io-read-iops": 100},
+            "limits: io-read-iops unset (no limit) is above the maximum 100 (allowed: 1 to 100)",
+        ),
+        (
+            {"io-write-iops": 500, "max-io-write-iops": 100},
+            "limits: io-write-iops 500 is above the maximum 100 (allowed: 1 to 100)",
+        ),
+        (
+            {"max-io-read-iops": 2**32 - 1, "io-read-iops": 1},
+            "limits: max-io-read-iops 4294967295 is above the largest IOPS limit the kernel "
+            "takes (allowed: 1 to 4294967294)",
+        ),
+        ({"io-read-iops": 0}, "config: io-read-iops: not a whole number of at least 1: 0"),
+        (
             {"max-jobs-per-user": 0},
             "config: max-jobs-per-user: not a whole number of at least 1: 0",
         ),
@@ -209,6 +223,18 @@ def test_cpu_as_a_percentage_of_one_core_in_the_file_and_flags(tmp_path: Path) -
     assert settings.limits.defaults.cpu == 0.75
     with pytest.raises(ConfigError, match=r"^--cpu: must be a positive number of cores"):
         resolve({**NO_FLAGS, "cpu": "-5%"}, host=HOST)
+
+
+def test_iops_limits_from_the_file_and_flags(tmp_path: Path) -> None:
+    assert resolve(NO_FLAGS).limits.defaults.io_read_iops is None  # opt-in: no limit
+    path = tmp_path / "jobworker.toml"
+    path.write_text("io-read-iops = 300\nmax-io-read-iops = 1000\nio-write-iops = 200\n")
+    flags = {**NO_FLAGS, "io-write-iops": "250", "max-io-write-iops": 400}
+    limits = resolve(flags, load_config_file(path), host=HOST).limits
+    assert (limits.defaults.io_read_iops, limits.defaults.io_write_iops) == (300, 250)
+    assert limits.maximums == LimitOverrides(io_read_iops=1000, io_write_iops=400)
+    with pytest.raises(ConfigError, match=r"^--io-write-iops: not a whole number of at least 1"):
+        resolve({**NO_FLAGS, "io-write-iops": "fast"})
 
 
 def test_flag_mistakes_name_the_flag() -> None:

@@ -54,9 +54,10 @@ def test_the_example_lists_every_key_the_loader_knows() -> None:
     assert found["run-as"][0] == set()  # the default: nobody is mapped
     # Commented out are exactly the keys whose default is computed when the server starts
     # (from the host, the euid, or another key) or is "none" (no allow-list, no metrics
-    # listener): any other is set, so its value is checked.
+    # listener, no IOPS limit): any other is set, so its value is checked.
     computed = {"data-dir", "allow", "metrics", "max-jobs-per-user", "max-log-streams-per-user"}
     computed |= {f"max-{k}" for k in ("cpu", "memory", "io-read", "io-write", "pids")}
+    computed |= {"io-read-iops", "io-write-iops", "max-io-read-iops", "max-io-write-iops"}
     unset = ServerLimits()
     computed_transport = {
         k for k, (name, _) in TRANSPORT_KEYS.items() if getattr(unset, name) is None
@@ -76,5 +77,8 @@ def test_the_example_lists_every_key_the_loader_knows() -> None:
 )
 def test_each_commented_example_value_is_accepted(table: str | None, key: str, value: str) -> None:
     parsed = tomllib.loads(f"{key} = {value}")
+    if key.startswith("max-") and key.endswith("-iops"):  # as its comment says: with a default
+        default = key.removeprefix("max-")
+        parsed |= tomllib.loads(f"{default} = {sections()[table][1][default]}")
     config = parsed if table is None else {table: parsed}
     resolve(NO_FLAGS, config, host=HOST)  # raises ConfigError if the example misleads

@@ -63,6 +63,17 @@ def test_seed_running_layout_then_our_fields() -> None:
     )
 
 
+def test_iops_limits_show_when_set_and_their_absence_says_nothing() -> None:
+    status = started(job(command="yes", state=pb.JOB_STATE_RUNNING, pid=4242))
+    status.limits.pids = 64
+    status.limits.io_write_iops = 600
+    lines = format_status(status, now=T0 + timedelta(seconds=5), tz=UTC).splitlines()
+    assert "Limits:      pids 64, io write 600 IOPS (cgroup v2)" in lines
+    status.limits.io_read_iops = 500
+    lines = format_status(status, now=T0 + timedelta(seconds=5), tz=UTC).splitlines()
+    assert "Limits:      pids 64, io read 500 IOPS, io write 600 IOPS (cgroup v2)" in lines
+
+
 def test_seed_finished_and_failed() -> None:
     finished = started(job(command="echo", args=["hello"], state=pb.JOB_STATE_FINISHED,
                            exit_code=0), ran_s=0.25)  # fmt: skip

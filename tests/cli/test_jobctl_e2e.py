@@ -196,7 +196,8 @@ def test_start_passes_limits_env_and_working_directory(jobctl: Jobctl, shared_pa
     tmp_path = shared_path
     job_id = jobctl.ok(
         "start", "--cpu", "0.25", "--memory", "256M", "--io-read", "10M", "--io-write", "20M",
-        "--pids", "64", "-e", "GREETING=hi there", "--env", "EMPTY=", "--cwd", str(tmp_path),
+        "--pids", "64", "--io-read-iops", "500", "--io-write-iops", "600",
+        "-e", "GREETING=hi there", "--env", "EMPTY=", "--cwd", str(tmp_path),
         "--", "sh", "-c", 'echo "$GREETING|$EMPTY|$(pwd)"',
     ).strip()  # fmt: skip
     jobctl.wait_ended(job_id)
@@ -208,7 +209,11 @@ def test_start_passes_limits_env_and_working_directory(jobctl: Jobctl, shared_pa
         "io_read_bytes_per_second": str(10 * 2**20),
         "io_write_bytes_per_second": str(20 * 2**20),
         "pids": 64,
+        "io_read_iops": "500",
+        "io_write_iops": "600",
     }
+    shown = jobctl.ok("status", job_id)
+    assert "io write 20M/s, pids 64, io read 500 IOPS, io write 600 IOPS" in shown
 
 
 # --- errors ----------------------------------------------------------------------------------

@@ -381,6 +381,10 @@ def test_stopping_an_ended_job_says_so_and_succeeds(jobctl: Jobctl) -> None:
         (["run", "\udcffcmd"], b"jobctl: CMD is not valid UTF-8: '\\xffcmd'"),
         (["start", "--name", "a\udcff", "true"], b"jobctl: --name is not valid UTF-8"),
         (["start", "--pids", "4294967296", "true"], b"jobctl: --pids: must be between 1 and"),
+        (["start", "--io-read-iops", "0", "true"], b"jobctl: --io-read-iops: must be between 1"),
+        (["run", "--io-write-iops", "-3", "true"], b"jobctl: --io-write-iops: must be between"),
+        (["start", "--io-write-iops", "4294967295", "true"],
+         b"jobctl: limits.io_write_iops 4294967295 is above the largest IOPS limit"),
         (["start", "--cpu", "nan", "true"], b"jobctl: --cpu: must be a positive nu"),
         (["start", "--cpu", "inf", "true"], b"jobctl: --cpu: must be a positive number"),
         (["start", "--cpu", "-1", "true"], b"jobctl: --cpu: must be a positive number"),
@@ -451,7 +455,15 @@ def test_help_shows_no_python_defaults_and_the_jobs_options_first(jobctl: Jobctl
     assert "a prefix of one" in jobctl.ok("stop", "--help")
     serve = run([*JOBWORKER, "serve", "--help"]).stdout.decode()
     assert "127.0.0.1:50051" in serve
-    for flag in ("--max-cpu", "--max-memory", "--max-io-read", "--max-io-write", "--max-pids"):
+    for flag in (
+        "--max-cpu",
+        "--max-memory",
+        "--max-io-read",
+        "--max-io-write",
+        "--max-pids",
+        "--max-io-read-iops",
+        "--max-io-write-iops",
+    ):
         line = next(line for line in serve.splitlines() if flag in line)
         assert re.search(rf"{flag} \w+\s+\w", line), line  # a help text follows the type
 

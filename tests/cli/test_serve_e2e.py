@@ -153,6 +153,25 @@ def test_config_file_and_flags(server_factory, certs_dir: Path, tmp_path: Path) 
     assert b"above the maximum" in refused.stderr
 
 
+def test_iops_defaults_and_maximums_from_the_file_and_flags(
+    server_factory, certs_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "jobworker.toml"
+    config.write_text("io-read-iops = 300\nmax-io-read-iops = 1000\n")
+    server: Server = server_factory("--config", str(config), "--io-write-iops", "50")
+    jobctl = Jobctl(certs_dir, server.address)
+    limits = json.loads(jobctl.ok("status", jobctl.start("true"), "--json"))["limits"]
+    assert (limits["io_read_iops"], limits["io_write_iops"]) == ("300", "50")
+    asked = jobctl.ok("start", "--io-read-iops", "1000", "--io-write-iops", "7", "true").strip()
+    limits = json.loads(jobctl.ok("status", asked, "--json"))["limits"]
+    assert (limits["io_read_iops"], limits["io_write_iops"]) == ("1000", "7")
+    refused = jobctl("start", "--io-read-iops", "1001", "--", "true")
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        b"jobctl: limits.io_read_iops 1001 is above the maximum 1000 (allowed: 1 to 1000)\n"
+    )
+
+
 def _unavailable_cgroup_mode() -> str | None:
     """A --cgroups mode this machine cannot serve: v1 on a pure v2 host, v2 on a host whose
     unified hierarchy has no controllers (ours: v1 hybrid)."""

@@ -52,6 +52,8 @@ limits = st.builds(
     io_read_bps=st.integers(1, U64),
     io_write_bps=st.integers(1, U64),
     pids=st.integers(2, 2**32 - 1),
+    io_read_iops=st.none() | st.integers(1, 2**32 - 2),  # None: no IOPS limit, unset on the wire
+    io_write_iops=st.none() | st.integers(1, 2**32 - 2),
 )
 usage = st.builds(
     Usage,
@@ -135,6 +137,8 @@ def test_limits_left_unset_are_none_and_set_ones_are_named_like_the_supervisor()
     assert convert.overrides_of(request, POLICY) == LimitOverrides(
         cpu=1.5, io_read_bps=10, io_write_bps=20
     )
+    iops = pb.StartJobRequest(command="x", limits=pb.Limits(io_read_iops=30, io_write_iops=40))
+    assert convert.overrides_of(iops, POLICY) == LimitOverrides(io_read_iops=30, io_write_iops=40)
     zero = pb.StartJobRequest(command="x", limits=pb.Limits(pids=0))  # set to 0 is not unset
     with pytest.raises(InvalidJobSpec):
         convert.overrides_of(zero, POLICY)
@@ -165,6 +169,14 @@ def test_limits_left_unset_are_none_and_set_ones_are_named_like_the_supervisor()
             "limits.io_write_bytes_per_second 18446744073709551615 is above the largest"
             " rate the kernel takes",
         ),
+        (pb.Limits(io_read_iops=0), "limits.io_read_iops 0 is below the minimum 1"),
+        (
+            # The kernel keeps IOPS in 32 bits: 2^32 - 1 is its "max", 2^32 would wrap to 0.
+            pb.Limits(io_write_iops=2**32 - 1),
+            "limits.io_write_iops 4294967295 is above the largest IOPS limit the kernel takes"
+            " (allowed: 1 to 4294967294)",
+        ),
+        (pb.Limits(io_read_iops=2**64 - 1), "limits.io_read_iops 18446744073709551615 is above"),
     ],
 )
 def test_limits_out_of_range_are_invalid_argument_naming_the_field_and_the_range(
@@ -202,9 +214,22 @@ def test_limits_at_the_top_of_the_range_are_accepted() -> None:
         pids=32768,
         io_read_bytes_per_second=2**64 - 2,
         io_write_bytes_per_second=2**64 - 2,
+        io_read_iops=2**32 - 2,
+        io_write_iops=2**32 - 2,
     )
     overrides = convert.overrides_of(pb.StartJobRequest(command="x", limits=top), POLICY)
     assert POLICY.resolve(overrides).pids == 32768
+    assert POLICY.resolve(overrides).io_write_iops == 2**32 - 2
+
+
+def test_a_status_without_iops_limits_leaves_them_unset() -> None:
+    # Unset in a JobStatus's limits means the job had no such limit; every other field is set.
+    message = convert.limits_to_proto(Limits(io_write_iops=40))
+    assert not message.HasField("io_read_iops") and message.io_write_iops == 40
+    assert convert.limits_from_proto(message) == Limits(io_write_iops=40)
+    message.ClearField("pids")
+    with pytest.raises(ValueError, match="limits lack pids"):
+        convert.limits_from_proto(message)
 
 
 def test_job_references() -> None:

@@ -78,6 +78,12 @@ async def test_limits_unset_take_the_defaults_and_set_ones_apply(served: Served)
         default.io_write_bps,
         default.pids,
     )
+    # IOPS limits are opt-in: none by default, unset in the status; asked for, applied.
+    assert not limits.HasField("io_read_iops") and not limits.HasField("io_write_iops")
+    iops_job = await alice.start("true", limits=pb.Limits(io_read_iops=30, io_write_iops=40))
+    limits = (await alice.status(iops_job)).limits
+    assert (limits.io_read_iops, limits.io_write_iops) == (30, 40)
+    assert served.supervisor.get(iops_job).spec.limits.io_write_iops == 40
 
 
 async def test_env_and_working_dir_reach_the_job(served: Served, shared_path: Path) -> None:
@@ -144,6 +150,11 @@ async def test_start_answers_with_the_status_of_the_job_it_started(served: Serve
         (
             {"command": "true", "limits": pb.Limits(io_write_bytes_per_second=0)},
             "io_write_bytes_per_second",
+        ),
+        ({"command": "true", "limits": pb.Limits(io_read_iops=0)}, "limits.io_read_iops 0"),
+        (
+            {"command": "true", "limits": pb.Limits(io_write_iops=2**32)},
+            "limits.io_write_iops 4294967296 is above the largest IOPS limit",
         ),
         ({"command": "true", "limits": pb.Limits(memory_bytes=2**30)}, "maximum"),
         ({"command": "true", "limits": pb.Limits(cpu=4)}, "maximum"),

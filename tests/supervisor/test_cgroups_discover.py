@@ -145,6 +145,15 @@ def test_v1_settings_write_memory_before_memsw():
     assert ("blkio", "blkio.throttle.write_bps_device", "254:0 20") in settings
     assert ("cpu", "cpu.cfs_quota_us", "50000") in settings
     assert "memory.memsw.limit_in_bytes" not in str(v1_settings(limits, [], memsw_file=False))
+    assert "iops" not in str(settings)  # none asked for: the kernel's "no limit" stays
+
+
+def test_v1_settings_write_iops_limits_per_disk():
+    limits = Limits(io_read_iops=30, io_write_iops=40)
+    settings = v1_settings(limits, ["254:0", "8:0"], memsw_file=False)
+    for disk in ("254:0", "8:0"):
+        assert ("blkio", "blkio.throttle.read_iops_device", f"{disk} 30") in settings
+        assert ("blkio", "blkio.throttle.write_iops_device", f"{disk} 40") in settings
 
 
 def test_usage_parsers():

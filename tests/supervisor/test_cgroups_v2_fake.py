@@ -81,6 +81,20 @@ def test_job_leaf_gets_its_limits(root, tmp_path):
     assert group.procs_files == (leaf / "cgroup.procs",)
 
 
+@pytest.mark.parametrize(
+    ("iops", "line"),
+    [
+        ({"io_read_iops": 30, "io_write_iops": 40}, "rbps=1000 wbps=2000 riops=30 wiops=40"),
+        ({"io_write_iops": 40}, "rbps=1000 wbps=2000 wiops=40"),  # riops stays "max"
+    ],
+)
+def test_iops_limits_join_the_io_max_line(root, tmp_path, iops, line):
+    backend = FakeKernelV2Backend(root, "jobworker-test")
+    backend.create("job-1", Limits(io_read_bps=1000, io_write_bps=2000, **iops), str(tmp_path))
+    (disk,) = disks_for(tmp_path)
+    assert read(root / "jobworker-test/job-1/io.max") == f"{disk} {line}"
+
+
 def test_counters_and_usage_are_read_from_the_leaf(root, tmp_path):
     backend = FakeKernelV2Backend(root, "jobworker-test")
     group = backend.create("job-1", Limits(), str(tmp_path))

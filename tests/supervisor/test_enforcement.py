@@ -102,7 +102,8 @@ async def test_pids_limit_makes_fork_fail(sup):
 DIRECT_IO = """
     import mmap, os, sys, time
     mode, path, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    block = mmap.mmap(-1, 64 * 1024)  # page-aligned, as O_DIRECT requires
+    block_bytes = int(sys.argv[4]) if len(sys.argv) > 4 else 64 * 1024  # one IO each
+    block = mmap.mmap(-1, block_bytes)  # page-aligned, as O_DIRECT requires
     block.write(b"x" * len(block))
     flags = os.O_DIRECT | (os.O_WRONLY | os.O_CREAT if mode == "write" else os.O_RDONLY)
     fd = os.open(path, flags, 0o600)
@@ -140,6 +141,35 @@ async def test_direct_io_is_throttled(shared_path, mode, isolation):
         assert status.state is JobState.FINISHED, out
         # 3 MiB at 1 MiB/s cannot take much less than 3 s (the throttle allows a short
         # initial burst); unthrottled it takes milliseconds.
+        assert float(out[OutputStream.STDOUT]) > 1.5
+        moved = status.usage.io_write_bytes if mode == "write" else status.usage.io_read_bytes
+        assert moved >= total
+
+
+@pytest.mark.parametrize("isolation", [True, False], ids=["isolated", "unisolated"])
+@pytest.mark.parametrize("mode", ["write", "read"])
+async def test_direct_iops_are_throttled(shared_path, mode, isolation):
+    # As the bandwidth test, counting operations: 4 KiB direct IOs, one request each, so the
+    # bandwidth (the 100M/s default) is never what holds the job back.
+    path = shared_path / "jobworker-iops-test-read"
+    block, ops = 4096, 300
+    total = block * ops
+    if mode == "read":
+        path.write_bytes(os.urandom(total))
+        path.chmod(0o644)
+    data_dir = shared_path / "data"
+    async with Supervisor(data_dir=data_dir, isolation=isolation) as sup:
+        target = str(path) if mode == "read" else "written"
+        job = await sup.start(
+            [PYTHON, *py(DIRECT_IO), mode, target, str(total), str(block)],
+            limits=LimitOverrides(io_read_iops=100, io_write_iops=100),
+        )
+        out = await read_all(job)
+        status = await job.wait()
+        assert status.state is JobState.FINISHED, out
+        assert (status.limits.io_read_iops, status.limits.io_write_iops) == (100, 100)
+        # 300 operations at 100 per second cannot take much less than 3 s (after the short
+        # initial burst the throttle allows); unthrottled they take milliseconds.
         assert float(out[OutputStream.STDOUT]) > 1.5
         moved = status.usage.io_write_bytes if mode == "write" else status.usage.io_read_bytes
         assert moved >= total

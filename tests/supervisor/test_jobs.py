@@ -173,14 +173,16 @@ async def test_concurrent_stops_agree(sup):
     assert results[0].state is JobState.STOPPED
 
 
-async def test_stopping_an_ended_job_is_an_error(sup):
+async def test_requesting_a_stop_of_an_ended_job_is_an_error(sup):
+    # request_stop (what a server records before it waits) still says the job has ended;
+    # stop() returns the final status then (test_habits.py).
     job = await sup.start("true")
     await job.wait()
     with pytest.raises(JobEnded, match="already ended"):
-        await job.stop()
+        job.request_stop()
     broken = await sup.start("/nonexistent/program")
     with pytest.raises(JobEnded, match="error"):
-        await broken.stop()
+        broken.request_stop()
 
 
 def _alive(pid: int) -> bool:

@@ -15,6 +15,7 @@ from jobworker.supervisor import (
 )
 from jobworker.supervisor.limits import (
     MAX_IO_BPS,
+    MAX_IOPS,
     PID_MAX_LIMIT,
     GiB,
     MiB,
@@ -31,6 +32,7 @@ def test_defaults_are_seed_000s_plus_a_pids_cap():
     assert (limits.cpu, limits.memory_bytes) == (0.5, GiB)
     assert (limits.io_read_bps, limits.io_write_bps, limits.pids) == (100 * MiB, 100 * MiB, 4096)
     assert limits.cpu_quota_us == 50_000
+    assert (limits.io_read_iops, limits.io_write_iops) == (None, None)  # IOPS: opt-in
 
 
 @pytest.mark.parametrize(
@@ -49,6 +51,10 @@ def test_defaults_are_seed_000s_plus_a_pids_cap():
         {"io_write_bps": -5},
         {"pids": 1},
         {"pids": "10"},
+        {"io_read_iops": 0},
+        {"io_write_iops": -1},
+        {"io_read_iops": 1.5},
+        {"io_write_iops": True},
     ],
 )
 def test_nonsense_limits_are_refused_with_their_name(bad):
@@ -96,6 +102,13 @@ def test_defaults_above_maximums_are_refused():
         (LimitOverrides(pids=2**32 - 1), "pids 4294967295 is above this host's pid_max 32768"),
         (LimitOverrides(io_read_bps=2**64 - 1), "io_read_bps 18446744073709551615 is above"),
         (LimitOverrides(io_write_bps=2**70), "io_write_bps 1073741824T is above the largest"),
+        # The kernel keeps IOPS in 32 bits: 2^32 - 1 means "no limit", 2^32 would read back 0.
+        (
+            LimitOverrides(io_read_iops=2**32 - 1),
+            "io_read_iops 4294967295 is above the largest IOPS limit the kernel takes "
+            "(allowed: 1 to 4294967294)",
+        ),
+        (LimitOverrides(io_write_iops=2**32), "io_write_iops 4294967296 is above the largest"),
     ],
 )
 def test_without_a_maximum_the_host_is_the_maximum(overrides, message):
@@ -107,9 +120,42 @@ def test_without_a_maximum_the_host_is_the_maximum(overrides, message):
 
 def test_the_top_of_each_range_is_accepted():
     top = Limits(
-        cpu=2, memory_bytes=4 * GiB, io_read_bps=MAX_IO_BPS, io_write_bps=MAX_IO_BPS, pids=32768
+        cpu=2,
+        memory_bytes=4 * GiB,
+        io_read_bps=MAX_IO_BPS,
+        io_write_bps=MAX_IO_BPS,
+        pids=32768,
+        io_read_iops=MAX_IOPS,
+        io_write_iops=MAX_IOPS,
     )
     assert LimitPolicy(host=HOST).resolve(top) == top
+
+
+def test_iops_limits_have_defaults_and_maximums_like_the_others():
+    policy = LimitPolicy(
+        defaults=Limits(io_read_iops=50, io_write_iops=60),
+        maximums=LimitOverrides(io_read_iops=100, io_write_iops=200),
+        host=HOST,
+    )
+    assert policy.resolve(None) == Limits(io_read_iops=50, io_write_iops=60)
+    assert policy.resolve(LimitOverrides(io_write_iops=200)).io_write_iops == 200
+    with pytest.raises(
+        LimitOutOfRange,
+        match=r"^requested io_read_iops 101 is above the maximum 100 \(allowed: 1 to 100\)$",
+    ):
+        policy.resolve(LimitOverrides(io_read_iops=101))
+    assert Limits(io_read_iops=7).describe().endswith("pids=4096 io-read-iops=7")
+    assert "iops" not in Limits().describe()
+
+
+def test_a_maximum_iops_without_a_default_is_refused():
+    # Without a default, a job asking nothing would run with no IOPS limit, above the maximum.
+    with pytest.raises(
+        LimitOutOfRange,
+        match=r"^default io_read_iops unset \(no limit\) is above the maximum 100 "
+        r"\(allowed: 1 to 100\)$",
+    ):
+        LimitPolicy(maximums=LimitOverrides(io_read_iops=100), host=HOST)
 
 
 @pytest.mark.parametrize(

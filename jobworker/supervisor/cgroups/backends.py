@@ -186,8 +186,9 @@ class V1Backend(_CgroupBackend):
     # Measured here (shared/CGROUPS.md): 298 MB/s of buffered writes under a 100 MiB/s limit,
     # because writeback runs outside the job's group; direct, synced and read IO are throttled.
     caveats = (
-        "io write limit: cgroup v1 throttles direct and synced writes only; buffered writes "
-        "reach the disk through the kernel's writeback, which no job's limit slows",
+        "io write limit: cgroup v1 throttles direct and synced writes only (bandwidth and "
+        "IOPS alike); buffered writes reach the disk through the kernel's writeback, which no "
+        "job's limit slows",
     )
 
     def __init__(self, layout: Layout, name: str, *, use_unified: bool = True) -> None:

@@ -23,7 +23,13 @@ def v2_settings(limits: Limits, disks: list[str], *, swap_file: bool) -> list[tu
     settings.append(("memory.oom.group", "1"))
     # One line per whole disk; io.max has no "default" key (EINVAL), partitions give ENODEV.
     for disk in disks:
-        settings.append(("io.max", f"{disk} rbps={limits.io_read_bps} wbps={limits.io_write_bps}"))
+        line = f"{disk} rbps={limits.io_read_bps} wbps={limits.io_write_bps}"
+        # An IOPS limit left out stays "max" (a new group has none).
+        if limits.io_read_iops is not None:
+            line += f" riops={limits.io_read_iops}"
+        if limits.io_write_iops is not None:
+            line += f" wiops={limits.io_write_iops}"
+        settings.append(("io.max", line))
     settings.append(("pids.max", str(limits.pids)))
     return settings
 
@@ -47,6 +53,14 @@ def v1_settings(
         settings.append(
             ("blkio", "blkio.throttle.write_bps_device", f"{disk} {limits.io_write_bps}")
         )
+        if limits.io_read_iops is not None:
+            settings.append(
+                ("blkio", "blkio.throttle.read_iops_device", f"{disk} {limits.io_read_iops}")
+            )
+        if limits.io_write_iops is not None:
+            settings.append(
+                ("blkio", "blkio.throttle.write_iops_device", f"{disk} {limits.io_write_iops}")
+            )
     settings.append(("pids", "pids.max", str(limits.pids)))
     return settings
 
