@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +246,22 @@ class JobClient:
             ) as chunks:
                 async for chunk in chunks:
                     on_chunk(chunk)
+        except GrpcError as exc:
+            raise rpc_failure(exc, self.server) from None
+
+    async def write_input(self, job_id: str, read: Callable[[], Awaitable[bytes]]) -> int:
+        """Stream what `read` returns into the job's stdin until it returns b"" (our EOF,
+        which the server passes on), and return how many bytes the job was given. No
+        deadline: input lasts as long as its source. `send` waits on HTTP/2 flow control, so
+        a job that does not read holds `read` back, a window behind."""
+        try:
+            async with self._channel.client_stream(
+                f"{SERVICE}/WriteJobInput", pb.WriteJobInputResponse
+            ) as call:
+                await call.send(pb.WriteJobInputRequest(job_id=job_id))
+                while data := await read():
+                    await call.send(pb.WriteJobInputRequest(data=data))
+                return (await call.response()).bytes_written
         except GrpcError as exc:
             raise rpc_failure(exc, self.server) from None
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -79,6 +80,9 @@ from .terminal import printable
 from .top import run_top
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+# `run -i`: the most of our stdin read at once, one WriteJobInput message (its HTTP/2 window
+# and the job's pipe bound what is in flight, not this).
+STDIN_CHUNK_BYTES = 64 * 2**10
 
 app = App(
     name="jobctl",
@@ -481,6 +485,16 @@ def run(
     command: CommandName,
     /,
     *args: CommandArgs,
+    interactive: Annotated[
+        bool,
+        Parameter(
+            name=["--interactive", "-i"],
+            negative="",
+            group=JOB_GROUP,
+            help="Pass jobctl's stdin to the job, byte for byte, then EOF (docker's -i). "
+            "Without it the job's stdin is /dev/null.",
+        ),
+    ] = False,
     options: JobOptions = JobOptions(),
     conn: ConnectionParameter = None,
 ) -> int:
@@ -488,7 +502,32 @@ def run(
     created); if it did not end on its own, one line on stderr says why. Ctrl-C stops the job
     (twice: kills it at once)."""
     request = build_start_request(command, args, options)
-    return _with_client(conn, lambda client: _run_in_foreground(client, request))
+    if interactive:
+        request.open_stdin = True
+    elif _stdin_holds_data():
+        _say("stdin is not passed to the job (its stdin is /dev/null); run -i passes it")
+    return _with_client(
+        conn, lambda client: _run_in_foreground(client, request, pass_stdin=interactive)
+    )
+
+
+def _stdin_holds_data() -> bool:
+    """Is our stdin a pipe or a file, i.e. was something meant for the job? (A terminal or
+    /dev/null is no sign of that.)"""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):  # closed, or replaced by something without a descriptor
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+async def _read_stdin() -> bytes:
+    """The next bytes of our stdin, b"" at its end. Read in a thread: O_NONBLOCK, which
+    trio's FdStream would set, belongs to the open file, shared with the shell and whoever
+    else reads this terminal or pipe. A read still blocked when the job ends is abandoned:
+    its thread dies with the process."""
+    return await trio.to_thread.run_sync(os.read, sys.stdin.fileno(), STDIN_CHUNK_BYTES,
+                                         abandon_on_cancel=True)  # fmt: skip
 
 
 @app.command
@@ -734,9 +773,20 @@ async def _cancel_on_ctrl_c(work: Callable[[], Awaitable[Any]]) -> bool:
     return interrupted
 
 
-async def _run_in_foreground(client: JobClient, request: pb.StartJobRequest) -> int:
+async def _run_in_foreground(
+    client: JobClient, request: pb.StartJobRequest, *, pass_stdin: bool = False
+) -> int:
     job_id = (await client.start(request)).job_id
     presses = 0
+
+    async def pass_on_stdin() -> None:
+        try:
+            await client.write_input(job_id, _read_stdin)
+        except CliError as exc:
+            # The job stopped reading (it ended, or closed its stdin): what `yes | head -1`
+            # does, not an error. Anything else is said once; the job's end is still reported.
+            if not exc.answered:
+                _say(f"could not pass stdin to job {job_id}: {exc.message}")
 
     async def stop(grace_s: float | None) -> None:
         try:
@@ -763,6 +813,8 @@ async def _run_in_foreground(client: JobClient, request: pb.StartJobRequest) -> 
                         return
 
             nursery.start_soon(on_ctrl_c)
+            if pass_stdin:
+                nursery.start_soon(pass_on_stdin)
             await client.logs(job_id, _write_chunk, follow=True)
             nursery.cancel_scope.cancel()
     if presses >= 3:

@@ -21,6 +21,8 @@ Decisions where the issue is silent:
   of every user's jobs asks for it with ``is_owner=False``: admin only.
 * SIGNAL (issue 14: `jobctl kill`) acts on a job's processes as a stop does: like STOP.
   Waiting for a job's end (WaitJob) reads its status: READ_STATUS.
+* WRITE_INPUT (issue 15: `jobctl run -i`) feeds the job what it reads: what it does with it is
+  acting on the job, so like STOP (a viewer only watches).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Action(enum.Enum):
     READ_LOGS = "logs"
     LIST = "list"
     DELETE = "delete"
+    WRITE_INPUT = "input"
 
 
 class Decision(enum.Enum):
@@ -70,6 +73,8 @@ _TABLE: dict[tuple[Action, bool], tuple[Decision, Decision, Decision]] = {
     (Action.LIST,        False):   (_D,   _A,    _A),
     (Action.DELETE,      True):    (_A,   _D,    _A),
     (Action.DELETE,      False):   (_H,   _D,    _A),
+    (Action.WRITE_INPUT, True):    (_A,   _D,    _A),
+    (Action.WRITE_INPUT, False):   (_H,   _D,    _A),
 }
 # fmt: on
 _USER = None  # the column of a caller with no role at all

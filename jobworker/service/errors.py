@@ -86,6 +86,11 @@ class JobNameTaken(ServiceError):
         self.holder_id = holder_id
 
 
+class StdinUnavailable(ServiceError):
+    """A job's stdin cannot be written: it was not opened, has a writer, was closed, or the
+    job stopped reading it."""
+
+
 class ShuttingDown(ServiceError):
     """The service is closing and starts nothing more."""
 
@@ -108,6 +113,7 @@ STATUS_OF: dict[type[Exception], Status] = {
     ShuttingDown: Status.UNAVAILABLE,
     TransientUsersExhausted: Status.RESOURCE_EXHAUSTED,
     JobNotEnded: Status.FAILED_PRECONDITION,
+    StdinUnavailable: Status.FAILED_PRECONDITION,
     Unavailable: Status.UNAVAILABLE,
     StoreUnavailable: Status.UNAVAILABLE,
 }

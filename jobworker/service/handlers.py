@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from jobworker.purgatory import RpcMethod, ServerCall
+from jobworker.purgatory import RequestStream, RpcMethod, ServerCall
 from jobworker.supervisor import (
     CgroupError,
     Job,
@@ -61,6 +62,7 @@ from .errors import (
     NoSuchJob,
     PermissionDenied,
     ShuttingDown,
+    StdinUnavailable,
     TooManyJobs,
     TooManyLogStreams,
     Unavailable,
@@ -99,6 +101,7 @@ _WHAT = {
     Action.READ_LOGS: "read the logs of this job",
     Action.LIST: "list every job (that needs the viewer or admin role)",
     Action.DELETE: "remove jobs",
+    Action.WRITE_INPUT: "write the stdin of jobs",
 }
 
 
@@ -180,6 +183,8 @@ class JobService:
         # Jobs recorded but not yet handed to the Supervisor: set once they are (or never
         # will be). A reference may find such a record before its job exists.
         self._starting: dict[str, trio.Event] = {}
+        # Jobs whose stdin a WriteJobInput has taken (until they end): one writer, once.
+        self._stdin_taken: set[str] = set()
         self.health = Health([SERVICE_NAME])
 
     # --- what the server uses ------------------------------------------------------------------
@@ -211,6 +216,13 @@ class JobService:
             rpc("ListJobs", pb.ListJobsRequest, pb.ListJobsResponse, self.list_jobs),
             rpc("DeleteJob", pb.DeleteJobRequest, pb.DeleteJobResponse, self.delete_job),
             rpc("PruneJobs", pb.PruneJobsRequest, pb.PruneJobsResponse, self.prune_jobs),
+            rpc(
+                "WriteJobInput",
+                pb.WriteJobInputRequest,
+                pb.WriteJobInputResponse,
+                self.write_job_input,
+                client_streaming=True,
+            ),
             *self.health.methods(),
         ]
 
@@ -342,6 +354,7 @@ class JobService:
                     network=network,
                     job_id=job_id,
                     name=name,
+                    stdin=subprocess.PIPE if request.open_stdin else None,
                 )
             except BaseException as exc:
                 with trio.CancelScope(shield=True):
@@ -454,6 +467,55 @@ class JobService:
             ),
         )
         return pb.SignalJobResponse()
+
+    async def write_job_input(
+        self, requests: RequestStream[pb.WriteJobInputRequest], call: ServerCall
+    ) -> pb.WriteJobInputResponse:
+        """The client's stream into the job's stdin (`jobctl run -i`), then EOF.
+
+        Backpressure is end to end with nothing buffered here: a message is taken from the
+        stream (and its window given back to the client) only once the previous one is in the
+        pipe, and the pipe fills only as fast as the job reads. However the stream ends — the
+        client half-closing, its cancellation, a bad message — the job's stdin is closed, so
+        a job can never be left waiting for input nobody will send. One writer per job, once:
+        a second could only interleave its bytes with the first's."""
+        who = self._caller(call)
+        first = await anext(aiter(requests), None)
+        if first is None:
+            raise InvalidRequest("the stream is empty: its first message must name the job")
+        job_id = convert.job_id_of(first.job_id)
+        job = await self._find(who, Action.WRITE_INPUT, job_id)
+        if isinstance(job, Record):
+            raise JobEnded(job.job_id, convert.state_from_proto(job.state).value)
+        stdin = job.stdin
+        if stdin is None:
+            raise StdinUnavailable(
+                f"job {job.id} was not started with open_stdin (`jobctl run -i`): its stdin is"
+                " /dev/null"
+            )
+        if job.id in self._stdin_taken:
+            raise StdinUnavailable(
+                f"job {job.id}'s stdin has been written already (one writer,"
+                " once: its end is the job's EOF)"
+            )
+        self._stdin_taken.add(job.id)
+        written = 0
+        try:
+            message: pb.WriteJobInputRequest | None = first
+            while message is not None:
+                if message is not first and message.job_id:
+                    raise InvalidRequest("job_id belongs in the first message only")
+                if message.data:
+                    try:
+                        await stdin.send_all(message.data)
+                    except trio.BrokenResourceError as exc:
+                        raise StdinUnavailable(f"{exc}; it took {written} bytes") from None
+                    written += len(message.data)
+                message = await anext(requests, None)
+        finally:
+            stdin.close_nowait()  # EOF, whichever way the stream ended; no await: may be cancelled
+            events.debug("stdin closed %s", fields(job=job.id, by=who.name, bytes=written))
+        return pb.WriteJobInputResponse(bytes_written=written)
 
     async def get_job_logs(self, request: pb.GetJobLogsRequest, call: ServerCall) -> None:
         """History from `offset`, then (with follow) live output until the job has ended,
@@ -722,6 +784,7 @@ class JobService:
             await self._record_end(job)
         finally:
             self._recording.pop(job.id).set()
+            self._stdin_taken.discard(job.id)
 
     async def _record_end(self, job: Job) -> None:
         try:

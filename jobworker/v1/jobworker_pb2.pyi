@@ -75,7 +75,7 @@ class Limits(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., io_read_bytes_per_second: _Optional[int] = ..., io_write_bytes_per_second: _Optional[int] = ..., pids: _Optional[int] = ..., io_read_iops: _Optional[int] = ..., io_write_iops: _Optional[int] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
-    __slots__ = ("command", "args", "limits", "env", "working_dir", "network", "name")
+    __slots__ = ("command", "args", "limits", "env", "working_dir", "network", "name", "open_stdin")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class StartJobRequest(_message.Message):
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    OPEN_STDIN_FIELD_NUMBER: _ClassVar[int]
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
     limits: Limits
@@ -97,7 +98,8 @@ class StartJobRequest(_message.Message):
     working_dir: str
     network: Network
     name: str
-    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., network: _Optional[_Union[Network, str]] = ..., name: _Optional[str] = ...) -> None: ...
+    open_stdin: bool
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., network: _Optional[_Union[Network, str]] = ..., name: _Optional[str] = ..., open_stdin: _Optional[bool] = ...) -> None: ...
 
 class RunAs(_message.Message):
     __slots__ = ("user", "uid", "gid", "transient")
@@ -328,3 +330,17 @@ class JobStatus(_message.Message):
     name: str
     cgroup_version: CgroupVersion
     def __init__(self, job_id: _Optional[str] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[JobState, str]] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., error: _Optional[str] = ..., stop_requested_by: _Optional[str] = ..., escalated: _Optional[bool] = ..., oom_killed: _Optional[bool] = ..., pids_limit_hit: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., run_as: _Optional[_Union[RunAs, _Mapping]] = ..., namespaces: _Optional[_Iterable[str]] = ..., network: _Optional[_Union[Network, str]] = ..., limit_caveats: _Optional[_Iterable[str]] = ..., survivors: _Optional[_Iterable[int]] = ..., output_lost_bytes: _Optional[int] = ..., output_removed: _Optional[bool] = ..., name: _Optional[str] = ..., cgroup_version: _Optional[_Union[CgroupVersion, str]] = ...) -> None: ...
+
+class WriteJobInputRequest(_message.Message):
+    __slots__ = ("job_id", "data")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    data: bytes
+    def __init__(self, job_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteJobInputResponse(_message.Message):
+    __slots__ = ("bytes_written",)
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    bytes_written: int
+    def __init__(self, bytes_written: _Optional[int] = ...) -> None: ...

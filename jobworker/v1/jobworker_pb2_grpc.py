@@ -80,6 +80,11 @@ class JobServiceStub:
                 request_serializer=jobworker_dot_v1_dot_jobworker__pb2.PruneJobsRequest.SerializeToString,
                 response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.PruneJobsResponse.FromString,
                 _registered_method=True)
+        self.WriteJobInput = channel.stream_unary(
+                '/jobworker.v1.JobService/WriteJobInput',
+                request_serializer=jobworker_dot_v1_dot_jobworker__pb2.WriteJobInputRequest.SerializeToString,
+                response_deserializer=jobworker_dot_v1_dot_jobworker__pb2.WriteJobInputResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -165,6 +170,20 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WriteJobInput(self, request_iterator, context):
+        """Feed the standard input of a job started with `open_stdin`, as `docker run -i` does. The
+        first message names the job; each message's `data` is written in order, with flow
+        control end to end: a job that does not read holds the stream back. When the stream ends,
+        by the client half-closing or by its cancellation, the job's stdin is closed (it reads
+        EOF). One writer per job, once. FAILED_PRECONDITION if its stdin was not opened, is being
+        written or was closed, or if the job stops reading (it ended, or closed its stdin) before
+        all the data was written: the message says how many bytes it took. The owner or an admin
+        may write (as for StopJob).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +231,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.PruneJobs,
                     request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.PruneJobsRequest.FromString,
                     response_serializer=jobworker_dot_v1_dot_jobworker__pb2.PruneJobsResponse.SerializeToString,
+            ),
+            'WriteJobInput': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteJobInput,
+                    request_deserializer=jobworker_dot_v1_dot_jobworker__pb2.WriteJobInputRequest.FromString,
+                    response_serializer=jobworker_dot_v1_dot_jobworker__pb2.WriteJobInputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -457,6 +481,33 @@ class JobService:
             '/jobworker.v1.JobService/PruneJobs',
             jobworker_dot_v1_dot_jobworker__pb2.PruneJobsRequest.SerializeToString,
             jobworker_dot_v1_dot_jobworker__pb2.PruneJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteJobInput(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/jobworker.v1.JobService/WriteJobInput',
+            jobworker_dot_v1_dot_jobworker__pb2.WriteJobInputRequest.SerializeToString,
+            jobworker_dot_v1_dot_jobworker__pb2.WriteJobInputResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,11 +46,14 @@ def scrape(url: str) -> dict[tuple[str, frozenset], float]:
     }
 
 
+KINDS = {"GetJobLogs": "server_stream", "WriteJobInput": "client_stream"}
+
+
 def handled(samples, method: str, code: str) -> float:
     labels = {
         "grpc_service": "jobworker.v1.JobService",
         "grpc_method": method,
-        "grpc_type": "server_stream" if method == "GetJobLogs" else "unary",
+        "grpc_type": KINDS.get(method, "unary"),
         "grpc_code": code,
     }
     return samples.get(("grpc_server_handled_total", frozenset(labels.items())), 0.0)
@@ -64,6 +67,11 @@ def test_calls_become_audit_lines_and_metrics(server_factory, certs_dir: Path, o
 
     job_id = jobctl.start("sh", "-c", "echo hello")
     jobctl.wait_ended(job_id)
+    piped = subprocess.run(
+        [*JOBCTL, "run", "-i", "cat"], input=b"piped", capture_output=True,
+        env=jobctl.env("alice"), timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert (piped.returncode, piped.stdout) == (0, b"piped")
     assert jobctl("stop", "nosuch").returncode != 0
     assert jobctl("list", "--all").returncode != 0  # alice is a plain user
 
@@ -78,11 +86,12 @@ def test_calls_become_audit_lines_and_metrics(server_factory, certs_dir: Path, o
     assert "code=PERMISSION_DENIED" in listing
 
     samples = scrape(url)
-    assert samples[("jobworker_jobs_started_total", frozenset())] == 1
+    assert samples[("jobworker_jobs_started_total", frozenset())] == 2
     finished = frozenset({("state", "finished")})
-    assert samples[("jobworker_jobs_ended_total", finished)] == 1
-    assert samples[("jobworker_output_bytes_total", frozenset())] == len("hello\n")
-    assert handled(samples, "StartJob", "OK") == 1
+    assert samples[("jobworker_jobs_ended_total", finished)] == 2
+    assert samples[("jobworker_output_bytes_total", frozenset())] == len("hello\npiped")
+    assert handled(samples, "StartJob", "OK") == 2
+    assert handled(samples, "WriteJobInput", "OK") == 1
     assert handled(samples, "StopJob", "NOT_FOUND") == 1
     assert handled(samples, "ListJobs", "PERMISSION_DENIED") == 1
 

@@ -67,6 +67,7 @@ RESPONSES = {
     "PruneJobs": pb.PruneJobsResponse,
     "WaitJob": pb.WaitJobResponse,
     "SignalJob": pb.SignalJobResponse,
+    "WriteJobInput": pb.WriteJobInputResponse,
 }
 
 
@@ -155,6 +156,12 @@ class Client:
 
     async def list(self, *, all: bool = False, **fields) -> list[pb.JobStatus]:
         return list((await self.call("ListJobs", pb.ListJobsRequest(all=all, **fields))).jobs)
+
+    def write_input(self):
+        """A WriteJobInput call: `send()` its messages, then `response()`."""
+        return self.channel.client_stream(
+            f"/{SERVICE_NAME}/WriteJobInput", pb.WriteJobInputResponse, timeout_s=CALL_TIMEOUT_S
+        )
 
     async def wait_ended(self, job_id: str) -> pb.JobStatus:
         """The job's final status, once it has ended: a follower from an offset its output

@@ -21,9 +21,9 @@ def expected(roles: frozenset[Role], action: Action, is_owner: bool) -> Decision
         return Decision.ALLOW
     # "viewer: lists and reads the status and logs of every job; starts and stops nothing."
     # Issue 12: removing a job (rm, prune) is the owner's or an admin's, as stopping it is;
-    # issue 14: so is signalling it (kill).
+    # issue 14: so is signalling it (kill); issue 15: so is feeding its stdin (run -i).
     if Role.VIEWER in roles:
-        if action in (Action.START, Action.STOP, Action.DELETE, Action.SIGNAL):
+        if action in (Action.START, Action.STOP, Action.DELETE, Action.SIGNAL, Action.WRITE_INPUT):
             return Decision.DENY
         return Decision.ALLOW
     # "user: starts jobs; sees, stops and reads only the jobs it started." Listing every job
@@ -57,3 +57,11 @@ def test_a_plain_user_never_learns_of_anothers_job() -> None:
     # someone else's job is hidden, never merely denied.
     for action in (Action.STOP, Action.SIGNAL, Action.READ_STATUS, Action.READ_LOGS):
         assert authorize(frozenset(), action, is_owner=False) is Decision.HIDE
+
+
+def test_every_action_has_words_for_its_refusal() -> None:
+    """A refusal names what was refused: an action without words would fail the call with a
+    KeyError instead of PERMISSION_DENIED."""
+    from jobworker.service.handlers import _WHAT
+
+    assert set(_WHAT) == set(Action)

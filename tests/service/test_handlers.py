@@ -625,9 +625,12 @@ async def test_the_methods_cover_every_rpc_of_the_schema(served: Served) -> None
     from jobworker._pb.grpc.health.v1 import health_pb2 as health
 
     schema = {
-        f"/{service.full_name}/{method.name}"
+        (f"/{service.full_name}/{method.name}", method.client_streaming, method.server_streaming)
         for module in (pb, health)
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
-    assert {m.path for m in served.service.methods()} == schema
+    served_methods = {
+        (m.path, m.client_streaming, m.server_streaming) for m in served.service.methods()
+    }
+    assert served_methods == schema  # each method, and each of its kind
