@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobworker.cli.config import load_config_file, resolve
 from jobworker.cli.serve import DRAIN_MARGIN_S
 
 from .conftest import JOBCTL, JOBWORKER, TIMEOUT_S, Jobctl, Server, run, tls_flags
 
 UNIT_FILE = Path(__file__).parents[2] / "examples" / "jobworker.service"
+EXAMPLE_CONFIG = Path(__file__).parents[2] / "examples" / "jobworker.toml"
 METRICS_LINE = re.compile(rb"^jobworker: metrics on (http://\S+/metrics)$")
 
 
@@ -173,10 +175,15 @@ def test_the_unit_file_lets_the_server_stop_its_jobs_itself() -> None:
     flags = dict(zip(argv[2::2], argv[3::2], strict=False))
     assert service["StateDirectory"] == "jobworker"
     assert flags["--data-dir"] == "${STATE_DIRECTORY}"
+    # Its settings are the example config file's, installed where --config points.
+    assert flags["--config"] == "/etc/jobworker/jobworker.toml"
+    settings = resolve({}, load_config_file(EXAMPLE_CONFIG))
     # Stopping takes the grace period plus the server's drain margin: systemd must wait longer.
-    grace_s = float(flags["--grace-period"].removesuffix("s"))
+    grace_s = settings.grace_period_s
     assert float(service["TimeoutStopSec"].removesuffix("s")) > grace_s + DRAIN_MARGIN_S
     assert service["TasksMax"] == "infinity"  # the jobs' own pids limits bind, not the unit's
+    # `systemctl reload`: SIGHUP, which reads the config file again
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
 
 def test_the_unit_files_command_line_is_one_the_server_accepts(tmp_path: Path) -> None:
@@ -184,6 +191,7 @@ def test_the_unit_files_command_line_is_one_the_server_accepts(tmp_path: Path) -
     own parsing: run with --help they are all known (cyclopts refuses an unknown flag)."""
     argv = shlex.split(unit()["Service"]["ExecStart"])
     argv = [a.replace("${STATE_DIRECTORY}", str(tmp_path)) for a in argv[1:]]
+    argv = [str(EXAMPLE_CONFIG) if a == "/etc/jobworker/jobworker.toml" else a for a in argv]
     done = run([*JOBWORKER, *argv, "--help"])
     assert done.returncode == 0, done.stderr
     for flag in (a for a in argv if a.startswith("--")):
