@@ -276,14 +276,10 @@ class Channel:
         self._free_stream()
 
 
-class ResponseStream(Generic[R]):
-    """The responses of a server-streaming call, as an async iterator."""
+class _CallMetadata:
+    """What the server said of a call besides its messages."""
 
-    def __init__(self, channel: Channel, call: _Call, response_type: type[R], scope) -> None:
-        self._channel = channel
-        self._call = call
-        self._response_type = response_type
-        self._scope = scope
+    _call: _Call
 
     @property
     def initial_metadata(self) -> Metadata:
@@ -292,6 +288,16 @@ class ResponseStream(Generic[R]):
     @property
     def trailing_metadata(self) -> Metadata:
         return self._call.ended.metadata if self._call.ended is not None else ()
+
+
+class ResponseStream(_CallMetadata, Generic[R]):
+    """The responses of a server-streaming call, as an async iterator."""
+
+    def __init__(self, channel: Channel, call: _Call, response_type: type[R], scope) -> None:
+        self._channel = channel
+        self._call = call
+        self._response_type = response_type
+        self._scope = scope
 
     def __aiter__(self) -> ResponseStream[R]:
         return self
@@ -303,7 +309,7 @@ class ResponseStream(Generic[R]):
         return message
 
 
-class StreamingCall(Generic[R]):
+class StreamingCall(_CallMetadata, Generic[R]):
     """A call whose request is a stream of messages: client streaming (send, then
     `response()`) or bidirectional (send and receive, iterating over the responses).
 
@@ -320,14 +326,6 @@ class StreamingCall(Generic[R]):
         self._call = call
         self._response_type = response_type
         self._done_sending = False
-
-    @property
-    def initial_metadata(self) -> Metadata:
-        return self._call.initial_metadata
-
-    @property
-    def trailing_metadata(self) -> Metadata:
-        return self._call.ended.metadata if self._call.ended is not None else ()
 
     async def send(self, message: Message) -> None:
         """Send one request message (serialized at once, not kept while waiting)."""

@@ -17,7 +17,13 @@ from .convert import MAX_GRACE_PERIOD_S
 from .handlers import JobService
 from .identity import AllowList
 from .metrics import Metrics
-from .policy import DEFAULT_MAX_LOG_STREAMS, JobPolicy, Retention, per_user_share
+from .policy import (
+    DEFAULT_MAX_LOG_STREAMS,
+    JobPolicy,
+    Retention,
+    check_caps,
+    per_user_share,
+)
 from .store import JobStore, open_store
 
 
@@ -72,14 +78,12 @@ async def open_job_service(
         max_running_jobs_per_user = per_user_share(max_running_jobs)
     if max_log_streams_per_user == "half":
         max_log_streams_per_user = per_user_share(max_log_streams)
-    for name, cap in (
-        ("max_running_jobs", max_running_jobs),
-        ("max_running_jobs_per_user", max_running_jobs_per_user),
-        ("max_log_streams", max_log_streams),
-        ("max_log_streams_per_user", max_log_streams_per_user),
-    ):
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"{name} must be at least 1, got {cap!r}")
+    check_caps(
+        max_running_jobs=max_running_jobs,
+        max_running_jobs_per_user=max_running_jobs_per_user,
+        max_log_streams=max_log_streams,
+        max_log_streams_per_user=max_log_streams_per_user,
+    )
     if not math.isfinite(max_grace_period_s) or max_grace_period_s < 0:
         raise ValueError(f"max_grace_period_s must be finite and >= 0, got {max_grace_period_s}")
     if policy is not None and policy.needs_isolation and supervisor.isolation is None:

@@ -70,7 +70,7 @@ from .errors import (
 from .events import caller, events, exit_cause, fields
 from .health import Health
 from .identity import AllowList, Identity, identify, refuse_unlisted
-from .policy import JobPolicy, Retention
+from .policy import JobPolicy, Retention, check_caps
 from .store import JobStore, NameInUse, Query, Record, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -247,14 +247,12 @@ class JobService:
         was given: a job keeps its limits, a log stream stays open, holdings above a lowered
         cap stay (new ones are refused until they fall below it). ValueError: nothing changed.
         """
-        for name, cap in (
-            ("max_running_jobs", max_running_jobs),
-            ("max_running_jobs_per_user", max_running_jobs_per_user),
-            ("max_log_streams", max_log_streams),
-            ("max_log_streams_per_user", max_log_streams_per_user),
-        ):
-            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-                raise ValueError(f"{name} must be at least 1, got {cap!r}")
+        check_caps(
+            max_running_jobs=max_running_jobs,
+            max_running_jobs_per_user=max_running_jobs_per_user,
+            max_log_streams=max_log_streams,
+            max_log_streams_per_user=max_log_streams_per_user,
+        )
         if policy.needs_isolation and self._supervisor.isolation is None:
             raise ValueError(
                 "run-as accounts and network none need isolated jobs, and this server does not"

@@ -59,6 +59,13 @@ def per_user_share(cap: int | None) -> int | None:
     return None if cap is None else max(1, cap // 2)
 
 
+def check_caps(**caps: int | None) -> None:
+    """ValueError unless each cap is None (no cap) or a whole number of at least 1."""
+    for name, cap in caps.items():
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"{name} must be at least 1, got {cap!r}")
+
+
 DAY_S = 86400.0
 
 
