@@ -391,6 +391,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets the decoder's error out
+        raise ConfigError(
+            f"config file {path}: not UTF-8 (byte {exc.start}: {exc.reason})"
+        ) from None
 
 
 def resolve(

@@ -1,4 +1,14 @@
-"""The `jobctl` executable's entry point: a thin door in front of the cyclopts app (jobctl.py).
+"""The executables' entry points: thin doors in front of the cyclopts apps.
+
+`jobworker` (serve.py): SIGHUP means "reload the config file" to a running server, and systemd's
+`ExecReload=` may send it as soon as the process exists. Until the server's signal receiver is
+up (after importing trio, the transport and the service: a good part of a second), the default
+action would kill it. So SIGHUP is ignored first thing, until the receiver takes it over: a
+reload asked for meanwhile is dropped, harmlessly, as the server is reading its file anyway.
+Jobs do not inherit the ignoring: they are spawned only while the receiver's handler is
+installed, and exec resets a handled signal to its default.
+
+`jobctl` (jobctl.py):
 
 A command-line client is judged by how soon it is done. Two costs here are not the command's:
 
@@ -16,7 +26,15 @@ A command-line client is judged by how soon it is done. Two costs here are not t
 from __future__ import annotations
 
 import os
+import signal
 import sys
+
+
+def jobworker() -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from .serve import main
+
+    return main()
 
 
 def jobctl() -> int:

@@ -596,6 +596,7 @@ class _Run:
         self.service = service
         self.server = server
         self.metrics = metrics
+        self._reloading = trio.Lock()
         self.config_file = config_file
         self.flags = flags or {}
         self.exit_code = 0
@@ -702,7 +703,9 @@ class _Run:
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                await self._reload()
+                # Its own task: a reload reads files and asks NSS for accounts (a slow LDAP
+                # must not hold up a SIGTERM); one at a time, in the order they came.
+                nursery.start_soon(self._reload)
                 continue
             received += 1
             if received == 1:
@@ -726,12 +729,21 @@ class _Run:
         if self.config_file is None:
             log.warning("SIGHUP: no config file to reload (serve --config FILE), nothing changed")
             return
+        async with self._reloading:
+            await self._reload_now()
+
+    async def _reload_now(self) -> None:
         where = f"config file {self.config_file}"
         try:
             # A thread: reading the file and probing the host are blocking I/O.
             new = await trio.to_thread.run_sync(_load_checked, self.flags, self.config_file)
         except ConfigError as exc:
             log.error("SIGHUP: not reloaded, the configuration is unchanged: %s", exc)
+            return
+        except Exception as exc:  # a file must never take the server and its jobs down
+            log.exception("SIGHUP: not reloaded, the configuration is unchanged: %r", exc)
+            return
+        if self.stopping:
             return
         old = self.settings
         restart = changed_settings(old, new, restart_only=True)

@@ -9,6 +9,7 @@ import select
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,55 @@ def test_log_level_warning_leaves_out_the_info_lines(server_factory, certs_dir: 
     assert " jobworker.events WARNING authorization failure identity=bob " in line
     # Lines come in order: the job's creation, an info line, would be above it by now.
     assert "job created" not in server.stderr() and "serving on" not in server.stderr()
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_never_fatal(
+    server_factory, certs_dir: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "jobworker.toml"
+    config.write_bytes(b'memory = "256M"\n# caf\xe9\n')
+    done = run([*JOBWORKER, "serve", "--listen", "127.0.0.1:0", *tls_flags(certs_dir),
+                "--config", str(config)])  # fmt: skip
+    fails(done, 2, f"jobworker: config file {config}: not UTF-8 (byte 21: invalid ".encode())
+
+    config.write_text('memory = "256M"\n')
+    server: Server = server_factory("--config", str(config))
+    jobctl = Jobctl(certs_dir, server.address)
+    sleeping = jobctl.start("sleep", "600")
+    config.write_bytes(b'memory = "128M"\n# caf\xe9\n')
+    server.process.send_signal(signal.SIGHUP)
+    line = server.wait_for_log("SIGHUP: not reloaded")
+    assert "not UTF-8" in line
+    # still serving, its job still running, the old settings in force
+    assert json.loads(jobctl.ok("status", sleeping, "--json"))["state"] == "JOB_STATE_RUNNING"
+    assert _memory(jobctl, jobctl.start("true")) == 256 * 2**20
+    jobctl.ok("stop", sleeping)
+    assert server.terminate() == 0, server.stderr()
+
+
+def _sighup_ignored_or_caught(pid: int) -> bool:
+    fields = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return bool((int(fields["SigIgn"], 16) | int(fields["SigCgt"], 16)) & 1 << (signal.SIGHUP - 1))
+
+
+def test_a_sighup_while_the_server_starts_does_not_kill_it(certs_dir: Path, tmp_path) -> None:
+    """systemd's ExecReload may come as soon as the process exists: from the moment the
+    process stops dying of SIGHUP (its disposition says so), a SIGHUP is harmless."""
+    process = subprocess.Popen(
+        [*JOBWORKER, "serve", "--listen", "127.0.0.1:0", *tls_flags(certs_dir),
+         "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    server = Server(process)
+    server.start_reading_stderr()
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not _sighup_ignored_or_caught(process.pid):  # the launcher's first act
+            assert process.poll() is None and time.monotonic() < deadline, server.stderr()
+        process.send_signal(signal.SIGHUP)  # long before it listens: it is still importing
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith(b"jobworker: listening on ")
+    finally:
+        assert server.terminate() == 0, server.stderr()
