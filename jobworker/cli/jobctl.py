@@ -514,9 +514,12 @@ def run(
 def _stdin_holds_data() -> bool:
     """Is our stdin a pipe or a file, i.e. was something meant for the job? (A terminal or
     /dev/null is no sign of that.)"""
+    fd = _stdin_fd()
+    if fd is None:
+        return False
     try:
-        mode = os.fstat(sys.stdin.fileno()).st_mode
-    except (OSError, ValueError):  # closed, or replaced by something without a descriptor
+        mode = os.fstat(fd).st_mode
+    except OSError:
         return False
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
@@ -525,9 +528,23 @@ async def _read_stdin() -> bytes:
     """The next bytes of our stdin, b"" at its end. Read in a thread: O_NONBLOCK, which
     trio's FdStream would set, belongs to the open file, shared with the shell and whoever
     else reads this terminal or pipe. A read still blocked when the job ends is abandoned:
-    its thread dies with the process."""
-    return await trio.to_thread.run_sync(os.read, sys.stdin.fileno(), STDIN_CHUNK_BYTES,
-                                         abandon_on_cancel=True)  # fmt: skip
+    its thread dies with the process. A stdin that cannot be read (closed: `<&-`; a terminal
+    hung up: EIO) ends the input, said once: the job reads EOF and runs on to its end."""
+    fd = _stdin_fd()
+    if fd is None:
+        _say("stdin is closed: the job reads EOF")
+        return b""
+    try:
+        return await trio.to_thread.run_sync(os.read, fd, STDIN_CHUNK_BYTES, abandon_on_cancel=True)
+    except OSError as exc:
+        _say(f"cannot read stdin ({exc.strerror}): the job reads EOF")
+        return b""
+
+
+def _stdin_fd() -> int | None:
+    """fd 0, unless it was closed when jobctl started: then Python made sys.stdin None, and
+    fd 0 may since have been taken by a file of the interpreter's own, never to be sent."""
+    return None if sys.stdin is None else sys.stdin.fileno()
 
 
 @app.command

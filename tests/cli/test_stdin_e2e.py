@@ -63,3 +63,13 @@ def test_without_i_the_job_reads_nothing_and_run_says_so_once(jobctl: Jobctl) ->
         env=jobctl.env("alice"), timeout=TIMEOUT_S,
     )  # fmt: skip
     assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+
+
+def test_run_i_with_stdin_closed_gives_the_job_eof_and_its_exit_code(jobctl: Jobctl) -> None:
+    done = subprocess.run(
+        [*JOBCTL, "run", "-i", "--", "sh", "-c", "cat; echo got-eof; exit 3"],
+        stdin=None, capture_output=True, env=jobctl.env("alice"), timeout=TIMEOUT_S,
+        preexec_fn=lambda: os.close(0),  # `<&-`
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (3, b"got-eof\n")
+    assert done.stderr == b"jobctl: stdin is closed: the job reads EOF\n"
