@@ -302,12 +302,17 @@ class JobService:
     async def start_job(self, request: pb.StartJobRequest, call: ServerCall) -> pb.StartJobResponse:
         who = self._caller(call)
         self._authorize(who, Action.START, is_owner=True, job_id=None)
-        limits = convert.overrides_of(request, self._supervisor.policy)
+        # The settings this start goes by, taken once: a reload (SIGHUP) while it awaits below
+        # must not give it the old defaults and the new run-as mapping, say.
+        policy, limit_policy = self._policy, self._supervisor.policy
+        limits = convert.overrides_of(request, limit_policy)
+        if self._supervisor.cgroups != "off":  # without cgroups, any limit is refused below
+            limits = limit_policy.resolve(limits)
         env = convert.env_of(request)
         cwd = convert.working_dir_of(request)
         name = convert.name_of(request)
-        network = convert.network_of(request) or self._policy.network
-        if network == "host" and not self._policy.allow_host_network:
+        network = convert.network_of(request) or policy.network
+        if network == "host" and not policy.allow_host_network:
             raise PermissionDenied(
                 "this server does not let jobs use the host's network: ask for network none"
             )
@@ -348,7 +353,7 @@ class JobService:
                     limits=limits,
                     env=env,
                     cwd=cwd,
-                    user=self._policy.account_for(who.name),
+                    user=policy.account_for(who.name),
                     network=network,
                     job_id=job_id,
                     name=name,

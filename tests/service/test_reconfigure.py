@@ -98,3 +98,30 @@ async def test_a_refused_reconfiguration_changes_nothing(served: Served, changes
         served.service.reconfigure(**new)
     assert (served.supervisor.policy, served.service._allowed, served.service._policy) == before
     await served.client("bob").list()  # no allow-list came into force
+
+
+async def test_a_start_in_flight_keeps_the_settings_it_began_with(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that lands while a StartJob awaits its record: the job gets the settings of
+    the moment its call began, all of them, never half of each."""
+    alice = served.client("alice")
+    store = served.service._store
+    insert = store.insert
+
+    async def insert_during_a_reload(record):
+        served.service.reconfigure(
+            **settings(served, limits=SMALLER, policy=JobPolicy(network="none"))
+        )
+        await insert(record)
+
+    monkeypatch.setattr(store, "insert", insert_during_a_reload)
+    job_id = await alice.start(*SLEEP)
+    monkeypatch.setattr(store, "insert", insert)
+    status = await alice.status(job_id)
+    # the defaults and the network as they were when the call began
+    assert (status.limits.memory_bytes, status.network) == (256 * 2**20, pb.NETWORK_HOST)
+    await alice.stop(job_id)
+    later = await alice.status(await alice.start(*SLEEP))  # the next start: the new settings
+    assert (later.limits.memory_bytes, later.network) == (64 * 2**20, pb.NETWORK_NONE)
+    await alice.stop(later.job_id)
