@@ -507,7 +507,7 @@ async def _serve_with(
             ) as service:
                 methods = service.methods()
                 # Server reflection (grpcurl, Postman, Evans) for JobService, Health and itself.
-                methods += reflection_methods(service_names(methods))
+                methods += service.behind_allow_list(reflection_methods(service_names(methods)))
                 server = Server(
                     methods,
                     tls=tls,

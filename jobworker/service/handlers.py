@@ -223,8 +223,22 @@ class JobService:
                 self.write_job_input,
                 client_streaming=True,
             ),
-            *self.health.methods(),
+            *self.behind_allow_list(self.health.methods()),
         ]
+
+    def behind_allow_list(self, methods: list[RpcMethod]) -> list[RpcMethod]:
+        """Another service's methods (Health; reflection, which `jobworker serve` adds) behind
+        this service's allow-list: who is not on it may not call anything here, not even ask
+        which services there are."""
+
+        def guarded(handler: Callable[[Any, ServerCall], Any]) -> Callable[..., Any]:
+            async def guard(request_or_requests: Any, call: ServerCall) -> Any:
+                self._caller(call)
+                return await handler(request_or_requests, call)
+
+            return guard
+
+        return [dataclasses.replace(m, handler=guarded(m.handler)) for m in methods]
 
     def reconfigure(
         self,

@@ -245,3 +245,54 @@ def test_a_sighup_while_the_server_starts_does_not_kill_it(certs_dir: Path, tmp_
         assert process.stdout.readline().startswith(b"jobworker: listening on ")
     finally:
         assert server.terminate() == 0, server.stderr()
+
+
+def test_the_allow_list_covers_health_and_reflection_too(server_factory, certs_dir: Path) -> None:
+    """Someone off the list may not even ask whether the server is up or which services it
+    has: every service the server answers is behind the list, with grpcio as the client."""
+    import grpc
+
+    from jobworker._pb.grpc.health.v1 import health_pb2
+    from jobworker._pb.grpc.reflection.v1 import reflection_pb2
+
+    server: Server = server_factory("--allow", "alice")
+
+    def ask(user: str):
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(certs_dir / user / "ca.crt").read_bytes(),
+            private_key=(certs_dir / user / "client.key").read_bytes(),
+            certificate_chain=(certs_dir / user / "client.crt").read_bytes(),
+        )
+        with grpc.secure_channel(server.address, credentials) as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            reflect = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            answers = []
+            for call in (
+                lambda: check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S).status,
+                lambda: [
+                    s.name
+                    for reply in reflect(
+                        iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                        timeout=TIMEOUT_S,
+                    )
+                    for s in reply.list_services_response.service
+                ],
+            ):
+                try:
+                    answers.append(call())
+                except grpc.RpcError as exc:
+                    answers.append(exc.code())
+            return answers
+
+    serving, services = ask("alice")
+    assert serving == health_pb2.HealthCheckResponse.SERVING
+    assert "jobworker.v1.JobService" in services
+    assert ask("bob") == [grpc.StatusCode.PERMISSION_DENIED] * 2
