@@ -17,6 +17,7 @@ from jobworker.service.errors import (
     JobNameTaken,
     NoSuchJob,
     ShuttingDown,
+    StdinUnavailable,
     TooManyJobs,
     TooManyLogStreams,
     Unavailable,
@@ -308,6 +309,7 @@ CASES = [
     (TransientUsersExhausted("every transient uid is in use"), Status.RESOURCE_EXHAUSTED),
     (JobNotEnded("5c1b7f1e-3a9d-4f6e-9b2a-0d4c8e7f6a51"), Status.FAILED_PRECONDITION),
     (Unavailable("the disk is full"), Status.UNAVAILABLE),
+    (StdinUnavailable("its stdin has been written already"), Status.FAILED_PRECONDITION),
     (StoreUnavailable("job store: disk I/O error"), Status.UNAVAILABLE),
 ]
 
