@@ -29,9 +29,10 @@ the Trio thread.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -53,11 +54,16 @@ RPC_BUCKETS_S = (
 _ENDED_STATES = [state.value for state in JobState if state.ended]
 _UNKNOWN = "unknown"
 
-# The HTTP responder's budgets: the request head, the time a scraper has to send it and read
-# the answer, and scrapes served at once (more are closed at once: a scraper retries).
+# The HTTP responder's budgets: the request head, the time a scraper has to read the answer
+# once it has asked, and scrapes collected at once (more wait for their turn).
 MAX_REQUEST_HEAD_BYTES = 8192
 SCRAPE_TIMEOUT_S = 10.0
 MAX_SCRAPES = 8
+# A scraper sends its request head at once. Connections still waiting for theirs are few and
+# short-lived, and when too many wait, the oldest is dropped: an idle or trickling client
+# (a slowloris) can never hold the door shut on Prometheus, only make itself be dropped.
+HEAD_TIMEOUT_S = 2.0
+MAX_WAITING_HEADS = 16
 
 
 class Metrics:
@@ -247,57 +253,75 @@ async def serve_metrics(
     addresses (port 0 picks a free port)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     addresses = [listener.socket.getsockname()[:2] for listener in listeners]
-    slots = trio.Semaphore(MAX_SCRAPES)
+    collecting = trio.Semaphore(MAX_SCRAPES)
+    waiting: collections.deque[trio.CancelScope] = collections.deque()
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            slots.acquire_nowait()
-        except trio.WouldBlock:
-            await trio.aclose_forcefully(stream)
-            return
-        try:
-            with trio.move_on_after(SCRAPE_TIMEOUT_S):
-                await _answer(metrics, stream)
+            with trio.CancelScope(deadline=trio.current_time() + HEAD_TIMEOUT_S) as head:
+                waiting.append(head)
+                if len(waiting) > MAX_WAITING_HEADS:
+                    waiting.popleft().cancel()
+                try:
+                    request = await _read_head(stream)
+                finally:
+                    if head in waiting:
+                        waiting.remove(head)
+            if head.cancelled_caught or request is None:
+                return
+            # Collecting reads every running job's cgroup: a few at a time, the rest wait.
+            async with collecting:
+                with trio.move_on_after(SCRAPE_TIMEOUT_S):
+                    await _answer(metrics, stream, request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the scraper left: nothing to tell it
         finally:
-            slots.release()
             await trio.aclose_forcefully(stream)
 
     task_status.started(addresses)
     await trio.serve_listeners(handle, listeners)
 
 
-async def _answer(metrics: Metrics, stream: trio.abc.Stream) -> None:
+class _Request(NamedTuple):
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+async def _read_head(stream: trio.abc.Stream) -> _Request | None:
+    """The request's method, path and headers; None if the client left or sent too much
+    (then it has been told so)."""
     head = b""
-    try:
-        while b"\r\n\r\n" not in head:
-            if len(head) > MAX_REQUEST_HEAD_BYTES:
-                await _respond(stream, 431, "Request Header Fields Too Large", b"")
-                return
-            data = await stream.receive_some(MAX_REQUEST_HEAD_BYTES)
-            if not data:
-                return
-            head += data
-        lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-        method, target, *_ = [*lines[0].split(" "), "", ""]
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        path = target.split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            await _respond(stream, 405, "Method Not Allowed", b"GET /metrics\n", allow="GET, HEAD")
-        elif path == "/metrics":
-            try:
-                body, content_type = metrics.exposition(headers.get("accept", ""))
-            except Exception:  # a collector's bug: the scrape fails, the server does not
-                log.exception("collecting the metrics failed")
-                await _respond(stream, 500, "Internal Server Error", b"collection failed\n")
-                return
-            await _respond(stream, 200, "OK", body, content_type, head_only=method == "HEAD")
-        else:
-            await _respond(stream, 404, "Not Found", b"the metrics are at /metrics\n")
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the scraper left: nothing to tell it
+    while b"\r\n\r\n" not in head:
+        if len(head) > MAX_REQUEST_HEAD_BYTES:
+            await _respond(stream, 431, "Request Header Fields Too Large", b"")
+            return None
+        data = await stream.receive_some(MAX_REQUEST_HEAD_BYTES)
+        if not data:
+            return None
+        head += data
+    lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    method, target, *_ = [*lines[0].split(" "), "", ""]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return _Request(method, target.split("?", 1)[0], headers)
+
+
+async def _answer(metrics: Metrics, stream: trio.abc.Stream, request: _Request) -> None:
+    if request.method not in ("GET", "HEAD"):
+        await _respond(stream, 405, "Method Not Allowed", b"GET /metrics\n", allow="GET, HEAD")
+    elif request.path == "/metrics":
+        try:
+            body, content_type = metrics.exposition(request.headers.get("accept", ""))
+        except Exception:  # a collector's bug: the scrape fails, the server does not
+            log.exception("collecting the metrics failed")
+            await _respond(stream, 500, "Internal Server Error", b"collection failed\n")
+            return
+        await _respond(stream, 200, "OK", body, content_type, head_only=request.method == "HEAD")
+    else:
+        await _respond(stream, 404, "Not Found", b"the metrics are at /metrics\n")
 
 
 async def _respond(

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from jobworker.purgatory import GrpcError, Status
-from jobworker.service.metrics import MAX_REQUEST_HEAD_BYTES
+from jobworker.service.metrics import MAX_REQUEST_HEAD_BYTES, MAX_WAITING_HEADS
 from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import PYTHON, Certs, fifo, release
@@ -160,3 +160,25 @@ async def test_the_responder_answers_only_get_metrics(observed):
             while data := await stream.receive_some():
                 answer += data
     assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_clients_that_never_finish_their_request_cannot_shut_the_scraper_out(observed):
+    """A slowloris: more connections than the responder lets wait, each sending half a request
+    head and then nothing. Every one of them is dropped in turn, and a scrape still answers."""
+    host, port = observed.url.removeprefix("http://").removesuffix("/metrics").split(":")
+    idle = [await trio.open_tcp_stream(host, int(port)) for _ in range(MAX_WAITING_HEADS + 8)]
+    try:
+        for stream in idle:
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\n")  # and no blank line, ever
+        samples = await trio.to_thread.run_sync(get, observed.url)
+        assert "jobworker_jobs_running" in samples
+        # the oldest were dropped to make room: they read EOF (or a reset), not an answer
+        with trio.fail_after(10):
+            for stream in idle[:8]:
+                try:
+                    assert await stream.receive_some() == b""
+                except trio.BrokenResourceError:
+                    pass
+    finally:
+        for stream in idle:
+            await trio.aclose_forcefully(stream)
