@@ -85,6 +85,9 @@ SERVICE_NAME = "jobworker.v1.JobService"
 # CPU per GB at each end, and four times the memory a stalled stream holds.
 LOG_CHUNK_BYTES = 64 * 2**10
 SHUTDOWN_REQUESTER = "server shutdown"
+# How long a job started with open_stdin waits for a WriteJobInput to take its stdin: a client
+# starts writing right after its StartJob, so a minute is for a client that died in between.
+STDIN_CLAIM_TIMEOUT_S = 60.0
 # How often retention and the output budget are enforced: after jobs end, but no more than
 # once per JANITOR_SPACING_S, and every JANITOR_INTERVAL_S whatever happens.
 JANITOR_INTERVAL_S = 60.0
@@ -409,6 +412,8 @@ class JobService:
             self._metrics.job_started(job)
         self._recording[job.id] = trio.Event()
         self._nursery.start_soon(self._watch, job)  # no checkpoint since start: never orphaned
+        if job.stdin is not None:
+            self._nursery.start_soon(self._close_stdin_nobody_takes, job)
         return pb.StartJobResponse(job_id=job.id, status=convert.status_to_proto(status))
 
     async def stop_job(self, request: pb.StopJobRequest, call: ServerCall) -> pb.StopJobResponse:
@@ -512,8 +517,8 @@ class JobService:
             )
         if job.id in self._stdin_taken:
             raise StdinUnavailable(
-                f"job {job.id}'s stdin has been written already (one writer,"
-                " once: its end is the job's EOF)"
+                f"job {job.id}'s stdin has been written already, or closed for want of a"
+                " writer (one writer, once: its end is the job's EOF)"
             )
         self._stdin_taken.add(job.id)
         written = 0
@@ -533,6 +538,23 @@ class JobService:
             stdin.close_nowait()  # EOF, whichever way the stream ended; no await: may be cancelled
             events.debug("stdin closed %s", fields(job=job.id, by=who.name, bytes=written))
         return pb.WriteJobInputResponse(bytes_written=written)
+
+    async def _close_stdin_nobody_takes(self, job: Job) -> None:
+        """A job started with open_stdin whose client never came to write it (it died between
+        its StartJob and its WriteJobInput, or that call was refused) would wait for input
+        forever, holding its slot: after STDIN_CLAIM_TIMEOUT_S its stdin is closed (EOF)."""
+        with trio.move_on_after(STDIN_CLAIM_TIMEOUT_S):
+            await job.wait()
+            return
+        if job.id in self._stdin_taken or job.status().state.ended:
+            return
+        self._stdin_taken.add(job.id)  # nobody may write it from now on
+        assert job.stdin is not None
+        job.stdin.close_nowait()
+        events.info(
+            "stdin closed %s",
+            fields(job=job.id, owner=job.owner, reason="no WriteJobInput came to write it"),
+        )
 
     async def get_job_logs(self, request: pb.GetJobLogsRequest, call: ServerCall) -> None:
         """History from `offset`, then (with follow) live output until the job has ended,

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from jobworker.purgatory import GrpcError, Status
+from jobworker.service import handlers
 from jobworker.v1 import jobworker_pb2 as pb
 
 from .conftest import Served
@@ -115,3 +116,16 @@ async def test_a_stream_that_names_no_job_is_invalid(served: Served) -> None:
                 await call.response()
     assert caught.value.status is Status.INVALID_ARGUMENT
     assert await output(alice, job_id) == b"a"  # EOF after what was written before the error
+
+
+async def test_a_stdin_nobody_comes_to_write_is_closed(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client died between StartJob and WriteJobInput: the job must not wait forever."""
+    monkeypatch.setattr(handlers, "STDIN_CLAIM_TIMEOUT_S", 0.5)
+    alice = served.client("alice")
+    job_id = await alice.start("sh", "-c", "cat; echo eof", open_stdin=True)
+    assert await output(alice, job_id) == b"eof\n"  # cat read EOF, without anyone writing
+    with pytest.raises(GrpcError) as caught:
+        await feed(alice, job_id, b"too late")
+    assert caught.value.status is Status.FAILED_PRECONDITION
