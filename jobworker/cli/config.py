@@ -379,7 +379,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "transport": _table,  # its keys are checked in _transport
 }
 KEYS = tuple(_KEYS)
-_LIMIT_KEY_OF = {name: key for key, (name, _) in _LIMIT_KEYS.items()}
+LIMIT_KEY_OF = {name: key for key, (name, _) in _LIMIT_KEYS.items()}
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -445,7 +445,7 @@ def resolve(
             defaults=defaults, maximums=maximums, host=host or HostCapacity.probe()
         )
     except LimitOutOfRange as exc:
-        key = _LIMIT_KEY_OF[exc.name]
+        key = LIMIT_KEY_OF[exc.name]
         if exc.what == "maximum":
             key = f"max-{key}"
         raise ConfigError(f"limits: {key} {exc.detail}") from None
@@ -615,17 +615,24 @@ def changed_settings(
 def _limits_diff(before: LimitPolicy, after: LimitPolicy, part: str) -> str:
     old, new = getattr(before, part), getattr(after, part)
     prefix = "" if part == "defaults" else "max-"
+    # An unset default is no limit (the IOPS); an unset maximum is what the host has.
+    unset = "none" if part == "defaults" else "the host's"
     return " ".join(
-        f"{prefix}{key}={_shown(name, getattr(new, name))}"
+        f"{prefix}{key}={show_limit(name, getattr(new, name), unset=unset)}"
         for key, (name, _) in _LIMIT_KEYS.items()
         if getattr(old, name) != getattr(new, name)
     )
 
 
-def _shown(name: str, value: float | None) -> str:
+def show_limit(name: str, value: float | None, *, unset: str = "none") -> str:
+    """A limit as a config file spells it: a count as a number (cpu, pids, IOPS), a size or a
+    rate in binary units; `unset` for None (no limit, or no maximum of the server's own)."""
     if value is None:
-        return "the host's"  # a maximum no longer set: what the host has
-    return f"{value:g}" if name in ("cpu", "pids") else format_bytes(int(value))
+        return unset
+    return f"{value:g}" if name in _COUNTED_LIMITS else format_bytes(int(value))
+
+
+_COUNTED_LIMITS = frozenset({"cpu", "pids", "io_read_iops", "io_write_iops"})
 
 
 def keep_restart_settings(old: ServeSettings, new: ServeSettings) -> ServeSettings:

@@ -50,7 +50,6 @@ from jobworker.supervisor import (
     Isolation,
     IsolationUnavailable,
     Supervisor,
-    format_bytes,
     sandbox,
 )
 
@@ -58,6 +57,7 @@ from . import certs as certs_lib
 from .config import (
     DEFAULT_LISTEN,
     DEFAULT_TLS_DIR,
+    LIMIT_KEY_OF,
     ConfigError,
     ServeSettings,
     changed_settings,
@@ -65,6 +65,7 @@ from .config import (
     keep_restart_settings,
     load_config_file,
     resolve,
+    show_limit,
 )
 from .errors import CliError, run_cli
 from .logsetup import configure_logging
@@ -662,7 +663,7 @@ class _Run:
             self.supervisor.cgroups,
             self._isolation_summary(),
             limits,
-            ", ".join(f"{k}={_show(k, v)}" for k, v in maximums.items()),
+            ", ".join(f"{LIMIT_KEY_OF[k]}={show_limit(k, v)}" for k, v in maximums.items()),
             format_duration(s.grace_period_s),
             s.max_jobs,
             s.max_jobs_per_user,
@@ -801,10 +802,6 @@ def _load_checked(flags: dict[str, Any], config: Path) -> ServeSettings:
         except InvalidJobSpec as exc:
             raise ConfigError(f"config file {config}: run-as: {exc}") from None
     return settings
-
-
-def _show(name: str, value: float) -> str:
-    return f"{value:g}" if name in ("cpu", "pids") else format_bytes(int(value))
 
 
 # --- jobworker certs -------------------------------------------------------------------------

@@ -363,3 +363,14 @@ def test_what_a_reload_changes_and_what_it_keeps_until_a_restart() -> None:
     assert (kept.limits, kept.allowed, kept.log_format) == (new.limits, new.allowed, "json")
     assert changed_settings(old, kept, restart_only=True) == []
     assert changed_settings(old, old) == []
+
+
+def test_a_reload_names_iops_as_counts_and_an_unset_one_as_none() -> None:
+    old = resolve(NO_FLAGS, {"io-read-iops": 2048, "max-io-read-iops": 4096}, host=HOST)
+    new = resolve(NO_FLAGS, {"io-read-iops": 3000, "max-memory": "2G"}, host=HOST)
+    assert changed_settings(old, new) == [
+        "defaults (io-read-iops=3000)",  # a count, not 2.93K of bytes
+        "maximums (max-memory=2G max-io-read-iops=the host's)",
+    ]
+    none = resolve(NO_FLAGS, {}, host=HOST)
+    assert changed_settings(new, none)[0] == "defaults (io-read-iops=none)"
