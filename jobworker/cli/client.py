@@ -239,7 +239,7 @@ class JobClient:
             job_id=job_id, follow=follow, tail_lines=tail_lines, streams=streams
         )
         if since_ns is not None:
-            request.since.FromNanoseconds(since_ns)
+            request.since_time.FromNanoseconds(since_ns)
         try:
             async with self._channel.server_stream(
                 f"{SERVICE}/GetJobLogs", request, pb.GetJobLogsResponse

@@ -88,9 +88,9 @@ class Stamper:
         data = chunk.data
         at_start = self._at_line_start.get(chunk.stream, True)
         self._at_line_start[chunk.stream] = data.endswith(b"\n")
-        if not chunk.HasField("time"):
+        if not chunk.HasField("read_time"):
             return data
-        prefix = format_time(chunk.time) + b" "
+        prefix = format_time(chunk.read_time) + b" "
         # Every line that begins in this chunk: after each newline but a final one.
         body = data[:-1].replace(b"\n", b"\n" + prefix) + data[-1:]
         return prefix + body if at_start else body

@@ -173,9 +173,9 @@ def states_of(request: pb.ListJobsRequest) -> tuple[int, ...]:
 
 
 def created_after_of(request: pb.ListJobsRequest) -> float | None:
-    if not request.HasField("created_after"):
+    if not request.HasField("create_time_after"):
         return None
-    return timestamp_from_proto(request.created_after).timestamp()
+    return timestamp_from_proto(request.create_time_after).timestamp()
 
 
 def older_than_of(request: pb.PruneJobsRequest) -> float:
@@ -413,7 +413,7 @@ def chunk_to_proto(chunk: OutputChunk) -> pb.GetJobLogsResponse:
         dropped=chunk.dropped,
     )
     if chunk.time_ns is not None:
-        message.time.FromNanoseconds(chunk.time_ns)
+        message.read_time.FromNanoseconds(chunk.time_ns)
     return message
 
 
@@ -427,7 +427,7 @@ def chunk_from_proto(message: pb.GetJobLogsResponse) -> OutputChunk:
             stream = STREAM_FROM_PROTO[message.stream]
         except KeyError:
             raise ValueError(f"unknown output stream {message.stream}") from None
-    time_ns = message.time.ToNanoseconds() if message.HasField("time") else None
+    time_ns = message.read_time.ToNanoseconds() if message.HasField("read_time") else None
     return OutputChunk(
         stream, message.offset, message.data, message.lost, message.dropped, time_ns=time_ns
     )

@@ -26,7 +26,7 @@ class LogSelection:
 
 
 def selection_of(request: pb.GetJobLogsRequest) -> LogSelection:
-    """The request's selection, or InvalidRequest for a stream that is not one or a `since`
+    """The request's selection, or InvalidRequest for a stream that is not one or a `since_time`
     that is not a valid Timestamp."""
     streams = None
     if request.streams:
@@ -38,13 +38,13 @@ def selection_of(request: pb.GetJobLogsRequest) -> LogSelection:
             )
         streams = frozenset(STREAM_FROM_PROTO[value] for value in request.streams)
     since_ns = None
-    if request.HasField("since"):
-        since = request.since
+    if request.HasField("since_time"):
+        since = request.since_time
         try:
             since_ns = since.ToNanoseconds()  # checks Timestamp's own range
         except ValueError:
             raise InvalidRequest(
-                f"since: not a valid Timestamp (seconds {since.seconds}, nanos {since.nanos}):"
+                f"since_time: not a valid Timestamp (seconds {since.seconds}, nanos {since.nanos}):"
                 " years 1 to 9999, nanos 0 to 999999999"
             ) from None
     return LogSelection(streams, since_ns, request.tail_lines)

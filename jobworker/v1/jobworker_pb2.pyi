@@ -174,54 +174,54 @@ class GetJobStatusResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
 
 class GetJobLogsRequest(_message.Message):
-    __slots__ = ("job_id", "follow", "offset", "tail_lines", "since", "streams")
+    __slots__ = ("job_id", "follow", "offset", "tail_lines", "since_time", "streams")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
-    SINCE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_TIME_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     follow: bool
     offset: int
     tail_lines: int
-    since: _timestamp_pb2.Timestamp
+    since_time: _timestamp_pb2.Timestamp
     streams: _containers.RepeatedScalarFieldContainer[LogStream]
-    def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ..., offset: _Optional[int] = ..., tail_lines: _Optional[int] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., streams: _Optional[_Iterable[_Union[LogStream, str]]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., follow: _Optional[bool] = ..., offset: _Optional[int] = ..., tail_lines: _Optional[int] = ..., since_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., streams: _Optional[_Iterable[_Union[LogStream, str]]] = ...) -> None: ...
 
 class GetJobLogsResponse(_message.Message):
-    __slots__ = ("data", "stream", "offset", "lost", "dropped", "time")
+    __slots__ = ("data", "stream", "offset", "lost", "dropped", "read_time")
     DATA_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LOST_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
-    TIME_FIELD_NUMBER: _ClassVar[int]
+    READ_TIME_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     stream: LogStream
     offset: int
     lost: int
     dropped: int
-    time: _timestamp_pb2.Timestamp
-    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[LogStream, str]] = ..., offset: _Optional[int] = ..., lost: _Optional[int] = ..., dropped: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    read_time: _timestamp_pb2.Timestamp
+    def __init__(self, data: _Optional[bytes] = ..., stream: _Optional[_Union[LogStream, str]] = ..., offset: _Optional[int] = ..., lost: _Optional[int] = ..., dropped: _Optional[int] = ..., read_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("all", "page_size", "page_token", "states", "created_after", "owner", "order_by")
+    __slots__ = ("all", "page_size", "page_token", "states", "create_time_after", "owner", "order_by")
     ALL_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STATES_FIELD_NUMBER: _ClassVar[int]
-    CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_AFTER_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     ORDER_BY_FIELD_NUMBER: _ClassVar[int]
     all: bool
     page_size: int
     page_token: str
     states: _containers.RepeatedScalarFieldContainer[JobState]
-    created_after: _timestamp_pb2.Timestamp
+    create_time_after: _timestamp_pb2.Timestamp
     owner: str
     order_by: str
-    def __init__(self, all: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[JobState, str]]] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., order_by: _Optional[str] = ...) -> None: ...
+    def __init__(self, all: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[JobState, str]]] = ..., create_time_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., order_by: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "next_page_token")

@@ -77,13 +77,13 @@ def test_tail_is_a_count_or_all() -> None:
 def chunk(stream, data: bytes, ns: int | None) -> pb.GetJobLogsResponse:
     message = pb.GetJobLogsResponse(stream=stream, data=data)
     if ns is not None:
-        message.time.FromNanoseconds(ns)
+        message.read_time.FromNanoseconds(ns)
     return message
 
 
 def test_the_stamper_stamps_each_line_once_per_stream() -> None:
     stamper = Stamper()
-    t1, t2, t3 = (format_time(chunk(OUT, b"", NOW + i).time) for i in range(3))
+    t1, t2, t3 = (format_time(chunk(OUT, b"", NOW + i).read_time) for i in range(3))
     assert t1 == b"2027-01-15T08:00:00.000000123Z"
     assert stamper.stamp(chunk(OUT, b"a\nb", NOW)) == t1 + b" a\n" + t1 + b" b"
     # stderr has lines of its own, and stdout's "b" goes on unstamped in a later chunk.

@@ -538,7 +538,7 @@ async def test_list_pages_filters_and_refuses_a_token_of_another_query(served: S
     third, fourth = [(await alice.status(j)).create_time.ToNanoseconds() for j in alices[2:4]]
     since = Timestamp()
     since.FromNanoseconds((third + fourth) // 2)
-    assert await pages(alice, created_after=since) == [alices[3:]]
+    assert await pages(alice, create_time_after=since) == [alices[3:]]
 
     first = await alice.call("ListJobs", pb.ListJobsRequest(page_size=2))
     other_query = pb.ListJobsRequest(page_size=2, page_token=first.next_page_token, all=True)

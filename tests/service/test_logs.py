@@ -103,16 +103,16 @@ async def test_chunks_carry_when_they_were_read_and_since_selects_by_it(
         [late] = [chunk async for chunk in stream]
     after_ns = time.time_ns()
     assert (early.data, late.data) == (b"early\n", b"late\n")
-    assert before_ns <= early.time.ToNanoseconds() <= between_ns
-    assert between_ns <= late.time.ToNanoseconds() <= after_ns
+    assert before_ns <= early.read_time.ToNanoseconds() <= between_ns
+    assert between_ns <= late.read_time.ToNanoseconds() <= after_ns
 
     since = Timestamp()
     since.FromNanoseconds(between_ns)
     for _ in ("live", "stored"):
-        chunks = await get_logs(alice, job_id, since=since)
-        assert [(c.offset, c.data, c.time) for c in chunks] == [(6, b"late\n", late.time)]
-        assert await get_logs(alice, job_id, since=since, streams=[OUT]) == []
-        since_early = await get_logs(alice, job_id, since=early.time)
+        chunks = await get_logs(alice, job_id, since_time=since)
+        assert [(c.offset, c.data, c.read_time) for c in chunks] == [(6, b"late\n", late.read_time)]
+        assert await get_logs(alice, job_id, since_time=since, streams=[OUT]) == []
+        since_early = await get_logs(alice, job_id, since_time=early.read_time)
         assert text(since_early) == b"early\nlate\n"
         await ended_and_recorded(served, job_id)
 
@@ -133,7 +133,7 @@ async def test_retention_drops_with_tail_and_since(served: Served) -> None:
     # Since a time before anything was kept: the same drop.
     since = Timestamp()
     since.FromNanoseconds(0)
-    assert (await get_logs(alice, job_id, since=since))[0] == first
+    assert (await get_logs(alice, job_id, since_time=since))[0] == first
 
 
 @pytest.mark.parametrize(
@@ -141,9 +141,9 @@ async def test_retention_drops_with_tail_and_since(served: Served) -> None:
     [
         {"streams": [pb.LOG_STREAM_UNSPECIFIED]},
         {"streams": [OUT, 7]},
-        {"since": Timestamp(seconds=0, nanos=-1)},
-        {"since": Timestamp(seconds=0, nanos=10**9)},
-        {"since": Timestamp(seconds=253_402_300_800)},  # year 10000
+        {"since_time": Timestamp(seconds=0, nanos=-1)},
+        {"since_time": Timestamp(seconds=0, nanos=10**9)},
+        {"since_time": Timestamp(seconds=253_402_300_800)},  # year 10000
     ],
     ids=["unspecified-stream", "unknown-stream", "negative-nanos", "nanos-overflow", "year-10000"],
 )
@@ -159,7 +159,7 @@ async def test_a_bad_selection_is_invalid_argument(served: Served, fields) -> No
 def test_drops_and_times_round_trip_through_the_message() -> None:
     drop = OutputChunk(None, 10, b"", dropped=4096)
     message = convert.chunk_to_proto(drop)
-    assert (message.stream, message.dropped, message.HasField("time")) == (
+    assert (message.stream, message.dropped, message.HasField("read_time")) == (
         pb.LOG_STREAM_UNSPECIFIED,
         4096,
         False,
@@ -167,5 +167,5 @@ def test_drops_and_times_round_trip_through_the_message() -> None:
     assert convert.chunk_from_proto(message) == drop
     timed = OutputChunk(OutputStream.STDERR, 5, b"x", time_ns=1_800_000_000_123_456_789)
     message = convert.chunk_to_proto(timed)
-    assert (message.time.seconds, message.time.nanos) == (1_800_000_000, 123_456_789)
+    assert (message.read_time.seconds, message.read_time.nanos) == (1_800_000_000, 123_456_789)
     assert convert.chunk_from_proto(message).time_ns == timed.time_ns
