@@ -514,6 +514,13 @@ class Server:
                     )
                     await trio.aclose_forcefully(stream)
                     return
+                except Exception:
+                    # A peer found an edge of OpenSSL, pyOpenSSL or our callbacks that raises
+                    # something else: like any failure of one connection (see the containment
+                    # boundary below), it ends that connection alone, never the server.
+                    log.exception("TLS handshake with %s failed unexpectedly", peer)
+                    await trio.aclose_forcefully(stream)
+                    return
                 certificate, stream = tls_stream.peer_certificate, tls_stream
         finally:
             if admitted_host is not None:

@@ -330,15 +330,21 @@ def _make_verify_callback(server_name: str | None) -> _VerifyCallback:
     def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         findings = conn.get_app_data()
         if depth == 0 and isinstance(findings, Findings) and findings.presented_subject is None:
-            findings.presented_subject = cert.to_cryptography().subject.rfc4514_string()
+            findings.presented_subject = subject_of(cert)
         if not ok:
             if isinstance(findings, Findings) and findings.verify_error is None:
                 reason = _X509_ERRORS.get(errno, f"X.509 verify error {errno}")
-                subject = cert.to_cryptography().subject.rfc4514_string()
+                subject = subject_of(cert)
                 findings.verify_error = f"{reason} (certificate {subject or '<empty subject>'})"
             return False
         if depth == 0 and server_name is not None:
-            problem = _name_problem(cert.to_cryptography(), server_name, expected_ip)
+            try:
+                leaf = cert.to_cryptography()
+            except ValueError:  # verified, yet unreadable to cryptography: never trusted
+                if isinstance(findings, Findings) and findings.verify_error is None:
+                    findings.verify_error = "the certificate cannot be parsed"
+                return False
+            problem = _name_problem(leaf, server_name, expected_ip)
             if problem is not None:
                 if isinstance(findings, Findings) and findings.verify_error is None:
                     findings.verify_error = problem
@@ -346,6 +352,23 @@ def _make_verify_callback(server_name: str | None) -> _VerifyCallback:
         return True
 
     return verify
+
+
+# What a log line shows for a certificate whose subject cryptography cannot read.
+UNREADABLE_SUBJECT = "<unreadable subject>"
+
+
+def subject_of(cert: crypto.X509) -> str:
+    """The certificate's subject, RFC 4514 ("" when empty), or UNREADABLE_SUBJECT.
+
+    OpenSSL accepts encodings that cryptography refuses with ValueError (a CN as a
+    PrintableString holding "@"), and this runs on a stranger's certificate inside the verify
+    callback: an exception there would come out of do_handshake as no SSL.Error, past every
+    handler that expects one."""
+    try:
+        return cert.to_cryptography().subject.rfc4514_string()
+    except ValueError:
+        return UNREADABLE_SUBJECT
 
 
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
