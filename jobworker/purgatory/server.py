@@ -167,6 +167,7 @@ class ServerCall:
         self.trailing_metadata: Metadata = ()
         self._scope = trio.CancelScope(deadline=self.deadline)
         self._request: tuple[bytes, int] | None = None
+        self._request_unacknowledged = 0  # its window, until the handler's task takes it
         self._extra_request = False
         # A streaming request's messages, delivered and not yet taken by the handler: bounded
         # by the stream's window, since none of them has been acknowledged.
@@ -234,6 +235,7 @@ class ServerCall:
             self._notify()
         elif self._request is None:
             self._request = (event.payload, event.flow_controlled_bytes)
+            self._request_unacknowledged = event.flow_controlled_bytes
         else:
             self._extra_request = True
             self._driver.acknowledge(self.stream_id, event.flow_controlled_bytes)
@@ -255,10 +257,15 @@ class ServerCall:
 
     def _release_unread(self) -> None:
         """The call is over: give back the window of request messages nobody will read (the
-        connection's window too, which would otherwise shrink for good)."""
+        connection's window too, which would otherwise shrink for good): a streaming request's
+        unread inbox, and a unary request never taken (its request timed out while the client
+        held back the end of it, or the client reset the stream)."""
         inbox, self._inbox = self._inbox, collections.deque()
         for event in inbox:
             self._driver.acknowledge(self.stream_id, event.flow_controlled_bytes)
+        if self._request_unacknowledged:
+            unacknowledged, self._request_unacknowledged = self._request_unacknowledged, 0
+            self._driver.acknowledge(self.stream_id, unacknowledged)
 
     # -- the call's own task --
 
@@ -284,6 +291,7 @@ class ServerCall:
         payload, flow_bytes = self._request
         # Usually no WINDOW_UPDATE comes of it (h2 returns window in large steps); when one
         # does, it goes out now rather than after the handler.
+        self._request_unacknowledged = 0
         self._driver.acknowledge(self.stream_id, flow_bytes)
         try:
             return self.method.request_type.FromString(payload)
