@@ -41,8 +41,9 @@ whatever is left is cancelled.
 Observing: the server's `observe` hook is told of every call once it has ended (`CallEnded`:
 method, connection and identity, status, duration, the request and response when there were
 some), refused ones included — a connection whose `identify` failed, an unknown method, a
-stream refused while handlers linger; a call that ended without an answer (reset by the
-client, its connection gone) is CANCELLED. The hook runs on the call's path, synchronously:
+stream refused while handlers linger; a call the wire answered for its handler (a message
+over the size limit) has that answer's status; a call that ended without an answer (reset by
+the client, its connection gone) is CANCELLED. The hook runs on the call's path, synchronously:
 it must be cheap, and whatever it raises is logged, never the call's concern.
 """
 
@@ -940,7 +941,12 @@ class _ServerConnection:
             self._calls.pop(stream_id, None)
             call._release_unread()
             driver.forget(stream_id)
-            if not answered:
+            failed = call._failed
+            if failed is not None and failed.answered:
+                # The wire answered for the handler (a message over the size limit, a second
+                # request message): the client was told this, and so is the observer.
+                status, message = failed.status, failed.message
+            elif not answered:
                 status, message = Status.CANCELLED, "ended without an answer (reset, or gone)"
             self._server._observed(
                 call.method.path,

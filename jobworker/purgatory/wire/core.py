@@ -426,7 +426,7 @@ class GrpcConnection(FrameScanner, FastPaths):
                 return  # waiting for the peer to open its window
         except STREAM_GONE:
             stream.drop_outbox()
-            stream.done = True
+            stream.done = stream.gone = True
             self._drop_stream(stream_id)
         events.append(OutboxDrained(stream_id))
 
