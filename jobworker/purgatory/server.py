@@ -65,6 +65,7 @@ from google.protobuf.message import DecodeError, Message
 from .driver import Driver
 from .limits import RateLimitedLog, ServerLimits
 from .tls import TLSConfig, TLSError, TLSStream
+from .tls.config import SUBJECT_CHARS, printable
 from .wire import (
     SHUTDOWN_PING,
     ConnectionTerminated,
@@ -97,8 +98,8 @@ _PREFACE_BYTES = 24 + 9
 _IDLE_GOAWAY_S = 10.0
 # How long a connection beyond its identity's cap waits for the call it will refuse.
 _OVER_CAP_FIRST_REQUEST_S = 1.0
-# How much of an unverified certificate subject a failed handshake's log line shows.
-_SUBJECT_CHARS = 256
+# How much of a failed handshake's error a log line shows (it embeds the peer's words).
+_HANDSHAKE_ERROR_CHARS = 1024
 
 
 class _StreamGone(trio.BrokenResourceError):
@@ -513,13 +514,15 @@ class Server:
                 try:
                     await tls_stream.do_handshake()  # bounded by the config's handshake timeout
                 except TLSError as exc:
+                    # Formatted only here, on failure; the error's text carries the peer's
+                    # words (a subject, ALPN names): escaped and bounded like the subject.
                     self._log(
                         logging.INFO,
                         "handshake",
                         "TLS handshake with %s (%s) failed: %s",
                         peer,
                         _presented(tls_stream.presented_subject),
-                        exc,
+                        printable(str(exc), _HANDSHAKE_ERROR_CHARS),
                     )
                     await trio.aclose_forcefully(stream)
                     return
@@ -979,12 +982,13 @@ async def _first_of(*events: trio.Event) -> None:
 
 def _presented(subject: str | None) -> str:
     """The client certificate a failed handshake saw, for its log line. Unverified, so any
-    stranger's words: quoted (JSON, ASCII), never able to break the line, and bounded."""
+    stranger's words: said so, quoted (JSON, ASCII), never able to break the line, and
+    bounded."""
     if subject is None:
         return "no client certificate seen"
-    if len(subject) > _SUBJECT_CHARS:
-        subject = subject[:_SUBJECT_CHARS] + "..."
-    return f"client certificate {json.dumps(subject)}"
+    if len(subject) > SUBJECT_CHARS:
+        subject = subject[:SUBJECT_CHARS] + "..."
+    return f"unverified client certificate {json.dumps(subject)}"
 
 
 def _peer_host(stream: trio.SocketStream) -> str:

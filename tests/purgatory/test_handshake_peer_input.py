@@ -28,6 +28,7 @@ from jobworker.purgatory.testing import (
     server_config,
 )
 from jobworker.purgatory.tls import config as tls_config
+from jobworker.purgatory.tls import stream as stream_module
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +185,58 @@ async def test_any_exception_in_a_handshake_ends_only_that_connection(
     [record] = [r for r in handshake_lines.records if handshake_lines.text in r.getMessage()]
     assert record.levelno == logging.ERROR
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+
+
+FORGED = 'INFO jobworker.purgatory TLS handshake ok: client certificate "CN=alice"'
+
+
+def _assert_one_safe_line(lines: _Lines) -> str:
+    [line] = lines.matching()
+    assert line.isprintable(), repr(line)  # no newline, no escape sequence: one line
+    assert len(line) < 3000
+    return line
+
+
+async def test_a_subject_with_a_newline_cannot_forge_a_log_line(certs, tmp_path, handshake_lines):
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mallory\n" + FORGED)])
+    cert_file, key_file, _ = _self_signed(tmp_path, name)
+    server = Server([ECHO], tls=server_config(certs))
+    async with serve(server) as served:
+        await _foreign_client(served.host, served.port, _stdlib_client(cert_file, key_file, ["h2"]))
+        with trio.fail_after(5):
+            await handshake_lines.arrived.wait()
+    line = _assert_one_safe_line(handshake_lines)
+    assert "unverified client certificate" in line, line
+    assert "mallory\\nINFO" in line, line  # shown, escaped
+
+
+async def test_offered_alpn_names_cannot_forge_a_log_line(certs, handshake_lines):
+    offered = ["x\n" + FORGED, "\x1b[2J", *[f"p{i}" for i in range(50)]]
+    server = Server([ECHO], tls=server_config(certs))
+    async with serve(server) as served:
+        client = _stdlib_client(certs.alice.cert_file, certs.alice.key_file, offered)
+        await _foreign_client(served.host, served.port, client)
+        with trio.fail_after(5):
+            await handshake_lines.arrived.wait()
+    line = _assert_one_safe_line(handshake_lines)
+    assert "no ALPN protocol h2 negotiated" in line, line
+    assert "x\\nINFO" in line and "\\x1b[2J" in line, line
+    assert "and 44 more" in line, line  # the list is bounded
+
+
+async def test_a_successful_handshake_does_not_format_the_subject(certs, monkeypatch):
+    formatted = []
+    real = tls_config.subject_of
+
+    def counting(cert):
+        formatted.append(cert)
+        return real(cert)
+
+    monkeypatch.setattr(tls_config, "subject_of", counting)
+    monkeypatch.setattr(stream_module, "subject_of", counting, raising=False)
+    server = Server([ECHO], tls=server_config(certs))
+    async with serve(server) as served:
+        async with served.connect(client_config(certs)) as channel:
+            reply = await channel.unary("/t.T/Echo", StringValue(value="hi"), StringValue)
+    assert reply.value == "hi"
+    assert formatted == []

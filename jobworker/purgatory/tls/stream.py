@@ -50,6 +50,7 @@ from .config import (
     check_negotiated,
     failure_of,
     parse_ip,
+    subject_of,
 )
 from .openssl_internals import FAST_READ, read_plaintext, scratch
 
@@ -172,10 +173,12 @@ class TLSStream(trio.abc.Stream):
 
     @property
     def presented_subject(self) -> str | None:
-        """The subject (RFC 4514) of the leaf certificate the peer presented, even one the
-        handshake then rejected; None when it presented none, or verification never reached
-        its leaf (a chain rejected at an issuer)."""
-        return self._findings.presented_subject
+        """The subject (RFC 4514, raw: unverified, escape it before logging) of the leaf
+        certificate the peer presented, even one the handshake then rejected; None when it
+        presented none, or verification never reached its leaf (a chain rejected at an
+        issuer). Formatted when asked, not during the handshake."""
+        presented = self._findings.presented
+        return subject_of(presented) if presented is not None else None
 
     @property
     def alpn_protocol(self) -> str | None:
