@@ -106,6 +106,9 @@ _MAY_BE_ZERO = frozenset(
 )
 
 
+_MAX_MESSAGE_BYTES_CEILING = 2**31 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
     """Every knob of the server's transport, with defaults a 2-core machine survives.
@@ -173,6 +176,13 @@ class ServerLimits:
                     raise ValueError(f"{spec.name} must be an integer >= 0, got {value!r}")
             elif not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{spec.name} must be an integer >= 1, got {value!r}")
+        # A message's window share must fit the 32-bit arrays unread messages are packed in
+        # (server._Inbox); no gRPC peer sends messages of 2 GiB anyway.
+        if self.max_receive_message_bytes > _MAX_MESSAGE_BYTES_CEILING:
+            raise ValueError(
+                f"max_receive_message_bytes must be at most {_MAX_MESSAGE_BYTES_CEILING}, "
+                f"got {self.max_receive_message_bytes}"
+            )
         # HTTP/2's own range for SETTINGS_MAX_FRAME_SIZE (RFC 9113 §6.5.2): refused here, at
         # startup, rather than by every connection's wire.
         if not 2**14 <= self.max_frame_bytes < 2**24:
