@@ -541,6 +541,7 @@ class Server:
         host = _peer_host(stream)
         refused = admission.admit(host)
         if refused is None:
+            self.limits.keep_alive(stream.socket)  # dead peers are reclaimed (see ServerLimits)
             connections.start_soon(self._serve_admitted, stream, host)
             return
         self._log(
