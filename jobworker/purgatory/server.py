@@ -203,7 +203,8 @@ class CallEnded:
     status: Status
     message: str  # the status message sent ("" for OK)
     duration_s: float  # from its headers to its trailers (or its end), on the Trio clock
-    request: Message | None = None  # decoded, if it got that far
+    # Decoded, if it got that far; of a streaming request, the first message the handler took.
+    request: Message | None = None
     response: Message | None = None  # a unary call's answer
 
 
@@ -239,6 +240,10 @@ class ServerCall:
         self._arrived = trio.Event()  # renewed each time: a message, the end, a failure
         self._input_ended = trio.Event()
         self._failed: StreamFailed | None = None
+        # A streaming request's first message, once the handler has taken it: what the
+        # observer is told as the call's request (it names what the call is about, e.g. the
+        # job of a WriteJobInput). The messages after it are not kept.
+        self._first_request: Message | None = None
         self.started = False  # its task has begun: from then on it counts as a running handler
 
     @property
@@ -397,11 +402,14 @@ class RequestStream(Generic[Q]):
         payload, share = call._inbox.popleft()
         call._driver.acknowledge(call.stream_id, share)
         try:
-            return call.method.request_type.FromString(payload)
+            message = call.method.request_type.FromString(payload)
         except DecodeError as exc:
             raise GrpcError(
                 Status.INVALID_ARGUMENT, f"could not parse a request message: {exc}"
             ) from None
+        if call._first_request is None:
+            call._first_request = message
+        return message
 
 
 @dataclass(slots=True)
@@ -1020,7 +1028,7 @@ class _ServerConnection:
                 status,
                 message,
                 call.began,
-                request,
+                request if request is not None else call._first_request,
                 result if answered and status is Status.OK else None,
             )
             if not self._calls:

@@ -144,6 +144,27 @@ async def test_a_call_the_wire_answered_is_observed_with_that_answer():
     assert "larger than max" in ended.message
 
 
+async def test_a_streaming_request_is_observed_by_its_first_message():
+    async def total(requests, call) -> Int64Value:
+        return Int64Value(value=sum([len(request.value) async for request in requests]))
+
+    seen: list[CallEnded] = []
+    method = RpcMethod("/t.T/Total", BytesValue, Int64Value, total, client_streaming=True)
+    server = Server([method], tls=None, observe=seen.append)
+    async with memory_channel(server) as channel:
+        async with channel.client_stream("/t.T/Total", Int64Value) as call:
+            for value in (b"first", b"second", b"third"):
+                await call.send(BytesValue(value=value))
+            assert (await call.response()).value == 16
+        with trio.fail_after(5):
+            while not seen:
+                await trio.testing.wait_all_tasks_blocked()
+    [ended] = seen
+    assert ended.status is Status.OK
+    assert ended.request == BytesValue(value=b"first")
+    assert ended.response == Int64Value(value=16)
+
+
 async def test_an_observer_that_fails_is_logged_and_the_call_is_unharmed(caplog):
     def broken(ended: CallEnded) -> None:
         raise RuntimeError("observer bug")
