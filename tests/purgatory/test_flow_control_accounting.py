@@ -106,8 +106,14 @@ async def test_a_client_reset_mid_message_gives_everything_back(autojump_clock):
     server = make_server(app)
     async with memory_channel(server) as channel:
         async with channel.client_stream("/t.S/Ignore", Int64Value) as call:
+
+            async def send() -> None:
+                with pytest.raises(GrpcError) as caught:
+                    await _whole_then_partial(call)
+                assert caught.value.status is Status.CANCELLED
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_whole_then_partial, call)
+                nursery.start_soon(send)
                 await trio.testing.wait_all_tasks_blocked()
                 assert server_wire(server).unacknowledged_bytes > 0
                 call.cancel()
