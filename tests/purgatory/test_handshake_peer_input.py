@@ -240,3 +240,49 @@ async def test_a_successful_handshake_does_not_format_the_subject(certs, monkeyp
             reply = await channel.unary("/t.T/Echo", StringValue(value="hi"), StringValue)
     assert reply.value == "hi"
     assert formatted == []
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    size = (n.bit_length() + 7) // 8
+    return bytes([0x80 | size]) + n.to_bytes(size, "big")
+
+
+def _trusted_unreadable_certificate(certs: CertSet, directory: Path) -> tuple[Path, Path]:
+    """A client certificate our CA really signed whose subject cryptography cannot read (a CN
+    as a PrintableString "@@@@"): it passes OpenSSL's verification, and fails only when the
+    verified certificate is read afterwards. Re-signed by hand over the rewritten TBS."""
+    leaf = certs.ca.issue(directory, "ZZZZ", client=True)
+    der = leaf.certificate.public_bytes(serialization.Encoding.DER)
+    tbs = leaf.certificate.tbs_certificate_bytes
+    assert tbs.count(b"\x0c\x04ZZZZ") == 1
+    bad_tbs = tbs.replace(b"\x0c\x04ZZZZ", b"\x13\x04@@@@")
+    after_tbs = der.index(tbs) + len(tbs)
+    algorithm = der[after_tbs : after_tbs + 2 + der[after_tbs + 1]]  # a short SEQUENCE
+    signature = certs.ca.key.sign(bad_tbs, ec.ECDSA(hashes.SHA256()))
+    bit_string = b"\x03" + _der_length(len(signature) + 1) + b"\x00" + signature
+    body = bad_tbs + algorithm + bit_string
+    loaded = crypto.load_certificate(crypto.FILETYPE_ASN1, b"\x30" + _der_length(len(body)) + body)
+    with pytest.raises(ValueError):
+        loaded.to_cryptography()
+    cert_file = directory / "trusted-bad.crt"
+    cert_file.write_bytes(crypto.dump_certificate(crypto.FILETYPE_PEM, loaded))
+    return cert_file, leaf.key_file
+
+
+async def test_a_verified_certificate_that_cannot_be_read_is_refused_as_such(
+    certs, tmp_path, handshake_lines
+):
+    cert_file, key_file = _trusted_unreadable_certificate(certs, tmp_path)
+    server = Server([ECHO], tls=server_config(certs))
+    async with serve(server) as served:
+        await _foreign_client(served.host, served.port, _stdlib_client(cert_file, key_file, ["h2"]))
+        with trio.fail_after(5):
+            await handshake_lines.arrived.wait()
+        async with served.connect(client_config(certs)) as channel:
+            reply = await channel.unary("/t.T/Echo", StringValue(value="hi"), StringValue)
+    assert reply.value == "hi"
+    [record] = [r for r in handshake_lines.records if handshake_lines.text in r.getMessage()]
+    assert record.levelno == logging.INFO, record.getMessage()  # a refusal, not a bug
+    assert "cannot be parsed" in record.getMessage()

@@ -44,6 +44,7 @@ from OpenSSL import SSL
 
 from .config import (
     Findings,
+    TLSCertificateRejected,
     TLSConfig,
     TLSError,
     TLSHandshakeTimeout,
@@ -239,8 +240,17 @@ class TLSStream(trio.abc.Stream):
             self._mark_broken()
             raise
         else:
+            try:
+                certificate = self._conn.get_peer_certificate(as_cryptography=True)
+            except ValueError:
+                # Verified by OpenSSL, yet cryptography cannot read it (an encoding OpenSSL
+                # is lenient about): nothing could use it, so it is refused like any other.
+                self._mark_broken()
+                raise TLSCertificateRejected(
+                    "peer certificate not accepted: it cannot be parsed", by_peer=False
+                ) from None
             self._handshake_done = True
-            self._peer_certificate = self._conn.get_peer_certificate(as_cryptography=True)
+            self._peer_certificate = certificate
         finally:
             self._handshake_finished.set()
 
