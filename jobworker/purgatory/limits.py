@@ -144,7 +144,11 @@ class ServerLimits:
     connection (2 minutes by default); TCP_USER_TIMEOUT, the same total, bounds a peer that
     stops acknowledging data we sent (keepalive does not probe while data is unacknowledged,
     and retransmissions alone take ~15 minutes). `tcp_keepalive_idle_s=math.inf` turns this
-    off.
+    off. Above TCP, as grpc-go's server keepalive (Time, Timeout): while calls are open and the
+    client has sent nothing for `keepalive_time_s`, the server PINGs it, and closes the
+    connection (cancelling its calls) if nothing arrives within `keepalive_timeout_s`; this
+    also covers a peer behind a proxy, where TCP keepalive reaches only the proxy.
+    `keepalive_time_s=math.inf` turns it off.
 
     The wire's budgets, per connection (see wire/scanner.py for what each bounds): frame and
     header sizes, CONTINUATION frames per header block, control-frame acknowledgements owed,
@@ -163,6 +167,8 @@ class ServerLimits:
     tcp_keepalive_idle_s: float = 60.0
     tcp_keepalive_interval_s: float = 15.0
     tcp_keepalive_probes: int = 4
+    keepalive_time_s: float = 120.0
+    keepalive_timeout_s: float = 20.0
 
     max_connections: int | None = None
     max_connections_per_identity: int | None = None

@@ -20,8 +20,10 @@ MaxConnectionIdle). A unary or server-streaming call's request must arrive in fu
 connection from being idle, so streams of headers alone would hold it forever. A streaming
 request (client-streaming, bidirectional) lasts as long as its call by design: its deadline and
 `max_concurrent_streams` bound it, and its unread messages are bounded by the stream's window
-(a message is acknowledged only once the handler has taken it). A connection beyond its
-identity's cap answers its first call RESOURCE_EXHAUSTED, naming the cap, and closes (or closes
+(a message is acknowledged only once the handler has taken it). A peer that vanished without
+closing (no FIN) is found by TCP keepalive on the accepted socket and, above it, by a keepalive
+PING while its calls are open (ServerLimits: tcp_keepalive_*, keepalive_*). A connection beyond
+its identity's cap answers its first call RESOURCE_EXHAUSTED, naming the cap, and closes (or closes
 after a second without a call): the client learns why, which a bare close or a GOAWAY before
 any stream would not tell it (clients retry those transparently, reconnecting in a loop). At most
 `limits.REFUSALS_PER_IDENTITY` such connections per identity wait to be told; any more are
@@ -96,6 +98,8 @@ _PREFACE_BYTES = 24 + 9
 # An idle connection's GOAWAY is answered by a PING's acknowledgement within this time, or the
 # connection is closed without waiting further.
 _IDLE_GOAWAY_S = 10.0
+# The PING of the server's keepalive (see ServerLimits), told apart from the shutdown's.
+_KEEPALIVE_PING = b"liveness"
 # How long a connection beyond its identity's cap waits for the call it will refuse.
 _OVER_CAP_FIRST_REQUEST_S = 1.0
 # How much of a failed handshake's error a log line shows (it embeds the peer's words).
@@ -760,6 +764,7 @@ class _ServerConnection:
         self._awaiting_preface = True
         self._client_leaving = False  # it sent a GOAWAY
         self._closing = False
+        self._keepalive_sent_at: float | None = None  # our keepalive PING awaiting an answer
         self._preface_s = limits.preface_timeout_s
         if over_cap:  # a client that has a call to make makes it at once
             self._preface_s = min(self._preface_s, _OVER_CAP_FIRST_REQUEST_S)
@@ -782,6 +787,49 @@ class _ServerConnection:
         self._driver.dispose()  # and the wire, which breaks h2's own cycles
 
     def _on_deadline(self) -> None:
+        """The connection's timeouts (see `_timeouts`) and its keepalive: the next deadline is
+        the earlier of the two."""
+        next_keepalive = self._keepalive(trio.current_time())
+        if next_keepalive is None:
+            return  # closing: the peer did not answer
+        self._timeouts()
+        if next_keepalive < self._driver.deadline:
+            self._driver.deadline = next_keepalive
+
+    def _keepalive(self, now: float) -> float | None:
+        """While calls are open: PING a client silent for keepalive_time_s, and close the
+        connection if it stays silent keepalive_timeout_s more (None: closing). The time to
+        look again (inf: no call open, nothing to watch)."""
+        limits = self._server.limits
+        if limits.keepalive_time_s == math.inf or self._awaiting_preface or not self._calls:
+            self._keepalive_sent_at = None
+            return math.inf
+        received_at = self._driver.received_at
+        sent_at = self._keepalive_sent_at
+        if sent_at is not None:
+            if received_at < sent_at:
+                answer_by = sent_at + limits.keepalive_timeout_s
+                if now < answer_by:
+                    return answer_by
+                self._server._log(
+                    logging.INFO,
+                    "keepalive",
+                    "closing the connection from %s: no answer to a keepalive PING within %g s",
+                    self._info.peer_address,
+                    limits.keepalive_timeout_s,
+                )
+                assert self._nursery is not None
+                self._nursery.cancel_scope.cancel()
+                return None
+            self._keepalive_sent_at = None  # it spoke since: alive
+        silent_until = received_at + limits.keepalive_time_s
+        if now < silent_until:
+            return silent_until
+        self._driver.ping(_KEEPALIVE_PING)
+        self._keepalive_sent_at = now
+        return now + limits.keepalive_timeout_s
+
+    def _timeouts(self) -> None:
         """The connection's timeouts: preface, first request, idle (see the module docstring).
         Called by the driver's reader when `driver.deadline` passes; it looks and sets the next
         one. Ending calls do not move it (the call path pays nothing but a clock read when the
@@ -959,6 +1007,10 @@ class _ServerConnection:
         self._calls[stream_id] = call
         if self._idle.is_set():
             self._idle = trio.Event()
+            # The first call of a quiet spell: the keepalive watches from now on.
+            watch_from = self._driver.received_at + self._server.limits.keepalive_time_s
+            if watch_from < self._driver.deadline:
+                self._driver.deadline = watch_from
         assert self._nursery is not None
         self._nursery.start_soon(self._run_call, call)
 
