@@ -351,6 +351,11 @@ class StreamingCall(_CallMetadata, Generic[R]):
             raise GrpcError(
                 Status.UNAVAILABLE, channel._lost_reason("the connection was lost")
             ) from driver.broken
+        # The wait on flow control also ends when the call does (cancel(), the server's
+        # error): the message was dropped with the stream, and the caller must hear why.
+        ended = call.ended
+        if ended is not None and ended.status is not Status.OK:
+            raise GrpcError(ended.status, ended.message, trailers=ended.metadata)
 
     def done_sending(self) -> None:
         """Half-close: no more request messages (END_STREAM, behind those already sent).

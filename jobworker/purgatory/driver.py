@@ -80,6 +80,8 @@ class Driver:
         self._backlog_bytes = 0  # queued by senders, not yet written
         self.closed = trio.Event()  # the byte stream is finished, either way
         self.received_bytes = 0  # from the peer, in all (the server's preface timeout looks)
+        # When the peer last sent anything, on the Trio clock (the server's keepalive looks).
+        self.received_at = trio.current_time()
         # When the reader stops waiting for the peer and calls `run`'s on_deadline, which sets
         # the next one: the server's connection timeouts ride on the read every connection
         # waits in anyway, rather than on a task of their own per connection.
@@ -180,6 +182,11 @@ class Driver:
         """Client: no more request messages (END_STREAM), behind those still queued."""
         self.connection.end_input(stream_id)
         self._posted()
+
+    def ping(self, data: bytes) -> None:
+        """Send a PING (8 bytes of `data`); its answer comes as a PingAcknowledged."""
+        self.connection.ping(data)
+        self.wake()
 
     def start_graceful_shutdown(self) -> None:
         """Server: the first GOAWAY (2^31-1) and the PING that tells when it was seen."""
@@ -318,9 +325,10 @@ class Driver:
             if not data:
                 return
             self.received_bytes += len(data)
+            self.received_at = now = trio.current_time()
             try:
                 # The clock lets the wire refill its rate budgets (resets, pings).
-                events: list[Event] = self.connection.receive_data(data, now=trio.current_time())
+                events: list[Event] = self.connection.receive_data(data, now=now)
             except ConnectionBroken as exc:
                 log.info("closing connection: %s", exc)
                 self.broken = exc

@@ -29,7 +29,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import resource
+import socket
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +103,16 @@ _WIRE_BUDGETS = (
 )
 
 
+_TCP_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
 _MAY_BE_ZERO = frozenset(
     {"lingering_handler_allowance", "max_continuation_frames", "max_ping_strikes"}
 )
+
+
+_MAX_MESSAGE_BYTES_CEILING = 2**31 - 1
+# Linux's ceilings for TCP_KEEPIDLE / TCP_KEEPINTVL (MAX_TCP_KEEPIDLE) and TCP_KEEPCNT.
+_MAX_KEEPALIVE_S = 32767
+_MAX_KEEPALIVE_PROBES = 127
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +137,19 @@ class ServerLimits:
     at least 4), connections still in their TLS handshake in all (`max_handshakes`, None: a
     quarter of `max_connections`, at least 8) and per peer address.
 
+    Dead peers: a peer that vanished without a FIN (a cable pulled, a host powered off) never
+    reads or writes again, and a streaming call without a deadline would hold its slots
+    forever. So accepted sockets have TCP keepalive: after `tcp_keepalive_idle_s` of silence,
+    `tcp_keepalive_probes` probes `tcp_keepalive_interval_s` apart, then the kernel resets the
+    connection (2 minutes by default); TCP_USER_TIMEOUT, the same total, bounds a peer that
+    stops acknowledging data we sent (keepalive does not probe while data is unacknowledged,
+    and retransmissions alone take ~15 minutes). `tcp_keepalive_idle_s=math.inf` turns this
+    off. Above TCP, as grpc-go's server keepalive (Time, Timeout): while calls are open and the
+    client has sent nothing for `keepalive_time_s`, the server PINGs it, and closes the
+    connection (cancelling its calls) if nothing arrives within `keepalive_timeout_s`; this
+    also covers a peer behind a proxy, where TCP keepalive reaches only the proxy.
+    `keepalive_time_s=math.inf` turns it off.
+
     The wire's budgets, per connection (see wire/scanner.py for what each bounds): frame and
     header sizes, CONTINUATION frames per header block, control-frame acknowledgements owed,
     the reset/refusal token bucket, and the PING policy.
@@ -141,6 +163,12 @@ class ServerLimits:
     first_request_timeout_s: float = 30.0
     request_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
+
+    tcp_keepalive_idle_s: float = 60.0
+    tcp_keepalive_interval_s: float = 15.0
+    tcp_keepalive_probes: int = 4
+    keepalive_time_s: float = 120.0
+    keepalive_timeout_s: float = 20.0
 
     max_connections: int | None = None
     max_connections_per_identity: int | None = None
@@ -173,6 +201,21 @@ class ServerLimits:
                     raise ValueError(f"{spec.name} must be an integer >= 0, got {value!r}")
             elif not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{spec.name} must be an integer >= 1, got {value!r}")
+        for name in ("tcp_keepalive_idle_s", "tcp_keepalive_interval_s"):
+            value = getattr(self, name)
+            if value != math.inf and value > _MAX_KEEPALIVE_S:  # the kernel's own ceiling
+                raise ValueError(f"{name} must be at most {_MAX_KEEPALIVE_S} (or inf for idle)")
+        if self.tcp_keepalive_interval_s == math.inf:
+            raise ValueError("tcp_keepalive_interval_s must be finite")
+        if self.tcp_keepalive_probes > _MAX_KEEPALIVE_PROBES:
+            raise ValueError(f"tcp_keepalive_probes must be at most {_MAX_KEEPALIVE_PROBES}")
+        # A message's window share must fit the 32-bit arrays unread messages are packed in
+        # (server._Inbox); no gRPC peer sends messages of 2 GiB anyway.
+        if self.max_receive_message_bytes > _MAX_MESSAGE_BYTES_CEILING:
+            raise ValueError(
+                f"max_receive_message_bytes must be at most {_MAX_MESSAGE_BYTES_CEILING}, "
+                f"got {self.max_receive_message_bytes}"
+            )
         # HTTP/2's own range for SETTINGS_MAX_FRAME_SIZE (RFC 9113 §6.5.2): refused here, at
         # startup, rather than by every connection's wire.
         if not 2**14 <= self.max_frame_bytes < 2**24:
@@ -190,6 +233,25 @@ class ServerLimits:
         if unknown:
             raise TypeError(f"unknown server limits: {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
+
+    def keep_alive(self, sock: Any) -> None:
+        """Set TCP keepalive and TCP_USER_TIMEOUT on an accepted TCP socket (see the class
+        docstring). A socket that cannot take them (closed meanwhile) is left as it is."""
+        if self.tcp_keepalive_idle_s == math.inf or sock.family not in _TCP_FAMILIES:
+            return
+        idle = max(1, math.ceil(self.tcp_keepalive_idle_s))
+        interval = max(1, math.ceil(self.tcp_keepalive_interval_s))
+        probes = self.tcp_keepalive_probes
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+            sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + interval * probes) * 1000
+            )
+        except OSError:
+            pass  # the peer left already: the connection ends on its own
 
     def wire_budgets(self) -> dict[str, Any]:
         """The wire's keywords for a wire.ServerConnection."""

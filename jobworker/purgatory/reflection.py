@@ -13,6 +13,11 @@ services are given as names ("grpc.health.v1.Health") and looked up once, when t
 built, so a generated module that moves to another package changes nothing here, and a name
 whose module has not been imported is refused at startup rather than at the first question.
 
+Only what the listed services need is ever answered: the files that define them and, transitively,
+the files those import, fixed when the methods are built. Anything else in the pool (a module
+imported for internal use, now or later) is NOT_FOUND like a name that does not exist, so
+reflection never describes more than the server serves.
+
 Files are answered the way grpc-go answers them: the file asked for, then those of its
 transitive dependencies not yet sent on this stream (each once per stream), so a client can
 build the file into its own pool. A question with no answer (an unknown symbol, file, type or
@@ -110,6 +115,18 @@ class _Reflector:
     def __init__(self, pool: descriptor_pool.DescriptorPool, services: tuple[str, ...]) -> None:
         self._pool = pool
         self._services = services
+        # The files of the services and their transitive imports: all that may be answered.
+        served: set[str] = set()
+        queue = deque(pool.FindServiceByName(name).file for name in services)
+        while queue:
+            file = queue.popleft()
+            if file.name not in served:
+                served.add(file.name)
+                queue.extend(file.dependencies)
+        self._served = frozenset(served)
+
+    def _serves(self, file: FileDescriptor) -> bool:
+        return file.name in self._served
 
     async def serve(self, pb: ModuleType, requests: Any, call: ServerCall) -> None:
         sent: set[str] = set()  # files this stream has been sent: each goes once
@@ -134,7 +151,9 @@ class _Reflector:
             try:
                 file = pool.FindFileByName(request.file_by_filename)
             except KeyError:
-                raise _NotFound(f"file {request.file_by_filename!r} not found") from None
+                file = None
+            if file is None or not self._serves(file):
+                raise _NotFound(f"file {request.file_by_filename!r} not found")
             self._files(response, file, sent)
         elif kind == "file_containing_symbol":
             self._files(response, self._file_of_symbol(request.file_containing_symbol), sent)
@@ -144,20 +163,28 @@ class _Reflector:
                 message = pool.FindMessageTypeByName(asked.containing_type)
                 extension = pool.FindExtensionByNumber(message, asked.extension_number)
             except KeyError:
+                extension = None
+            if extension is None or not self._serves(extension.file):
                 raise _NotFound(
                     f"extension {asked.extension_number} of {asked.containing_type!r} not found"
-                ) from None
+                )
             self._files(response, extension.file, sent)
         elif kind == "all_extension_numbers_of_type":
             name = request.all_extension_numbers_of_type
             try:
                 message = pool.FindMessageTypeByName(name)
             except KeyError:
-                raise _NotFound(f"message type {name!r} not found") from None
+                message = None
+            if message is None or not self._serves(message.file):
+                raise _NotFound(f"message type {name!r} not found")
             answer = response.all_extension_numbers_response
             answer.base_type_name = message.full_name
             answer.extension_number.extend(
-                sorted(extension.number for extension in pool.FindAllExtensions(message))
+                sorted(
+                    extension.number
+                    for extension in pool.FindAllExtensions(message)
+                    if self._serves(extension.file)
+                )
             )
         else:
             response.error_response.error_code = Status.INVALID_ARGUMENT
@@ -167,16 +194,20 @@ class _Reflector:
         pool = self._pool
         try:
             # Messages, enums, services, extensions, fields and enum values, nested or not.
-            return pool.FindFileContainingSymbol(symbol)
+            file = pool.FindFileContainingSymbol(symbol)
         except KeyError:
             pass
+        else:
+            if self._serves(file):
+                return file
+            raise _NotFound(f"symbol {symbol!r} not found")
         # A method ("pkg.Svc.Method"): the pool looks up services, not their members.
         parent, _, member = symbol.rpartition(".")
         try:
             service = pool.FindServiceByName(parent)
         except KeyError:
             service = None
-        if service is not None and member in service.methods_by_name:
+        if service is not None and member in service.methods_by_name and self._serves(service.file):
             return service.file
         raise _NotFound(f"symbol {symbol!r} not found")
 

@@ -20,8 +20,10 @@ MaxConnectionIdle). A unary or server-streaming call's request must arrive in fu
 connection from being idle, so streams of headers alone would hold it forever. A streaming
 request (client-streaming, bidirectional) lasts as long as its call by design: its deadline and
 `max_concurrent_streams` bound it, and its unread messages are bounded by the stream's window
-(a message is acknowledged only once the handler has taken it). A connection beyond its
-identity's cap answers its first call RESOURCE_EXHAUSTED, naming the cap, and closes (or closes
+(a message is acknowledged only once the handler has taken it). A peer that vanished without
+closing (no FIN) is found by TCP keepalive on the accepted socket and, above it, by a keepalive
+PING while its calls are open (ServerLimits: tcp_keepalive_*, keepalive_*). A connection beyond
+its identity's cap answers its first call RESOURCE_EXHAUSTED, naming the cap, and closes (or closes
 after a second without a call): the client learns why, which a bare close or a GOAWAY before
 any stream would not tell it (clients retry those transparently, reconnecting in a loop). At most
 `limits.REFUSALS_PER_IDENTITY` such connections per identity wait to be told; any more are
@@ -41,14 +43,15 @@ whatever is left is cancelled.
 Observing: the server's `observe` hook is told of every call once it has ended (`CallEnded`:
 method, connection and identity, status, duration, the request and response when there were
 some), refused ones included — a connection whose `identify` failed, an unknown method, a
-stream refused while handlers linger; a call that ended without an answer (reset by the
-client, its connection gone) is CANCELLED. The hook runs on the call's path, synchronously:
+stream refused while handlers linger; a call the wire answered for its handler (a message
+over the size limit) has that answer's status; a call that ended without an answer (reset by
+the client, its connection gone) is CANCELLED. The hook runs on the call's path, synchronously:
 it must be cheap, and whatever it raises is logged, never the call's concern.
 """
 
 from __future__ import annotations
 
-import collections
+import array
 import functools
 import json
 import logging
@@ -64,6 +67,7 @@ from google.protobuf.message import DecodeError, Message
 from .driver import Driver
 from .limits import RateLimitedLog, ServerLimits
 from .tls import TLSConfig, TLSError, TLSStream
+from .tls.config import SUBJECT_CHARS, printable
 from .wire import (
     SHUTDOWN_PING,
     ConnectionTerminated,
@@ -94,10 +98,74 @@ _PREFACE_BYTES = 24 + 9
 # An idle connection's GOAWAY is answered by a PING's acknowledgement within this time, or the
 # connection is closed without waiting further.
 _IDLE_GOAWAY_S = 10.0
+# The PING of the server's keepalive (see ServerLimits), told apart from the shutdown's.
+_KEEPALIVE_PING = b"liveness"
 # How long a connection beyond its identity's cap waits for the call it will refuse.
 _OVER_CAP_FIRST_REQUEST_S = 1.0
-# How much of an unverified certificate subject a failed handshake's log line shows.
-_SUBJECT_CHARS = 256
+# How much of a failed handshake's error a log line shows (it embeds the peer's words).
+_HANDSHAKE_ERROR_CHARS = 1024
+
+
+class _Inbox:
+    """A streaming request's messages, delivered and not yet taken by the handler, packed:
+    their payloads end to end in one buffer, their lengths and window shares in two arrays.
+
+    The stream's window bounds the bytes held, not the messages: a 5-byte empty message is a
+    whole message, and as one event object in a queue it cost ~14 bytes of memory per byte
+    on the wire, so a client flooding a handler that does not read could make a window of
+    1 MiB cost the server 14. Packed, a message costs its payload plus 8 bytes (1.7 bytes
+    per wire byte measured at worst, empty messages), and no call is ever failed for sending
+    small messages: a cap on their number would also refuse a slow, legitimate stream of small
+    ones (a line-buffered `jobctl run -i` into a job that is not reading its stdin)."""
+
+    __slots__ = ("_data", "_start", "_lengths", "_shares", "_next")
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._start = 0  # where the next payload begins in _data
+        self._lengths = array.array("I")
+        self._shares = array.array("I")
+        self._next = 0  # the index of the next message in the arrays
+
+    def __len__(self) -> int:
+        return len(self._lengths) - self._next
+
+    @property
+    def payload_bytes(self) -> int:
+        """The payload bytes held."""
+        return len(self._data) - self._start
+
+    def append(self, payload: bytes, flow_controlled_bytes: int) -> None:
+        self._data += payload
+        self._lengths.append(len(payload))
+        self._shares.append(flow_controlled_bytes)
+
+    def popleft(self) -> tuple[bytes, int]:
+        """The oldest message's payload and its window share (IndexError when empty)."""
+        index = self._next
+        length, share = self._lengths[index], self._shares[index]
+        start = self._start
+        payload = bytes(self._data[start : start + length])
+        self._next, self._start = index + 1, start + length
+        if self._next == len(self._lengths):
+            self._reset()
+        elif self._next >= 1024 and self._next * 2 >= len(self._lengths):
+            # Compact once half is taken: each byte is moved at most once more on average.
+            del self._lengths[: self._next], self._shares[: self._next], self._data[: self._start]
+            self._next = self._start = 0
+        return payload, share
+
+    def take_shares(self) -> list[int]:
+        """Empty the inbox: the window shares of the messages nobody took."""
+        shares = self._shares[self._next :].tolist()
+        self._reset()
+        return shares
+
+    def _reset(self) -> None:
+        self._data = bytearray()
+        self._lengths = array.array("I")
+        self._shares = array.array("I")
+        self._next = self._start = 0
 
 
 class _StreamGone(trio.BrokenResourceError):
@@ -139,7 +207,8 @@ class CallEnded:
     status: Status
     message: str  # the status message sent ("" for OK)
     duration_s: float  # from its headers to its trailers (or its end), on the Trio clock
-    request: Message | None = None  # decoded, if it got that far
+    # Decoded, if it got that far; of a streaming request, the first message the handler took.
+    request: Message | None = None
     response: Message | None = None  # a unary call's answer
 
 
@@ -167,13 +236,18 @@ class ServerCall:
         self.trailing_metadata: Metadata = ()
         self._scope = trio.CancelScope(deadline=self.deadline)
         self._request: tuple[bytes, int] | None = None
+        self._request_unacknowledged = 0  # its window, until the handler's task takes it
         self._extra_request = False
         # A streaming request's messages, delivered and not yet taken by the handler: bounded
         # by the stream's window, since none of them has been acknowledged.
-        self._inbox: collections.deque[MessageReceived] = collections.deque()
+        self._inbox = _Inbox()
         self._arrived = trio.Event()  # renewed each time: a message, the end, a failure
         self._input_ended = trio.Event()
         self._failed: StreamFailed | None = None
+        # A streaming request's first message, once the handler has taken it: what the
+        # observer is told as the call's request (it names what the call is about, e.g. the
+        # job of a WriteJobInput). The messages after it are not kept.
+        self._first_request: Message | None = None
         self.started = False  # its task has begun: from then on it counts as a running handler
 
     @property
@@ -230,10 +304,11 @@ class ServerCall:
         Otherwise the first is kept; any more make the call fail (the method takes one), and
         their window goes back at once."""
         if self.method.client_streaming:
-            self._inbox.append(event)
+            self._inbox.append(event.payload, event.flow_controlled_bytes)
             self._notify()
         elif self._request is None:
             self._request = (event.payload, event.flow_controlled_bytes)
+            self._request_unacknowledged = event.flow_controlled_bytes
         else:
             self._extra_request = True
             self._driver.acknowledge(self.stream_id, event.flow_controlled_bytes)
@@ -255,10 +330,14 @@ class ServerCall:
 
     def _release_unread(self) -> None:
         """The call is over: give back the window of request messages nobody will read (the
-        connection's window too, which would otherwise shrink for good)."""
-        inbox, self._inbox = self._inbox, collections.deque()
-        for event in inbox:
-            self._driver.acknowledge(self.stream_id, event.flow_controlled_bytes)
+        connection's window too, which would otherwise shrink for good): a streaming request's
+        unread inbox, and a unary request never taken (its request timed out while the client
+        held back the end of it, or the client reset the stream)."""
+        for share in self._inbox.take_shares():  # one acknowledgement per message, as ever
+            self._driver.acknowledge(self.stream_id, share)
+        if self._request_unacknowledged:
+            unacknowledged, self._request_unacknowledged = self._request_unacknowledged, 0
+            self._driver.acknowledge(self.stream_id, unacknowledged)
 
     # -- the call's own task --
 
@@ -284,6 +363,7 @@ class ServerCall:
         payload, flow_bytes = self._request
         # Usually no WINDOW_UPDATE comes of it (h2 returns window in large steps); when one
         # does, it goes out now rather than after the handler.
+        self._request_unacknowledged = 0
         self._driver.acknowledge(self.stream_id, flow_bytes)
         try:
             return self.method.request_type.FromString(payload)
@@ -323,14 +403,17 @@ class RequestStream(Generic[Q]):
                 await trio.lowlevel.checkpoint()
                 raise _StreamGone(f"stream {call.stream_id} is closed")
             await call._arrived.wait()
-        event = call._inbox.popleft()
-        call._driver.acknowledge(call.stream_id, event.flow_controlled_bytes)
+        payload, share = call._inbox.popleft()
+        call._driver.acknowledge(call.stream_id, share)
         try:
-            return call.method.request_type.FromString(event.payload)
+            message = call.method.request_type.FromString(payload)
         except DecodeError as exc:
             raise GrpcError(
                 Status.INVALID_ARGUMENT, f"could not parse a request message: {exc}"
             ) from None
+        if call._first_request is None:
+            call._first_request = message
+        return message
 
 
 @dataclass(slots=True)
@@ -470,6 +553,7 @@ class Server:
         host = _peer_host(stream)
         refused = admission.admit(host)
         if refused is None:
+            self.limits.keep_alive(stream.socket)  # dead peers are reclaimed (see ServerLimits)
             connections.start_soon(self._serve_admitted, stream, host)
             return
         self._log(
@@ -504,14 +588,23 @@ class Server:
                 try:
                     await tls_stream.do_handshake()  # bounded by the config's handshake timeout
                 except TLSError as exc:
+                    # Formatted only here, on failure; the error's text carries the peer's
+                    # words (a subject, ALPN names): escaped and bounded like the subject.
                     self._log(
                         logging.INFO,
                         "handshake",
                         "TLS handshake with %s (%s) failed: %s",
                         peer,
                         _presented(tls_stream.presented_subject),
-                        exc,
+                        printable(str(exc), _HANDSHAKE_ERROR_CHARS),
                     )
+                    await trio.aclose_forcefully(stream)
+                    return
+                except Exception:
+                    # A peer found an edge of OpenSSL, pyOpenSSL or our callbacks that raises
+                    # something else: like any failure of one connection (see the containment
+                    # boundary below), it ends that connection alone, never the server.
+                    log.exception("TLS handshake with %s failed unexpectedly", peer)
                     await trio.aclose_forcefully(stream)
                     return
                 certificate, stream = tls_stream.peer_certificate, tls_stream
@@ -671,6 +764,7 @@ class _ServerConnection:
         self._awaiting_preface = True
         self._client_leaving = False  # it sent a GOAWAY
         self._closing = False
+        self._keepalive_sent_at: float | None = None  # our keepalive PING awaiting an answer
         self._preface_s = limits.preface_timeout_s
         if over_cap:  # a client that has a call to make makes it at once
             self._preface_s = min(self._preface_s, _OVER_CAP_FIRST_REQUEST_S)
@@ -693,6 +787,49 @@ class _ServerConnection:
         self._driver.dispose()  # and the wire, which breaks h2's own cycles
 
     def _on_deadline(self) -> None:
+        """The connection's timeouts (see `_timeouts`) and its keepalive: the next deadline is
+        the earlier of the two."""
+        next_keepalive = self._keepalive(trio.current_time())
+        if next_keepalive is None:
+            return  # closing: the peer did not answer
+        self._timeouts()
+        if next_keepalive < self._driver.deadline:
+            self._driver.deadline = next_keepalive
+
+    def _keepalive(self, now: float) -> float | None:
+        """While calls are open: PING a client silent for keepalive_time_s, and close the
+        connection if it stays silent keepalive_timeout_s more (None: closing). The time to
+        look again (inf: no call open, nothing to watch)."""
+        limits = self._server.limits
+        if limits.keepalive_time_s == math.inf or self._awaiting_preface or not self._calls:
+            self._keepalive_sent_at = None
+            return math.inf
+        received_at = self._driver.received_at
+        sent_at = self._keepalive_sent_at
+        if sent_at is not None:
+            if received_at < sent_at:
+                answer_by = sent_at + limits.keepalive_timeout_s
+                if now < answer_by:
+                    return answer_by
+                self._server._log(
+                    logging.INFO,
+                    "keepalive",
+                    "closing the connection from %s: no answer to a keepalive PING within %g s",
+                    self._info.peer_address,
+                    limits.keepalive_timeout_s,
+                )
+                assert self._nursery is not None
+                self._nursery.cancel_scope.cancel()
+                return None
+            self._keepalive_sent_at = None  # it spoke since: alive
+        silent_until = received_at + limits.keepalive_time_s
+        if now < silent_until:
+            return silent_until
+        self._driver.ping(_KEEPALIVE_PING)
+        self._keepalive_sent_at = now
+        return now + limits.keepalive_timeout_s
+
+    def _timeouts(self) -> None:
         """The connection's timeouts: preface, first request, idle (see the module docstring).
         Called by the driver's reader when `driver.deadline` passes; it looks and sets the next
         one. Ending calls do not move it (the call path pays nothing but a clock read when the
@@ -870,6 +1007,10 @@ class _ServerConnection:
         self._calls[stream_id] = call
         if self._idle.is_set():
             self._idle = trio.Event()
+            # The first call of a quiet spell: the keepalive watches from now on.
+            watch_from = self._driver.received_at + self._server.limits.keepalive_time_s
+            if watch_from < self._driver.deadline:
+                self._driver.deadline = watch_from
         assert self._nursery is not None
         self._nursery.start_soon(self._run_call, call)
 
@@ -925,7 +1066,12 @@ class _ServerConnection:
             self._calls.pop(stream_id, None)
             call._release_unread()
             driver.forget(stream_id)
-            if not answered:
+            failed = call._failed
+            if failed is not None and failed.answered:
+                # The wire answered for the handler (a message over the size limit, a second
+                # request message): the client was told this, and so is the observer.
+                status, message = failed.status, failed.message
+            elif not answered:
                 status, message = Status.CANCELLED, "ended without an answer (reset, or gone)"
             self._server._observed(
                 call.method.path,
@@ -934,7 +1080,7 @@ class _ServerConnection:
                 status,
                 message,
                 call.began,
-                request,
+                request if request is not None else call._first_request,
                 result if answered and status is Status.OK else None,
             )
             if not self._calls:
@@ -958,12 +1104,13 @@ async def _first_of(*events: trio.Event) -> None:
 
 def _presented(subject: str | None) -> str:
     """The client certificate a failed handshake saw, for its log line. Unverified, so any
-    stranger's words: quoted (JSON, ASCII), never able to break the line, and bounded."""
+    stranger's words: said so, quoted (JSON, ASCII), never able to break the line, and
+    bounded."""
     if subject is None:
         return "no client certificate seen"
-    if len(subject) > _SUBJECT_CHARS:
-        subject = subject[:_SUBJECT_CHARS] + "..."
-    return f"client certificate {json.dumps(subject)}"
+    if len(subject) > SUBJECT_CHARS:
+        subject = subject[:SUBJECT_CHARS] + "..."
+    return f"unverified client certificate {json.dumps(subject)}"
 
 
 def _peer_host(stream: trio.SocketStream) -> str:

@@ -148,7 +148,7 @@ async def test_a_flooded_client_stream_whose_handler_does_not_read_stays_bounded
         ]
         assert given_back == [], "the server acknowledged messages its handler never read"
         (connection,) = server._connections
-        held = sum(len(e.payload) for e in connection._calls[flood_id]._inbox)
+        held = connection._calls[flood_id]._inbox.payload_bytes
         assert sent > DEFAULT_STREAM_WINDOW_BYTES // 2  # the attack ran
         assert held <= DEFAULT_STREAM_WINDOW_BYTES
         # Past the window: a connection error (FLOW_CONTROL_ERROR), never a bigger buffer.

@@ -8,7 +8,7 @@ import logging
 import pytest
 import trio
 import trio.testing
-from google.protobuf.wrappers_pb2 import BytesValue, StringValue
+from google.protobuf.wrappers_pb2 import BytesValue, Int64Value, StringValue
 
 from jobworker.purgatory import (
     CallEnded,
@@ -114,6 +114,55 @@ async def test_a_call_the_client_abandons_is_observed_cancelled_and_counted_whil
         assert server.open_calls == 0
     [abandoned] = seen
     assert (abandoned.path, abandoned.status) == ("/t.T/Hold", Status.CANCELLED)
+
+
+async def test_a_call_the_wire_answered_is_observed_with_that_answer():
+    # A message over max_receive_message_bytes: the wire answers RESOURCE_EXHAUSTED itself and
+    # cancels the handler. The observer (the audit log, the metrics) must say what the client
+    # was told, not CANCELLED.
+    async def total(requests, call) -> Int64Value:
+        n = 0
+        async for request in requests:
+            n += len(request.value)
+        return Int64Value(value=n)
+
+    seen: list[CallEnded] = []
+    method = RpcMethod("/t.T/Total", BytesValue, Int64Value, total, client_streaming=True)
+    server = Server([method], tls=None, observe=seen.append, max_receive_message_bytes=1000)
+    async with memory_channel(server) as channel:
+        with pytest.raises(GrpcError) as caught:
+            async with channel.client_stream("/t.T/Total", Int64Value) as call:
+                await call.send(BytesValue(value=b"x" * 10))
+                await call.send(BytesValue(value=b"x" * 5000))
+                await call.response()
+        with trio.fail_after(5):
+            while not seen:
+                await trio.testing.wait_all_tasks_blocked()
+    assert caught.value.status is Status.RESOURCE_EXHAUSTED
+    [ended] = seen
+    assert (ended.status, ended.message) == (caught.value.status, caught.value.message)
+    assert "larger than max" in ended.message
+
+
+async def test_a_streaming_request_is_observed_by_its_first_message():
+    async def total(requests, call) -> Int64Value:
+        return Int64Value(value=sum([len(request.value) async for request in requests]))
+
+    seen: list[CallEnded] = []
+    method = RpcMethod("/t.T/Total", BytesValue, Int64Value, total, client_streaming=True)
+    server = Server([method], tls=None, observe=seen.append)
+    async with memory_channel(server) as channel:
+        async with channel.client_stream("/t.T/Total", Int64Value) as call:
+            for value in (b"first", b"second", b"third"):
+                await call.send(BytesValue(value=value))
+            assert (await call.response()).value == 16
+        with trio.fail_after(5):
+            while not seen:
+                await trio.testing.wait_all_tasks_blocked()
+    [ended] = seen
+    assert ended.status is Status.OK
+    assert ended.request == BytesValue(value=b"first")
+    assert ended.response == Int64Value(value=16)
 
 
 async def test_an_observer_that_fails_is_logged_and_the_call_is_unharmed(caplog):

@@ -118,11 +118,10 @@ async def test_a_file_comes_with_its_dependencies_once_per_stream(reflect):
         ]
         # Asked again: the file itself, but its dependencies were sent already.
         assert await reflection.files(file_by_filename="sample.proto") == ["sample.proto"]
-        assert await reflection.files(file_by_filename="other.proto") == ["other.proto"]
+        assert await reflection.files(file_by_filename="base.proto") == ["base.proto"]
     # A new stream knows nothing yet.
     async with open_stream() as call:
-        assert await Reflection(call, pb).files(file_by_filename="other.proto") == [
-            "other.proto",
+        assert await Reflection(call, pb).files(file_by_filename="base.proto") == [
             "base.proto",
             TIMESTAMP,
         ]
@@ -162,7 +161,7 @@ async def test_extensions(reflect):
             [100, 150],
         )
         # A known type without extensions: an empty list, not an error.
-        response = await reflection.ask(all_extension_numbers_of_type="purgatory.sample.Other")
+        response = await reflection.ask(all_extension_numbers_of_type="purgatory.sample.Base.Inner")
         assert list(response.all_extension_numbers_response.extension_number) == []
 
 
@@ -189,10 +188,47 @@ async def test_questions_without_an_answer_are_not_found_and_the_stream_goes_on(
         status, _ = await reflection.error()  # asks nothing
         assert status is Status.INVALID_ARGUMENT
         # Still answering, on the same stream.
-        assert await reflection.files(file_by_filename="other.proto") == [
-            "other.proto",
+        assert await reflection.files(file_by_filename="sample.proto") == [
+            "sample.proto",
             "base.proto",
             TIMESTAMP,
+        ]
+
+
+async def test_only_the_files_of_the_listed_services_are_served(pool, reflect):
+    # other.proto is in the pool but no listed service needs it; internal.proto is added to
+    # the pool after the server was built (a module imported later, say an internal API).
+    internal = descriptor_pb2.FileDescriptorProto(
+        name="internal.proto", package="purgatory.internal", dependency=["base.proto"]
+    )
+    internal.message_type.add(name="Secret").field.add(
+        name="base",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+        type_name=".purgatory.sample.Base",
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+    )
+    try:
+        pool.FindFileByName("internal.proto")
+    except KeyError:
+        pool.Add(internal)
+    open_stream, pb = reflect
+    async with open_stream() as call:
+        reflection = Reflection(call, pb)
+        for question in [
+            {"file_by_filename": "other.proto"},
+            {"file_by_filename": "internal.proto"},
+            {"file_containing_symbol": "purgatory.sample.Other"},
+            {"file_containing_symbol": "purgatory.internal.Secret"},
+            {"file_containing_symbol": "purgatory.internal.Secret.base"},
+            {"all_extension_numbers_of_type": "purgatory.internal.Secret"},
+        ]:
+            status, message = await reflection.error(**question)
+            # Told apart from a name that does not exist by nothing: the same answer.
+            assert (status, "not found" in message) == (Status.NOT_FOUND, True), question
+        # What the listed services need is still served, dependencies included.
+        assert await reflection.files(file_containing_symbol="google.protobuf.Timestamp") == [
+            TIMESTAMP
         ]
 
 

@@ -345,3 +345,58 @@ async def test_a_unary_method_still_takes_exactly_one_message():
                 await call.send(StringValue(value="b"))
                 await call.response()
         assert caught.value.status is Status.INTERNAL
+
+
+# --- a send blocked on flow control when the call ends ------------------------------------------
+
+
+async def _send_blocked_then(end) -> GrpcError:
+    """A client-streaming call whose handler does not read: the client's send of a message
+    larger than the window, behind one unread, blocks on flow control; `end(call, release)`
+    ends the call meanwhile. What the blocked send raised (it must not return as if the
+    message went)."""
+    release = trio.Event()
+
+    async def refuse_later(requests, call) -> Int64Value:
+        await release.wait()
+        raise GrpcError(Status.PERMISSION_DENIED, "not yours")
+
+    server = Server(
+        [RpcMethod("/t.S/Refuse", BytesValue, Int64Value, refuse_later, client_streaming=True)],
+        tls=None,
+    )
+    outcome: list[BaseException] = []
+    async with memory_channel(server) as channel:
+        async with channel.client_stream("/t.S/Refuse", Int64Value) as call:
+
+            async def send_big() -> None:
+                # An unread message first: the wire holds back the part of the big one behind
+                # it (a lone partial message would be let through, see wire/core.py).
+                await call.send(BytesValue(value=b"a"))
+                try:
+                    await call.send(BytesValue(value=b"x" * (2 * DEFAULT_STREAM_WINDOW_BYTES)))
+                except GrpcError as exc:
+                    outcome.append(exc)
+                else:
+                    outcome.append(AssertionError("send() returned: the message was dropped"))
+
+            with trio.fail_after(GUARD_S):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_big)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert outcome == []  # blocked on the window
+                    end(call, release)
+    [result] = outcome
+    if not isinstance(result, GrpcError):
+        raise result
+    return result
+
+
+async def test_a_send_blocked_on_flow_control_raises_when_the_call_is_cancelled():
+    error = await _send_blocked_then(lambda call, release: call.cancel())
+    assert error.status is Status.CANCELLED
+
+
+async def test_a_send_blocked_on_flow_control_raises_the_servers_error():
+    error = await _send_blocked_then(lambda call, release: release.set())
+    assert (error.status, error.message) == (Status.PERMISSION_DENIED, "not yours")

@@ -78,6 +78,18 @@ async def test_every_call_is_one_line_reads_and_refusals_included(audited, caplo
     assert unauthenticated["code"] == "UNAUTHENTICATED"
 
 
+async def test_a_write_job_input_line_names_its_job(audited, caplog):
+    alice = audited.client("alice")
+    job_id = await alice.start("cat", open_stdin=True)
+    async with alice.write_input() as call:
+        await call.send(pb.WriteJobInputRequest(job_id=job_id))  # the first message names it
+        await call.send(pb.WriteJobInputRequest(data=b"hello\n"))
+        assert (await call.response()).bytes_written == 6
+    _, write = audit_lines(caplog)
+    assert write["method"] == "/jobworker.v1.JobService/WriteJobInput"
+    assert (write["job"], write["code"]) == (job_id, "OK")
+
+
 async def test_what_a_client_chose_cannot_break_or_forge_a_line(audited, caplog):
     alice = audited.client("alice")
     forged = "x\ncall identity=root method=/x code=OK"

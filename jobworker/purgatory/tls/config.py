@@ -288,14 +288,16 @@ def _spki(public_key: object) -> bytes:
 class Findings:
     """What the callbacks learned about one connection, for a readable error."""
 
-    __slots__ = ("alpn_offered", "presented_subject", "verify_error")
+    __slots__ = ("alpn_offered", "presented", "verify_error")
 
     def __init__(self) -> None:
         self.verify_error: str | None = None
         self.alpn_offered: list[bytes] | None = None
-        # The subject of the leaf certificate the peer presented, accepted or not: after a
-        # failed handshake OpenSSL keeps no peer certificate, and the log should name it.
-        self.presented_subject: str | None = None
+        # The leaf certificate the peer presented, accepted or not: after a failed handshake
+        # OpenSSL keeps no peer certificate, and the log should name it. Kept as it is (pyOpenSSL
+        # holds a reference): its subject is formatted only if a failure is logged, not on every
+        # handshake.
+        self.presented: crypto.X509 | None = None
 
 
 class NoH2Offered(Exception):
@@ -329,16 +331,25 @@ def _make_verify_callback(server_name: str | None) -> _VerifyCallback:
 
     def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         findings = conn.get_app_data()
-        if depth == 0 and isinstance(findings, Findings) and findings.presented_subject is None:
-            findings.presented_subject = cert.to_cryptography().subject.rfc4514_string()
+        if depth == 0 and isinstance(findings, Findings) and findings.presented is None:
+            findings.presented = cert
         if not ok:
             if isinstance(findings, Findings) and findings.verify_error is None:
                 reason = _X509_ERRORS.get(errno, f"X.509 verify error {errno}")
-                subject = cert.to_cryptography().subject.rfc4514_string()
-                findings.verify_error = f"{reason} (certificate {subject or '<empty subject>'})"
+                # Unverified, so a stranger's words: escaped and bounded (it reaches logs).
+                subject = printable(subject_of(cert), SUBJECT_CHARS)
+                findings.verify_error = (
+                    f"{reason} (unverified certificate {subject or '<empty subject>'})"
+                )
             return False
         if depth == 0 and server_name is not None:
-            problem = _name_problem(cert.to_cryptography(), server_name, expected_ip)
+            try:
+                leaf = cert.to_cryptography()
+            except ValueError:  # verified, yet unreadable to cryptography: never trusted
+                if isinstance(findings, Findings) and findings.verify_error is None:
+                    findings.verify_error = "the certificate cannot be parsed"
+                return False
+            problem = _name_problem(leaf, server_name, expected_ip)
             if problem is not None:
                 if isinstance(findings, Findings) and findings.verify_error is None:
                     findings.verify_error = problem
@@ -346,6 +357,47 @@ def _make_verify_callback(server_name: str | None) -> _VerifyCallback:
         return True
 
     return verify
+
+
+# What a log line shows for a certificate whose subject cryptography cannot read.
+UNREADABLE_SUBJECT = "<unreadable subject>"
+# How much of a peer's words an error message shows: a subject, each ALPN name, and how many.
+SUBJECT_CHARS = 256
+_ALPN_NAME_CHARS = 32
+_ALPN_NAMES = 8
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` safe to put in a log line or an error message: every character that is not
+    printable (newlines, escape sequences, bidi controls) as a Python escape, so a peer's
+    words can never start a forged line; cut to `limit` characters, marked with "..."."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def alpn_names(offered: Sequence[bytes]) -> str:
+    """The ALPN names a peer offered, for an error message: escaped, each bounded, at most
+    _ALPN_NAMES of them (the list itself is up to 64 KiB of the peer's choosing)."""
+    names = [
+        printable(name.decode("ascii", "backslashreplace"), _ALPN_NAME_CHARS)
+        for name in offered[:_ALPN_NAMES]
+    ]
+    more = len(offered) - _ALPN_NAMES
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+
+
+def subject_of(cert: crypto.X509) -> str:
+    """The certificate's subject, RFC 4514 ("" when empty), or UNREADABLE_SUBJECT.
+
+    OpenSSL accepts encodings that cryptography refuses with ValueError (a CN as a
+    PrintableString holding "@"), and this runs on a stranger's certificate inside the verify
+    callback: an exception there would come out of do_handshake as no SSL.Error, past every
+    handler that expects one."""
+    try:
+        return cert.to_cryptography().subject.rfc4514_string()
+    except ValueError:
+        return UNREADABLE_SUBJECT
 
 
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
@@ -418,7 +470,7 @@ def failure_of(
 ) -> TLSError:
     """The TLSError for an OpenSSL failure: its kind as the type, its story as the text."""
     if isinstance(exc, NoH2Offered):
-        offered = ", ".join(p.decode("ascii", "replace") for p in findings.alpn_offered or [])
+        offered = alpn_names(findings.alpn_offered or [])
         return TLSNegotiationFailed(
             f"no ALPN protocol h2 negotiated: the client offered {offered or 'none'}"
         )

@@ -44,12 +44,14 @@ from OpenSSL import SSL
 
 from .config import (
     Findings,
+    TLSCertificateRejected,
     TLSConfig,
     TLSError,
     TLSHandshakeTimeout,
     check_negotiated,
     failure_of,
     parse_ip,
+    subject_of,
 )
 from .openssl_internals import FAST_READ, read_plaintext, scratch
 
@@ -172,10 +174,12 @@ class TLSStream(trio.abc.Stream):
 
     @property
     def presented_subject(self) -> str | None:
-        """The subject (RFC 4514) of the leaf certificate the peer presented, even one the
-        handshake then rejected; None when it presented none, or verification never reached
-        its leaf (a chain rejected at an issuer)."""
-        return self._findings.presented_subject
+        """The subject (RFC 4514, raw: unverified, escape it before logging) of the leaf
+        certificate the peer presented, even one the handshake then rejected; None when it
+        presented none, or verification never reached its leaf (a chain rejected at an
+        issuer). Formatted when asked, not during the handshake."""
+        presented = self._findings.presented
+        return subject_of(presented) if presented is not None else None
 
     @property
     def alpn_protocol(self) -> str | None:
@@ -236,8 +240,17 @@ class TLSStream(trio.abc.Stream):
             self._mark_broken()
             raise
         else:
+            try:
+                certificate = self._conn.get_peer_certificate(as_cryptography=True)
+            except ValueError:
+                # Verified by OpenSSL, yet cryptography cannot read it (an encoding OpenSSL
+                # is lenient about): nothing could use it, so it is refused like any other.
+                self._mark_broken()
+                raise TLSCertificateRejected(
+                    "peer certificate not accepted: it cannot be parsed", by_peer=False
+                ) from None
             self._handshake_done = True
-            self._peer_certificate = self._conn.get_peer_certificate(as_cryptography=True)
+            self._peer_certificate = certificate
         finally:
             self._handshake_finished.set()
 

@@ -220,7 +220,7 @@ class ClientConnection(GrpcConnection):
         metadata: Metadata,
         events: list[Event],
     ) -> None:
-        if self._streams.pop(stream_id, None) is None:
+        if self._drop_stream(stream_id) is None:
             return
         events.append(CallEnded(stream_id, status, message, metadata))
 

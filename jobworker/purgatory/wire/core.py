@@ -63,6 +63,7 @@ from .h2_internals import (
     replace_local_settings,
     set_max_inbound_frame_size,
     take_inbound_data,
+    unacknowledged_inbound_bytes,
 )
 from .scanner import (
     DEFAULT_MAX_CONTINUATION_FRAMES,
@@ -306,6 +307,24 @@ class GrpcConnection(FrameScanner, FastPaths):
             self._h2.acknowledge_received_data(flow_controlled_bytes, stream_id)
             self.acknowledged_bytes += flow_controlled_bytes
 
+    def _drop_stream(self, stream_id: int) -> Stream | None:
+        """Forget a stream (ended, reset, failed). The bytes of a partial message held back
+        for it go back now: nobody will ever take a message behind them, and without this the
+        connection's window would shrink by them for good, until every call hangs. (Messages
+        already delivered are still acknowledged by their consumer, stream or no stream.)"""
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and stream.partial_held:
+            held, stream.partial_held = stream.partial_held, 0
+            self._ack(stream_id, held)
+        return stream
+
+    @property
+    def unacknowledged_bytes(self) -> int:
+        """Flow-controlled bytes received on the connection and not given back yet (by us, or
+        by h2 for a stream it closed). Once every call has ended and its messages were taken
+        or released, 0: the inbound accounting leaks nothing."""
+        return unacknowledged_inbound_bytes(self._h2)
+
     @staticmethod
     def _release_partial(stream: Stream) -> int:
         if stream.unconsumed > 0 or not stream.partial_held:
@@ -338,7 +357,7 @@ class GrpcConnection(FrameScanner, FastPaths):
 
     def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """Abandon a stream (RST_STREAM). Harmless on a stream that already ended."""
-        stream = self._streams.pop(stream_id, None)
+        stream = self._drop_stream(stream_id)
         if stream is not None:
             stream.drop_outbox()
         if self._terminated:
@@ -407,8 +426,8 @@ class GrpcConnection(FrameScanner, FastPaths):
                 return  # waiting for the peer to open its window
         except STREAM_GONE:
             stream.drop_outbox()
-            stream.done = True
-            self._streams.pop(stream_id, None)
+            stream.done = stream.gone = True
+            self._drop_stream(stream_id)
         events.append(OutboxDrained(stream_id))
 
     def _flush_outbox(self, stream_id: int, stream: Stream) -> bool:
@@ -422,7 +441,7 @@ class GrpcConnection(FrameScanner, FastPaths):
                     self._h2.end_stream(stream_id)
                 else:
                     self._send_header_block(stream_id, item.headers, end_stream=True)
-                    self._streams.pop(stream_id, None)
+                    self._drop_stream(stream_id)
                     self._stop_input(stream_id)
                 break
             window = min(
@@ -475,7 +494,7 @@ class GrpcConnection(FrameScanner, FastPaths):
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._flush_all(events)
         elif isinstance(event, h2.events.StreamReset):
-            if self._streams.pop(event.stream_id, None) is not None:
+            if self._drop_stream(event.stream_id) is not None:
                 status = status_from_h2_error(event.error_code)
                 events.append(
                     StreamFailed(event.stream_id, status, f"stream reset by peer ({status.name})")
@@ -524,12 +543,14 @@ class GrpcConnection(FrameScanner, FastPaths):
             ]
         except WireError as exc:
             self._ack(stream_id, flow_bytes + stream.partial_held)
+            stream.partial_held = 0
             self._fail_stream(stream_id, exc, events)
             return
         if stream.messages_left is not None:
             stream.messages_left -= len(messages)
             if stream.messages_left < 0:
                 self._ack(stream_id, flow_bytes + stream.partial_held)
+                stream.partial_held = 0
                 self._on_too_many_messages(stream_id, events)
                 return
         partial_after = stream.decoder.partial_message_bytes

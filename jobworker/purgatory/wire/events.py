@@ -62,11 +62,14 @@ class CallEnded:
 class StreamFailed:
     """The stream is over because of the peer or the wire, not because of its handler: a reset
     (RST_STREAM), a message over the size limit, an unsupported encoding, broken framing. The
-    connection has already said what needs saying to the peer; the handler should be cancelled."""
+    connection has already said what needs saying to the peer; the handler should be cancelled.
+    `answered`: the wire itself sent the peer this status and message (trailers), rather than
+    a reset or nothing at all."""
 
     stream_id: int
     status: Status
     message: str
+    answered: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,17 @@ def inbound_connection_window(connection: H2Connection) -> int:
     return connection.inbound_flow_control_window
 
 
+def unacknowledged_inbound_bytes(connection: H2Connection) -> int:
+    """Flow-controlled bytes the peer sent on the connection that were never acknowledged, by
+    us (acknowledge_received_data) or by h2 itself (DATA on a stream it had closed) (assumes:
+    the connection's inbound window manager charges every DATA frame with window_consumed(),
+    counts acknowledgements in `_bytes_processed` until it turns them into a WINDOW_UPDATE,
+    which raises `current_window_size`, and `max_window_size` is the highest window it ever
+    had: the window our own increment set)."""
+    manager = connection._inbound_flow_control_window_manager
+    return manager.max_window_size - manager.current_window_size - manager._bytes_processed
+
+
 # --- reading state -----------------------------------------------------------------------------
 
 

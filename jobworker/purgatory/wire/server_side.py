@@ -258,10 +258,12 @@ class ServerConnection(GrpcConnection):
     def _fail_stream(self, stream_id: int, exc: WireError, events: list[Event]) -> None:
         status, message = failure(exc)
         stream = self._streams.get(stream_id)
+        answered = False
         if stream is not None and not stream.done:
             stream.drop_outbox()
             self.send_trailers(stream_id, status, message)
-        events.append(StreamFailed(stream_id, status, message))
+            answered = not stream.gone  # else h2 had closed the stream: the answer was dropped
+        events.append(StreamFailed(stream_id, status, message, answered=answered))
 
     # -- sending --
 

@@ -46,6 +46,7 @@ class Stream:
         "partial_held",
         "unconsumed",
         "done",
+        "gone",
         "messages_left",
     )
 
@@ -65,6 +66,7 @@ class Stream:
         self.partial_held = 0
         self.unconsumed = 0  # messages delivered and not yet acknowledged by the consumer
         self.done = False  # locally finished: trailers queued or stream reset
+        self.gone = False  # HTTP/2 had closed it: what was queued was dropped, never sent
         self.messages_left: int | None = None  # inbound messages still allowed (None: any)
 
 

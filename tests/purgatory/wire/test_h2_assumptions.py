@@ -152,6 +152,28 @@ def test_inbound_connection_window_is_what_increment_raises() -> None:
     assert h2_internals.inbound_connection_window(server) == before + 1000
 
 
+def test_unacknowledged_inbound_bytes_counts_data_until_acknowledged() -> None:
+    client, server = _pair()
+    assert h2_internals.unacknowledged_inbound_bytes(server) == 0
+    stream_id = _open_stream(client, server)
+    client.send_data(stream_id, b"x" * 10_000, pad_length=10)  # 10_011 bytes of window
+    [received] = [e for e in _exchange(client, server) if isinstance(e, h2.events.DataReceived)]
+    assert h2_internals.unacknowledged_inbound_bytes(server) == 10_011
+    server.acknowledge_received_data(received.flow_controlled_length - 11, stream_id)
+    assert h2_internals.unacknowledged_inbound_bytes(server) == 11
+    # Past the half-window threshold: the acknowledgements become a WINDOW_UPDATE.
+    for _ in range(3):
+        client.send_data(stream_id, b"y" * 10_000)
+    _exchange(client, server)
+    server.acknowledge_received_data(30_011, stream_id)
+    assert h2_internals.unacknowledged_inbound_bytes(server) == 0
+    # DATA on a stream h2 has reset is charged and given back by h2 itself.
+    server.reset_stream(stream_id)
+    client.send_data(stream_id, b"z" * 1000)
+    server.receive_data(client.data_to_send())
+    assert h2_internals.unacknowledged_inbound_bytes(server) == 0
+
+
 # --- reading state -----------------------------------------------------------------------------
 
 
