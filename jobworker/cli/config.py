@@ -333,6 +333,12 @@ TRANSPORT_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "min-ping-interval": ("min_ping_interval_s", _positive_duration),
     "idle-ping-interval": ("idle_ping_interval_s", _positive_duration),
     "max-ping-strikes": ("max_ping_strikes", _count_or_zero),
+    # Dead peers: TCP keepalive ("off" turns it off), and HTTP/2 PINGs while calls are open.
+    "tcp-keepalive-idle": ("tcp_keepalive_idle_s", _timeout),
+    "tcp-keepalive-interval": ("tcp_keepalive_interval_s", _positive_duration),
+    "tcp-keepalive-probes": ("tcp_keepalive_probes", _count),
+    "keepalive-time": ("keepalive_time_s", _timeout),
+    "keepalive-timeout": ("keepalive_timeout_s", _positive_duration),
 }
 _TOP_LEVEL_TRANSPORT_KEYS = ("max-connections", "max-connections-per-user", "idle-timeout")
 _TABLE_TRANSPORT_KEYS = tuple(k for k in TRANSPORT_KEYS if k not in _TOP_LEVEL_TRANSPORT_KEYS)

@@ -374,3 +374,14 @@ def test_a_reload_names_iops_as_counts_and_an_unset_one_as_none() -> None:
     ]
     none = resolve(NO_FLAGS, {}, host=HOST)
     assert changed_settings(new, none)[0] == "defaults (io-read-iops=none)"
+
+
+def test_every_budget_of_the_transport_is_a_key() -> None:
+    """A ServerLimits field without a key is a knob an operator cannot turn."""
+    import dataclasses
+
+    from jobworker.cli.config import TRANSPORT_KEYS
+    from jobworker.purgatory import ServerLimits
+
+    named = {field for field, _ in TRANSPORT_KEYS.values()}
+    assert named == {f.name for f in dataclasses.fields(ServerLimits)}
