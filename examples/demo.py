@@ -26,15 +26,20 @@ BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"^jobworker: listening on (\S+)$")
 
 
-def say(argv: list[str], who: str | None = None) -> None:
+def say(argv: list[str], who: str | None = None, piped: str | None = None) -> None:
     prefix = f"[{who}] " if who else ""
-    print(f"{prefix}$ {shlex.join([Path(argv[0]).name, *argv[1:]])}", flush=True)
+    # As a shell would take it: printf turns the \n back into newlines.
+    pipe = f"printf '{piped.encode('unicode_escape').decode()}' | " if piped is not None else ""
+    print(f"{prefix}$ {pipe}{shlex.join([Path(argv[0]).name, *argv[1:]])}", flush=True)
 
 
 def run(argv: list[str], *, env: dict[str, str] | None = None, who: str | None = None,
-        expect: int = 0) -> str:  # fmt: skip
-    say(argv, who)
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+        expect: int = 0, piped: str | None = None) -> str:  # fmt: skip
+    say(argv, who, piped)
+    # The demo's own stdin is none of the jobs' business: /dev/null, unless a step pipes text.
+    stdin = None if piped is not None else subprocess.DEVNULL
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False,
+                          input=piped, stdin=stdin)  # fmt: skip
     for text in (done.stdout, done.stderr):
         if text:
             print(text, end="" if text.endswith("\n") else "\n")
@@ -85,6 +90,8 @@ def main() -> int:
             alice, bob, carol = user("alice"), user("bob"), user("carol")
             run([jobctl, "run", "--", "sh", "-c", "echo hello from a job; echo to stderr >&2"],
                 env=alice, who="alice")  # fmt: skip
+            # -i passes jobctl's stdin to the job, EOF included (docker's -i).
+            run([jobctl, "run", "-i", "sort"], env=alice, who="alice", piped="pear\napple\nfig\n")
             # What a job is kept from: it runs as a transient user of its own, sees only its own
             # processes, and can neither signal the server nor read its key.
             attack = (f"id; ps -e -o pid,comm; kill -9 {server.pid}; "
