@@ -48,7 +48,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +57,7 @@ from pathlib import Path
 # Run the checkout this file is in, whatever the environment has installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import loadavg, own_children, progress, rotated  # tools/benchlib.py
+from benchlib import progress, rotated, run_and_report  # tools/benchlib.py
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 ROOT = Path(__file__).resolve().parents[1]
@@ -680,45 +679,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    load_start = loadavg()
-    started = time.monotonic()
-    failed = False
-    lines: list[str] = []
-    tmp_dir = tempfile.mkdtemp(prefix="bench-jobctl-")
-    try:
-        lines = run_bench(args, Path(tmp_dir))
-    except (BenchError, subprocess.CalledProcessError) as exc:
-        failed = True
-        print(f"BENCH FAILED: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        failed = True
-        print("interrupted", file=sys.stderr)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    children = own_children()
-    for pid in children:  # never expected: running() stops its servers on every path
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    print("# jobctl bench")
-    print(env_header())
-    print(
-        f"sides: tree{f' and {args.baseline}' if args.baseline else ''}; start-up {args.runs}"
-        f" rounds (+{args.warmup} warm-up); logs {args.log_mb} MB x {args.log_runs} rounds"
-        f" (+{args.log_warmup} warm-up); loopback, mutual TLS 1.3"
+
+    def header() -> list[str]:
+        return [
+            "# jobctl bench",
+            env_header(),
+            f"sides: tree{f' and {args.baseline}' if args.baseline else ''}; start-up {args.runs}"
+            f" rounds (+{args.warmup} warm-up); logs {args.log_mb} MB x {args.log_runs} rounds"
+            f" (+{args.log_warmup} warm-up); loopback, mutual TLS 1.3",
+        ]
+
+    return run_and_report(
+        "bench-jobctl-",
+        lambda tmp: run_bench(args, tmp),
+        header,
+        (BenchError, subprocess.CalledProcessError),
     )
-    print()
-    print("\n".join(lines))
-    print(
-        f"Load average: {load_start} at start, {loadavg()} at end."
-        f" Took {time.monotonic() - started:.0f} s."
-    )
-    left = os.path.exists(tmp_dir)
-    print(
-        f"Hygiene: processes left: {len(children)}"
-        + (f" {children} (killed)" if children else "")
-        + f"; temp dirs left: {int(left)}."
-    )
-    return 1 if failed or children or left else 0
 
 
 if __name__ == "__main__":

@@ -41,12 +41,9 @@ import os
 import platform
 import re
 import resource
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,7 +63,7 @@ from bench_jobctl import (  # tools/bench_jobctl.py: the same launchers, env, se
     make_side,
     stop_server,
 )
-from benchlib import loadavg, own_children, progress, rotated  # tools/benchlib.py
+from benchlib import progress, rotated, run_and_report  # tools/benchlib.py
 
 MB = 10**6
 MIB = 2**20
@@ -475,45 +472,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    load_start = loadavg()
-    started = time.monotonic()
-    failed = False
-    lines: list[str] = []
-    tmp_dir = tempfile.mkdtemp(prefix="bench-stdin-")
-    try:
-        lines = run_bench(args, Path(tmp_dir))
-    except (BenchError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        failed = True
-        print(f"BENCH FAILED: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        failed = True
-        print("interrupted", file=sys.stderr)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    children = own_children()
-    for pid in children:  # never expected: run_bench stops its server on every path
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    print("# jobctl run -i bench")
-    print(env_header())
-    print(
-        f"input {args.mib} MiB x {args.runs} rounds (+{args.warmup} warm-up); server isolation"
-        f" {args.isolation}, cgroups {args.cgroups}, job limits cpu {args.cpu} memory"
-        f" {args.memory}; uid {os.geteuid()}; loopback, mutual TLS 1.3; {platform.node()}"
+
+    def header() -> list[str]:
+        return [
+            "# jobctl run -i bench",
+            env_header(),
+            f"input {args.mib} MiB x {args.runs} rounds (+{args.warmup} warm-up); server isolation"
+            f" {args.isolation}, cgroups {args.cgroups}, job limits cpu {args.cpu} memory"
+            f" {args.memory}; uid {os.geteuid()}; loopback, mutual TLS 1.3; {platform.node()}",
+        ]
+
+    return run_and_report(
+        "bench-stdin-",
+        lambda tmp: run_bench(args, tmp),
+        header,
+        (BenchError, subprocess.CalledProcessError, subprocess.TimeoutExpired),
     )
-    print()
-    print("\n".join(lines))
-    print(
-        f"Load average: {load_start} at start, {loadavg()} at end."
-        f" Took {time.monotonic() - started:.0f} s."
-    )
-    left = os.path.exists(tmp_dir)
-    print(
-        f"Hygiene: processes left: {len(children)}"
-        + (f" {children} (killed)" if children else "")
-        + f"; temp dirs left: {int(left)}."
-    )
-    return 1 if failed or children or left else 0
 
 
 if __name__ == "__main__":
