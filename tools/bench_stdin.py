@@ -65,10 +65,13 @@ from bench_jobctl import (  # tools/bench_jobctl.py: the same launchers, env, se
 )
 from benchlib import progress, rotated, run_and_report  # tools/benchlib.py
 
+from jobworker.cli.jobctl import STDIN_CHUNK_BYTES
+
 MB = 10**6
 MIB = 2**20
 STARTUP_TIMEOUT_S = 60.0
-CHUNK_BYTES = 64 * 2**10  # jobctl's STDIN_CHUNK_BYTES: both clients send the same messages
+# Both clients send the same messages: jobctl's size, whatever it is now.
+CHUNK_BYTES = STDIN_CHUNK_BYTES
 
 # The peer client: what a user writing a gRPC client in Python would run to do `run -i wc -c`.
 # The input goes in from grpcio's request-consumer thread while the main thread follows the

@@ -537,6 +537,11 @@ async def _read_stdin() -> bytes:
         _say("stdin is closed: the job reads EOF")
         return b""
     try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            # A file (`< FILE`) is read here: it never waits on anyone, only on the page cache
+            # or the disk, and a thread's round trip per chunk cost more than the read.
+            await trio.lowlevel.checkpoint()
+            return os.read(fd, STDIN_CHUNK_BYTES)
         return await trio.to_thread.run_sync(os.read, fd, STDIN_CHUNK_BYTES, abandon_on_cancel=True)
     except OSError as exc:
         _say(f"cannot read stdin ({exc.strerror}): the job reads EOF")

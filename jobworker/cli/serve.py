@@ -104,7 +104,8 @@ app.command(certs_app)
 LIMITS = "Default limits (for jobs that ask for none)"
 MAXIMUMS = "Maximum limits (what a job may ask for; by default, what this host has)"
 FAIRNESS = "Caps (in all, and per identity so no one user takes every slot)"
-CONNECTIONS = "Connections (the rest of the transport's budgets: the [transport] config table)"
+# (No square brackets: the help's markup would take "[transport]" for a style and drop it.)
+CONNECTIONS = "Connections (the rest of the transport's budgets: the config file's transport table)"
 ISOLATION = "Isolation (who jobs run as, what they see)"
 RETENTION = "Retention (ended jobs, and the output kept on disk)"
 OBSERVING = "Observing (the audit log, metrics)"
@@ -191,14 +192,16 @@ def serve(
         int | None,
         Parameter(
             group=MAXIMUMS,
-            help="Read operations per second (default: none; needs --io-read-iops too).",
+            help="Read operations per second (default: the kernel's most, 4294967294; needs"
+            " --io-read-iops too).",
         ),
     ] = None,
     max_io_write_iops: Annotated[
         int | None,
         Parameter(
             group=MAXIMUMS,
-            help="Write operations per second (default: none; needs --io-write-iops too).",
+            help="Write operations per second (default: the kernel's most, 4294967294; needs"
+            " --io-write-iops too).",
         ),
     ] = None,
     grace_period: Annotated[
