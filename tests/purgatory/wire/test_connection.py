@@ -434,6 +434,8 @@ def test_requests_after_the_final_goaway_are_refused():
     assert not [e for e in server_events if isinstance(e, RequestReceived)]
     (reset,) = [e for e in raw_events if isinstance(e, h2.events.StreamReset)]
     assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+    (refused,) = [e for e in server_events if isinstance(e, RequestRefused)]
+    assert (refused.stream_id, refused.path, refused.status) == (3, METHOD, Status.UNAVAILABLE)
 
 
 # --- arbitrary splits and corruptions ---------------------------------------------------------
