@@ -43,7 +43,10 @@ whatever is left is cancelled.
 Observing: the server's `observe` hook is told of every call once it has ended (`CallEnded`:
 method, connection and identity, status, duration, the request and response when there were
 some), refused ones included — a connection whose `identify` failed, an unknown method, a
-stream refused while handlers linger; a call the wire answered for its handler (a message
+stream refused while handlers linger, a request the wire answered or refused before any handler
+(metadata over the limit, an unsupported encoding, a bad grpc-timeout or content-type, a stream
+over the stream limit or opened while draining: the status the client was told, a duration of
+~0, `method` None unless the path names one); a call the wire answered for its handler (a message
 over the size limit) has that answer's status; a call that ended without an answer (reset by
 the client, its connection gone) is CANCELLED. The hook runs on the call's path, synchronously:
 it must be cheap, and whatever it raises is logged, never the call's concern.
@@ -77,6 +80,7 @@ from .wire import (
     Metadata,
     PingAcknowledged,
     RequestReceived,
+    RequestRefused,
     ServerConnection,
     Status,
     StreamFailed,
@@ -922,6 +926,13 @@ class _ServerConnection:
                     # Its handler will never run (reset in the read that opened it): it holds
                     # nothing, so it does not count against the handlers' cap.
                     del self._calls[event.stream_id]
+        elif isinstance(event, RequestRefused):
+            # Answered or refused by the wire: told once, in the read that brought it (no
+            # stream is kept for it, so a later RST_STREAM on it fails no call).
+            server = self._server
+            method = server._methods.get(event.path)
+            began = trio.current_time()
+            server._observed(event.path, method, self._info, event.status, event.message, began)
         elif isinstance(event, PingAcknowledged) and event.data == SHUTDOWN_PING:
             self._ping_answered.set()
         elif isinstance(event, ConnectionTerminated):

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 
+import h2.errors
+import h2.events
 import pytest
 import trio
 import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue, Int64Value, StringValue
+from hyperframe.frame import HeadersFrame, PingFrame, RstStreamFrame
 
 from jobworker.purgatory import (
     CallEnded,
@@ -20,12 +23,19 @@ from jobworker.purgatory import (
 )
 from jobworker.purgatory.testing import (
     CertSet,
+    RawPeer,
     client_config,
     make_cert_set,
     memory_channel,
+    memory_stream,
+    request_headers,
     serve,
     server_config,
 )
+from jobworker.purgatory.wire import SHUTDOWN_PING
+
+# Frame types, as RawPeer reports the frames its h2 refused after a GOAWAY.
+RST_STREAM_TYPE, PING_TYPE = 0x3, 0x6
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +245,197 @@ async def test_a_failed_handshake_names_the_peer_and_the_certificate_presented(c
         assert "certificate verify failed" in line, line
     else:
         assert "(no client certificate seen)" in line, line
+
+
+# --- requests the wire answers or refuses before any handler --------------------------------
+
+
+def _status_of(events: list[object], stream_id: int) -> tuple[bytes | None, bytes | None]:
+    """(HTTP :status, grpc-status) of the answer on `stream_id` among a RawPeer's events."""
+    for event in events:
+        if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
+            fields = dict(event.headers)
+            return fields.get(b":status"), fields.get(b"grpc-status")
+    return None, None
+
+
+def _ended(stream_id: int):
+    def done(events: list[object]) -> bool:
+        return any(
+            isinstance(e, h2.events.StreamEnded | h2.events.StreamReset)
+            and e.stream_id == stream_id
+            for e in events
+        )
+
+    return done
+
+
+async def _observed(seen: list[CallEnded], count: int) -> None:
+    with trio.fail_after(5):
+        while len(seen) < count:
+            await trio.testing.wait_all_tasks_blocked()
+
+
+async def _echo(peer: RawPeer) -> None:
+    """A good call on the peer's connection, answered: the server has read all sent before."""
+    stream_id = peer.queue_unary("/t.T/Echo", StringValue(value="sync").SerializeToString())
+    await peer.flush()
+    with trio.fail_after(5):
+        events = await peer.read_until(_ended(stream_id))
+    assert _status_of(events, stream_id) == (b"200", None)  # headers first, then the answer
+
+
+def _with(path: str, **changes: bytes) -> list[tuple[bytes, bytes]]:
+    headers = dict(request_headers(path))
+    headers.update({name.replace("_", "-").encode(): value for name, value in changes.items()})
+    return list(headers.items())
+
+
+REFUSALS = {
+    # kind: (headers, HTTP status, gRPC status, words of the message)
+    "metadata over the limit": (
+        _with("/t.T/Echo", x_big=b"x" * 20_000),
+        b"200",
+        Status.RESOURCE_EXHAUSTED,
+        "exceeds the limit",
+    ),
+    "unsupported grpc-encoding": (
+        _with("/t.T/Echo", grpc_encoding=b"br"),
+        b"200",
+        Status.UNIMPLEMENTED,
+        "'br' is not supported",
+    ),
+    "bad grpc-timeout": (
+        _with("/t.T/Nope", grpc_timeout=b"soon"),
+        b"200",
+        Status.INTERNAL,
+        "grpc-timeout",
+    ),
+    "bad content-type": (
+        _with("/t.T/Echo", content_type=b"text/plain"),
+        b"415",
+        Status.INTERNAL,
+        "is not gRPC",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", REFUSALS)
+async def test_a_request_the_wire_answers_is_observed_once_with_that_answer(kind):
+    headers, http_status, status, words = REFUSALS[kind]
+    path = dict(headers)[b":path"].decode()
+    seen: list[CallEnded] = []
+    server = Server(methods(App()), tls=None, observe=seen.append)
+    async with memory_stream(server) as stream:
+        peer = RawPeer(stream)
+        stream_id = peer.h2.get_next_available_stream_id()
+        peer.h2.send_headers(stream_id, headers, end_stream=True)
+        await peer.flush()
+        with trio.fail_after(5):
+            events = await peer.read_until(_ended(stream_id))
+        assert _status_of(events, stream_id) == (http_status, str(int(status)).encode())
+        # A late RST_STREAM on the answered stream tells of no second call.
+        late = RstStreamFrame(stream_id)
+        late.error_code = h2.errors.ErrorCodes.CANCEL
+        await stream.send_all(late.serialize())
+        await _echo(peer)
+        await _observed(seen, 2)
+        await trio.testing.wait_all_tasks_blocked()
+    refused, echoed = seen
+    assert (refused.path, refused.status) == (path, status)
+    assert words in refused.message
+    assert refused.method is server._methods.get(path)  # None for /t.T/Nope
+    assert refused.request is None and refused.response is None
+    assert (echoed.path, echoed.status) == ("/t.T/Echo", Status.OK)
+
+
+async def test_a_stream_over_the_stream_limit_is_observed_refused_once():
+    app, seen = App(), []
+    server = Server(methods(app), tls=None, observe=seen.append, max_concurrent_streams=1)
+    async with memory_stream(server) as stream:
+        peer = RawPeer(stream)
+        # Both before the server's SETTINGS are read: our h2 does not know the limit yet.
+        held = peer.queue_unary("/t.T/Hold", StringValue().SerializeToString())
+        over = peer.queue_unary("/t.T/Echo", StringValue(value="x").SerializeToString())
+        await peer.flush()
+        with trio.fail_after(5):
+            events = await peer.read_until(_ended(over))
+        [reset] = [e for e in events if isinstance(e, h2.events.StreamReset)]
+        assert (reset.stream_id, reset.error_code) == (over, h2.errors.ErrorCodes.REFUSED_STREAM)
+        await _observed(seen, 1)
+        app.release.set()
+        with trio.fail_after(5):
+            await peer.read_until(_ended(held))
+        await _observed(seen, 2)
+    refused, finished = seen
+    assert (refused.path, refused.status) == ("/t.T/Echo", Status.UNAVAILABLE)
+    assert refused.method is server._methods["/t.T/Echo"]
+    assert "more than 1 concurrent streams" in refused.message
+    assert (finished.path, finished.status) == ("/t.T/Hold", Status.OK)
+
+
+async def test_a_request_the_peer_reset_in_the_same_read_is_not_observed():
+    seen: list[CallEnded] = []
+    server = Server(methods(App()), tls=None, observe=seen.append)
+    async with memory_stream(server) as stream:
+        peer = RawPeer(stream)
+        stream_id = peer.h2.get_next_available_stream_id()
+        peer.h2.send_headers(stream_id, _with("/t.T/Echo", grpc_timeout=b"soon"))
+        peer.h2.reset_stream(stream_id)  # in the same flush: before any answer
+        await _echo(peer)
+        await _observed(seen, 1)
+        await trio.testing.wait_all_tasks_blocked()
+    [echoed] = seen  # and nothing for the stream taken back
+    assert (echoed.path, echoed.status) == ("/t.T/Echo", Status.OK)
+
+
+def _goaway(events: list[object]) -> bool:
+    return any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+
+def _reset_of(stream_id: int):
+    def done(events: list[object]) -> bool:
+        # Refused by our closed h2, or read by it: either way, the server's RST_STREAM.
+        return ("refused", RST_STREAM_TYPE) in events or any(
+            isinstance(e, h2.events.StreamReset) and e.stream_id == stream_id for e in events
+        )
+
+    return done
+
+
+async def test_a_stream_opened_after_the_final_goaway_is_observed_refused():
+    # A client that ignores GOAWAY: the server's ladder (first GOAWAY, PING, second GOAWAY)
+    # runs while a call is in flight, then the client opens another stream anyway.
+    app, seen = App(), []
+    server = Server(methods(app), tls=None, observe=seen.append)
+    async with memory_stream(server) as stream, trio.open_nursery() as nursery:
+        peer = RawPeer(stream)
+        held = peer.queue_unary("/t.T/Hold", StringValue().SerializeToString())
+        await peer.flush()
+        with trio.fail_after(5):
+            await peer.read_until(
+                lambda events: any(
+                    isinstance(e, h2.events.DataReceived) and e.stream_id == held for e in events
+                )
+            )
+        nursery.start_soon(server.shutdown, 30)
+        # Our h2 is closed by the first GOAWAY: the PING's answer and the stream are by hand,
+        # and what h2 queues on the frames it refuses (its own GOAWAY) is never sent.
+        with trio.fail_after(5):
+            await peer.read_until(lambda events: ("refused", PING_TYPE) in events, answer=False)
+        ack = PingFrame(0, flags=["ACK"], opaque_data=SHUTDOWN_PING)
+        await stream.send_all(ack.serialize())
+        with trio.fail_after(5):
+            await peer.read_until(_goaway, answer=False)  # the second, h2 reads it
+        late = peer.h2.get_next_available_stream_id()
+        block = peer.h2.encoder.encode(request_headers("/t.T/Echo"))
+        await stream.send_all(HeadersFrame(late, block, flags=["END_HEADERS"]).serialize())
+        with trio.fail_after(5):
+            await peer.read_until(_reset_of(late), answer=False)
+        await _observed(seen, 1)
+        app.release.set()
+        await _observed(seen, 2)
+    refused, finished = seen
+    assert (refused.path, refused.status) == ("/t.T/Echo", Status.UNAVAILABLE)
+    assert "final GOAWAY" in refused.message
+    assert (finished.path, finished.status) == ("/t.T/Hold", Status.OK)

@@ -54,8 +54,15 @@ async def test_every_call_is_one_line_reads_and_refusals_included(audited, caplo
         await alice.list(all=True)
     with pytest.raises(GrpcError):
         await audited.client("nameless").status(job_id)
+    with pytest.raises(GrpcError):  # metadata over the limit: answered by the wire itself
+        await alice.channel.unary(
+            "/jobworker.v1.JobService/ListJobs",
+            pb.ListJobsRequest(),
+            pb.ListJobsResponse,
+            metadata=(("x-padding", "x" * 20_000),),
+        )
 
-    start, status, hidden, denied, unauthenticated = audit_lines(caplog)
+    start, status, hidden, denied, unauthenticated, oversized = audit_lines(caplog)
     assert start["identity"] == "alice" and start["roles"] == "user"
     assert start["method"] == "/jobworker.v1.JobService/StartJob"
     assert (start["job"], start["code"]) == (job_id, "OK")  # StartJob: the job it created
@@ -76,6 +83,12 @@ async def test_every_call_is_one_line_reads_and_refusals_included(audited, caplo
     assert "identity" not in unauthenticated
     assert unauthenticated["subject"] == "OU=admin"
     assert unauthenticated["code"] == "UNAUTHENTICATED"
+    assert (oversized["identity"], oversized["method"], oversized["code"]) == (
+        "alice",
+        "/jobworker.v1.JobService/ListJobs",
+        "RESOURCE_EXHAUSTED",
+    )
+    assert "exceeds the limit" in oversized["message"]
 
 
 async def test_a_write_job_input_line_names_its_job(audited, caplog):

@@ -72,12 +72,21 @@ async def test_rpcs_are_counted_by_method_and_code_with_their_latency(observed):
     with pytest.raises(GrpcError) as unauthenticated:  # a certificate without a CN
         await observed.client("nameless").list()
     assert unauthenticated.value.status is Status.UNAUTHENTICATED
+    with pytest.raises(GrpcError) as oversized:  # answered by the wire, before any handler
+        await alice.channel.unary(
+            "/jobworker.v1.JobService/ListJobs",
+            pb.ListJobsRequest(),
+            pb.ListJobsResponse,
+            metadata=(("x-padding", "x" * 20_000),),
+        )
+    assert oversized.value.status is Status.RESOURCE_EXHAUSTED
 
     samples = await observed.scrape()
     assert rpcs(samples, "GetJobStatus", "NOT_FOUND") == 2
     assert rpcs(samples, "GetJobStatus", "OK") == 0
     assert rpcs(samples, "ListJobs", "PERMISSION_DENIED") == 1
     assert rpcs(samples, "ListJobs", "UNAUTHENTICATED") == 1
+    assert rpcs(samples, "ListJobs", "RESOURCE_EXHAUSTED") == 1
     labels = dict(grpc_service="unknown", grpc_method="unknown", grpc_type="unknown")
     assert value(samples, "grpc_server_handled_total", grpc_code="UNIMPLEMENTED", **labels) == 1
     status_labels = dict(

@@ -22,6 +22,7 @@ from .events import (
     OutboxDrained,
     PingAcknowledged,
     RequestReceived,
+    RequestRefused,
     ResponseReceived,
     StreamFailed,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "PingAcknowledged",
     "ProtocolError",
     "RequestReceived",
+    "RequestRefused",
     "ResponseReceived",
     "ServerConnection",
     "Status",

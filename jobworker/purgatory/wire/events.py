@@ -24,6 +24,21 @@ class RequestReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestRefused:
+    """Server: a request the wire answered or refused itself, for no handler to see (metadata
+    over the limit, an unsupported encoding, a bad grpc-timeout or content-type, malformed
+    headers, a stream over the stream limit or opened while draining). Told once, and only
+    when the refusal went out: a stream the peer reset first was never a call. `status` and
+    `message` are what the client was told, or reads from the reset (REFUSED_STREAM:
+    UNAVAILABLE)."""
+
+    stream_id: int
+    path: str  # the :path asked for, as sent ("" when there was none)
+    status: Status
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseReceived:
     """Client: the response headers (initial metadata) arrived."""
 
@@ -98,6 +113,7 @@ class PingAcknowledged:
 Event = (
     PingAcknowledged
     | RequestReceived
+    | RequestRefused
     | ResponseReceived
     | MessageReceived
     | InputEnded

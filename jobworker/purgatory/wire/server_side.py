@@ -13,7 +13,14 @@ from hyperframe.frame import GoAwayFrame
 from .compression import SUPPORTED_ENCODINGS, accept_encoding_header
 from .core import GrpcConnection
 from .errors import ProtocolError, WireError
-from .events import ConnectionTerminated, Event, InputEnded, RequestReceived, StreamFailed
+from .events import (
+    ConnectionTerminated,
+    Event,
+    InputEnded,
+    RequestReceived,
+    RequestRefused,
+    StreamFailed,
+)
 from .fields import Block, block_problem
 from .h2_internals import highest_inbound_stream_id
 from .metadata import Metadata, decode_metadata, encode_metadata
@@ -40,6 +47,9 @@ _RESPONSE_HEADERS = (
     (b"content-type", CONTENT_TYPE),
     (b"grpc-accept-encoding", accept_encoding_header().encode()),
 )
+
+_REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
+_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
 
 SHUTDOWN_PING = b"shutdown"  # the PING that follows the first GOAWAY of a graceful shutdown
 
@@ -96,11 +106,24 @@ class ServerConnection(GrpcConnection):
         self._spend_reset()
         self._refused.add(stream_id)
 
-    def _refuse(self, stream_id: int) -> None:
+    def _refuse(
+        self,
+        stream_id: int,
+        headers: list[tuple[bytes, bytes]] | None,
+        error_code: int,
+        message: str,
+        events: list[Event],
+    ) -> None:
+        """Reset a request no handler will see, and tell the transport (RequestRefused) with the
+        status the client reads from the reset."""
+        if self._terminated:
+            return
         try:
-            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._h2.reset_stream(stream_id, error_code)
         except STREAM_GONE:
-            pass  # the peer reset it in the same read
+            return  # the peer reset it in the same read: it took the call back, nothing to tell
+        status = status_from_h2_error(error_code)
+        events.append(RequestRefused(stream_id, _path_of(headers), status, message))
 
     def _on_goaway(
         self,
@@ -173,10 +196,13 @@ class ServerConnection(GrpcConnection):
         stream_id = event.stream_id
         if (stream_id in self._refused) if self._refused else False:
             self._refused.discard(stream_id)
-            self._refuse(stream_id)
+            limit = self.max_concurrent_streams
+            why = f"refused stream: more than {limit} concurrent streams"
+            self._refuse(stream_id, event.headers, _REFUSED_STREAM, why, events)
             return
         if self._draining_last_stream_id is not None and stream_id > self._draining_last_stream_id:
-            self._refuse(stream_id)
+            why = "refused stream: opened after the server's final GOAWAY (shutting down)"
+            self._refuse(stream_id, event.headers, _REFUSED_STREAM, why, events)
             return
         oversized = self._oversized(event.headers)
         if oversized:
@@ -186,35 +212,38 @@ class ServerConnection(GrpcConnection):
                 f"header list of {oversized} bytes exceeds the limit of "
                 f"{self.max_header_list_bytes} bytes"
             )
-            self._answer_early(stream_id, Status.RESOURCE_EXHAUSTED, message)
+            self._answer_early(stream_id, event.headers, Status.RESOURCE_EXHAUSTED, message, events)
             return
-        if block_problem(event.headers or (), Block.REQUEST) is not None:
+        problem = block_problem(event.headers or (), Block.REQUEST)
+        if problem is not None:
             self._spend_reset()
-            self.reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # §8.1.1: stream error
+            message = f"malformed request headers: {problem}"  # §8.1.1: a stream error
+            self._refuse(stream_id, event.headers, _PROTOCOL_ERROR, message, events)
             return
         headers = dict(event.headers or ())
         problem = _request_problem(headers)
         if problem is not None:
             http_status, status, message = problem
-            self._answer_early(stream_id, status, message, http_status=http_status)
+            self._answer_early(
+                stream_id, event.headers, status, message, events, http_status=http_status
+            )
             return
         encoding = headers.get(b"grpc-encoding", b"identity").decode("ascii", "replace").lower()
         if encoding not in SUPPORTED_ENCODINGS:
-            self._answer_early(
-                stream_id, Status.UNIMPLEMENTED, f"grpc-encoding {encoding!r} is not supported"
-            )
+            message = f"grpc-encoding {encoding!r} is not supported"
+            self._answer_early(stream_id, event.headers, Status.UNIMPLEMENTED, message, events)
             return
         timeout_s = None
         if b"grpc-timeout" in headers:
             try:
                 timeout_s = parse_grpc_timeout(headers[b"grpc-timeout"])
             except ProtocolError as exc:
-                self._answer_early(stream_id, Status.INTERNAL, str(exc))
+                self._answer_early(stream_id, event.headers, Status.INTERNAL, str(exc), events)
                 return
         try:
             metadata = decode_metadata(event.headers or ())
         except ProtocolError as exc:
-            self._answer_early(stream_id, Status.INTERNAL, str(exc))
+            self._answer_early(stream_id, event.headers, Status.INTERNAL, str(exc), events)
             return
         stream = Stream(self.max_message_bytes)
         path = headers[b":path"].decode("utf-8", "replace")
@@ -295,9 +324,17 @@ class ServerConnection(GrpcConnection):
         self._flush(stream_id, stream, [])
 
     def _answer_early(
-        self, stream_id: int, status: Status, message: str, *, http_status: int = 200
+        self,
+        stream_id: int,
+        request_headers: list[tuple[bytes, bytes]] | None,
+        status: Status,
+        message: str,
+        events: list[Event],
+        *,
+        http_status: int = 200,
     ) -> None:
-        """A trailers-only response to a request we will not hand to any handler."""
+        """A trailers-only response to a request we will not hand to any handler, and the
+        RequestRefused that tells the transport (unless the peer had reset the stream)."""
         if http_status == 200:
             headers = [*_RESPONSE_HEADERS]
         else:
@@ -305,10 +342,14 @@ class ServerConnection(GrpcConnection):
         headers += _status_headers(status, message)
         try:
             self._send_header_block(stream_id, headers, end_stream=True)
+        except STREAM_GONE:
+            return  # the peer reset it in the same read: nothing answered, nothing to tell
+        try:
             # The client may still be sending; we will not read it.
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
         except STREAM_GONE:
-            pass
+            pass  # closed both ways by the answer: it was told all the same
+        events.append(RequestRefused(stream_id, _path_of(request_headers), status, message))
 
     def start_graceful_shutdown(self) -> None:
         """First GOAWAY of a graceful shutdown: last stream 2^31-1 tells the client to stop
@@ -368,6 +409,13 @@ def _request_problem(headers: dict[bytes, bytes]) -> tuple[int, Status, str] | N
     if not path.startswith(b"/") or path.count(b"/") != 2:
         return 200, Status.INTERNAL, f"malformed method path {path.decode(errors='replace')!r}"
     return None
+
+
+def _path_of(headers: list[tuple[bytes, bytes]] | None) -> str:
+    for name, value in headers or ():
+        if name == b":path":
+            return value.decode("utf-8", "replace")
+    return ""
 
 
 def _status_headers(status: Status, message: str) -> list[tuple[bytes, bytes]]:

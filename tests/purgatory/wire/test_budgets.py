@@ -39,6 +39,7 @@ from jobworker.purgatory.wire import (
     InputEnded,
     MessageReceived,
     RequestReceived,
+    RequestRefused,
     ServerConnection,
     Status,
     StreamFailed,
@@ -389,6 +390,9 @@ def test_the_stream_over_the_limit_is_refused_alone():
     assert not any(isinstance(f, GoAwayFrame) for f in frames)
     refused = [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)]
     assert refused == [(201, E.REFUSED_STREAM)]
+    # ...and told, once: the server's observer counts it as a call.
+    told = [(e.stream_id, e.status) for e in events if isinstance(e, RequestRefused)]
+    assert told == [(201, Status.UNAVAILABLE)]
     # Once a call ends, a new stream is accepted again.
     server.send_trailers(1, Status.OK)
     answer(server)

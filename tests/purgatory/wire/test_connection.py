@@ -24,6 +24,7 @@ from jobworker.purgatory.wire import (
     PingAcknowledged,
     ProtocolError,
     RequestReceived,
+    RequestRefused,
     ResponseReceived,
     ServerConnection,
     Status,
@@ -433,6 +434,8 @@ def test_requests_after_the_final_goaway_are_refused():
     assert not [e for e in server_events if isinstance(e, RequestReceived)]
     (reset,) = [e for e in raw_events if isinstance(e, h2.events.StreamReset)]
     assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+    (refused,) = [e for e in server_events if isinstance(e, RequestRefused)]
+    assert (refused.stream_id, refused.path, refused.status) == (3, METHOD, Status.UNAVAILABLE)
 
 
 # --- arbitrary splits and corruptions ---------------------------------------------------------
@@ -610,11 +613,16 @@ def test_an_answer_on_a_stream_h2_has_already_forgotten_is_dropped(client_stream
     server.initiate()
     server.data_to_send()
     events = server.receive_data(data)
+    # Stream 3's refusal is told; stream 1's early answer, dropped with the stream, is not.
+    refused = RequestRefused(
+        3, "", Status.INTERNAL, "malformed request headers: REQUEST without :method"
+    )
     if early:
-        assert events == []  # answered at once, never handed to a handler
+        assert events == [refused]  # stream 1 answered at once, never handed to a handler
     else:
-        assert [type(e) for e in events] == [RequestReceived, StreamFailed]
+        assert [type(e) for e in events] == [RequestReceived, StreamFailed, RequestRefused]
         assert events[1] == StreamFailed(1, Status.INTERNAL, "request ended inside a message")
+        assert events[2] == refused
     assert not server.stream_open(1)
     frames = [f for f in parse(server.data_to_send()) if not isinstance(f, SettingsFrame)]
     # h2's own reset of stream 1, the malformed stream 3 reset; no answer on a stream h2 dropped.

@@ -22,6 +22,7 @@ from jobworker.purgatory.wire import (
     MessageReceived,
     ProtocolError,
     RequestReceived,
+    RequestRefused,
     ServerConnection,
     Status,
     StreamFailed,
@@ -162,7 +163,11 @@ def test_a_goaway_s_debug_data_is_not_read_beyond_its_start_nor_fed_to_h2():
 def test_a_malformed_request_then_an_error_goaway():
     server = _server()
     events = server.receive_data(MALFORMED_THEN_ERROR_GOAWAY)
-    assert events == [ConnectionTerminated(h2.errors.ErrorCodes.REFUSED_STREAM, 319, "")]
+    refused, terminated = events  # the refusal went out before the GOAWAY was read
+    assert refused == RequestRefused(
+        3, "", Status.INTERNAL, "malformed request headers: REQUEST without :method"
+    )
+    assert terminated == ConnectionTerminated(h2.errors.ErrorCodes.REFUSED_STREAM, 319, "")
     (reset,) = parse(server.data_to_send())  # no GOAWAY of ours: the client is leaving
     assert isinstance(reset, RstStreamFrame) and reset.stream_id == 3
     assert reset.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
@@ -174,8 +179,9 @@ def test_a_malformed_request_then_an_error_goaway():
 def test_a_request_answered_at_once_then_an_error_goaway():
     server = _server()
     events = server.receive_data(NOT_GRPC_THEN_ERROR_GOAWAY)
-    assert [type(e) for e in events] == [ConnectionTerminated]
-    assert events[0].error_code == int.from_bytes(b"pong", "big")  # unknown: still an error
+    assert [type(e) for e in events] == [RequestRefused, ConnectionTerminated]
+    assert (events[0].stream_id, events[0].status) == (3, Status.INTERNAL)
+    assert events[1].error_code == int.from_bytes(b"pong", "big")  # unknown: still an error
     frames = parse(server.data_to_send())
     ((stream_id, answer, ended),) = header_blocks(frames)
     assert stream_id == 3 and ended
