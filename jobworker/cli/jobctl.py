@@ -526,26 +526,38 @@ def _stdin_holds_data() -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
-async def _read_stdin() -> bytes:
-    """The next bytes of our stdin, b"" at its end. Read in a thread: O_NONBLOCK, which
-    trio's FdStream would set, belongs to the open file, shared with the shell and whoever
-    else reads this terminal or pipe. A read still blocked when the job ends is abandoned:
-    its thread dies with the process. A stdin that cannot be read (closed: `<&-`; a terminal
-    hung up: EIO) ends the input, said once: the job reads EOF and runs on to its end."""
+def _stdin_reader() -> Callable[[], Awaitable[bytes]]:
+    """How `run -i` reads our stdin: chunk after chunk, b"" at its end.
+
+    A file (`< FILE`) is read on the Trio thread: it never waits on anyone, only on the page
+    cache or the disk, and a thread's round trip per chunk cost more than the read. Anything
+    else (a pipe, a terminal) is read in a thread: O_NONBLOCK, which trio's FdStream would
+    set, belongs to the open file, shared with the shell and whoever else reads it; a read
+    still blocked when the job ends is abandoned, its thread dying with the process. A stdin
+    that cannot be read (closed: `<&-`; a terminal hung up: EIO) ends the input, said once:
+    the job reads EOF and runs on to its end."""
     fd = _stdin_fd()
-    if fd is None:
-        _say("stdin is closed: the job reads EOF")
-        return b""
     try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            # A file (`< FILE`) is read here: it never waits on anyone, only on the page cache
-            # or the disk, and a thread's round trip per chunk cost more than the read.
-            await trio.lowlevel.checkpoint()
-            return os.read(fd, STDIN_CHUNK_BYTES)
-        return await trio.to_thread.run_sync(os.read, fd, STDIN_CHUNK_BYTES, abandon_on_cancel=True)
-    except OSError as exc:
-        _say(f"cannot read stdin ({exc.strerror}): the job reads EOF")
-        return b""
+        direct = fd is not None and stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        direct = False  # the read below says why
+
+    async def read() -> bytes:
+        if fd is None:
+            _say("stdin is closed: the job reads EOF")
+            return b""
+        try:
+            if direct:
+                await trio.lowlevel.checkpoint()
+                return os.read(fd, STDIN_CHUNK_BYTES)
+            return await trio.to_thread.run_sync(
+                os.read, fd, STDIN_CHUNK_BYTES, abandon_on_cancel=True
+            )
+        except OSError as exc:
+            _say(f"cannot read stdin ({exc.strerror}): the job reads EOF")
+            return b""
+
+    return read
 
 
 def _stdin_fd() -> int | None:
@@ -809,9 +821,11 @@ async def _run_in_foreground(
         # idle half the time.
         ahead, chunks = trio.open_memory_channel[bytes](0)
 
+        read = _stdin_reader()
+
         async def read_ahead() -> None:
             async with ahead:
-                while data := await _read_stdin():
+                while data := await read():
                     await ahead.send(data)
 
         async def next_chunk() -> bytes:
