@@ -68,10 +68,8 @@ STARTUP_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 120.0
 MB = 10**6
 
-# The minimal grpcio client, a script of its own so that it imports nothing else: what a user
-# writing a gRPC client in Python would run. `status ID` prints one line; `logs ID` writes each
-# chunk's bytes to stdout.
-GRPCIO_CLIENT = """\
+# What every minimal grpcio client script starts with: the user's files, as jobctl reads them.
+GRPCIO_PREAMBLE = """\
 import os, sys
 sys.path.insert(0, {root!r})
 import grpc
@@ -86,6 +84,14 @@ credentials = grpc.ssl_channel_credentials(
     private_key=read("JOBCTL_KEY"),
     certificate_chain=read("JOBCTL_CERT"),
 )
+"""
+
+# The minimal grpcio client, a script of its own so that it imports nothing else: what a user
+# writing a gRPC client in Python would run. `status ID` prints one line; `logs ID` writes each
+# chunk's bytes to stdout.
+GRPCIO_CLIENT = (
+    GRPCIO_PREAMBLE
+    + """\
 service = "/jobworker.v1.JobService/"
 with grpc.secure_channel(os.environ["JOBCTL_SERVER"], credentials) as channel:
     if sys.argv[1] == "status":
@@ -106,6 +112,7 @@ with grpc.secure_channel(os.environ["JOBCTL_SERVER"], credentials) as channel:
         for chunk in call(pb.GetJobLogsRequest(job_id=sys.argv[2])):
             write(chunk.data)
 """
+)
 
 # pip's console-script launcher, with the side's checkout first on the path.
 LAUNCHER = """\

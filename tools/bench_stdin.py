@@ -53,6 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_jobctl import (  # tools/bench_jobctl.py: the same launchers, env, server output
+    GRPCIO_PREAMBLE,
     LISTENING,
     PYTHON,
     ROOT,
@@ -77,21 +78,9 @@ CHUNK_BYTES = STDIN_CHUNK_BYTES
 # The input goes in from grpcio's request-consumer thread while the main thread follows the
 # output, as jobctl does both at once. Prints the job's stdout; exits non-zero when the server
 # says it gave the job fewer bytes than the file holds.
-GRPCIO_CLIENT = """\
-import os, sys
-sys.path.insert(0, {root!r})
-import grpc
-from jobworker.v1 import jobworker_pb2 as pb
-
-def read(name):
-    with open(os.environ[name], "rb") as f:
-        return f.read()
-
-credentials = grpc.ssl_channel_credentials(
-    root_certificates=read("JOBCTL_CA"),
-    private_key=read("JOBCTL_KEY"),
-    certificate_chain=read("JOBCTL_CERT"),
-)
+GRPCIO_CLIENT = (
+    GRPCIO_PREAMBLE
+    + """\
 path = sys.argv[1]
 size = os.path.getsize(path)
 service = "/jobworker.v1.JobService/"
@@ -131,6 +120,7 @@ sys.stdout.buffer.write(out)
 if given != size:
     sys.exit(f"the job was given {{given}} bytes of {{size}}")
 """
+)
 
 # jobctl's main under cProfile. Not the launcher: it leaves by os._exit once the app has
 # returned (jobworker/cli/launch.py), so `python -m cProfile` on it would never write its stats.
